@@ -1,0 +1,54 @@
+"""Publishes a job to JetStream and relays the worker's events from the job's reply subject."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import anyio
+import msgspec
+import nats
+from nats.js.errors import NoStreamResponseError
+
+from ingress.errors import APIError
+from pipeline.subjects import JOBS_STREAM, job_subject
+from schemas.jobs import Done, Event, Failed, Job
+
+decode_event = msgspec.json.Decoder(Event).decode
+encode = msgspec.json.Encoder().encode
+
+
+async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) -> AsyncIterator[Event]:
+    """Yields the job's events until Done or Failed.
+
+    Waits up to `queue_timeout_s` for a worker to take the job (it stays durable in the stream
+    meanwhile), then up to `worker_timeout_s` between events once one has: workers send a heartbeat
+    while they compute, so silence that long means the worker died.
+    """
+    # Subscribe before publishing so no event can arrive before anyone listens.
+    sub = await nc.subscribe(job.reply_subject)
+    try:
+        try:
+            await nc.jetstream().publish(job_subject(job.model), encode(job), stream=JOBS_STREAM,
+                                         headers={"Nats-Msg-Id": job.id})
+        except (NoStreamResponseError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+            raise APIError(503, f"The job queue is unavailable ({type(exc).__name__}); try again shortly.",
+                           code="queue_unavailable")
+        taken = False
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=worker_timeout_s if taken else queue_timeout_s)
+            except nats.errors.TimeoutError:
+                if not taken:
+                    raise APIError(503, f"No worker for model '{job.model}' took the request within "
+                                   f"{queue_timeout_s:.0f}s.", code="no_worker")
+                raise APIError(503, f"The worker serving '{job.model}' stopped responding for "
+                               f"{worker_timeout_s:.0f}s; the request was abandoned.", code="worker_lost")
+            event = decode_event(msg.data)
+            taken = True
+            yield event
+            if isinstance(event, (Done, Failed)):
+                return
+    finally:
+        # Shielded: this also runs when a disconnecting client cancels the request.
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()

@@ -1,0 +1,93 @@
+"""OpenAI requests -> internal jobs: the checks that need no model, and the parameter mapping."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from ingress.errors import APIError
+from pipeline.subjects import reply_subject
+from schemas.jobs import Job, SamplingParams
+from schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+def _range(name: str, value, low, high) -> None:
+    if value is not None and not (low <= value <= high):
+        raise APIError(400, f"Invalid '{name}': expected a value between {low} and {high}, but got {value} instead.",
+                       name, "invalid_value")
+
+
+def _unsupported(name: str, given: bool, why: str = "") -> None:
+    # An explicit 400 rather than silently ignoring a feature the client relies on.
+    if given:
+        raise APIError(400, f"'{name}' is not supported by this server{why}.", name, "unsupported_parameter")
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    _range("temperature", req.temperature, 0.0, 2.0)
+    _range("top_p", req.top_p, 0.0, 1.0)
+    _range("min_p", req.min_p, 0.0, 1.0)
+    _range("presence_penalty", req.presence_penalty, -2.0, 2.0)
+    _range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    _range("repetition_penalty", req.repetition_penalty, 0.0, 10.0)
+    if req.n != 1:
+        raise APIError(400, f"Invalid 'n': only n=1 is supported, got {req.n}.", "n", "unsupported_value")
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got "
+                       f"{max_tokens} instead.", "max_tokens", "integer_below_min_value")
+    _unsupported("logprobs", bool(req.logprobs), " yet")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise APIError(400, f"Invalid 'logit_bias': keys must be token ids, got {key!r}.", "logit_bias",
+                           "invalid_value")
+        _range("logit_bias", value, -100.0, 100.0)
+        bias[int(key)] = value
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),  # vLLM's -1 also means off
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        stop=stops,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=bias,
+    )
+
+
+def new_job(kind: str, model: str, params: SamplingParams, stream: bool, **fields) -> Job:
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    job_id = f"{prefix}-{uuid.uuid4().hex}"
+    return Job(id=job_id, model=model, reply_subject=reply_subject(job_id), kind=kind, params=params,
+               stream=stream, created=time.time(), source="http", **fields)
+
+
+def chat_job(req: ChatCompletionRequest) -> Job:
+    if not req.messages:
+        raise APIError(400, "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+                       "messages", "empty_array")
+    _unsupported("tools", bool(req.tools), " (no tool calling yet)")
+    _unsupported("tool_choice", req.tool_choice not in (None, "none"))
+    _unsupported("top_logprobs", bool(req.top_logprobs))
+    if req.response_format is not None and req.response_format.type != "text":
+        _unsupported("response_format", True, f" with type {req.response_format.type!r} (only 'text')")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return new_job("chat", req.model, sampling_params(req, max_tokens), req.stream, messages=req.messages)
+
+
+def completion_job(req: CompletionRequest) -> Job:
+    _unsupported("echo", req.echo)
+    _unsupported("suffix", bool(req.suffix))
+    _unsupported("best_of", req.best_of not in (None, 1))
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError(400, "Only one prompt per request is supported.", "prompt", "unsupported_value")
+        prompt = prompt[0]
+    if not prompt:
+        raise APIError(400, "Invalid 'prompt': the prompt is empty.", "prompt", "invalid_value")
+    return new_job("completion", req.model, sampling_params(req, req.max_tokens), req.stream, prompt=prompt)

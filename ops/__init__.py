@@ -1,0 +1,1 @@
+"""Operations: the `conclave` command line, configuration, serving and benchmarks."""

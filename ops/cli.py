@@ -1,0 +1,103 @@
+"""The `conclave` command: serve, models, bench, schemas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ops.config import default_home, env_float
+from workers.store import DEFAULT_MODEL, ModelStore
+
+
+def cmd_serve(args) -> None:
+    from ops.serve import serve
+
+    asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, args.api_key,
+                      args.queue_timeout, args.worker_timeout, args.heartbeat))
+
+
+def cmd_models(args) -> None:
+    store = ModelStore(args.home / "models")
+    if args.action == "list":
+        for model in store.list():
+            print(f"{model.id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}")
+    elif args.action == "import":
+        model = store.import_gguf(Path(args.source), args.id) if args.source else store.ensure_default()
+        print(f"{model.id}\t{model.path}")
+    elif args.action == "pull":
+        model = store.pull(args.source, args.revision)
+        print(f"{model.id}\t{model.path}")
+
+
+def cmd_bench(args) -> None:
+    from ops.bench import run_bench
+
+    report = run_bench(args)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+def cmd_schemas(args) -> None:
+    from ops.schemas import write_schemas
+
+    for path in write_schemas(Path(args.out)):
+        print(path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conclave", description="Private LLM serving behind an OpenAI-compatible API.")
+    p.add_argument("--home", type=Path, default=default_home(), help="state directory (default: $CONCLAVE_HOME or "
+                   "~/.local/share/conclave)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a model over HTTP")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="store id, model directory, .gguf file or HF repo id")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--nats-url", default=None, help="use this NATS server/cluster instead of starting one")
+    s.add_argument("--nats-port", type=int, default=4222, help="port of the embedded nats-server")
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    s.add_argument("--queue-timeout", type=float, default=env_float("CONCLAVE_QUEUE_TIMEOUT", 600.0),
+                   help="seconds a request waits for a worker before 503; queued jobs older than this are dropped")
+    s.add_argument("--worker-timeout", type=float, default=env_float("CONCLAVE_WORKER_TIMEOUT", 30.0),
+                   help="seconds of silence from a busy worker before its request fails with 503")
+    s.add_argument("--heartbeat", type=float, default=env_float("CONCLAVE_HEARTBEAT", 2.0),
+                   help="seconds between worker status and progress messages")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="the model store")
+    m.add_argument("action", choices=["list", "import", "pull"])
+    m.add_argument("source", nargs="?", help="import: a .gguf file (default: the bundled model); pull: a repo id")
+    m.add_argument("--id", default=None, help="import: the id to store it under")
+    m.add_argument("--revision", default=None, help="pull: branch, tag or commit")
+    m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="raw mlx-lm vs the served path; prints and writes JSON")
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--prompts", type=int, default=5, help="number of distinct prompts")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--repeat", type=int, default=1, help="runs of every prompt on each path")
+    b.add_argument("--output", default="bench.json")
+    b.set_defaults(func=cmd_bench)
+
+    j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema")
+    j.add_argument("--out", default="schemas/json")
+    j.set_defaults(func=cmd_schemas)
+    return p
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Configuration shared by the commands. Flags override environment variables, which override defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_home() -> Path:
+    """State directory: the model store and the embedded nats-server's JetStream data live under it."""
+    return Path(os.environ.get("CONCLAVE_HOME") or Path.home() / ".local" / "share" / "conclave")
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))

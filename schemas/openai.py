@@ -1,0 +1,168 @@
+"""OpenAI wire types, as msgspec Structs.
+
+Requests are decoded straight into these types, so a wrong type or an unknown field becomes a
+`msgspec.ValidationError` that the ingress turns into OpenAI's 400 error naming the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+from msgspec import Struct
+
+
+class TextPart(Struct, forbid_unknown_fields=True):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: Union[str, None] = None
+
+
+class StreamOptions(Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class ResponseFormat(Struct):
+    type: str
+
+
+class SamplingFields(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The generation controls both endpoints accept. `None` means: not given by the client."""
+
+    model: str
+    max_tokens: Union[int, None] = None
+    temperature: Union[float, None] = None
+    top_p: Union[float, None] = None
+    top_k: Union[int, None] = None
+    min_p: Union[float, None] = None
+    seed: Union[int, None] = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Union[StreamOptions, None] = None
+    n: int = 1
+    presence_penalty: Union[float, None] = None
+    frequency_penalty: Union[float, None] = None
+    repetition_penalty: Union[float, None] = None
+    logit_bias: Union[dict[str, float], None] = None
+    logprobs: Union[bool, int, None] = None
+    user: Union[str, None] = None
+
+
+class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: Union[int, None] = None
+    top_logprobs: Union[int, None] = None
+    response_format: Union[ResponseFormat, None] = None
+    tools: Union[list[dict], None] = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: Union[bool, None] = None
+    metadata: Union[dict[str, str], None] = None
+    store: Union[bool, None] = None
+
+
+class CompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True):
+    prompt: Union[str, list[str], list[int]]
+    echo: bool = False
+    suffix: Union[str, None] = None
+    best_of: Union[int, None] = None
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorDetail(Struct):
+    message: str
+    type: str
+    param: Union[str, None] = None
+    code: Union[str, None] = None
+
+
+class ErrorResponse(Struct):
+    error: ErrorDetail
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+class AssistantMessage(Struct):
+    content: str
+    role: str = "assistant"
+
+
+class ChatChoice(Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+    system_fingerprint: Union[str, None] = None
+
+
+class ChunkDelta(Struct, omit_defaults=True):
+    role: Union[str, None] = None
+    content: Union[str, None] = None
+
+
+class ChunkChoice(Struct):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Union[str, None] = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: str = "chat.completion.chunk"
+    usage: Union[Usage, None] = None
+    system_fingerprint: Union[str, None] = None
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    finish_reason: Union[str, None] = None
+    logprobs: None = None
+
+
+class Completion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Union[Usage, None] = None
+    object: str = "text_completion"
+    system_fingerprint: Union[str, None] = None
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    owned_by: str = "conclave"
+    object: str = "model"
+    context_length: Union[int, None] = None
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+

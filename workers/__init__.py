@@ -1,0 +1,1 @@
+"""Model store, GGUF import, and the MLX generation engine and worker process."""

@@ -1,0 +1,172 @@
+"""Generation on MLX with mlx-lm: prompt building, validation, sampling, stop rules, usage.
+
+Everything here runs on the one thread that owns the model. `run_job` yields the events of
+schemas/jobs.py; the worker process only moves them onto NATS.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+from mlx_lm import load, stream_generate
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from schemas.jobs import Accepted, Chunk, Done, Job, SamplingParams
+from schemas.openai import ChatMessage, ErrorDetail, Usage
+from workers.stops import StopMatcher
+
+
+class JobError(Exception):
+    """A job that cannot run; carries the OpenAI error the requester gets."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    model: object
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    context_length: int
+
+
+def load_model(model_dir: Path) -> tuple[object, object]:
+    """`mlx_lm.load`, with activations in float32 on the CPU backend.
+
+    Why float32 there: MLX's CPU kernels for float16/bfloat16 are several times slower than for float32
+    (fp16 activations against quantized weights about 30x); Metal and CUDA keep the checkpoint's dtype.
+    """
+    model, tokenizer = load(str(model_dir))
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)
+    return model, tokenizer
+
+
+def context_length(model_dir: Path, tokenizer) -> int:
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return int(getattr(tokenizer, "model_max_length", 4096))
+
+
+def open_model(model_id: str, model_dir: Path) -> LoadedModel:
+    model, tokenizer = load_model(model_dir)
+    return LoadedModel(model_id, model, tokenizer, context_length(model_dir, tokenizer))
+
+
+def message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "\n".join(part.text for part in message.content)
+
+
+def prompt_tokens(job: Job, tokenizer) -> list[int]:
+    """The token ids the model sees: the chat template applied to the messages, or the raw prompt."""
+    if job.kind == "chat":
+        if not job.messages:
+            raise JobError(400, "'messages' must be a non-empty array.", "messages", "missing_required_parameter")
+        # Templates know system/user/assistant; OpenAI's newer "developer" role is a system message.
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
+            for m in job.messages
+        ]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    if isinstance(job.prompt, list):
+        vocab = tokenizer.vocab_size
+        if any(t < 0 or t >= vocab for t in job.prompt):
+            raise JobError(400, f"Prompt token ids must be in [0, {vocab}).", "prompt", "invalid_value")
+        return list(job.prompt)
+    if job.prompt is None:
+        raise JobError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    return list(tokenizer.encode(job.prompt))
+
+
+def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str) -> int:
+    """The number of tokens to generate, or a 400 if the request cannot fit the model's context."""
+    if n_prompt == 0:
+        raise JobError(400, "The prompt is empty.", param, "invalid_value")
+    if params.max_tokens is not None and params.max_tokens < 1:
+        raise JobError(400, f"Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, "
+                       f"but got {params.max_tokens} instead.", "max_tokens", "integer_below_min_value")
+    if n_prompt >= context or (params.max_tokens is not None and n_prompt + params.max_tokens > context):
+        asked = f" and {params.max_tokens} in the completion" if params.max_tokens is not None else ""
+        raise JobError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{n_prompt + (params.max_tokens or 0)} tokens ({n_prompt} in the {param}{asked}). "
+            f"Please reduce the length of the {param} or completion.",
+            param,
+            "context_length_exceeded",
+        )
+    return params.max_tokens if params.max_tokens is not None else context - n_prompt
+
+
+def sampler_for(params: SamplingParams):
+    # OpenAI's top_p=1 means "off"; mlx-lm spells off as 0.
+    top_p = params.top_p if 0.0 < params.top_p < 1.0 else 0.0
+    sampler = make_sampler(temp=params.temperature, top_p=top_p, min_p=params.min_p, top_k=params.top_k)
+    processors = make_logits_processors(
+        logit_bias=params.logit_bias or None,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+        presence_penalty=params.presence_penalty or None,
+        frequency_penalty=params.frequency_penalty or None,
+    )
+    return sampler, processors
+
+
+def run_job(loaded: LoadedModel, job: Job, worker: str, attempt: int = 1,
+            cancelled: threading.Event | None = None) -> Iterator[Accepted | Chunk | Done]:
+    """Generate for one job. Raises JobError for a job that cannot run."""
+    start = time.perf_counter()
+    tokens = prompt_tokens(job, loaded.tokenizer)
+    max_tokens = check_limits(len(tokens), job.params, loaded.context_length,
+                              "messages" if job.kind == "chat" else "prompt")
+    sampler, processors = sampler_for(job.params)
+    if job.params.seed is not None:
+        mx.random.seed(job.params.seed)
+    yield Accepted(id=job.id, prompt_tokens=len(tokens), worker=worker, attempt=attempt)
+
+    stops = StopMatcher(job.params.stop)
+    text_parts: list[str] = []
+    ttft_ms = 0.0
+    finish = "length"
+    generated = 0
+    index = 0
+    for response in stream_generate(loaded.model, loaded.tokenizer, tokens, max_tokens=max_tokens,
+                                    sampler=sampler, logits_processors=processors):
+        if generated == 0:
+            ttft_ms = (time.perf_counter() - start) * 1000
+        generated = response.generation_tokens
+        text, stopped = stops.feed(response.text)
+        if response.finish_reason is not None or stopped:
+            text += "" if stopped else stops.flush()
+            finish = "stop" if stopped else response.finish_reason
+        if text:
+            text_parts.append(text)
+            yield Chunk(id=job.id, index=index, text=text, tokens=generated)
+            index += 1
+        if stopped or (cancelled is not None and cancelled.is_set()):
+            break
+    yield Done(
+        id=job.id,
+        text="".join(text_parts),
+        finish_reason=finish,
+        usage=Usage(prompt_tokens=len(tokens), completion_tokens=generated, total_tokens=len(tokens) + generated),
+        ttft_ms=ttft_ms,
+        duration_ms=(time.perf_counter() - start) * 1000,
+        worker=worker,
+    )
