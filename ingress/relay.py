@@ -10,8 +10,8 @@ import nats
 from nats.js.errors import NoStreamResponseError
 
 from ingress.errors import APIError
-from pipeline.subjects import JOBS_STREAM, job_subject
-from schemas.jobs import Done, Event, Failed, Job
+from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
+from schemas.jobs import Cancel, Done, Event, Failed, Job
 
 decode_event = msgspec.json.Decoder(Event).decode
 encode = msgspec.json.Encoder().encode
@@ -26,6 +26,7 @@ async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) 
     """
     # Subscribe before publishing so no event can arrive before anyone listens.
     sub = await nc.subscribe(job.reply_subject)
+    finished = False
     try:
         try:
             await nc.jetstream().publish(job_subject(job.model), encode(job), stream=JOBS_STREAM,
@@ -47,8 +48,20 @@ async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) 
             taken = True
             yield event
             if isinstance(event, (Done, Failed)):
+                finished = True
                 return
     finally:
         # Shielded: this also runs when a disconnecting client cancels the request.
         with anyio.CancelScope(shield=True):
             await sub.unsubscribe()
+            if not finished:
+                # The requester is gone (client disconnect, timeout): stop the work, wherever the job is now.
+                await cancel(nc, job.id, "requester gone")
+
+
+async def cancel(nc, job_id: str, reason: str) -> None:
+    try:
+        await nc.jetstream().publish(cancel_subject(job_id), encode(Cancel(id=job_id, reason=reason)),
+                                     stream=CANCELS_STREAM)
+    except (NoStreamResponseError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+        pass  # best effort: without it the job still ends, only later

@@ -84,9 +84,10 @@ def completion_job(req: CompletionRequest) -> Job:
     _unsupported("suffix", bool(req.suffix))
     _unsupported("best_of", req.best_of not in (None, 1))
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and any(isinstance(p, str) for p in prompt):
         if len(prompt) != 1:
-            raise APIError(400, "Only one prompt per request is supported.", "prompt", "unsupported_value")
+            raise APIError(400, "Only one prompt per request is supported (a string, a list of token ids, or a "
+                           "list of one string).", "prompt", "unsupported_value")
         prompt = prompt[0]
     if not prompt:
         raise APIError(400, "Invalid 'prompt': the prompt is empty.", "prompt", "invalid_value")

@@ -6,7 +6,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from pipeline.subjects import JOBS_PREFIX, JOBS_STREAM, job_subject, worker_durable
+from pipeline.subjects import CANCELS_PREFIX, CANCELS_STREAM, JOBS_PREFIX, JOBS_STREAM, job_subject, worker_durable
 
 DAY = 24 * 3600
 
@@ -24,6 +24,18 @@ def jobs_stream_config(max_age_s: float = 7 * DAY) -> StreamConfig:
     )
 
 
+def cancels_stream_config() -> StreamConfig:
+    # Cancels are durable too: a job cancelled while queued, or while its worker was restarting, is
+    # skipped when a worker reaches it. One message per job id is all that matters.
+    return StreamConfig(
+        name=CANCELS_STREAM,
+        subjects=[f"{CANCELS_PREFIX}.>"],
+        storage=StorageType.FILE,
+        max_age=DAY,
+        max_msgs_per_subject=1,
+    )
+
+
 def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=worker_durable(model),
@@ -32,14 +44,13 @@ def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         max_deliver=5,
-        max_ack_pending=1,  # one job at a time per worker until continuous batching lands
     )
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
     """Create the streams, or update them to this config; safe to call from every process at start."""
-    config = jobs_stream_config()
-    try:
-        await js.add_stream(config)
-    except BadRequestError:
-        await js.update_stream(config)
+    for config in (jobs_stream_config(), cancels_stream_config()):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)

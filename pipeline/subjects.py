@@ -8,6 +8,8 @@ JOBS_STREAM = "CONCLAVE_JOBS"
 JOBS_PREFIX = "conclave.jobs"
 REPLIES_PREFIX = "conclave.replies"
 STATUS_PREFIX = "conclave.status"
+CANCELS_STREAM = "CONCLAVE_CANCELS"
+CANCELS_PREFIX = "conclave.cancels"
 
 _NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -23,6 +25,10 @@ def job_subject(model: str) -> str:
 
 def reply_subject(request_id: str) -> str:
     return f"{REPLIES_PREFIX}.{subject_token(request_id)}"
+
+
+def cancel_subject(job_id: str) -> str:
+    return f"{CANCELS_PREFIX}.{subject_token(job_id)}"
 
 
 def status_subject(model: str) -> str:

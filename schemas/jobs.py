@@ -49,6 +49,13 @@ class ReplyAddress(Struct):
     id: Union[str, None] = None
 
 
+class Cancel(Struct, forbid_unknown_fields=True):
+    """Published on `conclave.cancels.<job id>`: stop (or never start) that job."""
+
+    id: str
+    reason: str = ""
+
+
 class Accepted(Struct, tag="accepted"):
     """The worker took the job and validated it; generation starts now."""
 

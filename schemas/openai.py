@@ -66,7 +66,8 @@ class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=
 
 
 class CompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True):
-    prompt: Union[str, list[str], list[int]]
+    # A string, a list of token ids, or a one-element list of strings (msgspec allows one list type per union).
+    prompt: Union[str, list[Union[str, int]]]
     echo: bool = False
     suffix: Union[str, None] = None
     best_of: Union[int, None] = None

@@ -22,16 +22,19 @@ from pathlib import Path
 
 import msgspec
 import nats
+from nats.js.errors import NotFoundError
 from nats.aio.msg import Msg
 
 from pipeline.streams import ensure_streams, worker_consumer_config
-from pipeline.subjects import JOBS_STREAM, job_subject, status_subject, worker_durable
-from schemas.jobs import Chunk, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
+from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject, status_subject, worker_durable
+from schemas.jobs import Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
 from schemas.openai import ErrorDetail
 from workers.engine import JobError, LoadedModel, open_model, run_job
 
 log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
+# 499: the requester went away (nginx's "client closed request"); nobody is expected to read it.
+CANCELLED = ErrorDetail(message="The request was cancelled.", type="invalid_request_error", code="cancelled")
 decode_job = msgspec.json.Decoder(Job).decode
 
 
@@ -60,12 +63,13 @@ async def iterate_in_thread(executor: ThreadPoolExecutor, make_iter):
 
 
 class Worker:
-    def __init__(self, nc, model_id: str, model_dir: Path, ack_wait_s: float, heartbeat_s: float, queue_ttl_s: float):
+    def __init__(self, nc, model_id: str, model_dir: Path, heartbeat_s: float, queue_ttl_s: float):
         self.nc = nc
         self.js = nc.jetstream()
         self.model_id = model_id
         self.model_dir = model_dir
-        self.ack_wait_s = ack_wait_s
+        # The job is kept alive every heartbeat; missing five in a row means this worker is gone.
+        self.ack_wait_s = 5 * heartbeat_s
         self.heartbeat_s = heartbeat_s
         self.queue_ttl_s = queue_ttl_s
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -121,6 +125,7 @@ class Worker:
         self.state = "stopping"
         await self.publish_status()
         status.cancel()
+        await sub.unsubscribe()
 
     async def fail(self, reply: str | None, job_id: str, status: int, error: ErrorDetail) -> None:
         if reply:
@@ -158,6 +163,22 @@ class Worker:
 
         attempt = msg.metadata.num_delivered if msg.metadata else 1
         self.cancel_current.clear()
+
+        async def on_cancel(_):
+            self.cancel_current.set()
+
+        # Listen first, then look for a cancel stored earlier, so one published in between is not missed.
+        cancels = await self.nc.subscribe(cancel_subject(job.id), cb=on_cancel)
+        try:
+            await self.js.get_last_msg(CANCELS_STREAM, cancel_subject(job.id))
+            self.cancel_current.set()
+        except NotFoundError:
+            pass
+        if self.cancel_current.is_set():
+            await cancels.unsubscribe()
+            await self.fail(job.reply_subject, job.id, 499, CANCELLED)
+            await msg.ack_sync()
+            return
         progress = {"tokens": 0}
 
         async def keep_alive():
@@ -176,7 +197,9 @@ class Worker:
                     if not job.stream:
                         continue
                 if self.stopping.is_set():
-                    break
+                    break  # shutdown, not a cancel: the job goes back to the queue below
+                if isinstance(event, Done) and self.cancel_current.is_set():
+                    event = Failed(id=job.id, status=499, error=CANCELLED)
                 await self.nc.publish(job.reply_subject, encode(event))
             else:
                 await self.nc.flush()
@@ -196,18 +219,23 @@ class Worker:
             await msg.term()
         finally:
             alive.cancel()
+            await cancels.unsubscribe()
 
 
 async def main_async(args) -> None:
     nc = await nats.connect(args.nats_url, name=f"conclave-worker:{args.model_id}", max_reconnect_attempts=-1)
-    worker = Worker(nc, args.model_id, Path(args.model_dir), args.ack_wait, args.heartbeat, args.queue_ttl)
+    worker = Worker(nc, args.model_id, Path(args.model_dir), args.heartbeat, args.queue_ttl)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: (worker.stopping.set(), worker.cancel_current.set()))
     try:
         await worker.run()
     finally:
-        await nc.drain()
+        # close, not drain: draining waits on the pull subscription's pending request for up to 30s.
+        await nc.flush()
+        await nc.close()
+        # Join the MLX thread before the interpreter exits; tearing it down mid-exit aborts the process.
+        worker.executor.shutdown(wait=True)
 
 
 def main(argv=None) -> None:
@@ -215,7 +243,6 @@ def main(argv=None) -> None:
     parser.add_argument("--model-id", required=True)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--nats-url", required=True)
-    parser.add_argument("--ack-wait", type=float, default=30.0, help="seconds before an unacked job is redelivered")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between status/progress messages")
     parser.add_argument("--queue-ttl", type=float, default=600.0, help="drop jobs that waited longer than this")
     args = parser.parse_args(argv)
