@@ -41,7 +41,8 @@ def _param(path: str | None, field: str | None = None) -> str | None:
 def validation_error(exc: msgspec.MsgspecError) -> APIError:
     """A 400 in OpenAI's shape, naming the parameter at fault."""
     text = str(exc)
-    if isinstance(exc, msgspec.DecodeError):
+    # ValidationError subclasses DecodeError: only a plain DecodeError is unparseable JSON.
+    if not isinstance(exc, msgspec.ValidationError):
         return APIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
                         "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.) "
                         f"Parser error: {text}")

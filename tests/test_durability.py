@@ -1,0 +1,94 @@
+"""The JetStream side: jobs are durable records, served even if published before any worker runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import msgspec
+import nats
+import pytest
+
+from pipeline.nats_server import EmbeddedNats
+from pipeline.streams import ensure_streams
+from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
+from schemas.jobs import Cancel, Done, Event, Failed, Job, SamplingParams
+from schemas.openai import ChatMessage
+from tests.conftest import FRANCE, MODEL, free_port
+
+decode_event = msgspec.json.Decoder(Event).decode
+
+
+async def test_job_record_is_in_the_stream(server, client):
+    reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=2)
+    nc = await nats.connect(server.nats_url)
+    try:
+        js = nc.jetstream()
+        record = await js.get_last_msg(JOBS_STREAM, job_subject(MODEL))
+        assert record.headers["Nats-Msg-Id"] == reply.id
+        job = msgspec.json.decode(record.data, type=Job)
+        assert job.id == reply.id and job.source == "http"
+        assert [(m.role, m.content) for m in job.messages] == [("user", FRANCE[0]["content"])]
+        assert job.params.temperature == 0 and job.params.max_tokens == 2
+        # The same msg id again is recognised as a duplicate and not queued a second time.
+        ack = await js.publish(job_subject(MODEL), record.data, headers={"Nats-Msg-Id": reply.id})
+        assert ack.duplicate
+        assert (await js.get_last_msg(JOBS_STREAM, job_subject(MODEL))).seq == record.seq
+    finally:
+        await nc.close()
+
+
+async def next_event(sub, timeout=180.0):
+    return decode_event((await sub.next_msg(timeout=timeout)).data)
+
+
+async def final_event(sub):
+    while not isinstance(event := await next_event(sub), (Done, Failed)):
+        pass
+    return event
+
+
+@pytest.fixture
+async def bare_nats(tmp_path):
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    server.start()
+    nc = await nats.connect(server.url)
+    await ensure_streams(nc.jetstream())
+    yield server, nc
+    await nc.close()
+    server.stop()
+
+
+async def test_jobs_published_before_a_worker_are_served(bare_nats, server):
+    nats_server, nc = bare_nats
+    js = nc.jetstream()
+    replies = {name: await nc.subscribe(f"test.replies.{name}") for name in ("bad", "cancelled", "good")}
+
+    # A malformed job (wrong type for `model`): its submitter gets a schema error, and the worker goes on.
+    await js.publish(job_subject(MODEL), b'{"id": "bad-1", "reply_subject": "test.replies.bad", "model": 5}',
+                     headers={"Nats-Msg-Id": "bad-1"})
+    # A job cancelled while it waits: never run.
+    cancelled = Job(id="job-cancelled", model=MODEL, reply_subject="test.replies.cancelled", kind="chat",
+                    messages=[ChatMessage(role="user", content="Tell me a long story.")], created=time.time())
+    await js.publish(job_subject(MODEL), msgspec.json.encode(cancelled), headers={"Nats-Msg-Id": cancelled.id})
+    await js.publish(cancel_subject(cancelled.id), msgspec.json.encode(Cancel(id=cancelled.id)), stream=CANCELS_STREAM)
+    good = Job(id="job-good", model=MODEL, reply_subject="test.replies.good", kind="chat", stream=False,
+               messages=[ChatMessage(**m) for m in FRANCE], params=SamplingParams(temperature=0), created=time.time())
+    await js.publish(job_subject(MODEL), msgspec.json.encode(good), headers={"Nats-Msg-Id": good.id})
+
+    worker = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
+                               str(server.home / "models" / MODEL), "--nats-url", nats_server.url,
+                               "--heartbeat", "0.5"])
+    try:
+        bad = await next_event(replies["bad"])
+        assert isinstance(bad, Failed) and bad.error.code == "invalid_job" and bad.status == 400
+        assert "model" in bad.error.message
+        skipped = await final_event(replies["cancelled"])
+        assert isinstance(skipped, Failed) and skipped.error.code == "cancelled"
+        done = await final_event(replies["good"])
+        assert isinstance(done, Done) and "Paris" in done.text and done.finish_reason == "stop"
+        assert worker.poll() is None
+    finally:
+        worker.terminate()
+        assert worker.wait(30) == 0
