@@ -80,7 +80,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     card = ModelCard(id=model.id, created=model.created, context_length=model_context_length(model.path))
     app = create_app(IngressConfig(nats_url=nats_url, models=[card], queue_timeout_s=queue_timeout_s,
                                    worker_timeout_s=worker_timeout_s, api_key=api_key,
-                                   status_ttl_s=max(10.0, 5 * heartbeat_s)))
+                                   status_ttl_s=4 * heartbeat_s))
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
 
     loop = asyncio.get_running_loop()

@@ -38,8 +38,12 @@ class Server:
     def health(self) -> dict:
         return httpx.get(self.base_url.removesuffix("/v1") + "/health", timeout=10).json()
 
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.health()["models"][MODEL]["live_workers"]]
+
     def worker_pid(self) -> int:
-        return self.health()["models"][MODEL]["live_workers"][0]["pid"]
+        (pid,) = self.worker_pids()
+        return pid
 
 
 def wait_for_line(process: subprocess.Popen, marker: str, timeout_s: float, output: list[str]) -> None:

@@ -31,7 +31,7 @@ def test_killed_worker_gives_a_clean_error_then_recovers(server, client):
     # The supervisor restarts the worker; the next request waits in the queue for it and succeeds.
     reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
     assert "Paris" in reply.choices[0].message.content
-    assert server.worker_pid() != pid
+    assert any(p != pid for p in server.worker_pids())
 
 
 def test_sigterm_stops_every_process(tmp_path):
