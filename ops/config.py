@@ -13,3 +13,12 @@ def default_home() -> Path:
 
 def env_float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS just had free on `host` (for test and bench servers that must not collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,134 @@
+"""`conclave bench`: raw `mlx_lm.stream_generate` against the full HTTP -> NATS -> worker -> SSE path.
+
+Both paths run in one process tree and one run, on the same model directory, the same prompts, greedy,
+the same max_tokens. The two are interleaved prompt by prompt so that machine drift hits both alike.
+TTFT is from the start of the request (raw: before the chat template is applied) to the first text.
+Decode tok/s is (completion tokens - 1) / (time of the last token - time of the first token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from ops.config import free_port
+from workers.engine import load_model
+from workers.store import ModelStore
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain in a few sentences why the sky is blue.",
+    "Write a short poem about the sea.",
+    "List three uses of a paperclip.",
+    "What is the difference between a virus and a bacterium?",
+    "Describe how a bicycle works.",
+    "Give me a recipe for pancakes.",
+    "Why do cats purr?",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summary(runs: list[dict]) -> dict:
+    ttft = [r["ttft_ms"] for r in runs]
+    tps = [r["decode_tps"] for r in runs]
+    return {"runs": len(runs), "ttft_ms_p50": round(statistics.median(ttft), 1),
+            "ttft_ms_p95": round(percentile(ttft, 0.95), 1), "decode_tps_p50": round(statistics.median(tps), 2),
+            "decode_tps_mean": round(statistics.fmean(tps), 2),
+            "completion_tokens_mean": round(statistics.fmean(r["tokens"] for r in runs), 1)}
+
+
+def raw_run(model, tokenizer, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    first = last = None
+    tokens = 0
+    for response in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(0.0)):
+        now = time.perf_counter()
+        if response.text and first is None:
+            first = now
+        last, tokens = now, response.generation_tokens
+    return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens}
+
+
+def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens}
+
+
+def start_server(model_path: Path, home: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "--home", str(home), "serve", "--model", str(model_path),
+         "--port", str(port), "--nats-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:  # blocks until the server says it is ready
+        if "Conclave is serving" in line:
+            return process, f"http://127.0.0.1:{port}"
+    raise RuntimeError("the server exited before it was ready")
+
+
+def run_bench(args) -> dict:
+    model = ModelStore(args.home / "models").resolve(args.model)
+    prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
+    loaded, tokenizer = load_model(model.path)
+    with tempfile.TemporaryDirectory() as home:
+        process, url = start_server(model.path, Path(home))
+        try:
+            with httpx.Client(base_url=url, timeout=600) as http:
+                # Warm-up on both paths: first-call compilation and page-ins are not what is measured.
+                raw_run(loaded, tokenizer, PROMPTS[0], 4)
+                served_run(http, model.path.name, PROMPTS[0], 4)
+                raw, served = [], []
+                for _ in range(args.repeat):
+                    for prompt in prompts:
+                        raw.append(raw_run(loaded, tokenizer, prompt, args.max_tokens))
+                        served.append(served_run(http, model.path.name, prompt, args.max_tokens))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    raw_s, served_s = summary(raw), summary(served)
+    return {
+        "model": model.id,
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+                    "mlx_device": str(mx.default_device()), "mlx": mx.__version__},
+        "max_tokens": args.max_tokens,
+        "prompts": len(prompts),
+        "raw_mlx_lm": raw_s,
+        "served": served_s,
+        "decode_ratio_served_over_raw": round(served_s["decode_tps_p50"] / raw_s["decode_tps_p50"], 3),
+        "ttft_overhead_ms_p50": round(served_s["ttft_ms_p50"] - raw_s["ttft_ms_p50"], 1),
+        "goals": {"decode_ratio_min": 0.97, "ttft_overhead_ms_max": 15},
+    }
