@@ -25,7 +25,7 @@ from pipeline.subjects import STATUS_PREFIX
 from schemas.jobs import Accepted, Chunk, Done, Event, Failed, Job, WorkerStatus
 from schemas.openai import (
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice,
-    ChunkDelta, Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList,
+    ChunkDelta, Completion, CompletionChoice, CompletionRequest, ErrorDetail, ModelCard, ModelList,
 )
 
 log = logging.getLogger("conclave.ingress")
@@ -148,46 +148,51 @@ def create_app(config: IngressConfig) -> Starlette:
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "x-request-id": job.id})
 
+    async def respond(req, job: Job, chunk_for, body_for) -> Response:
+        """Both endpoints: submit, then an SSE stream of `chunk_for(...)` or one JSON `body_for(done)`."""
+        events, accepted = await start(job)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return stream_response(sse(job, events, accepted, chunk_for, include_usage), job)
+        done = await final_result(events)
+        return Response(encode(body_for(done)), media_type="application/json", headers={"x-request-id": job.id})
+
     async def chat_completions(request: Request) -> Response:
         req = decode(await request.body(), ChatCompletionRequest)
         require_model(req.model)
         job = chat_job(req)
-        events, accepted = await start(job)
         created = int(job.created)
-        if req.stream:
-            def chunk_for(role=False, text=None, finish=None, usage=None) -> bytes:
-                choices = [] if usage else [ChunkChoice(index=0, delta=ChunkDelta(
-                    role="assistant" if role else None, content="" if role else text), finish_reason=finish)]
-                chunk = ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=choices, usage=usage)
-                return b"data: " + encode(chunk) + b"\n\n"
 
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(sse(job, events, accepted, chunk_for, include_usage), job)
-        done = await final_result(events)
-        body = ChatCompletion(id=job.id, created=created, model=job.model, usage=done.usage, choices=[
-            ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)])
-        return Response(encode(body), media_type="application/json", headers={"x-request-id": job.id})
+        def chunk_for(role=False, text=None, finish=None, usage=None) -> bytes:
+            choices = [] if usage else [ChunkChoice(index=0, delta=ChunkDelta(
+                role="assistant" if role else None, content="" if role else text), finish_reason=finish)]
+            chunk = ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=choices, usage=usage)
+            return b"data: " + encode(chunk) + b"\n\n"
+
+        def body_for(done: Done) -> ChatCompletion:
+            return ChatCompletion(id=job.id, created=created, model=job.model, usage=done.usage, choices=[
+                ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)])
+
+        return await respond(req, job, chunk_for, body_for)
 
     async def completions(request: Request) -> Response:
         req = decode(await request.body(), CompletionRequest)
         require_model(req.model)
         job = completion_job(req)
-        events, accepted = await start(job)
         created = int(job.created)
-        if req.stream:
-            def chunk_for(role=False, text=None, finish=None, usage=None) -> bytes:
-                if role:
-                    return b""  # completions streams have no role chunk
-                choices = [] if usage else [CompletionChoice(index=0, text=text or "", finish_reason=finish)]
-                chunk = Completion(id=job.id, created=created, model=job.model, choices=choices, usage=usage)
-                return b"data: " + encode(chunk) + b"\n\n"
 
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(sse(job, events, accepted, chunk_for, include_usage), job)
-        done = await final_result(events)
-        body = Completion(id=job.id, created=created, model=job.model, usage=done.usage, choices=[
-            CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason)])
-        return Response(encode(body), media_type="application/json", headers={"x-request-id": job.id})
+        def chunk_for(role=False, text=None, finish=None, usage=None) -> bytes:
+            if role:
+                return b""  # completion streams have no role chunk
+            choices = [] if usage else [CompletionChoice(index=0, text=text or "", finish_reason=finish)]
+            chunk = Completion(id=job.id, created=created, model=job.model, choices=choices, usage=usage)
+            return b"data: " + encode(chunk) + b"\n\n"
+
+        def body_for(done: Done) -> Completion:
+            return Completion(id=job.id, created=created, model=job.model, usage=done.usage, choices=[
+                CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason)])
+
+        return await respond(req, job, chunk_for, body_for)
 
     async def list_models(request: Request) -> Response:
         return Response(encode(ModelList(data=list(models.values()))), media_type="application/json")
@@ -227,12 +232,10 @@ def create_app(config: IngressConfig) -> Starlette:
     ]
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        from schemas.openai import ErrorDetail
         return error_response(500, ErrorDetail(message="The server had an error while processing your request.",
                                                type="server_error"))
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        from schemas.openai import ErrorDetail
         status = getattr(exc, "status_code", 404)
         return error_response(status, ErrorDetail(message=f"{request.method} {request.url.path}: "
                                                   f"{getattr(exc, 'detail', 'Not Found')}",

@@ -17,7 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from ingress.app import IngressConfig, create_app
-from pipeline.nats_server import EmbeddedNats, child_preexec
+from pipeline.nats_server import EmbeddedNats, child_preexec, stop_process
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
 
@@ -53,14 +53,7 @@ class WorkerSupervisor:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         self.stopping = True
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout_s)
 
 
 def worker_command(model: StoredModel, nats_url: str, heartbeat_s: float, queue_ttl_s: float) -> list[str]:

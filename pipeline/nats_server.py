@@ -42,6 +42,18 @@ def child_preexec() -> None:
     _die_with_parent()
 
 
+def stop_process(process: subprocess.Popen | None, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class EmbeddedNats:
     """A nats-server with JetStream, its data under `store_dir`, listening on 127.0.0.1 only."""
 
@@ -93,11 +105,4 @@ class EmbeddedNats:
                 time.sleep(0.05)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout_s)

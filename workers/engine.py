@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from schemas.jobs import Accepted, Chunk, Done, Job, SamplingParams
 from schemas.openai import ChatMessage, ErrorDetail, Usage
 from workers.stops import StopMatcher
+from workers.store import model_context_length
 
 
 class JobError(Exception):
@@ -51,19 +52,10 @@ def load_model(model_dir: Path) -> tuple[object, object]:
     return model, tokenizer
 
 
-def context_length(model_dir: Path, tokenizer) -> int:
-    import json
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return int(getattr(tokenizer, "model_max_length", 4096))
-
-
 def open_model(model_id: str, model_dir: Path) -> LoadedModel:
     model, tokenizer = load_model(model_dir)
-    return LoadedModel(model_id, model, tokenizer, context_length(model_dir, tokenizer))
+    context = model_context_length(Path(model_dir)) or int(getattr(tokenizer, "model_max_length", 4096))
+    return LoadedModel(model_id, model, tokenizer, context)
 
 
 def message_text(message: ChatMessage) -> str:

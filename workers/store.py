@@ -101,5 +101,7 @@ class ModelStore:
 
 def model_context_length(path: Path) -> int | None:
     config = json.loads((path / "config.json").read_text())
-    value = config.get("max_position_embeddings")
-    return value if isinstance(value, int) else None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
