@@ -105,8 +105,7 @@ def create_app(config: IngressConfig) -> Starlette:
             if isinstance(event, Accepted):
                 return events, event
             if isinstance(event, Failed):
-                raise APIError(event.status, event.error.message, event.error.param, event.error.code,
-                               event.error.type)
+                raise APIError.from_detail(event.status, event.error)
         raise APIError(502, "The worker ended the job without a result.", code="worker_error")
 
     async def final_result(events: AsyncIterator[Event]) -> Done:
@@ -114,8 +113,7 @@ def create_app(config: IngressConfig) -> Starlette:
             if isinstance(event, Done):
                 return event
             if isinstance(event, Failed):
-                raise APIError(event.status, event.error.message, event.error.param, event.error.code,
-                               event.error.type)
+                raise APIError.from_detail(event.status, event.error)
         raise APIError(502, "The worker ended the job without a result.", code="worker_error")
 
     async def sse(job: Job, events: AsyncIterator[Event], first: Accepted, chunk_for, include_usage: bool):
@@ -135,8 +133,7 @@ def create_app(config: IngressConfig) -> Starlette:
                     if include_usage:
                         yield chunk_for(usage=event.usage)
                 elif isinstance(event, Failed):
-                    raise APIError(event.status, event.error.message, event.error.param, event.error.code,
-                                   event.error.type)
+                    raise APIError.from_detail(event.status, event.error)
         except APIError as exc:
             # Headers are gone already: OpenAI clients raise on a `data:` event carrying an error object.
             log.warning("stream %s failed: %s", job.id, exc)

@@ -19,6 +19,11 @@ class APIError(Exception):
         default_type = "invalid_request_error" if status < 500 else "server_error"
         self.detail = ErrorDetail(message=message, type=type or default_type, param=param, code=code)
 
+    @classmethod
+    def from_detail(cls, status: int, detail: ErrorDetail) -> "APIError":
+        """The error a worker reported (a `Failed` event), answered as it is."""
+        return cls(status, detail.message, detail.param, detail.code, detail.type)
+
 
 def error_response(status: int, detail: ErrorDetail, headers: dict | None = None) -> Response:
     return Response(msgspec.json.encode(ErrorResponse(error=detail)), status_code=status,
