@@ -32,9 +32,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingPara
     _range("repetition_penalty", req.repetition_penalty, 0.0, 10.0)
     if req.n != 1:
         raise APIError(400, f"Invalid 'n': only n=1 is supported, got {req.n}.", "n", "unsupported_value")
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got "
-                       f"{max_tokens} instead.", "max_tokens", "integer_below_min_value")
+    # max_tokens < 1 is refused by the worker (workers/engine.py: check_limits), for NATS submitters too.
     _unsupported("logprobs", bool(req.logprobs), " yet")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias: dict[int, float] = {}
