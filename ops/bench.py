@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +21,7 @@ import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from ops.config import free_port
+from ops.serve import spawn_server
 from workers.engine import load_model
 from workers.store import ModelStore
 
@@ -88,26 +85,14 @@ def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int) 
     return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens}
 
 
-def start_server(model_path: Path, home: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "--home", str(home), "serve", "--model", str(model_path),
-         "--port", str(port), "--nats-port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:  # blocks until the server says it is ready
-        if "Conclave is serving" in line:
-            return process, f"http://127.0.0.1:{port}"
-    raise RuntimeError("the server exited before it was ready")
-
-
 def run_bench(args) -> dict:
     model = ModelStore(args.home / "models").resolve(args.model)
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
     loaded, tokenizer = load_model(model.path)
     with tempfile.TemporaryDirectory() as home:
-        process, url = start_server(model.path, Path(home))
+        server = spawn_server(Path(home), "--model", str(model.path))
         try:
-            with httpx.Client(base_url=url, timeout=600) as http:
+            with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=600) as http:
                 # Warm-up on both paths: first-call compilation and page-ins are not what is measured.
                 raw_run(loaded, tokenizer, PROMPTS[0], 4)
                 served_run(http, model.path.name, PROMPTS[0], 4)
@@ -117,8 +102,7 @@ def run_bench(args) -> dict:
                         raw.append(raw_run(loaded, tokenizer, prompt, args.max_tokens))
                         served.append(served_run(http, model.path.name, prompt, args.max_tokens))
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+            server.stop()
     raw_s, served_s = summary(raw), summary(served)
     return {
         "model": model.id,

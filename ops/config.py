@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -17,8 +18,6 @@ def env_float(name: str, default: float) -> float:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS just had free on `host` (for test and bench servers that must not collide)."""
-    import socket
-
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -9,19 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import selectors
 import signal
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
 from ingress.app import IngressConfig, create_app
+from ops.config import free_port
 from pipeline.nats_server import EmbeddedNats, child_preexec, stop_process
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
 
 log = logging.getLogger("conclave.serve")
+READY_LINE = "Conclave is serving"  # printed once the worker is ready; launchers wait for it
 
 
 class _Server(uvicorn.Server):
@@ -56,6 +62,50 @@ class WorkerSupervisor:
         stop_process(self.process, timeout_s)
 
 
+@dataclass
+class ServerProcess:
+    """A `conclave serve` started as a child process on free loopback ports."""
+
+    process: subprocess.Popen
+    base_url: str  # ends in /v1
+    nats_url: str
+    home: Path
+    output: list[str]  # its stdout and stderr, line by line
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, as an operator would, and its exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+
+def spawn_server(home: Path, *flags: str, timeout_s: float = 180.0) -> ServerProcess:
+    """Start `conclave serve` and return once it printed READY_LINE (for tests and `conclave bench`)."""
+    port, nats_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "--home", str(home), "serve", "--port", str(port),
+         "--nats-port", str(nats_port), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output: list[str] = []
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not selector.select(left):
+            process.kill()
+            raise TimeoutError(f"no {READY_LINE!r} within {timeout_s}s:\n" + "".join(output))
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError("the server exited before it was ready:\n" + "".join(output))
+        output.append(line)
+        if READY_LINE in line:
+            break
+    # Keep draining its output (a full pipe would block it) and keep it for failure reports.
+    threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
+    return ServerProcess(process, f"http://127.0.0.1:{port}/v1", f"nats://127.0.0.1:{nats_port}", home, output)
+
+
 def worker_command(model: StoredModel, nats_url: str, heartbeat_s: float, queue_ttl_s: float) -> list[str]:
     return [sys.executable, "-m", "workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
             "--nats-url", nats_url, "--heartbeat", str(heartbeat_s), "--queue-ttl", str(queue_ttl_s)]
@@ -84,7 +134,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         while not server.started:
             await asyncio.sleep(0.05)
         await app.state.workers.wait_live(model.id)
-        print(f"Conclave is serving {model.id} at http://{host}:{port}/v1 (NATS {nats_url})", flush=True)
+        print(f"{READY_LINE} {model.id} at http://{host}:{port}/v1 (NATS {nats_url})", flush=True)
 
     workers = asyncio.create_task(supervisor.run())
     ready = asyncio.create_task(announce_when_ready())

@@ -15,7 +15,8 @@ from pipeline.streams import ensure_streams
 from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
 from schemas.jobs import Cancel, Done, Event, Failed, Job, SamplingParams
 from schemas.openai import ChatMessage
-from tests.conftest import FRANCE, MODEL, free_port
+from ops.config import free_port
+from tests.conftest import FRANCE, MODEL
 
 decode_event = msgspec.json.Decoder(Event).decode
 

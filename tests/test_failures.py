@@ -9,7 +9,7 @@ import socket
 import openai
 import pytest
 
-from tests.conftest import FRANCE, MODEL, start_server, stop_server
+from tests.conftest import FRANCE, MODEL, start_server
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 
@@ -38,7 +38,7 @@ def test_sigterm_stops_every_process(tmp_path):
     srv = start_server(tmp_path / "home")
     worker = srv.worker_pid()
     nats_port = int(srv.nats_url.rsplit(":", 1)[1])
-    assert stop_server(srv) == 0
+    assert srv.stop() == 0
     assert "Conclave stopped." in "".join(srv.output)
     with pytest.raises(ProcessLookupError):
         os.kill(worker, 0)
