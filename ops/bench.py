@@ -22,7 +22,7 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ops.serve import spawn_server
-from workers.engine import load_model
+from workers.shard import load_shard
 from workers.store import ModelStore
 
 PROMPTS = [
@@ -88,7 +88,8 @@ def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int) 
 def run_bench(args) -> dict:
     model = ModelStore(args.home / "models").resolve(args.model)
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
-    loaded, tokenizer = load_model(model.path)
+    shard = load_shard(model.path)
+    loaded, tokenizer = shard.model, shard.tokenizer
     with tempfile.TemporaryDirectory() as home:
         server = spawn_server(Path(home), "--model", str(model.path))
         try:

@@ -13,11 +13,47 @@ from ops.config import default_home, env_float
 from workers.store import DEFAULT_MODEL, ModelStore
 
 
+def group_from_args(args):
+    """The worker group the flags ask for: a group file, N local ranks, or one process."""
+    from ops.group import GroupSpecError, load_group_file, local_group
+
+    if args.group:
+        return load_group_file(Path(args.group))
+    if args.tensor_parallel > 1 and args.pipeline_parallel > 1:
+        raise GroupSpecError("choose --tensor-parallel or --pipeline-parallel, not both")
+    if args.split and args.pipeline_parallel <= 1:
+        raise GroupSpecError("--split needs --pipeline-parallel")
+    if args.tensor_parallel > 1:
+        return local_group("tensor", args.tensor_parallel)
+    return local_group("pipeline", args.pipeline_parallel, args.split)
+
+
+def add_group_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("worker group (one model on several ranks)")
+    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split every layer over N local ranks (the head counts must divide by N)")
+    g.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
+                   help="split the layers into N consecutive stages on N local ranks")
+    g.add_argument("--split", type=lambda s: [int(x) for x in s.split(",")], default=None, metavar="A,B,..",
+                   help="pipeline: layers per rank (default: even)")
+    g.add_argument("--group", default=None, metavar="FILE",
+                   help="TOML group file: hosts, ranks per host, backend ring|jaccl|mpi (see README)")
+
+
 def cmd_serve(args) -> None:
     from ops.serve import serve
 
     asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, args.api_key,
-                      args.queue_timeout, args.worker_timeout, args.heartbeat))
+                      args.queue_timeout, args.worker_timeout, args.heartbeat, group_from_args(args),
+                      args.step_timeout))
+
+
+def cmd_generate(args) -> None:
+    from ops.group import generate_on_group
+
+    model = ModelStore(args.home / "models").resolve(args.model)
+    report = generate_on_group(group_from_args(args), model.path, args.prompt, args.max_tokens, raw=args.raw)
+    print(json.dumps(report, indent=2))
 
 
 def cmd_models(args) -> None:
@@ -69,7 +105,18 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds of silence from a busy worker before its request fails with 503")
     s.add_argument("--heartbeat", type=float, default=env_float("CONCLAVE_HEARTBEAT", 2.0),
                    help="seconds between worker status and progress messages")
+    s.add_argument("--step-timeout", type=float, default=env_float("CONCLAVE_STEP_TIMEOUT", 60.0),
+                   help="a worker group with no generation step for this long has lost a rank and restarts")
+    add_group_flags(s)
     s.set_defaults(func=cmd_serve)
+
+    g = sub.add_parser("generate", help="one greedy generation on a worker group, no server; prints JSON per rank")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    add_group_flags(g)
+    g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="the model store")
     m.add_argument("action", choices=["list", "import", "pull"])
@@ -96,8 +143,15 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    args = parser().parse_args(argv)
-    args.func(args)
+    p = parser()
+    args = p.parse_args(argv)
+    from ops.group import GroupSpecError
+    from workers.shard import ShardError
+
+    try:
+        args.func(args)
+    except (GroupSpecError, ShardError) as exc:
+        p.exit(2, f"conclave: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import logging
 import selectors
 import signal
@@ -17,11 +18,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import uvicorn
 
 from ingress.app import IngressConfig, create_app
 from ops.config import free_port
+from ops.group import GroupSpec, plan_group, start_group
 from pipeline.nats_server import EmbeddedNats, child_preexec, stop_process
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
@@ -38,28 +41,65 @@ class _Server(uvicorn.Server):
         yield
 
 
-class WorkerSupervisor:
-    """Keeps one worker process running; restarts it (with backoff) if it exits on its own."""
+class GroupSupervisor:
+    """Keeps one model's worker group running: every rank, started together, restarted together.
 
-    def __init__(self, command: list[str]):
-        self.command = command
-        self.process: subprocess.Popen | None = None
+    A group is only as alive as its least alive rank: when any rank exits, the rest are stopped
+    (a rank blocked in a collective cannot recover) and the whole group is started again, with backoff.
+    A single worker process is a group of one.
+    """
+
+    def __init__(self, spec: GroupSpec, command: Callable[[str], list[str]], workdir: Path):
+        self.spec = spec
+        self.command = command  # group id -> the argv every rank runs
+        self.workdir = workdir
+        self.processes: list[subprocess.Popen] = []
         self.stopping = False
+        self.starts = 0
 
     async def run(self) -> None:
         backoff = 1.0
         while not self.stopping:
-            self.process = subprocess.Popen(self.command, preexec_fn=child_preexec)
-            code = await asyncio.to_thread(self.process.wait)
+            self.starts += 1
+            group_id = f"{os.getpid()}-{self.starts}"
+            self.processes = start_group(self.spec, self.command(group_id), self.workdir / group_id)
+            rank, code = await asyncio.to_thread(self.wait_any)
             if self.stopping:
                 return
-            log.error("worker pid %d exited with %s; restarting in %.0fs", self.process.pid, code, backoff)
+            where = self.spec.placements()[rank].ssh if rank < len(self.spec.placements()) else "?"
+            log.error("worker rank %d (pid %d on %s) exited with %s; stopping the other %d rank(s) and restarting "
+                      "the group in %.0fs", rank, self.processes[rank].pid, where, describe_exit(code),
+                      len(self.processes) - 1, backoff)
+            await asyncio.to_thread(self.stop_ranks, 10.0)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
+    def wait_any(self) -> tuple[int, int]:
+        """The first rank to exit and its exit code."""
+        while True:
+            for rank, process in enumerate(self.processes):
+                if (code := process.poll()) is not None:
+                    return rank, code
+            time.sleep(0.2)  # polling a handful of child processes; os.wait would steal other children
+
+    def stop_ranks(self, timeout_s: float) -> None:
+        # Followers first would leave the leader mid-step; SIGTERM all at once, then wait for each.
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes:
+            stop_process(process, max(0.1, deadline - time.monotonic()))
+
     def stop(self, timeout_s: float = 15.0) -> None:
         self.stopping = True
-        stop_process(self.process, timeout_s)
+        self.stop_ranks(timeout_s)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"
 
 
 @dataclass
@@ -106,20 +146,35 @@ def spawn_server(home: Path, *flags: str, timeout_s: float = 180.0) -> ServerPro
     return ServerProcess(process, f"http://127.0.0.1:{port}/v1", f"nats://127.0.0.1:{nats_port}", home, output)
 
 
-def worker_command(model: StoredModel, nats_url: str, heartbeat_s: float, queue_ttl_s: float) -> list[str]:
-    return [sys.executable, "-m", "workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
-            "--nats-url", nats_url, "--heartbeat", str(heartbeat_s), "--queue-ttl", str(queue_ttl_s)]
+def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, heartbeat_s: float, queue_ttl_s: float,
+                   step_timeout_s: float) -> Callable[[str], list[str]]:
+    def command(group_id: str) -> list[str]:
+        argv = [sys.executable, "-m", "workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
+                "--nats-url", nats_url, "--heartbeat", str(heartbeat_s), "--queue-ttl", str(queue_ttl_s),
+                "--layout", spec.layout, "--backend", spec.backend, "--group-id", group_id,
+                "--step-timeout", str(step_timeout_s)]
+        if spec.split:
+            argv += ["--split", ",".join(map(str, spec.split))]
+        return argv
+
+    return command
 
 
 async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str | None, nats_port: int,
-                api_key: str | None, queue_timeout_s: float, worker_timeout_s: float, heartbeat_s: float) -> None:
+                api_key: str | None, queue_timeout_s: float, worker_timeout_s: float, heartbeat_s: float,
+                group: GroupSpec, step_timeout_s: float) -> None:
     model = ModelStore(home / "models").resolve(model_spec)
+    group = plan_group(group, model.path)
+    if group.size > 1:
+        log.info("serving %s on %d ranks (%s parallel, %s backend%s)", model.id, group.size, group.layout,
+                 group.backend, f", layers per rank {group.split}" if group.split else "")
     nats_server = None
     if nats_url is None:
         nats_server = EmbeddedNats(home / "nats", port=nats_port)
         await asyncio.to_thread(nats_server.start)
         nats_url = nats_server.url
-    supervisor = WorkerSupervisor(worker_command(model, nats_url, heartbeat_s, queue_timeout_s))
+    supervisor = GroupSupervisor(
+        group, worker_command(model, group, nats_url, heartbeat_s, queue_timeout_s, step_timeout_s), home / "groups")
     card = ModelCard(id=model.id, created=model.created, context_length=model_context_length(model.path))
     app = create_app(IngressConfig(nats_url=nats_url, models=[card], queue_timeout_s=queue_timeout_s,
                                    worker_timeout_s=worker_timeout_s, api_key=api_key,

@@ -10,6 +10,7 @@ REPLIES_PREFIX = "conclave.replies"
 STATUS_PREFIX = "conclave.status"
 CANCELS_STREAM = "CONCLAVE_CANCELS"
 CANCELS_PREFIX = "conclave.cancels"
+GROUPS_PREFIX = "conclave.groups"
 
 _NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -38,3 +39,8 @@ def status_subject(model: str) -> str:
 def worker_durable(model: str) -> str:
     """All workers of one model share this durable consumer, so each job goes to exactly one of them."""
     return f"workers-{subject_token(model)}"
+
+
+def group_wake_subject(group_id: str) -> str:
+    """Core NATS: the leader of a worker group wakes its followers here before each job."""
+    return f"{GROUPS_PREFIX}.{subject_token(group_id)}.wake"

@@ -108,3 +108,5 @@ class WorkerStatus(Struct):
     state: Literal["loading", "ready", "busy", "stopping"]
     context_length: int = 0
     jobs_done: int = 0
+    layout: Literal["whole", "tensor", "pipeline"] = "whole"
+    ranks: int = 1

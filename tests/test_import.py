@@ -15,7 +15,7 @@ def test_mlx_lm_load_gives_the_served_tokens(server, client):
     path = server.home / "models" / MODEL
     model, tokenizer = load(str(path))
     if mx.default_device() == mx.cpu:
-        model.set_dtype(mx.float32)  # as the worker does on CPU (workers/engine.py: load_model)
+        model.set_dtype(mx.float32)  # as the worker does on CPU (workers/shard.py: load_shard)
     prompt = tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True)
     raw = "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=24, sampler=make_sampler(0.0)))
     served = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=24)

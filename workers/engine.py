@@ -1,6 +1,6 @@
 """Generation on MLX with mlx-lm: prompt building, validation, sampling, stop rules, usage.
 
-Everything here runs on the one thread that owns the model. `run_job` yields the events of
+Everything here runs on the one thread that owns the model (on every rank of a group). `run_job` yields the events of
 schemas/jobs.py; the worker process only moves them onto NATS.
 """
 
@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
-from mlx_lm import load, stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from schemas.jobs import Accepted, Chunk, Done, Job, SamplingParams
 from schemas.openai import ChatMessage, ErrorDetail, Usage
+from workers.lockstep import broadcast_prompt, lockstep_generate
+from workers.shard import Shard, load_shard
 from workers.stops import StopMatcher
 from workers.store import model_context_length
 
@@ -35,27 +36,15 @@ class JobError(Exception):
 @dataclass
 class LoadedModel:
     model_id: str
-    model: object
-    tokenizer: object  # mlx_lm TokenizerWrapper
+    shard: Shard
     context_length: int
 
 
-def load_model(model_dir: Path) -> tuple[object, object]:
-    """`mlx_lm.load`, with activations in float32 on the CPU backend.
-
-    Why float32 there: MLX's CPU kernels for float16/bfloat16 are several times slower than for float32
-    (fp16 activations against quantized weights about 30x); Metal and CUDA keep the checkpoint's dtype.
-    """
-    model, tokenizer = load(str(model_dir))
-    if mx.default_device() == mx.cpu:
-        model.set_dtype(mx.float32)
-    return model, tokenizer
-
-
-def open_model(model_id: str, model_dir: Path) -> LoadedModel:
-    model, tokenizer = load_model(model_dir)
-    context = model_context_length(Path(model_dir)) or int(getattr(tokenizer, "model_max_length", 4096))
-    return LoadedModel(model_id, model, tokenizer, context)
+def open_model(model_id: str, model_dir: Path, layout: str = "whole", group: mx.distributed.Group | None = None,
+               split: list[int] | None = None) -> LoadedModel:
+    shard = load_shard(model_dir, layout, group, split)
+    context = model_context_length(Path(model_dir)) or int(getattr(shard.tokenizer, "model_max_length", 4096))
+    return LoadedModel(model_id, shard, context)
 
 
 def message_text(message: ChatMessage) -> str:
@@ -120,39 +109,72 @@ def sampler_for(params: SamplingParams):
     return sampler, processors
 
 
+def chooser(params: SamplingParams):
+    """The leader's sampler for one job: logits processors, then mlx-lm's sampler, as `generate_step` does."""
+    sampler, processors = sampler_for(params)
+
+    def choose(logits: mx.array, history: mx.array) -> mx.array:
+        for processor in processors:
+            logits = processor(history, logits)
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    return choose
+
+
 def run_job(loaded: LoadedModel, job: Job, worker: str, attempt: int = 1,
             cancelled: threading.Event | None = None) -> Iterator[Accepted | Chunk | Done]:
-    """Generate for one job. Raises JobError for a job that cannot run."""
+    """Generate for one job (on the leader of a group: its followers run `follow_job`).
+
+    Raises JobError for a job that cannot run; the followers are told so (an empty prompt) first.
+    """
     start = time.perf_counter()
-    tokens = prompt_tokens(job, loaded.tokenizer)
-    max_tokens = check_limits(len(tokens), job.params, loaded.context_length,
-                              "messages" if job.kind == "chat" else "prompt")
-    sampler, processors = sampler_for(job.params)
+    shard = loaded.shard
+    try:
+        tokens = prompt_tokens(job, shard.tokenizer)
+        max_tokens = check_limits(len(tokens), job.params, loaded.context_length,
+                                  "messages" if job.kind == "chat" else "prompt")
+        choose = chooser(job.params)
+    except BaseException:
+        broadcast_prompt(shard, [])
+        raise
+    broadcast_prompt(shard, tokens)
     if job.params.seed is not None:
         mx.random.seed(job.params.seed)
     yield Accepted(id=job.id, prompt_tokens=len(tokens), worker=worker, attempt=attempt)
 
+    tokenizer = shard.tokenizer
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
     stops = StopMatcher(job.params.stop)
     text_parts: list[str] = []
     ttft_ms = 0.0
     finish = "length"
     generated = 0
     index = 0
-    for response in stream_generate(loaded.model, loaded.tokenizer, tokens, max_tokens=max_tokens,
-                                    sampler=sampler, logits_processors=processors):
-        if generated == 0:
+    steps = lockstep_generate(shard, tokens, choose)
+    for token in steps:
+        generated += 1
+        if generated == 1:
             ttft_ms = (time.perf_counter() - start) * 1000
-        generated = response.generation_tokens
-        text, stopped = stops.feed(response.text)
-        if response.finish_reason is not None or stopped:
-            text += "" if stopped else stops.flush()
-            finish = "stop" if stopped else response.finish_reason
+        end = token in tokenizer.eos_token_ids or generated == max_tokens
+        if token in tokenizer.eos_token_ids:
+            finish = "stop"
+        else:
+            detokenizer.add_token(token)
+        if end:
+            detokenizer.finalize()
+        text, stopped = stops.feed(detokenizer.last_segment)
+        if stopped:
+            finish = "stop"
+        elif end:
+            text += stops.flush()
         if text:
             text_parts.append(text)
             yield Chunk(id=job.id, index=index, text=text, tokens=generated)
             index += 1
-        if stopped or (cancelled is not None and cancelled.is_set()):
+        if end or stopped or (cancelled is not None and cancelled.is_set()):
             break
+    steps.close()
     yield Done(
         id=job.id,
         text="".join(text_parts),
@@ -162,3 +184,11 @@ def run_job(loaded: LoadedModel, job: Job, worker: str, attempt: int = 1,
         duration_ms=(time.perf_counter() - start) * 1000,
         worker=worker,
     )
+
+
+def follow_job(shard: Shard) -> None:
+    """A follower's side of one job: take the leader's prompt, then step with the group until it stops."""
+    prompt = broadcast_prompt(shard, None)
+    if prompt:
+        for _ in lockstep_generate(shard, prompt):
+            pass

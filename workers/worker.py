@@ -1,10 +1,16 @@
 """The worker process: takes jobs for one model from JetStream, runs them on MLX, sends events back.
 
-    python -m workers.worker --model-id ID --model-dir DIR --nats-url URL
+    python -m workers.worker --model-id ID --model-dir DIR --nats-url URL [--layout tensor|pipeline ...]
 
 The model lives on one dedicated thread (MLX work is synchronous); the asyncio side only moves
 messages. A job is acked only after its final event is published, and kept alive with
 `in_progress` while it runs, so JetStream redelivers it if this process dies.
+
+In a group (started by ops/group.py with MLX's distributed environment) rank 0 is this `Worker`, the
+leader; every other rank runs `follow`. Followers wait for a wake-up on core NATS, not inside an MLX
+collective: MLX's ring backend busy-polls its sockets, so an idle follower parked in a collective
+would burn a whole core. The job itself (prompt, every sampled token, when to stop) reaches them
+through MLX collectives (workers/lockstep.py).
 """
 
 from __future__ import annotations
@@ -18,18 +24,22 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import msgspec
 import nats
 from nats.js.errors import NotFoundError
 from nats.aio.msg import Msg
 
 from pipeline.streams import ensure_streams, worker_consumer_config
-from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject, status_subject, worker_durable
+from pipeline.subjects import (CANCELS_STREAM, JOBS_STREAM, cancel_subject, group_wake_subject, job_subject,
+                               status_subject, worker_durable)
 from schemas.jobs import Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
 from schemas.openai import ErrorDetail
-from workers.engine import JobError, LoadedModel, open_model, run_job
+from workers.engine import JobError, LoadedModel, follow_job, open_model, run_job
+from workers.lockstep import broadcast
 
 log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
@@ -62,12 +72,38 @@ async def iterate_in_thread(executor: ThreadPoolExecutor, make_iter):
         await future
 
 
+@dataclass
+class RankArgs:
+    """How this process takes part in its model's worker group."""
+
+    layout: str = "whole"
+    backend: str = "ring"
+    split: list[int] | None = None
+    group_id: str = ""
+    step_timeout_s: float = 60.0
+
+
+def join_group(rank: RankArgs) -> mx.distributed.Group | None:
+    # Blocks until every rank of the group has connected (MLX reads MLX_RANK, MLX_HOSTFILE, ...).
+    if rank.layout == "whole":
+        return None
+    return mx.distributed.init(strict=True, backend=rank.backend)
+
+
+def barrier(group: mx.distributed.Group | None) -> None:
+    if group is not None:
+        mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))
+
+
 class Worker:
-    def __init__(self, nc, model_id: str, model_dir: Path, heartbeat_s: float, queue_ttl_s: float):
+    def __init__(self, nc, model_id: str, model_dir: Path, heartbeat_s: float, queue_ttl_s: float,
+                 executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group | None):
         self.nc = nc
         self.js = nc.jetstream()
         self.model_id = model_id
         self.model_dir = model_dir
+        self.rank = rank
+        self.group = group
         # The job is kept alive every heartbeat; missing five in a row means this worker is gone.
         self.ack_wait_s = 5 * heartbeat_s
         self.heartbeat_s = heartbeat_s
@@ -76,7 +112,7 @@ class Worker:
         self.state = "loading"
         self.jobs_done = 0
         self.loaded: LoadedModel | None = None
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
+        self.executor = executor
         self.stopping = asyncio.Event()
         self.cancel_current = threading.Event()
 
@@ -84,6 +120,7 @@ class Worker:
         status = WorkerStatus(
             worker=self.name, model=self.model_id, pid=os.getpid(), host=socket.gethostname(), state=self.state,
             context_length=self.loaded.context_length if self.loaded else 0, jobs_done=self.jobs_done,
+            layout=self.rank.layout, ranks=self.group.size() if self.group is not None else 1,
         )
         await self.nc.publish(status_subject(self.model_id), encode(status))
 
@@ -103,7 +140,9 @@ class Worker:
         await ensure_streams(self.js)
         status = asyncio.create_task(self.status_loop(parent))
         loop = asyncio.get_running_loop()
-        self.loaded = await loop.run_in_executor(self.executor, open_model, self.model_id, self.model_dir)
+        self.loaded = await loop.run_in_executor(
+            self.executor, open_model, self.model_id, self.model_dir, self.rank.layout, self.group, self.rank.split)
+        await loop.run_in_executor(self.executor, barrier, self.group)  # every follower is listening now
         self.state = "ready"
         await self.publish_status()
         log.info("model %s ready (context %d)", self.model_id, self.loaded.context_length)
@@ -130,6 +169,26 @@ class Worker:
     async def fail(self, reply: str | None, job_id: str, status: int, error: ErrorDetail) -> None:
         if reply:
             await self.nc.publish(reply, encode(Failed(id=job_id, status=status, error=error)))
+
+    async def watch_group(self, msg: Msg, job: Job, stalled_s: float) -> None:
+        """A group whose MLX thread made no step for too long has lost or hung a rank.
+
+        Nothing can unblock a rank stuck in a collective, so the leader answers the requester with a
+        clean error, settles the job, and exits; the supervisor then restarts the whole group. When
+        the supervisor is already stopping us (SIGTERM) because another rank died, one heartbeat
+        without a step is enough.
+        """
+        limit = self.heartbeat_s if self.stopping.is_set() else self.rank.step_timeout_s
+        if stalled_s <= limit:
+            return
+        log.error("group %s: no step for %.1fs during job %s; a rank is gone or hung; exiting so the group "
+                  "restarts", self.rank.group_id, stalled_s, job.id)
+        await self.fail(job.reply_subject, job.id, 503, ErrorDetail(
+            message="The worker group serving this model lost a rank while generating; it is restarting. "
+                    "Retry the request.", type="server_error", code="worker_lost"))
+        await msg.ack_sync(timeout=self.heartbeat_s)
+        await self.nc.flush(timeout=self.heartbeat_s)
+        os._exit(70)
 
     async def handle(self, msg: Msg) -> None:
         try:
@@ -180,14 +239,20 @@ class Worker:
             await msg.ack_sync()
             return
         progress = {"tokens": 0}
+        shard = self.loaded.shard
+        shard.last_step = time.monotonic()
 
         async def keep_alive():
             while True:
                 await asyncio.sleep(self.heartbeat_s)
+                if shard.size > 1:
+                    await self.watch_group(msg, job, time.monotonic() - shard.last_step)
                 await msg.in_progress()
                 await self.nc.publish(job.reply_subject, encode(Heartbeat(id=job.id, tokens=progress["tokens"])))
 
         alive = asyncio.create_task(keep_alive())
+        if shard.size > 1:
+            await self.nc.publish(group_wake_subject(self.rank.group_id), b"")
         try:
             async for event in iterate_in_thread(
                 self.executor, lambda: run_job(self.loaded, job, self.name, attempt, self.cancel_current)
@@ -222,20 +287,52 @@ class Worker:
             await cancels.unsubscribe()
 
 
-async def main_async(args) -> None:
-    nc = await nats.connect(args.nats_url, name=f"conclave-worker:{args.model_id}", max_reconnect_attempts=-1)
-    worker = Worker(nc, args.model_id, Path(args.model_dir), args.heartbeat, args.queue_ttl)
+async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group,
+                 stopping: asyncio.Event) -> None:
+    """A follower rank: load this rank's shard, then run each job the leader wakes us for."""
     loop = asyncio.get_running_loop()
+    parent = os.getppid()
+    wake = await nc.subscribe(group_wake_subject(rank.group_id))
+    loaded = await loop.run_in_executor(
+        executor, open_model, args.model_id, Path(args.model_dir), rank.layout, group, rank.split)
+    await loop.run_in_executor(executor, barrier, group)
+    log.info("rank %d/%d of %s ready (layers %s)", group.rank(), group.size(), args.model_id, loaded.shard.layers)
+    while not stopping.is_set():
+        try:
+            await wake.next_msg(timeout=args.heartbeat)
+        except nats.errors.TimeoutError:
+            if os.getppid() != parent:
+                log.warning("parent process exited; stopping")
+                return
+            continue
+        await loop.run_in_executor(executor, follow_job, loaded.shard)
+
+
+async def main_async(args) -> None:
+    rank = RankArgs(args.layout, args.backend, args.split, args.group_id, args.step_timeout)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
+    loop = asyncio.get_running_loop()
+    group = await loop.run_in_executor(executor, join_group, rank)
+    leader = group is None or group.rank() == 0
+    nc = await nats.connect(args.nats_url, name=f"conclave-worker:{args.model_id}", max_reconnect_attempts=-1)
+    stopping = asyncio.Event()
+    worker = None
+    if leader:
+        worker = Worker(nc, args.model_id, Path(args.model_dir), args.heartbeat, args.queue_ttl, executor, rank, group)
+        stopping = worker.stopping
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: (worker.stopping.set(), worker.cancel_current.set()))
+        loop.add_signal_handler(sig, lambda: (stopping.set(), worker and worker.cancel_current.set()))
     try:
-        await worker.run()
+        if worker is not None:
+            await worker.run()
+        else:
+            await follow(nc, args, executor, rank, group, stopping)
     finally:
         # close, not drain: draining waits on the pull subscription's pending request for up to 30s.
         await nc.flush()
         await nc.close()
         # Join the MLX thread before the interpreter exits; tearing it down mid-exit aborts the process.
-        worker.executor.shutdown(wait=True)
+        executor.shutdown(wait=True)
 
 
 def main(argv=None) -> None:
@@ -245,8 +342,16 @@ def main(argv=None) -> None:
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between status/progress messages")
     parser.add_argument("--queue-ttl", type=float, default=600.0, help="drop jobs that waited longer than this")
+    parser.add_argument("--layout", choices=["whole", "tensor", "pipeline"], default="whole")
+    parser.add_argument("--backend", choices=["ring", "jaccl", "mpi"], default="ring")
+    parser.add_argument("--split", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="pipeline: layers per rank, e.g. 10,20")
+    parser.add_argument("--group-id", default="", help="names this group's wake-up subject")
+    parser.add_argument("--step-timeout", type=float, default=60.0,
+                        help="a group with no decode/prefill step for this long has lost a rank: fail and exit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    rank = os.environ.get("MLX_RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[rank {rank}] %(levelname)s %(message)s")
     asyncio.run(main_async(args))
 
 

@@ -1,0 +1,250 @@
+"""Worker groups: where the ranks of one model run, and how they are started.
+
+A `GroupSpec` says which hosts run how many ranks, the MLX distributed backend and the layout
+(tensor or pipeline). `rank_environments` turns it into what MLX reads at `mx.distributed.init`
+(hostfile / device matrix / coordinator, and MLX_RANK); a `Launcher` starts one rank's command on its
+host with that environment. Local ranks are subprocesses; remote ranks go through ssh, as
+`mlx.launch` does. A later node agent is one more `Launcher`.
+
+Group file (TOML), for several machines:
+
+    layout = "pipeline"          # or "tensor"
+    backend = "jaccl"            # ring | jaccl | mpi
+    port = 32323                 # first TCP port (ring: one per rank; jaccl: the coordinator's)
+    split = [30, 31]             # pipeline only: layers per rank (default: by `memory_gb`, else even)
+
+    [[hosts]]
+    ssh = "studio-1.local"       # ssh target ("localhost" runs the ranks as local subprocesses)
+    ip = "10.0.0.1"              # address the other ranks reach this host on
+    ranks = 1
+    memory_gb = 256
+    rdma = [null, "rdma_en3"]    # jaccl: the RDMA device towards each rank (null towards itself)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from ops.config import free_port
+from pipeline.nats_server import child_preexec, stop_process
+from workers.shard import check_pipeline_split, check_tensor_parallel, pipeline_split
+
+BACKENDS = ("ring", "jaccl", "mpi")
+LOCAL = ("localhost", "127.0.0.1", "")
+
+
+class GroupSpecError(ValueError):
+    pass
+
+
+class HostSpec(msgspec.Struct, forbid_unknown_fields=True):
+    ssh: str = "localhost"
+    ip: str = "127.0.0.1"
+    ranks: int = 1
+    memory_gb: float | None = None
+    rdma: list[str | None] | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.ssh in LOCAL
+
+
+class GroupSpec(msgspec.Struct, forbid_unknown_fields=True):
+    layout: str = "whole"  # whole | tensor | pipeline
+    backend: str = "ring"
+    port: int = 32323
+    split: list[int] | None = None
+    hosts: list[HostSpec] = msgspec.field(default_factory=lambda: [HostSpec()])
+
+    @property
+    def size(self) -> int:
+        return sum(h.ranks for h in self.hosts)
+
+    def placements(self) -> list[HostSpec]:
+        """The host of every rank, rank 0 first."""
+        return [h for h in self.hosts for _ in range(h.ranks)]
+
+    def memory_weights(self) -> list[float] | None:
+        hosts = self.placements()
+        if all(h.memory_gb for h in hosts):
+            return [h.memory_gb / h.ranks for h in hosts]
+        return None
+
+    def check(self) -> None:
+        if self.layout not in ("whole", "tensor", "pipeline"):
+            raise GroupSpecError(f"layout must be tensor or pipeline, not {self.layout!r}")
+        if self.backend not in BACKENDS:
+            raise GroupSpecError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.size < 1 or any(h.ranks < 1 for h in self.hosts):
+            raise GroupSpecError("every host needs ranks >= 1")
+        if self.layout == "whole" and self.size != 1:
+            raise GroupSpecError("a group of several ranks needs layout = tensor or pipeline")
+        if self.split is not None and self.layout != "pipeline":
+            raise GroupSpecError("split applies to layout = pipeline only")
+        if self.backend == "jaccl":
+            if len(self.hosts) != self.size:
+                raise GroupSpecError("jaccl runs one rank per host (RDMA devices are per machine)")
+            for i, host in enumerate(self.hosts):
+                if host.rdma is None or len(host.rdma) != self.size or host.rdma[i] is not None:
+                    raise GroupSpecError(f"host {host.ssh}: rdma must list one device per rank, with null at "
+                                         f"its own position {i}")
+
+
+def local_group(layout: str, ranks: int, split: list[int] | None = None) -> GroupSpec:
+    """N ranks on this machine over loopback TCP (ring): one machine's cores or GPUs, or a test."""
+    spec = GroupSpec(layout=layout if ranks > 1 else "whole", split=split, hosts=[HostSpec(ranks=ranks)])
+    spec.check()
+    return spec
+
+
+def load_group_file(path: Path) -> GroupSpec:
+    try:
+        spec = msgspec.convert(tomllib.loads(Path(path).read_text()), GroupSpec)
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError, OSError) as exc:
+        raise GroupSpecError(f"{path}: {exc}") from None
+    spec.check()
+    return spec
+
+
+@dataclass
+class RankLaunch:
+    rank: int
+    host: HostSpec
+    env: dict[str, str]  # MLX_* variables
+    files: dict[str, str] = field(default_factory=dict)  # variable -> file content; the launcher writes it
+
+
+def rank_launches(spec: GroupSpec) -> list[RankLaunch]:
+    """What every rank needs in its environment for `mx.distributed.init(backend=spec.backend)`."""
+    hosts = spec.placements()
+    if spec.size == 1:
+        return [RankLaunch(0, hosts[0], {})]
+    if spec.backend == "ring":
+        # Local ranks get fresh free ports (a restarted group never waits on a port in TIME_WAIT);
+        # remote ranks use consecutive ports from spec.port, as mlx.launch does.
+        ports = [free_port() if h.is_local else spec.port + r for r, h in enumerate(hosts)]
+        hostfile = json.dumps([[f"{h.ip}:{port}"] for h, port in zip(hosts, ports)])
+        return [RankLaunch(r, h, {"MLX_RANK": str(r)}, {"MLX_HOSTFILE": hostfile}) for r, h in enumerate(hosts)]
+    if spec.backend == "jaccl":
+        # Rank 0 coordinates the RDMA queue-pair exchange over TCP; the device matrix says which
+        # Thunderbolt port (rdma_enX) links each pair of machines.
+        devices = json.dumps([h.rdma for h in hosts])
+        env = {"MLX_JACCL_COORDINATOR": f"{hosts[0].ip}:{spec.port}"}
+        return [RankLaunch(r, h, {**env, "MLX_RANK": str(r)}, {"MLX_IBV_DEVICES": devices})
+                for r, h in enumerate(hosts)]
+    # mpi: mpirun assigns the ranks; see MpiLauncher.
+    return [RankLaunch(r, h, {}) for r, h in enumerate(hosts)]
+
+
+class Launcher(Protocol):
+    def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> subprocess.Popen: ...
+
+
+class LocalLauncher:
+    """Ranks on this machine: plain subprocesses in their own process group (see child_preexec)."""
+
+    def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> subprocess.Popen:
+        env = {**os.environ, **launch.env}
+        for name, content in launch.files.items():
+            path = workdir / f"{name.lower()}-rank{launch.rank}.json"
+            path.write_text(content)
+            env[name] = str(path)
+        return subprocess.Popen(argv, env=env, preexec_fn=child_preexec)
+
+
+class SshLauncher:
+    """Remote ranks through ssh: the same Python path and model directory must exist on the host.
+
+    The command runs under `exec` in the remote shell, so closing the ssh session (the supervisor
+    stopping the local ssh process) hangs up the rank.
+    """
+
+    def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> subprocess.Popen:
+        script = "set -e; "
+        for name, content in launch.files.items():
+            script += f"f=$(mktemp); printf '%s' {shlex.quote(content)} > $f; export {name}=$f; "
+        script += "".join(f"export {k}={shlex.quote(v)}; " for k, v in launch.env.items())
+        script += "exec " + shlex.join(argv)
+        return subprocess.Popen(["ssh", "-tt", "-o", "BatchMode=yes", launch.host.ssh, script],
+                                stdin=subprocess.DEVNULL, preexec_fn=child_preexec)
+
+
+def launcher_for(host: HostSpec) -> Launcher:
+    return LocalLauncher() if host.is_local else SshLauncher()
+
+
+def mpirun_command(spec: GroupSpec, argv: list[str]) -> list[str]:
+    """The mpi backend: one `mpirun` starts every rank (MLX finds its rank in Open MPI's environment)."""
+    hosts = ",".join(f"{h.ip}:{h.ranks}" for h in spec.hosts)
+    return ["mpirun", "-np", str(spec.size), "--host", hosts, "-x", "PATH", *argv]
+
+
+def start_group(spec: GroupSpec, argv: list[str], workdir: Path) -> list[subprocess.Popen]:
+    """Start every rank of `spec` running `argv` (rank 0 first); returns their processes."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if spec.backend == "mpi" and spec.size > 1:
+        return [subprocess.Popen(mpirun_command(spec, argv), preexec_fn=child_preexec)]
+    return [launcher_for(launch.host).start(launch, argv, workdir) for launch in rank_launches(spec)]
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def plan_group(spec: GroupSpec, model_dir: Path) -> GroupSpec:
+    """Check that the model splits the way `spec` asks, and fix the pipeline split, before any rank starts.
+
+    Refusing here gives the operator one clear message instead of N ranks failing the same way.
+    """
+    config = json.loads((model_dir / "config.json").read_text())
+    if spec.layout == "tensor":
+        check_tensor_parallel(config, spec.size)
+    if spec.layout == "pipeline":
+        layers = config["num_hidden_layers"]
+        if spec.split is None:
+            spec = msgspec.structs.replace(spec, split=pipeline_split(layers, spec.size, spec.memory_weights()))
+        check_pipeline_split(spec.split, layers, spec.size)
+    return spec
+
+
+def generate_on_group(spec: GroupSpec, model_dir: Path, prompt: str, max_tokens: int, raw: bool = False,
+                      timeout_s: float = 600.0) -> dict:
+    """One greedy generation on every rank of `spec` (workers/generate.py); the leader's report plus every rank's."""
+    spec = plan_group(spec, model_dir)
+    with tempfile.TemporaryDirectory(prefix="conclave-generate-") as tmp:
+        workdir = Path(tmp)
+        argv = python_command("workers.generate", "--model-dir", str(model_dir), "--prompt", prompt,
+                              "--max-tokens", str(max_tokens), "--report-dir", str(workdir),
+                              "--layout", spec.layout, "--backend", spec.backend)
+        if spec.split:
+            argv += ["--split", ",".join(map(str, spec.split))]
+        if raw:
+            argv.append("--raw")
+        processes = start_group(spec, argv, workdir)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while any(p.poll() is None for p in processes):
+                failed = [(r, p.returncode) for r, p in enumerate(processes) if p.returncode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker group failed: rank/exit code {failed or 'timeout'}")
+                time.sleep(0.1)
+            if any(p.returncode for p in processes):
+                raise RuntimeError(f"worker group failed: exit codes {[p.returncode for p in processes]}")
+        finally:
+            for process in processes:
+                stop_process(process, 5.0)
+        ranks = [json.loads(path.read_text()) for path in sorted(workdir.glob("rank-*.json"))]
+    ranks.sort(key=lambda r: r["rank"])
+    return {**ranks[0], "split": spec.split, "per_rank": ranks}

@@ -1,0 +1,105 @@
+"""One greedy generation on one rank of a group, without NATS: `conclave generate` starts every rank.
+
+    python -m workers.generate --model-dir DIR --prompt TEXT --max-tokens N --report-dir DIR [--layout ...]
+
+For checking that a group computes what a single process computes, and for measuring it: each rank
+writes a JSON report (its layers, parameter bytes, peak memory, and on the leader the tokens, TTFT,
+decode speed and the per-token cost of the group's collectives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from schemas.jobs import SamplingParams
+from workers.engine import chooser
+from workers.lockstep import broadcast, broadcast_prompt, lockstep_generate
+from workers.shard import Shard, load_shard
+from workers.worker import RankArgs, barrier, join_group
+
+
+def collective_ms_per_token(shard: Shard, repeats: int = 30) -> float:
+    """The communication one decode step needs on this layout, run alone (no compute), in ms.
+
+    tensor: two all_sums of one hidden state per layer; pipeline: the hidden state handed down the
+    stages and the logits back to rank 0; both: the control broadcast.
+    """
+    if shard.group is None:
+        return 0.0
+    group, rank, size = shard.group, shard.rank, shard.size
+    hidden = mx.zeros((1, 1, shard.hidden_size), dtype=shard.dtype)
+    logits = mx.zeros((1, shard.vocab_size), dtype=shard.dtype)
+    control = mx.zeros((2,), dtype=mx.int32)
+
+    def one_step():
+        if shard.layout == "tensor":
+            for _ in range(2 * (shard.layers[1] - shard.layers[0])):
+                mx.eval(mx.distributed.all_sum(hidden, group=group))
+        else:
+            if rank > 0:
+                mx.eval(mx.distributed.recv_like(hidden, rank - 1, group=group))
+            mx.eval(mx.distributed.send(hidden if rank < size - 1 else logits, (rank + 1) % size, group=group))
+            if rank == 0:
+                mx.eval(mx.distributed.recv_like(logits, size - 1, group=group))
+        mx.eval(broadcast(shard, control))
+
+    one_step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        one_step()
+    return (time.perf_counter() - start) * 1000 / repeats
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--raw", action="store_true", help="the prompt as is, without the chat template")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--report-dir", required=True, help="this rank writes rank-<rank>.json here")
+    parser.add_argument("--layout", choices=["whole", "tensor", "pipeline"], default="whole")
+    parser.add_argument("--backend", choices=["ring", "jaccl", "mpi"], default="ring")
+    parser.add_argument("--split", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    args = parser.parse_args(argv)
+
+    group = join_group(RankArgs(args.layout, args.backend, args.split))
+    shard = load_shard(Path(args.model_dir), args.layout, group, args.split)
+    barrier(group)
+    memory_after_load = mx.get_peak_memory()
+    prompt = None
+    if shard.is_leader:
+        tokenizer = shard.tokenizer
+        prompt = (tokenizer.encode(args.prompt) if args.raw else
+                  tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True))
+    start = time.perf_counter()
+    prompt = broadcast_prompt(shard, prompt)
+    choose = chooser(SamplingParams(temperature=0.0)) if shard.is_leader else None
+    tokens: list[int] = []
+    times: list[float] = []
+    for token in lockstep_generate(shard, prompt, choose):
+        tokens.append(token)
+        times.append(time.perf_counter())
+        if len(tokens) == args.max_tokens:
+            break
+    report = {
+        "rank": shard.rank, "ranks": shard.size, "layout": shard.layout, "layers": list(shard.layers),
+        "parameter_bytes": shard.parameter_bytes(), "peak_memory_bytes_after_load": memory_after_load,
+        "peak_memory_bytes": mx.get_peak_memory(), "load_s": round(shard.load_s, 3),
+    }
+    report["collective_ms_per_token"] = round(collective_ms_per_token(shard), 3)
+    if shard.is_leader:
+        report.update(
+            prompt_tokens=len(prompt), tokens=tokens, text=shard.tokenizer.decode(tokens),
+            ttft_ms=round((times[0] - start) * 1000, 1),
+            decode_tps=round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
+        )
+    Path(args.report_dir, f"rank-{shard.rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

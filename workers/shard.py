@@ -1,0 +1,220 @@
+"""One rank's share of a model: load only what this rank needs, and run its part of a forward pass.
+
+Three layouts, one interface (`Shard.forward`):
+- whole: one process holds the model.
+- tensor: every rank holds every layer with its attention heads and MLP columns split N ways
+  (mlx-lm's `Model.shard`); the all_sums inside the layers keep the ranks' hidden states equal,
+  so every rank computes the same logits.
+- pipeline: rank r holds a contiguous range of layers. Rank 0 embeds the tokens, each rank sends
+  its hidden state to the next with `mx.distributed.send/recv`, the last rank applies the final
+  norm and head and sends the logits back to rank 0, which is the only rank that samples.
+
+Weights are loaded lazily and only this rank's share is ever evaluated, so a rank reads and holds
+about 1/N of the layers (plus the embedding and head where its stage needs them).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer
+
+LAYOUTS = ("whole", "tensor", "pipeline")
+
+
+class ShardError(ValueError):
+    """A model that cannot be split the way it was asked to be."""
+
+
+def tensor_parallel_sizes(config: dict, limit: int = 64) -> list[int]:
+    """The group sizes that split this model's attention heads and MLP evenly (1 included)."""
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    hidden = config["hidden_size"]
+    intermediate = config["intermediate_size"]
+    # Quantized weights are split along their input dimension in whole quantization groups.
+    group = (config.get("quantization") or {}).get("group_size", 1)
+    return [
+        n for n in range(1, limit + 1)
+        if heads % n == 0 and kv_heads % n == 0 and intermediate % n == 0
+        and (hidden // n) % group == 0 and (intermediate // n) % group == 0
+    ]
+
+
+def check_tensor_parallel(config: dict, n: int) -> None:
+    sizes = tensor_parallel_sizes(config)
+    if n not in sizes:
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads", heads)
+        raise ShardError(
+            f"--tensor-parallel {n} does not divide this model: it has {heads} attention heads, {kv_heads} "
+            f"key/value heads and an MLP of {config['intermediate_size']}, which split evenly over "
+            f"{', '.join(map(str, sizes))} ranks. Use one of those, or --pipeline-parallel {n}."
+        )
+
+
+def pipeline_split(num_layers: int, ranks: int, weights: list[float] | None = None) -> list[int]:
+    """Layers per rank: proportional to `weights` (e.g. each rank's free memory), even if none.
+
+    Every rank gets at least one layer; rounding leftovers go to the ranks with the largest remainders.
+    """
+    if ranks > num_layers:
+        raise ShardError(f"--pipeline-parallel {ranks} needs at least {ranks} layers; the model has {num_layers}.")
+    weights = weights or [1.0] * ranks
+    if len(weights) != ranks or any(w <= 0 for w in weights):
+        raise ShardError(f"need {ranks} positive weights for the pipeline split, got {weights}")
+    total = sum(weights)
+    exact = [num_layers * w / total for w in weights]
+    split = [max(1, int(x)) for x in exact]
+    order = sorted(range(ranks), key=lambda r: exact[r] - int(exact[r]), reverse=True)
+    i = 0
+    while sum(split) < num_layers:
+        split[order[i % ranks]] += 1
+        i += 1
+    while sum(split) > num_layers:  # only when the max(1, ...) floor pushed us over
+        r = max(range(ranks), key=lambda r: split[r])
+        split[r] -= 1
+    return split
+
+
+def check_pipeline_split(split: list[int], num_layers: int, ranks: int) -> None:
+    if len(split) != ranks or any(s < 1 for s in split) or sum(split) != num_layers:
+        raise ShardError(f"--split {','.join(map(str, split))} must give each of the {ranks} ranks at least one "
+                         f"layer and add up to the model's {num_layers} layers.")
+
+
+@dataclass
+class Shard:
+    model: nn.Module
+    tokenizer: object
+    layout: str
+    group: mx.distributed.Group | None
+    layers: tuple[int, int]  # [start, end) of the model's layers held here
+    hidden_size: int
+    vocab_size: int
+    dtype: mx.Dtype
+    load_s: float = 0.0
+    # Seconds spent waiting in collectives this rank issued directly (pipeline send/recv, broadcasts).
+    collective_s: float = 0.0
+    last_step: float = field(default_factory=time.monotonic)  # read by the leader's watchdog
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank() if self.group is not None else 0
+
+    @property
+    def size(self) -> int:
+        return self.group.size() if self.group is not None else 1
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def parameter_bytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def forward(self, tokens: mx.array, cache: list, logits: bool) -> mx.array | None:
+        """Run this rank's part for `tokens` (shape [1, L]).
+
+        With `logits`, returns the last position's logits ([1, vocab]) on the leader (and on every
+        rank of a tensor group); None elsewhere. Without, only fills the KV cache (prefill).
+        """
+        if self.layout != "pipeline":
+            out = self.model(tokens, cache=cache)
+            return out[:, -1, :] if logits else out
+        rank, last, group = self.rank, self.size - 1, self.group
+        inner = self.model.model
+        if rank == 0:
+            h = inner(tokens, cache)
+        else:
+            template = mx.zeros((1, tokens.shape[1], self.hidden_size), dtype=self.dtype)
+            received = mx.distributed.recv_like(template, rank - 1, group=group)
+            if rank == last and logits:
+                h = self.model(None, cache=cache, input_embeddings=received)[:, -1, :]
+            else:
+                h = inner(None, cache, input_embeddings=received)
+        if rank != last:
+            self._wait(mx.distributed.send(h, rank + 1, group=group))
+        elif logits:
+            self._wait(mx.distributed.send(h, 0, group=group))
+        else:
+            mx.eval(h)
+        if rank == 0 and logits:
+            template = mx.zeros((1, self.vocab_size), dtype=self.dtype)
+            return mx.distributed.recv_like(template, last, group=group)
+        return None
+
+    def _wait(self, array: mx.array) -> None:
+        # Evaluated on its own so that a send always runs before this rank's next recv (one graph could
+        # schedule the recv first and deadlock the pipeline).
+        start = time.perf_counter()
+        mx.eval(array)
+        self.collective_s += time.perf_counter() - start
+
+
+def _cut_pipeline_stage(model: nn.Module, rank: int, size: int, split: list[int]) -> tuple[int, int]:
+    """Keep only this stage's layers (and embedding / norm / head where the stage uses them)."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+        raise ShardError(f"pipeline parallel needs a llama-style model (model.embed_tokens, model.layers, "
+                         f"model.norm); {type(model).__module__} is not one.")
+    if "input_embeddings" not in inspect.signature(inner.__call__).parameters:
+        raise ShardError(f"{type(model).__module__} cannot start a forward pass from hidden states "
+                         f"(no input_embeddings argument), so it cannot run as a pipeline stage.")
+    check_pipeline_split(split, len(inner.layers), size)
+    start = sum(split[:rank])
+    end = start + split[rank]
+    inner.layers = inner.layers[start:end]
+    if hasattr(inner, "fa_idx"):  # llama's mask bookkeeping indexes the local layer list
+        types = [getattr(layer, "use_sliding", False) for layer in inner.layers]
+        inner.fa_idx = types.index(False) if False in types else 0
+        inner.swa_idx = types.index(True) if True in types else None
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    if rank > 0 and not (rank == size - 1 and tied):
+        del inner["embed_tokens"]
+    if rank < size - 1:
+        inner.norm = nn.Identity()  # the hidden state goes on to the next stage un-normalised
+        if "lm_head" in model:
+            del model["lm_head"]
+    return start, end
+
+
+def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Group | None = None,
+               split: list[int] | None = None) -> Shard:
+    """Load this rank's share of the model in `model_dir`; see the module docstring for the layouts."""
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    size = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
+    if layout == "tensor":
+        check_tensor_parallel(config, size)
+    model, config = mlx_lm_load_model(model_dir, lazy=True)
+    num_layers = len(model.layers)
+    layers = (0, num_layers)
+    if layout == "tensor" and size > 1:
+        if not hasattr(model, "shard"):
+            raise ShardError(f"{type(model).__module__} has no tensor-parallel sharding in mlx-lm; "
+                             f"use --pipeline-parallel.")
+        model.shard(group)
+    elif layout == "pipeline" and size > 1:
+        layers = _cut_pipeline_stage(model, rank, size, split or pipeline_split(num_layers, size))
+    # MLX's CPU kernels for float16/bfloat16 are several times slower than float32 (about 30x for
+    # fp16 activations against quantized weights); Metal and CUDA keep the checkpoint's dtype.
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)
+    mx.eval(model.parameters())  # reads only the weights this rank kept
+    model.eval()
+    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    dtype = next(v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight"))
+    return Shard(model=model, tokenizer=tokenizer, layout=layout, group=group, layers=layers,
+                 hidden_size=config["hidden_size"], vocab_size=config["vocab_size"], dtype=dtype,
+                 load_s=time.perf_counter() - started)
