@@ -27,9 +27,9 @@ class Server(ServerProcess):
         return pid
 
 
-def start_server(home: Path, heartbeat: float = 0.5) -> Server:
+def start_server(home: Path, *flags: str, heartbeat: float = 0.5) -> Server:
     # A short heartbeat and worker timeout so that a killed worker is noticed within seconds.
-    return Server(**vars(spawn_server(home, "--heartbeat", str(heartbeat), "--worker-timeout", "5")))
+    return Server(**vars(spawn_server(home, "--heartbeat", str(heartbeat), "--worker-timeout", "5", *flags)))
 
 
 @pytest.fixture(scope="session")

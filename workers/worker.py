@@ -351,7 +351,7 @@ def main(argv=None) -> None:
                         help="a group with no decode/prefill step for this long has lost a rank: fail and exit")
     args = parser.parse_args(argv)
     rank = os.environ.get("MLX_RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[rank {rank}] %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[rank {rank} pid {os.getpid()}] %(levelname)s %(message)s")
     asyncio.run(main_async(args))
 
 

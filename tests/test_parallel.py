@@ -1,0 +1,136 @@
+"""Worker groups: real rank processes, real MLX collectives over loopback (ring backend), no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import openai
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+from ops.group import generate_on_group, local_group
+from tests.conftest import FRANCE, MODEL, start_server
+
+TINY = {
+    "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 49152,
+    "tie_word_embeddings": True, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+}
+STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(server, tmp_path_factory) -> Path:
+    """A random-weight llama, float32, in a normal model directory with the bundled model's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    mx.random.seed(7)
+    model = llama.Model(llama.ModelArgs.from_dict(TINY))
+    # Embeddings of unit scale spread the logits far apart, so that greedy choices cannot flip on the
+    # rounding differences of a different summation order (tensor parallel sums partial products).
+    model.model.embed_tokens.weight = mx.random.normal(model.model.embed_tokens.weight.shape)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(TINY))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(server.home / "models" / MODEL / name, path / name)
+    return path
+
+
+def generate(model_dir: Path, layout: str, ranks: int, split=None) -> dict:
+    return generate_on_group(local_group(layout, ranks, split), model_dir, "Once upon a time", 64, raw=True)
+
+
+def test_tensor_and_pipeline_groups_generate_the_single_process_tokens(tiny_model):
+    single = generate(tiny_model, "whole", 1)
+    assert len(single["tokens"]) == 64
+    assert generate(tiny_model, "tensor", 2)["tokens"] == single["tokens"]
+    even = generate(tiny_model, "pipeline", 2)
+    assert even["tokens"] == single["tokens"]
+    uneven = generate(tiny_model, "pipeline", 2, split=[1, 3])
+    assert uneven["tokens"] == single["tokens"]
+    assert [r["layers"] for r in uneven["per_rank"]] == [[0, 1], [1, 4]]
+
+    # Each pipeline rank holds exactly its layers; the tied embedding sits on the first stage (input)
+    # and the last (output head), the final norm on the last only.
+    weights = mx.load(str(tiny_model / "model.safetensors"))
+
+    def nbytes(prefixes):
+        return sum(v.nbytes for k, v in weights.items() if k.startswith(prefixes))
+
+    layers = lambda a, b: tuple(f"model.layers.{i}." for i in range(a, b))  # noqa: E731
+    first, last = uneven["per_rank"]
+    assert first["parameter_bytes"] == nbytes(layers(0, 1) + ("model.embed_tokens.",))
+    assert last["parameter_bytes"] == nbytes(layers(1, 4) + ("model.embed_tokens.", "model.norm."))
+    assert sum(r["parameter_bytes"] for r in even["per_rank"]) < 2 * nbytes(("model.",))
+
+
+def test_tensor_parallel_that_does_not_divide_is_refused(server):
+    # 9 heads and 3 key/value heads: 2 ranks cannot split them; the message names what works.
+    result = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "--home", str(server.home), "serve", "--tensor-parallel", "2",
+         "--port", "1", "--nats-port", "1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "9 attention heads, 3 key/value heads" in result.stderr
+    assert "split evenly over 1, 3 ranks" in result.stderr
+
+
+def test_tensor_parallel_3_serves_the_bundled_model(server, tmp_path):
+    srv = start_server(tmp_path / "home", "--model", str(server.home / "models" / MODEL), "--tensor-parallel", "3")
+    try:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8)
+        assert "Paris" in reply.choices[0].message.content
+        assert srv.health()["models"][MODEL]["live_workers"][0]["ranks"] == 3
+    finally:
+        assert srv.stop() == 0
+
+
+def rank_pids(output: list[str]) -> dict[int, int]:
+    """Rank -> pid of the latest group, from the ranks' log lines (`worker[rank R pid P]`)."""
+    pids = {}
+    for line in output:
+        if match := re.search(r"worker\[rank (\d+) pid (\d+)\]", line):
+            pids[int(match[1])] = int(match[2])
+    return pids
+
+
+def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
+    srv = start_server(tmp_path / "home", "--model", str(server.home / "models" / MODEL),
+                       "--pipeline-parallel", "2", "--step-timeout", "10")
+    try:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
+        assert "Paris" in reply.choices[0].message.content
+        assert srv.health()["models"][MODEL]["live_workers"][0]["layout"] == "pipeline"
+
+        follower = rank_pids(srv.output)[1]
+        stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300,
+                                                stream=True)
+        received = []
+        try:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    received.append(chunk.choices[0].delta.content)
+                    if len(received) == 1:
+                        os.kill(follower, signal.SIGKILL)
+        except openai.APIError as exc:  # a clean error mid-stream, not a hang
+            assert "lost a rank" in str(exc) or "stopped responding" in str(exc)
+        assert received
+
+        # The whole group restarts; the next request waits for it and succeeds.
+        reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
+        assert "Paris" in reply.choices[0].message.content
+        assert rank_pids(srv.output)[1] != follower
+        log = "".join(srv.output)
+        assert f"worker rank 1 (pid {follower} on localhost) exited with signal SIGKILL" in log
+    finally:
+        assert srv.stop() == 0
