@@ -1,4 +1,5 @@
-"""`conclave bench`: raw `mlx_lm.stream_generate` against the full HTTP -> NATS -> worker -> SSE path.
+"""`conclave bench`: raw `mlx_lm.stream_generate` against the full HTTP -> NATS -> worker -> SSE path;
+with --tensor-parallel / --pipeline-parallel, one process against worker groups instead.
 
 Both paths run in one process tree and one run, on the same model directory, the same prompts, greedy,
 the same max_tokens. The two are interleaved prompt by prompt so that machine drift hits both alike.
@@ -21,8 +22,9 @@ import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from ops.group import generate_on_group, local_group
 from ops.serve import spawn_server
-from workers.shard import load_shard
+from workers.shard import ShardError, load_shard
 from workers.store import ModelStore
 
 PROMPTS = [
@@ -85,6 +87,11 @@ def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int) 
     return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens}
 
 
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+            "mlx_device": str(mx.default_device()), "mlx": mx.__version__}
+
+
 def run_bench(args) -> dict:
     model = ModelStore(args.home / "models").resolve(args.model)
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
@@ -107,8 +114,7 @@ def run_bench(args) -> dict:
     raw_s, served_s = summary(raw), summary(served)
     return {
         "model": model.id,
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
-                    "mlx_device": str(mx.default_device()), "mlx": mx.__version__},
+        "machine": machine(),
         "max_tokens": args.max_tokens,
         "prompts": len(prompts),
         "raw_mlx_lm": raw_s,
@@ -116,4 +122,49 @@ def run_bench(args) -> dict:
         "decode_ratio_served_over_raw": round(served_s["decode_tps_p50"] / raw_s["decode_tps_p50"], 3),
         "ttft_overhead_ms_p50": round(served_s["ttft_ms_p50"] - raw_s["ttft_ms_p50"], 1),
         "goals": {"decode_ratio_min": 0.97, "ttft_overhead_ms_max": 15},
+    }
+
+
+def run_group_bench(args) -> dict:
+    """Single rank, tensor-parallel and pipeline-parallel groups on the same model and prompts.
+
+    Engine level (workers/generate.py on every rank, no HTTP or NATS), greedy, exactly max_tokens per
+    prompt; the first prompt is run once more before the measured ones as a warm-up. Memory is MLX's
+    peak per rank; collective ms/token is the communication of one decode step run on its own.
+    """
+    model = ModelStore(args.home / "models").resolve(args.model)
+    prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
+    layouts = {"single": local_group("whole", 1)}
+    if args.tensor_parallel > 1:
+        layouts[f"tensor_{args.tensor_parallel}"] = local_group("tensor", args.tensor_parallel)
+    if args.pipeline_parallel > 1:
+        layouts[f"pipeline_{args.pipeline_parallel}"] = local_group("pipeline", args.pipeline_parallel)
+    results: dict[str, dict] = {}
+    single_tokens = None
+    for name, spec in layouts.items():
+        try:
+            report = generate_on_group(spec, model.path, [prompts[0], *prompts], args.max_tokens)
+        except ShardError as exc:
+            results[name] = {"refused": str(exc)}
+            continue
+        runs = report["runs"][1:]
+        tokens = [r["tokens"] for r in runs]
+        single_tokens = single_tokens or tokens
+        results[name] = {
+            "ranks": len(report["per_rank"]),
+            "split": report["split"],
+            "ttft_ms_p50": round(statistics.median(r["ttft_ms"] for r in runs), 1),
+            "decode_tps_p50": round(statistics.median(r["decode_tps"] for r in runs), 2),
+            "collective_ms_per_token": report["collective_ms_per_token"],
+            "same_tokens_as_single": tokens == single_tokens,
+            "per_rank": [{"rank": r["rank"], "layers": r["layers"],
+                          "parameter_mb": round(r["parameter_bytes"] / 1e6, 1),
+                          "peak_memory_mb": round(r["peak_memory_bytes"] / 1e6, 1)} for r in report["per_rank"]],
+        }
+    return {
+        "model": model.id,
+        "machine": machine(),
+        "max_tokens": args.max_tokens,
+        "prompts": len(prompts),
+        "layouts": results,
     }

@@ -70,9 +70,9 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from ops.bench import run_bench
+    from ops.bench import run_bench, run_group_bench
 
-    report = run_bench(args)
+    report = run_group_bench(args) if args.tensor_parallel > 1 or args.pipeline_parallel > 1 else run_bench(args)
     text = json.dumps(report, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -125,12 +125,17 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--revision", default=None, help="pull: branch, tag or commit")
     m.set_defaults(func=cmd_models)
 
-    b = sub.add_parser("bench", help="raw mlx-lm vs the served path; prints and writes JSON")
+    b = sub.add_parser("bench", help="raw mlx-lm vs the served path, or one process vs worker groups; "
+                       "prints and writes JSON")
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--prompts", type=int, default=5, help="number of distinct prompts")
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--repeat", type=int, default=1, help="runs of every prompt on each path")
     b.add_argument("--output", default="bench.json")
+    b.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="instead: compare one process, a tensor-parallel group of N and --pipeline-parallel")
+    b.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
+                   help="instead: compare one process, a pipeline-parallel group of N and --tensor-parallel")
     b.set_defaults(func=cmd_bench)
 
     j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema")

@@ -219,14 +219,16 @@ def plan_group(spec: GroupSpec, model_dir: Path) -> GroupSpec:
     return spec
 
 
-def generate_on_group(spec: GroupSpec, model_dir: Path, prompt: str, max_tokens: int, raw: bool = False,
+def generate_on_group(spec: GroupSpec, model_dir: Path, prompt: str | list[str], max_tokens: int, raw: bool = False,
                       timeout_s: float = 600.0) -> dict:
-    """One greedy generation on every rank of `spec` (workers/generate.py); the leader's report plus every rank's."""
+    """Greedy generation on every rank of `spec` (workers/generate.py): the leader's report (its first
+    prompt's run at the top level, all of them under `runs`) and every rank's under `per_rank`."""
     spec = plan_group(spec, model_dir)
     with tempfile.TemporaryDirectory(prefix="conclave-generate-") as tmp:
         workdir = Path(tmp)
-        argv = python_command("workers.generate", "--model-dir", str(model_dir), "--prompt", prompt,
-                              "--max-tokens", str(max_tokens), "--report-dir", str(workdir),
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        argv = python_command("workers.generate", "--model-dir", str(model_dir),
+                              *[arg for text in prompts for arg in ("--prompt", text)], "--max-tokens", str(max_tokens), "--report-dir", str(workdir),
                               "--layout", spec.layout, "--backend", spec.backend)
         if spec.split:
             argv += ["--split", ",".join(map(str, spec.split))]

@@ -55,10 +55,36 @@ def collective_ms_per_token(shard: Shard, repeats: int = 30) -> float:
     return (time.perf_counter() - start) * 1000 / repeats
 
 
+def generate_once(shard: Shard, text: str, max_tokens: int, raw: bool) -> dict:
+    """Greedy, exactly `max_tokens` tokens (end-of-sequence does not stop it); timings on the leader."""
+    prompt = None
+    if shard.is_leader:
+        tokenizer = shard.tokenizer
+        prompt = (tokenizer.encode(text) if raw else
+                  tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+    start = time.perf_counter()
+    prompt = broadcast_prompt(shard, prompt)
+    choose = chooser(SamplingParams(temperature=0.0)) if shard.is_leader else None
+    tokens: list[int] = []
+    times: list[float] = []
+    for token in lockstep_generate(shard, prompt, choose):
+        tokens.append(token)
+        times.append(time.perf_counter())
+        if len(tokens) == max_tokens:
+            break
+    if not shard.is_leader:
+        return {}
+    return {
+        "prompt_tokens": len(prompt), "tokens": tokens, "text": shard.tokenizer.decode(tokens),
+        "ttft_ms": round((times[0] - start) * 1000, 1),
+        "decode_tps": round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workers.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, action="append", help="repeat for several prompts, run in turn")
     parser.add_argument("--raw", action="store_true", help="the prompt as is, without the chat template")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--report-dir", required=True, help="this rank writes rank-<rank>.json here")
@@ -71,21 +97,7 @@ def main(argv=None) -> None:
     shard = load_shard(Path(args.model_dir), args.layout, group, args.split)
     barrier(group)
     memory_after_load = mx.get_peak_memory()
-    prompt = None
-    if shard.is_leader:
-        tokenizer = shard.tokenizer
-        prompt = (tokenizer.encode(args.prompt) if args.raw else
-                  tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True))
-    start = time.perf_counter()
-    prompt = broadcast_prompt(shard, prompt)
-    choose = chooser(SamplingParams(temperature=0.0)) if shard.is_leader else None
-    tokens: list[int] = []
-    times: list[float] = []
-    for token in lockstep_generate(shard, prompt, choose):
-        tokens.append(token)
-        times.append(time.perf_counter())
-        if len(tokens) == args.max_tokens:
-            break
+    runs = [generate_once(shard, text, args.max_tokens, args.raw) for text in args.prompt]
     report = {
         "rank": shard.rank, "ranks": shard.size, "layout": shard.layout, "layers": list(shard.layers),
         "parameter_bytes": shard.parameter_bytes(), "peak_memory_bytes_after_load": memory_after_load,
@@ -93,11 +105,7 @@ def main(argv=None) -> None:
     }
     report["collective_ms_per_token"] = round(collective_ms_per_token(shard), 3)
     if shard.is_leader:
-        report.update(
-            prompt_tokens=len(prompt), tokens=tokens, text=shard.tokenizer.decode(tokens),
-            ttft_ms=round((times[0] - start) * 1000, 1),
-            decode_tps=round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
-        )
+        report.update(runs[0], runs=runs)
     Path(args.report_dir, f"rank-{shard.rank}.json").write_text(json.dumps(report))
 
 
