@@ -111,6 +111,10 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
         assert "Paris" in reply.choices[0].message.content
         assert srv.health()["models"][MODEL]["live_workers"][0]["layout"] == "pipeline"
+        # A job the leader refuses is not run by the followers either; the group keeps serving.
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=10**6)
+        assert refused.value.code == "context_length_exceeded"
 
         follower = rank_pids(srv.output)[1]
         stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300,

@@ -40,15 +40,13 @@ def broadcast(shard: Shard, value: mx.array) -> mx.array:
 
 
 def broadcast_prompt(shard: Shard, prompt: list[int] | None) -> list[int]:
-    """The leader's prompt token ids on every rank; followers pass None."""
+    """The leader's prompt token ids on every rank (followers pass None); [] when there is no job to run."""
     if shard.group is None:
         return list(prompt)
-    start = time.perf_counter()
     length = broadcast(shard, mx.array([len(prompt) if shard.is_leader else 0], dtype=mx.int32)).item()
-    ids = broadcast(shard, mx.array(prompt if shard.is_leader else [0] * length, dtype=mx.int32))
-    result = ids.tolist()
-    shard.collective_s += time.perf_counter() - start
-    return result
+    if length == 0:  # the leader's job failed validation: nothing to run
+        return []
+    return broadcast(shard, mx.array(prompt if shard.is_leader else [0] * length, dtype=mx.int32)).tolist()
 
 
 def lockstep_generate(shard: Shard, prompt: list[int], choose: Choose | None = None) -> Iterator[int]:

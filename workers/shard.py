@@ -102,8 +102,6 @@ class Shard:
     vocab_size: int
     dtype: mx.Dtype
     load_s: float = 0.0
-    # Seconds spent waiting in collectives this rank issued directly (pipeline send/recv, broadcasts).
-    collective_s: float = 0.0
     last_step: float = field(default_factory=time.monotonic)  # read by the leader's watchdog
 
     @property
@@ -142,22 +140,17 @@ class Shard:
             else:
                 h = inner(None, cache, input_embeddings=received)
         if rank != last:
-            self._wait(mx.distributed.send(h, rank + 1, group=group))
+            # Each send is evaluated on its own so that it runs before this rank's next recv: in one graph
+            # the recv could be scheduled first and deadlock the pipeline.
+            mx.eval(mx.distributed.send(h, rank + 1, group=group))
         elif logits:
-            self._wait(mx.distributed.send(h, 0, group=group))
+            mx.eval(mx.distributed.send(h, 0, group=group))
         else:
             mx.eval(h)
         if rank == 0 and logits:
             template = mx.zeros((1, self.vocab_size), dtype=self.dtype)
             return mx.distributed.recv_like(template, last, group=group)
         return None
-
-    def _wait(self, array: mx.array) -> None:
-        # Evaluated on its own so that a send always runs before this rank's next recv (one graph could
-        # schedule the recv first and deadlock the pipeline).
-        start = time.perf_counter()
-        mx.eval(array)
-        self.collective_s += time.perf_counter() - start
 
 
 def _cut_pipeline_stage(model: nn.Module, rank: int, size: int, split: list[int]) -> tuple[int, int]:
