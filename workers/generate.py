@@ -107,6 +107,7 @@ def main(argv=None) -> None:
     if shard.is_leader:
         report.update(runs[0], runs=runs)
     Path(args.report_dir, f"rank-{shard.rank}.json").write_text(json.dumps(report))
+    mx.synchronize()  # a discarded last step may still be running; exiting under it aborts the process
 
 
 if __name__ == "__main__":

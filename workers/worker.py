@@ -331,7 +331,9 @@ async def main_async(args) -> None:
         # close, not drain: draining waits on the pull subscription's pending request for up to 30s.
         await nc.flush()
         await nc.close()
-        # Join the MLX thread before the interpreter exits; tearing it down mid-exit aborts the process.
+        # Finish MLX's queued work (a generation's last, discarded step may still be running) and join the
+        # MLX thread before the interpreter exits: tearing either down mid-exit aborts the process.
+        await loop.run_in_executor(executor, mx.synchronize)
         executor.shutdown(wait=True)
 
 
