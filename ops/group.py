@@ -18,7 +18,7 @@ Group file (TOML), for several machines:
     ip = "10.0.0.1"              # address the other ranks reach this host on
     ranks = 1
     memory_gb = 256
-    rdma = [null, "rdma_en3"]    # jaccl: the RDMA device towards each rank (null towards itself)
+    rdma = ["", "rdma_en3"]      # jaccl: the RDMA device towards each rank ("" towards itself)
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class HostSpec(msgspec.Struct, forbid_unknown_fields=True):
     ip: str = "127.0.0.1"
     ranks: int = 1
     memory_gb: float | None = None
-    rdma: list[str | None] | None = None
+    rdma: list[str] | None = None  # "" at its own position (TOML has no null)
 
     @property
     def is_local(self) -> bool:
@@ -97,8 +97,8 @@ class GroupSpec(msgspec.Struct, forbid_unknown_fields=True):
             if len(self.hosts) != self.size:
                 raise GroupSpecError("jaccl runs one rank per host (RDMA devices are per machine)")
             for i, host in enumerate(self.hosts):
-                if host.rdma is None or len(host.rdma) != self.size or host.rdma[i] is not None:
-                    raise GroupSpecError(f"host {host.ssh}: rdma must list one device per rank, with null at "
+                if host.rdma is None or len(host.rdma) != self.size or host.rdma[i]:
+                    raise GroupSpecError(f"host {host.ssh}: rdma must list one device per rank, with \"\" at "
                                          f"its own position {i}")
 
 
@@ -140,7 +140,7 @@ def rank_launches(spec: GroupSpec) -> list[RankLaunch]:
     if spec.backend == "jaccl":
         # Rank 0 coordinates the RDMA queue-pair exchange over TCP; the device matrix says which
         # Thunderbolt port (rdma_enX) links each pair of machines.
-        devices = json.dumps([h.rdma for h in hosts])
+        devices = json.dumps([[name or None for name in h.rdma] for h in hosts])
         env = {"MLX_JACCL_COORDINATOR": f"{hosts[0].ip}:{spec.port}"}
         return [RankLaunch(r, h, {**env, "MLX_RANK": str(r)}, {"MLX_IBV_DEVICES": devices})
                 for r, h in enumerate(hosts)]

@@ -83,13 +83,19 @@ class GroupSupervisor:
             time.sleep(0.2)  # polling a handful of child processes; os.wait would steal other children
 
     def stop_ranks(self, timeout_s: float) -> None:
-        # Followers first would leave the leader mid-step; SIGTERM all at once, then wait for each.
-        for process in self.processes:
+        """The leader first, then the followers.
+
+        A stopped leader finishes its current step sequence with the followers (they are still there)
+        and hands its unfinished job back to JetStream; followers stopped first would leave it stuck
+        mid-step until its watchdog fails the job.
+        """
+        leader, *followers = self.processes
+        stop_process(leader, timeout_s)
+        for process in followers:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for process in self.processes:
-            stop_process(process, max(0.1, deadline - time.monotonic()))
+        for process in followers:
+            stop_process(process, timeout_s)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         self.stopping = True

@@ -1,4 +1,4 @@
-"""Pure functions: stop matching, error translation, subject names."""
+"""Pure functions: stop matching, error translation, subject names, model splits, group files."""
 
 from __future__ import annotations
 
@@ -62,3 +62,58 @@ def test_validation_errors_name_the_param():
 def test_subject_names_are_single_tokens():
     assert subject_token("org/Model-1.5B v2") == "org_Model-1_5B_v2"
     assert job_subject("a.b") == "conclave.jobs.a_b"
+
+
+SMOLLM = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "intermediate_size": 1536,
+          "quantization": {"group_size": 64, "bits": 8}}
+
+
+def test_tensor_parallel_sizes_follow_heads_and_quantization_groups():
+    from workers.shard import ShardError, check_tensor_parallel, tensor_parallel_sizes
+
+    assert tensor_parallel_sizes(SMOLLM, limit=9) == [1, 3]
+    llama8b = {"num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "intermediate_size": 14336}
+    assert tensor_parallel_sizes(llama8b, limit=16) == [1, 2, 4, 8]
+    with pytest.raises(ShardError, match="split evenly over 1, 3 ranks"):
+        check_tensor_parallel(SMOLLM, 2)
+
+
+def test_pipeline_split_even_proportional_and_checked():
+    from workers.shard import ShardError, check_pipeline_split, pipeline_split
+
+    assert pipeline_split(30, 2) == [15, 15]
+    assert pipeline_split(31, 2) == [16, 15]
+    assert pipeline_split(30, 3, [256, 128, 64]) == [17, 9, 4]
+    assert pipeline_split(4, 4, [100, 1, 1, 1]) == [1, 1, 1, 1]  # every rank keeps at least one layer
+    with pytest.raises(ShardError):
+        pipeline_split(2, 3)
+    with pytest.raises(ShardError, match="add up to the model's 30 layers"):
+        check_pipeline_split([10, 10], 30, 2)
+
+
+def test_group_file_and_rank_environments(tmp_path):
+    import json
+
+    from ops.group import GroupSpecError, load_group_file, rank_launches
+
+    path = tmp_path / "cluster.toml"
+    path.write_text('layout = "pipeline"\nbackend = "jaccl"\nport = 40000\n'
+                    '[[hosts]]\nssh = "a"\nip = "10.0.0.1"\nmemory_gb = 256\nrdma = ["", "rdma_en3"]\n'
+                    '[[hosts]]\nssh = "b"\nip = "10.0.0.2"\nmemory_gb = 128\nrdma = ["rdma_en5", ""]\n')
+    spec = load_group_file(path)
+    assert spec.size == 2 and spec.memory_weights() == [256, 128]
+    first, second = rank_launches(spec)
+    assert second.env == {"MLX_JACCL_COORDINATOR": "10.0.0.1:40000", "MLX_RANK": "1"}
+    assert json.loads(second.files["MLX_IBV_DEVICES"]) == [[None, "rdma_en3"], ["rdma_en5", None]]
+
+    path.write_text('layout = "tensor"\n[[hosts]]\nssh = "a"\nip = "10.0.0.1"\n[[hosts]]\nssh = "b"\nip = "10.0.0.2"\n')
+    launches = rank_launches(load_group_file(path))
+    assert json.loads(launches[0].files["MLX_HOSTFILE"]) == [["10.0.0.1:32323"], ["10.0.0.2:32324"]]
+    assert [launch.env["MLX_RANK"] for launch in launches] == ["0", "1"]
+
+    path.write_text('layout = "pipeline"\nbackend = "jaccl"\n[[hosts]]\nssh = "a"\n[[hosts]]\nssh = "b"\n')
+    with pytest.raises(GroupSpecError, match="rdma must list one device per rank"):
+        load_group_file(path)
+    path.write_text('layout = "diagonal"\n')
+    with pytest.raises(GroupSpecError, match="layout must be"):
+        load_group_file(path)
