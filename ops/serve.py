@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import logging
-import selectors
 import signal
 import subprocess
 import sys
@@ -63,14 +62,17 @@ class GroupSupervisor:
             self.starts += 1
             group_id = f"{os.getpid()}-{self.starts}"
             self.processes = start_group(self.spec, self.command(group_id), self.workdir / group_id)
+            started = time.monotonic()
             rank, code = await asyncio.to_thread(self.wait_any)
             if self.stopping:
                 return
+            if time.monotonic() - started > 60:
+                backoff = 1.0  # it had been running well: this is a new failure, not a crash loop
             where = self.spec.placements()[rank].ssh if rank < len(self.spec.placements()) else "?"
             log.error("worker rank %d (pid %d on %s) exited with %s; stopping the other %d rank(s) and restarting "
                       "the group in %.0fs", rank, self.processes[rank].pid, where, describe_exit(code),
                       len(self.processes) - 1, backoff)
-            await asyncio.to_thread(self.stop_ranks, 10.0)
+            await asyncio.to_thread(self.tear_down)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
@@ -81,6 +83,17 @@ class GroupSupervisor:
                 if (code := process.poll()) is not None:
                     return rank, code
             time.sleep(0.2)  # polling a handful of child processes; os.wait would steal other children
+
+    def tear_down(self, leader_timeout_s: float = 10.0) -> None:
+        """After a rank failed: the leader gets SIGTERM and answers its requester (its watchdog sees the
+        group stalled within a heartbeat); the followers are killed, since a rank blocked in a collective
+        whose peer is gone never returns to handle a signal."""
+        leader, *followers = self.processes
+        stop_process(leader, leader_timeout_s)
+        for process in followers:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
 
     def stop_ranks(self, timeout_s: float) -> None:
         """The leader first, then the followers.
@@ -99,7 +112,8 @@ class GroupSupervisor:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         self.stopping = True
-        self.stop_ranks(timeout_s)
+        if self.processes:
+            self.stop_ranks(timeout_s)
 
 
 def describe_exit(code: int) -> str:
@@ -132,23 +146,25 @@ def spawn_server(home: Path, *flags: str, timeout_s: float = 180.0) -> ServerPro
          "--nats-port", str(nats_port), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    # One thread reads every line (a full pipe would block the server) and keeps them for failure reports.
+    # Waiting on the pipe with select() instead would miss lines already read into the file's buffer: two
+    # ranks logging in the same millisecond arrive in one read.
     output: list[str] = []
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not selector.select(left):
-            process.kill()
-            raise TimeoutError(f"no {READY_LINE!r} within {timeout_s}s:\n" + "".join(output))
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError("the server exited before it was ready:\n" + "".join(output))
-        output.append(line)
-        if READY_LINE in line:
-            break
-    # Keep draining its output (a full pipe would block it) and keep it for failure reports.
-    threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
+    ready = threading.Event()
+
+    def read_lines():
+        for line in process.stdout:
+            output.append(line)
+            if READY_LINE in line:
+                ready.set()
+        ready.set()  # end of output: the server exited
+
+    threading.Thread(target=read_lines, daemon=True).start()
+    if not ready.wait(timeout_s):
+        process.kill()
+        raise TimeoutError(f"no {READY_LINE!r} within {timeout_s}s:\n" + "".join(output))
+    if not any(READY_LINE in line for line in output):
+        raise RuntimeError("the server exited before it was ready:\n" + "".join(output))
     return ServerProcess(process, f"http://127.0.0.1:{port}/v1", f"nats://127.0.0.1:{nats_port}", home, output)
 
 

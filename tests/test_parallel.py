@@ -103,6 +103,25 @@ def rank_pids(output: list[str]) -> dict[int, int]:
     return pids
 
 
+def stream_until_broken(client, break_group) -> list[str]:
+    """Stream a long answer, call `break_group` after the first text, return the text received.
+
+    The client must get either a clean error or a complete answer, never a hang.
+    """
+    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300, stream=True)
+    received = []
+    try:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+                if len(received) == 1:
+                    break_group()
+    except openai.APIError as exc:
+        assert "lost a rank" in str(exc) or "stopped responding" in str(exc)
+    assert received
+    return received
+
+
 def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
     srv = start_server(tmp_path / "home", "--model", str(server.home / "models" / MODEL),
                        "--pipeline-parallel", "2", "--step-timeout", "10")
@@ -116,25 +135,19 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
             client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=10**6)
         assert refused.value.code == "context_length_exceeded"
 
+        # A dead rank: the supervisor sees it exit and restarts the whole group.
         follower = rank_pids(srv.output)[1]
-        stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300,
-                                                stream=True)
-        received = []
-        try:
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    received.append(chunk.choices[0].delta.content)
-                    if len(received) == 1:
-                        os.kill(follower, signal.SIGKILL)
-        except openai.APIError as exc:  # a clean error mid-stream, not a hang
-            assert "lost a rank" in str(exc) or "stopped responding" in str(exc)
-        assert received
-
-        # The whole group restarts; the next request waits for it and succeeds.
+        stream_until_broken(client, lambda: os.kill(follower, signal.SIGKILL))
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
         assert "Paris" in reply.choices[0].message.content
-        assert rank_pids(srv.output)[1] != follower
+        assert f"worker rank 1 (pid {follower} on localhost) exited with signal SIGKILL" in "".join(srv.output)
+
+        # A hung rank (stopped, still alive): the leader's step timeout fails the request and the group restarts.
+        follower = rank_pids(srv.output)[1]
+        stream_until_broken(client, lambda: os.kill(follower, signal.SIGSTOP))
+        reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
+        assert "Paris" in reply.choices[0].message.content
         log = "".join(srv.output)
-        assert f"worker rank 1 (pid {follower} on localhost) exited with signal SIGKILL" in log
+        assert "no step for" in log and rank_pids(srv.output)[1] != follower
     finally:
         assert srv.stop() == 0

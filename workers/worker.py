@@ -179,10 +179,16 @@ class Worker:
         without a step is enough.
         """
         limit = self.heartbeat_s if self.stopping.is_set() else self.rank.step_timeout_s
-        if stalled_s <= limit:
-            return
-        log.error("group %s: no step for %.1fs during job %s; a rank is gone or hung; exiting so the group "
-                  "restarts", self.rank.group_id, stalled_s, job.id)
+        if stalled_s > limit:
+            await self.group_lost(msg, job, f"no step for {stalled_s:.1f}s; a rank is gone or hung")
+
+    async def group_lost(self, msg: Msg, job: Job, reason: str) -> None:
+        """Answer the requester, settle the job, and exit so that the supervisor restarts the group.
+
+        Called when a step stalls or raises (MLX reports a dead peer as "[ring] connection to a peer
+        was lost"): either way the followers are in an unknown state, so no further job may use them.
+        """
+        log.error("group %s: %s (job %s); exiting so the whole group restarts", self.rank.group_id, reason, job.id)
         await self.fail(job.reply_subject, job.id, 503, ErrorDetail(
             message="The worker group serving this model lost a rank while generating; it is restarting. "
                     "Retry the request.", type="server_error", code="worker_lost"))
@@ -278,6 +284,8 @@ class Worker:
             await msg.ack_sync()
         except Exception as exc:
             log.exception("job %s failed", job.id)
+            if shard.size > 1:
+                await self.group_lost(msg, job, f"generation failed: {type(exc).__name__}: {exc}")
             await self.fail(job.reply_subject, job.id, 500, ErrorDetail(
                 message=f"The worker failed while generating: {type(exc).__name__}: {exc}", type="server_error",
                 code="worker_error"))
