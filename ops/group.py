@@ -39,7 +39,7 @@ import msgspec
 
 from ops.config import free_port
 from pipeline.nats_server import child_preexec, stop_process
-from workers.shard import check_pipeline_split, check_tensor_parallel, pipeline_split
+from workers.shard import check_model_layout, check_pipeline_split, check_tensor_parallel, pipeline_split
 
 BACKENDS = ("ring", "jaccl", "mpi")
 LOCAL = ("localhost", "127.0.0.1", "")
@@ -97,9 +97,10 @@ class GroupSpec(msgspec.Struct, forbid_unknown_fields=True):
             if len(self.hosts) != self.size:
                 raise GroupSpecError("jaccl runs one rank per host (RDMA devices are per machine)")
             for i, host in enumerate(self.hosts):
-                if host.rdma is None or len(host.rdma) != self.size or host.rdma[i]:
-                    raise GroupSpecError(f"host {host.ssh}: rdma must list one device per rank, with \"\" at "
-                                         f"its own position {i}")
+                if (host.rdma is None or len(host.rdma) != self.size or host.rdma[i]
+                        or not all(name for j, name in enumerate(host.rdma) if j != i)):
+                    raise GroupSpecError(f"host {host.ssh}: rdma must name the device towards every other rank "
+                                         f"(a full Thunderbolt mesh), with \"\" at its own position {i}")
 
 
 def local_group(layout: str, ranks: int, split: list[int] | None = None) -> GroupSpec:
@@ -114,6 +115,8 @@ def load_group_file(path: Path) -> GroupSpec:
         spec = msgspec.convert(tomllib.loads(Path(path).read_text()), GroupSpec)
     except (tomllib.TOMLDecodeError, msgspec.ValidationError, OSError) as exc:
         raise GroupSpecError(f"{path}: {exc}") from None
+    if spec.size == 1:  # one rank is one process, whatever the layout says
+        spec = msgspec.structs.replace(spec, layout="whole", split=None)
     spec.check()
     return spec
 
@@ -134,7 +137,7 @@ def rank_launches(spec: GroupSpec) -> list[RankLaunch]:
     if spec.backend == "ring":
         # Local ranks get fresh free ports (a restarted group never waits on a port in TIME_WAIT);
         # remote ranks use consecutive ports from spec.port, as mlx.launch does.
-        ports = [free_port() if h.is_local else spec.port + r for r, h in enumerate(hosts)]
+        ports = [free_port(h.ip) if h.is_local else spec.port + r for r, h in enumerate(hosts)]
         hostfile = json.dumps([[f"{h.ip}:{port}"] for h, port in zip(hosts, ports)])
         return [RankLaunch(r, h, {"MLX_RANK": str(r)}, {"MLX_HOSTFILE": hostfile}) for r, h in enumerate(hosts)]
     if spec.backend == "jaccl":
@@ -188,7 +191,10 @@ def launcher_for(host: HostSpec) -> Launcher:
 def mpirun_command(spec: GroupSpec, argv: list[str]) -> list[str]:
     """The mpi backend: one `mpirun` starts every rank (MLX finds its rank in Open MPI's environment)."""
     hosts = ",".join(f"{h.ip}:{h.ranks}" for h in spec.hosts)
-    return ["mpirun", "-np", str(spec.size), "--host", hosts, "-x", "PATH", *argv]
+    # As mlx.launch: forward what finds Python and the MPI library on the other hosts.
+    forwarded = [arg for name in ("PATH", "DYLD_LIBRARY_PATH", "MLX_MPI_LIBNAME") if name in os.environ
+                 for arg in ("-x", name)]
+    return ["mpirun", "-np", str(spec.size), "--host", hosts, *forwarded, *argv]
 
 
 def start_group(spec: GroupSpec, argv: list[str], workdir: Path) -> list[subprocess.Popen]:
@@ -196,7 +202,16 @@ def start_group(spec: GroupSpec, argv: list[str], workdir: Path) -> list[subproc
     workdir.mkdir(parents=True, exist_ok=True)
     if spec.backend == "mpi" and spec.size > 1:
         return [subprocess.Popen(mpirun_command(spec, argv), preexec_fn=child_preexec)]
-    return [launcher_for(launch.host).start(launch, argv, workdir) for launch in rank_launches(spec)]
+    started: list[subprocess.Popen] = []
+    try:
+        for launch in rank_launches(spec):
+            started.append(launcher_for(launch.host).start(launch, argv, workdir))
+    except BaseException:
+        for process in started:  # no half-started group left behind
+            process.kill()
+            process.wait()
+        raise
+    return started
 
 
 def python_command(module: str, *args: str) -> list[str]:
@@ -209,6 +224,7 @@ def plan_group(spec: GroupSpec, model_dir: Path) -> GroupSpec:
     Refusing here gives the operator one clear message instead of N ranks failing the same way.
     """
     config = json.loads((model_dir / "config.json").read_text())
+    check_model_layout(model_dir, spec.layout)
     if spec.layout == "tensor":
         check_tensor_parallel(config, spec.size)
     if spec.layout == "pipeline":
@@ -224,6 +240,9 @@ def generate_on_group(spec: GroupSpec, model_dir: Path, prompt: str | list[str],
     """Greedy generation on every rank of `spec` (workers/generate.py): the leader's report (its first
     prompt's run at the top level, all of them under `runs`) and every rank's under `per_rank`."""
     spec = plan_group(spec, model_dir)
+    if not all(h.is_local for h in spec.hosts):
+        raise GroupSpecError("conclave generate runs local ranks only (each rank writes its report to a local "
+                             "folder); on several machines, use conclave serve --group")
     with tempfile.TemporaryDirectory(prefix="conclave-generate-") as tmp:
         workdir = Path(tmp)
         prompts = [prompt] if isinstance(prompt, str) else prompt

@@ -23,7 +23,7 @@ import uvicorn
 
 from ingress.app import IngressConfig, create_app
 from ops.config import free_port
-from ops.group import GroupSpec, plan_group, start_group
+from ops.group import GroupSpec, GroupSpecError, plan_group, start_group
 from pipeline.nats_server import EmbeddedNats, child_preexec, stop_process
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
@@ -55,39 +55,57 @@ class GroupSupervisor:
         self.processes: list[subprocess.Popen] = []
         self.stopping = False
         self.starts = 0
+        # `stop` runs on another thread than `run`: never let a group start after (or while) it stops.
+        self.lock = threading.Lock()
+
+    def start(self) -> bool:
+        with self.lock:
+            if self.stopping:
+                return False
+            self.starts += 1
+            group_id = f"{os.getpid()}-{self.starts}"
+            try:
+                self.processes = start_group(self.spec, self.command(group_id), self.workdir / group_id)
+            except OSError as exc:  # e.g. no ssh, or a host's launcher failed: retried with backoff
+                log.error("could not start worker group %s: %s", group_id, exc)
+                self.processes = []
+                return False
+            return True
 
     async def run(self) -> None:
         backoff = 1.0
         while not self.stopping:
-            self.starts += 1
-            group_id = f"{os.getpid()}-{self.starts}"
-            self.processes = start_group(self.spec, self.command(group_id), self.workdir / group_id)
             started = time.monotonic()
-            rank, code = await asyncio.to_thread(self.wait_any)
-            if self.stopping:
-                return
-            if time.monotonic() - started > 60:
-                backoff = 1.0  # it had been running well: this is a new failure, not a crash loop
-            where = self.spec.placements()[rank].ssh if rank < len(self.spec.placements()) else "?"
-            log.error("worker rank %d (pid %d on %s) exited with %s; stopping the other %d rank(s) and restarting "
-                      "the group in %.0fs", rank, self.processes[rank].pid, where, describe_exit(code),
-                      len(self.processes) - 1, backoff)
-            await asyncio.to_thread(self.tear_down)
+            if await asyncio.to_thread(self.start):
+                exited = await asyncio.to_thread(self.wait_any)
+                if self.stopping:
+                    return
+                if time.monotonic() - started > 60:
+                    backoff = 1.0  # it had been running well: this is a new failure, not a crash loop
+                hosts = self.spec.placements()
+                for rank, code in exited:
+                    log.error("worker rank %d (pid %d on %s) exited with %s", rank, self.processes[rank].pid,
+                              hosts[rank].ssh if rank < len(hosts) else "?", describe_exit(code))
+                log.error("stopping the other rank(s) of the group and restarting it in %.0fs", backoff)
+                await asyncio.to_thread(self.tear_down)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
-    def wait_any(self) -> tuple[int, int]:
-        """The first rank to exit and its exit code."""
-        while True:
-            for rank, process in enumerate(self.processes):
-                if (code := process.poll()) is not None:
-                    return rank, code
+    def wait_any(self) -> list[tuple[int, int]]:
+        """The ranks that have exited, with their exit codes, once there is one (or we are stopping)."""
+        while not self.stopping:
+            exited = [(rank, p.returncode) for rank, p in enumerate(self.processes) if p.poll() is not None]
+            if exited:
+                return exited
             time.sleep(0.2)  # polling a handful of child processes; os.wait would steal other children
+        return []
 
     def tear_down(self, leader_timeout_s: float = 10.0) -> None:
         """After a rank failed: the leader gets SIGTERM and answers its requester (its watchdog sees the
         group stalled within a heartbeat); the followers are killed, since a rank blocked in a collective
         whose peer is gone never returns to handle a signal."""
+        if not self.processes:
+            return
         leader, *followers = self.processes
         stop_process(leader, leader_timeout_s)
         for process in followers:
@@ -102,6 +120,8 @@ class GroupSupervisor:
         and hands its unfinished job back to JetStream; followers stopped first would leave it stuck
         mid-step until its watchdog fails the job.
         """
+        if not self.processes:
+            return
         leader, *followers = self.processes
         stop_process(leader, timeout_s)
         for process in followers:
@@ -111,8 +131,8 @@ class GroupSupervisor:
             stop_process(process, timeout_s)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        self.stopping = True
-        if self.processes:
+        with self.lock:
+            self.stopping = True
             self.stop_ranks(timeout_s)
 
 
@@ -187,6 +207,9 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                 group: GroupSpec, step_timeout_s: float) -> None:
     model = ModelStore(home / "models").resolve(model_spec)
     group = plan_group(group, model.path)
+    if nats_url is None and not all(h.is_local for h in group.hosts):
+        raise GroupSpecError("a group with ranks on other hosts needs --nats-url: a NATS server every host can "
+                             "reach (the embedded one listens on 127.0.0.1 only)")
     if group.size > 1:
         log.info("serving %s on %d ranks (%s parallel, %s backend%s)", model.id, group.size, group.layout,
                  group.backend, f", layers per rank {group.split}" if group.split else "")

@@ -112,8 +112,17 @@ def test_group_file_and_rank_environments(tmp_path):
     assert [launch.env["MLX_RANK"] for launch in launches] == ["0", "1"]
 
     path.write_text('layout = "pipeline"\nbackend = "jaccl"\n[[hosts]]\nssh = "a"\n[[hosts]]\nssh = "b"\n')
-    with pytest.raises(GroupSpecError, match="rdma must list one device per rank"):
+    with pytest.raises(GroupSpecError, match="rdma must name the device towards every other rank"):
         load_group_file(path)
     path.write_text('layout = "diagonal"\n')
     with pytest.raises(GroupSpecError, match="layout must be"):
         load_group_file(path)
+
+
+def test_one_rank_group_file_is_one_process(tmp_path):
+    from ops.group import load_group_file, rank_launches
+
+    path = tmp_path / "one.toml"
+    path.write_text('layout = "tensor"\n[[hosts]]\nssh = "localhost"\n')
+    spec = load_group_file(path)
+    assert (spec.layout, spec.size) == ("whole", 1) and rank_launches(spec)[0].env == {}

@@ -76,6 +76,16 @@ def prompt_tokens(job: Job, tokenizer) -> list[int]:
     return list(tokenizer.encode(job.prompt))
 
 
+def check_params(params: SamplingParams, vocab_size: int) -> None:
+    """What MLX itself would reject (mid-generation, or with a crash for an out-of-range bias id)."""
+    if params.seed is not None and not 0 <= params.seed < 2**64:
+        raise JobError(400, f"Invalid 'seed': expected an integer in [0, 2**64), got {params.seed}.", "seed",
+                       "invalid_value")
+    if any(not 0 <= token < vocab_size for token in params.logit_bias):
+        raise JobError(400, f"Invalid 'logit_bias': token ids must be in [0, {vocab_size}).", "logit_bias",
+                       "invalid_value")
+
+
 def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str) -> int:
     """The number of tokens to generate, or a 400 if the request cannot fit the model's context."""
     if n_prompt == 0:
@@ -125,7 +135,8 @@ def run_job(loaded: LoadedModel, job: Job, worker: str, attempt: int = 1,
             cancelled: threading.Event | None = None) -> Iterator[Accepted | Chunk | Done]:
     """Generate for one job (on the leader of a group: its followers run `follow_job`).
 
-    Raises JobError for a job that cannot run; the followers are told so (an empty prompt) first.
+    Raises JobError for a job that cannot run. Everything that can refuse a job happens before the
+    prompt goes to the followers; they get an empty prompt instead, so the group stays in step.
     """
     start = time.perf_counter()
     shard = loaded.shard
@@ -133,13 +144,18 @@ def run_job(loaded: LoadedModel, job: Job, worker: str, attempt: int = 1,
         tokens = prompt_tokens(job, shard.tokenizer)
         max_tokens = check_limits(len(tokens), job.params, loaded.context_length,
                                   "messages" if job.kind == "chat" else "prompt")
+        check_params(job.params, shard.vocab_size)
         choose = chooser(job.params)
-    except BaseException:
+        if job.params.seed is not None:
+            mx.random.seed(job.params.seed)
+    except JobError:
         broadcast_prompt(shard, [])
         raise
+    except Exception as exc:  # a bug, not the requester's fault; the group is still in step
+        broadcast_prompt(shard, [])
+        raise JobError(500, f"The worker could not start the job: {type(exc).__name__}: {exc}", None,
+                       "worker_error", "server_error") from exc
     broadcast_prompt(shard, tokens)
-    if job.params.seed is not None:
-        mx.random.seed(job.params.seed)
     yield Accepted(id=job.id, prompt_tokens=len(tokens), worker=worker, attempt=attempt)
 
     tokenizer = shard.tokenizer

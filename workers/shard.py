@@ -153,15 +153,30 @@ class Shard:
         return None
 
 
+def check_layout(model: nn.Module, layout: str) -> None:
+    """Whether this mlx-lm model can be split this way (the architecture, not the sizes)."""
+    name = type(model).__module__
+    if layout == "tensor" and not hasattr(model, "shard"):
+        raise ShardError(f"{name} has no tensor-parallel sharding in mlx-lm (Model.shard); use --pipeline-parallel.")
+    if layout == "pipeline":
+        inner = getattr(model, "model", None)
+        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
+            raise ShardError(f"pipeline parallel needs a llama-style model (model.embed_tokens, model.layers, "
+                             f"model.norm); {name} is not one.")
+        if not all("input_embeddings" in inspect.signature(f).parameters for f in (model.__call__, inner.__call__)):
+            raise ShardError(f"{name} cannot start a forward pass from hidden states (no input_embeddings "
+                             f"argument), so it cannot run as a pipeline stage.")
+
+
+def check_model_layout(model_dir: Path, layout: str) -> None:
+    """`check_layout` on the model in `model_dir`, built lazily: no weights are read."""
+    if layout in ("tensor", "pipeline"):
+        check_layout(mlx_lm_load_model(Path(model_dir), lazy=True)[0], layout)
+
+
 def _cut_pipeline_stage(model: nn.Module, rank: int, size: int, split: list[int]) -> tuple[int, int]:
     """Keep only this stage's layers (and embedding / norm / head where the stage uses them)."""
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
-        raise ShardError(f"pipeline parallel needs a llama-style model (model.embed_tokens, model.layers, "
-                         f"model.norm); {type(model).__module__} is not one.")
-    if "input_embeddings" not in inspect.signature(inner.__call__).parameters:
-        raise ShardError(f"{type(model).__module__} cannot start a forward pass from hidden states "
-                         f"(no input_embeddings argument), so it cannot run as a pipeline stage.")
+    inner = model.model
     check_pipeline_split(split, len(inner.layers), size)
     start = sum(split[:rank])
     end = start + split[rank]
@@ -193,10 +208,9 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
     model, config = mlx_lm_load_model(model_dir, lazy=True)
     num_layers = len(model.layers)
     layers = (0, num_layers)
+    if size > 1:
+        check_layout(model, layout)
     if layout == "tensor" and size > 1:
-        if not hasattr(model, "shard"):
-            raise ShardError(f"{type(model).__module__} has no tensor-parallel sharding in mlx-lm; "
-                             f"use --pipeline-parallel.")
         model.shard(group)
     elif layout == "pipeline" and size > 1:
         layers = _cut_pipeline_stage(model, rank, size, split or pipeline_split(num_layers, size))

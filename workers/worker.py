@@ -189,12 +189,14 @@ class Worker:
         was lost"): either way the followers are in an unknown state, so no further job may use them.
         """
         log.error("group %s: %s (job %s); exiting so the whole group restarts", self.rank.group_id, reason, job.id)
-        await self.fail(job.reply_subject, job.id, 503, ErrorDetail(
-            message="The worker group serving this model lost a rank while generating; it is restarting. "
-                    "Retry the request.", type="server_error", code="worker_lost"))
-        await msg.ack_sync(timeout=self.heartbeat_s)
-        await self.nc.flush(timeout=self.heartbeat_s)
-        os._exit(70)
+        try:
+            await self.fail(job.reply_subject, job.id, 503, ErrorDetail(
+                message="The worker group serving this model lost a rank while generating; it is restarting. "
+                        "Retry the request.", type="server_error", code="worker_lost"))
+            await msg.ack_sync(timeout=self.heartbeat_s)
+            await self.nc.flush(timeout=self.heartbeat_s)
+        finally:  # even if NATS is unreachable: a leader that stays would hold the group hung for good
+            os._exit(70)
 
     async def handle(self, msg: Msg) -> None:
         try:
@@ -253,8 +255,11 @@ class Worker:
                 await asyncio.sleep(self.heartbeat_s)
                 if shard.size > 1:
                     await self.watch_group(msg, job, time.monotonic() - shard.last_step)
-                await msg.in_progress()
-                await self.nc.publish(job.reply_subject, encode(Heartbeat(id=job.id, tokens=progress["tokens"])))
+                try:
+                    await msg.in_progress()
+                    await self.nc.publish(job.reply_subject, encode(Heartbeat(id=job.id, tokens=progress["tokens"])))
+                except nats.errors.Error as exc:  # NATS reconnecting: keep watching, try again next beat
+                    log.warning("job %s: could not send progress: %s", job.id, exc)
 
         alive = asyncio.create_task(keep_alive())
         if shard.size > 1:
@@ -360,7 +365,8 @@ def main(argv=None) -> None:
     parser.add_argument("--step-timeout", type=float, default=60.0,
                         help="a group with no decode/prefill step for this long has lost a rank: fail and exit")
     args = parser.parse_args(argv)
-    rank = os.environ.get("MLX_RANK", "0")
+    # mpirun starts ranks without MLX_RANK; Open MPI names the rank itself.
+    rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[rank {rank} pid {os.getpid()}] %(levelname)s %(message)s")
     asyncio.run(main_async(args))
 
