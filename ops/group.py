@@ -115,9 +115,9 @@ def load_group_file(path: Path) -> GroupSpec:
         spec = msgspec.convert(tomllib.loads(Path(path).read_text()), GroupSpec)
     except (tomllib.TOMLDecodeError, msgspec.ValidationError, OSError) as exc:
         raise GroupSpecError(f"{path}: {exc}") from None
+    spec.check()
     if spec.size == 1:  # one rank is one process, whatever the layout says
         spec = msgspec.structs.replace(spec, layout="whole", split=None)
-    spec.check()
     return spec
 
 
