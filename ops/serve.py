@@ -24,7 +24,7 @@ import uvicorn
 from ingress.app import IngressConfig, create_app
 from ops.config import free_port
 from ops.group import GroupSpec, GroupSpecError, plan_group, start_group
-from pipeline.nats_server import EmbeddedNats, child_preexec, stop_process
+from pipeline.nats_server import EmbeddedNats, stop_process
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
 

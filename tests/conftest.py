@@ -13,6 +13,7 @@ from ops.serve import ServerProcess, spawn_server
 
 MODEL = "SmolLM2-135M-Instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 
 
 class Server(ServerProcess):
@@ -56,3 +57,21 @@ def tokenizer(server):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     return load_tokenizer(server.home / "models" / MODEL)
+
+
+def stream_until_broken(client: openai.OpenAI, break_worker) -> str:
+    """Stream a long answer, call `break_worker` after the first text; return the error the client got.
+
+    The client must get a clean error, not a hang: 300 tokens take about 30 s here, and a broken worker or
+    group is noticed within seconds.
+    """
+    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300, stream=True)
+    received = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+                if len(received) == 1:
+                    break_worker()
+    assert 1 <= len(received) < 300
+    return str(caught.value)

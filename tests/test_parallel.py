@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,14 +18,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from ops.group import generate_on_group, local_group
-from tests.conftest import FRANCE, MODEL, start_server
+from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken
 
 TINY = {
     "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256,
     "num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 49152,
     "tie_word_embeddings": True, "max_position_embeddings": 2048, "rope_theta": 10000.0,
 }
-STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 
 
 @pytest.fixture(scope="module")
@@ -103,24 +101,6 @@ def rank_pids(output: list[str]) -> dict[int, int]:
     return pids
 
 
-def stream_until_broken(client, break_group) -> list[str]:
-    """Stream a long answer, call `break_group` after the first text, return the text received.
-
-    The client must get a clean error (300 tokens take about 30 s; the group fails within seconds), not a hang.
-    """
-    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300, stream=True)
-    received = []
-    with pytest.raises(openai.APIError) as caught:
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received.append(chunk.choices[0].delta.content)
-                if len(received) == 1:
-                    break_group()
-    assert "lost a rank" in str(caught.value) or "stopped responding" in str(caught.value)
-    assert 1 <= len(received) < 300
-    return received
-
-
 def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
     srv = start_server(tmp_path / "home", "--model", str(server.home / "models" / MODEL),
                        "--pipeline-parallel", "2", "--step-timeout", "10")
@@ -136,7 +116,7 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
 
         # A dead rank: the supervisor sees it exit and restarts the whole group.
         follower = rank_pids(srv.output)[1]
-        stream_until_broken(client, lambda: os.kill(follower, signal.SIGKILL))
+        assert "lost a rank" in stream_until_broken(client, lambda: os.kill(follower, signal.SIGKILL))
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
         assert "Paris" in reply.choices[0].message.content
         assert f"worker rank 1 (pid {follower} on localhost) exited with signal SIGKILL" in "".join(srv.output)
@@ -148,7 +128,7 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
 
         # A hung rank (stopped, still alive): the leader's step timeout fails the request and the group restarts.
         follower = rank_pids(srv.output)[1]
-        stream_until_broken(client, lambda: os.kill(follower, signal.SIGSTOP))
+        assert "lost a rank" in stream_until_broken(client, lambda: os.kill(follower, signal.SIGSTOP))
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
         assert "Paris" in reply.choices[0].message.content
         log = "".join(srv.output)

@@ -39,7 +39,6 @@ from pipeline.subjects import (CANCELS_STREAM, JOBS_STREAM, cancel_subject, grou
 from schemas.jobs import Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
 from schemas.openai import ErrorDetail
 from workers.engine import JobError, LoadedModel, follow_job, open_model, run_job
-from workers.lockstep import broadcast
 
 log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
