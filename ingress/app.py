@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import logging
 import time
@@ -73,6 +74,8 @@ class _State:
 def create_app(config: IngressConfig) -> Starlette:
     models = {m.id: m for m in config.models}
     state = _State()
+    # Who asked, in the audit log: an id derived from the API key (never the key), or "anonymous".
+    caller = f"key-{hashlib.sha256(config.api_key.encode()).hexdigest()[:12]}" if config.api_key else "anonymous"
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -157,7 +160,7 @@ def create_app(config: IngressConfig) -> Starlette:
     async def chat_completions(request: Request) -> Response:
         req = decode(await request.body(), ChatCompletionRequest)
         require_model(req.model)
-        job = chat_job(req)
+        job = chat_job(req, caller)
         created = int(job.created)
 
         def chunk_for(role=False, text=None, finish=None, usage=None) -> bytes:
@@ -175,7 +178,7 @@ def create_app(config: IngressConfig) -> Starlette:
     async def completions(request: Request) -> Response:
         req = decode(await request.body(), CompletionRequest)
         require_model(req.model)
-        job = completion_job(req)
+        job = completion_job(req, caller)
         created = int(job.created)
 
         def chunk_for(role=False, text=None, finish=None, usage=None) -> bytes:

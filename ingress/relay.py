@@ -46,9 +46,11 @@ async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) 
                                f"{worker_timeout_s:.0f}s; the request was abandoned.", code="worker_lost")
             event = decode_event(msg.data)
             taken = True
+            # Set before yielding: a caller that stops reading at the final event never resumes us, and the
+            # job must not then be "cancelled" after it finished.
+            finished = isinstance(event, (Done, Failed))
             yield event
-            if isinstance(event, (Done, Failed)):
-                finished = True
+            if finished:
                 return
     finally:
         # Shielded: this also runs when a disconnecting client cancels the request.

@@ -64,7 +64,7 @@ def new_job(kind: str, model: str, params: SamplingParams, stream: bool, **field
                stream=stream, created=time.time(), source="http", **fields)
 
 
-def chat_job(req: ChatCompletionRequest) -> Job:
+def chat_job(req: ChatCompletionRequest, caller: str) -> Job:
     if not req.messages:
         raise APIError(400, "Invalid 'messages': empty array. Expected an array with minimum length 1.",
                        "messages", "empty_array")
@@ -74,10 +74,11 @@ def chat_job(req: ChatCompletionRequest) -> Job:
     if req.response_format is not None and req.response_format.type != "text":
         _unsupported("response_format", True, f" with type {req.response_format.type!r} (only 'text')")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return new_job("chat", req.model, sampling_params(req, max_tokens), req.stream, messages=req.messages)
+    return new_job("chat", req.model, sampling_params(req, max_tokens), req.stream, messages=req.messages,
+                   caller=caller)
 
 
-def completion_job(req: CompletionRequest) -> Job:
+def completion_job(req: CompletionRequest, caller: str) -> Job:
     _unsupported("echo", req.echo)
     _unsupported("suffix", bool(req.suffix))
     _unsupported("best_of", req.best_of not in (None, 1))
@@ -89,4 +90,5 @@ def completion_job(req: CompletionRequest) -> Job:
         prompt = prompt[0]
     if not prompt:
         raise APIError(400, "Invalid 'prompt': the prompt is empty.", "prompt", "invalid_value")
-    return new_job("completion", req.model, sampling_params(req, req.max_tokens), req.stream, prompt=prompt)
+    return new_job("completion", req.model, sampling_params(req, req.max_tokens), req.stream, prompt=prompt,
+                   caller=caller)

@@ -79,6 +79,12 @@ def cmd_bench(args) -> None:
     print(text)
 
 
+def cmd_audit(args) -> None:
+    from ops.audit import run_audit
+
+    sys.exit(asyncio.run(run_audit(args)))
+
+
 def cmd_schemas(args) -> None:
     from ops.schemas import write_schemas
 
@@ -137,6 +143,19 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
                    help="instead: compare one process, a pipeline-parallel group of N and --tensor-parallel")
     b.set_defaults(func=cmd_bench)
+
+    a = sub.add_parser("audit", help="read, export and verify the hash-chained audit log")
+    a.add_argument("action", choices=["list", "show", "export", "verify"])
+    a.add_argument("job_id", nargs="?", help="show: the job (request) id")
+    a.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    a.add_argument("--since", help="ISO 8601 time (UTC unless a zone is given)")
+    a.add_argument("--until", help="ISO 8601 time")
+    a.add_argument("--model")
+    a.add_argument("--caller", help="e.g. anonymous or key-<id>")
+    a.add_argument("--limit", type=int, default=50, help="list: the newest N matching records")
+    a.add_argument("--output", help="export: a JSONL file (default: standard output)")
+    a.add_argument("--file", help="verify: a JSONL export instead of the live stream")
+    a.set_defaults(func=cmd_audit)
 
     j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema")
     j.add_argument("--out", default="schemas/json")

@@ -6,6 +6,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from pipeline.audit import audit_stream_config
 from pipeline.subjects import CANCELS_PREFIX, CANCELS_STREAM, JOBS_PREFIX, JOBS_STREAM, job_subject, worker_durable
 
 DAY = 24 * 3600
@@ -49,7 +50,7 @@ def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
 
 async def ensure_streams(js: JetStreamContext) -> None:
     """Create the streams, or update them to this config; safe to call from every process at start."""
-    for config in (jobs_stream_config(), cancels_stream_config()):
+    for config in (jobs_stream_config(), cancels_stream_config(), audit_stream_config()):
         try:
             await js.add_stream(config)
         except BadRequestError:

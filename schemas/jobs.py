@@ -40,6 +40,7 @@ class Job(Struct, forbid_unknown_fields=True):
     stream: bool = True  # False: only the final Done (or Failed) is sent
     created: float = 0.0  # unix seconds, set by the submitter; used for the queue TTL
     source: str = "nats"  # "http" for the ingress
+    caller: str = ""  # who asked, for the audit log: the ingress sets the API key's id
 
 
 class ReplyAddress(Struct):

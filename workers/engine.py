@@ -20,7 +20,7 @@ from schemas.openai import ChatMessage, ErrorDetail, Usage
 from workers.lockstep import broadcast_prompt, lockstep_generate
 from workers.shard import Shard, load_shard
 from workers.stops import StopMatcher
-from workers.store import model_context_length
+from workers.store import model_context_length, model_revision
 
 
 class JobError(Exception):
@@ -38,13 +38,14 @@ class LoadedModel:
     model_id: str
     shard: Shard
     context_length: int
+    revision: str  # workers/store.py: model_revision, recorded in the audit log
 
 
 def open_model(model_id: str, model_dir: Path, layout: str = "whole", group: mx.distributed.Group | None = None,
                split: list[int] | None = None) -> LoadedModel:
     shard = load_shard(model_dir, layout, group, split)
     context = model_context_length(Path(model_dir)) or int(getattr(shard.tokenizer, "model_max_length", 4096))
-    return LoadedModel(model_id, shard, context)
+    return LoadedModel(model_id, shard, context, model_revision(Path(model_dir)))
 
 
 def message_text(message: ChatMessage) -> str:

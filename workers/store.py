@@ -11,6 +11,7 @@ A local model directory can also be served in place without copying it.
 from __future__ import annotations
 
 import importlib.resources
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +106,19 @@ def model_context_length(path: Path) -> int | None:
         if isinstance(config.get(key), int):
             return config[key]
     return None
+
+
+def model_revision(path: Path) -> str:
+    """A short fingerprint of a model directory, recorded with every audited job.
+
+    SHA-256 over the config, the tokenizer files and each weight file's name and size (not the weight
+    bytes: hashing a terabyte at every worker start would take tens of minutes). A different model,
+    quantization, tokenizer or chat template changes it; a weight file rewritten at the same size does not.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.suffix == ".safetensors":
+            digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
+        elif file.suffix == ".json" or file.suffix == ".jinja":
+            digest.update(file.name.encode() + b"\n" + file.read_bytes())
+    return digest.hexdigest()[:16]

@@ -33,9 +33,11 @@ import nats
 from nats.js.errors import NotFoundError
 from nats.aio.msg import Msg
 
+from pipeline.audit import append_record
 from pipeline.streams import ensure_streams, worker_consumer_config
 from pipeline.subjects import (CANCELS_STREAM, JOBS_STREAM, cancel_subject, group_wake_subject, job_subject,
                                status_subject, worker_durable)
+from schemas.audit import AuditRecord
 from schemas.jobs import Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
 from schemas.openai import ErrorDetail
 from workers.engine import JobError, LoadedModel, follow_job, open_model, run_job
@@ -165,9 +167,30 @@ class Worker:
         status.cancel()
         await sub.unsubscribe()
 
-    async def fail(self, reply: str | None, job_id: str, status: int, error: ErrorDetail) -> None:
+    async def fail(self, reply: str | None, job_id: str, status: int, error: ErrorDetail, job: Job | None = None,
+                   attempt: int = 1) -> None:
+        """The job's final event is this error: tell the submitter (if it said where), then audit it."""
         if reply:
             await self.nc.publish(reply, encode(Failed(id=job_id, status=status, error=error)))
+        await self.record(job, job_id, "cancelled" if error.code == "cancelled" else "failed", attempt, error=error)
+
+    async def record(self, job: Job | None, job_id: str, outcome: str, attempt: int = 1, done: Done | None = None,
+                     error: ErrorDetail | None = None) -> None:
+        """Append the job's outcome to the audit log, before the job is acked (so a crash in between
+        leads to a redelivery, not a missing record). A failed append is logged, never raised: the
+        requester already has the answer."""
+        record = AuditRecord(
+            n=0, prev_hash="", time=time.time(), job_id=job_id, outcome=outcome, model=self.model_id,
+            model_revision=self.loaded.revision if self.loaded else "", caller=job.caller if job else "",
+            source=job.source if job else "", job=job, output=done.text if done else "",
+            finish_reason=done.finish_reason if done else None, usage=done.usage if done else None,
+            ttft_ms=done.ttft_ms if done else 0.0, duration_ms=done.duration_ms if done else 0.0, worker=self.name,
+            ranks=self.group.size() if self.group is not None else 1, attempt=attempt, error=error,
+        )
+        try:
+            await append_record(self.js, record)
+        except Exception:
+            log.exception("job %s: could not append its audit record", job_id)
 
     async def watch_group(self, msg: Msg, job: Job, stalled_s: float) -> None:
         """A group whose MLX thread made no step for too long has lost or hung a rank.
@@ -191,7 +214,8 @@ class Worker:
         try:
             await self.fail(job.reply_subject, job.id, 503, ErrorDetail(
                 message="The worker group serving this model lost a rank while generating; it is restarting. "
-                        "Retry the request.", type="server_error", code="worker_lost"))
+                        "Retry the request.", type="server_error", code="worker_lost"), job,
+                msg.metadata.num_delivered if msg.metadata else 1)
             await msg.ack_sync(timeout=self.heartbeat_s)
             await self.nc.flush(timeout=self.heartbeat_s)
         finally:  # even if NATS is unreachable: a leader that stays would hold the group hung for good
@@ -217,13 +241,13 @@ class Worker:
         if job.model != self.model_id:
             await self.fail(job.reply_subject, job.id, 404, ErrorDetail(
                 message=f"The model `{job.model}` does not exist or is not served on this subject.",
-                type="invalid_request_error", param="model", code="model_not_found"))
+                type="invalid_request_error", param="model", code="model_not_found"), job)
             await msg.term()
             return
         if job.created and time.time() - job.created > self.queue_ttl_s:
             await self.fail(job.reply_subject, job.id, 503, ErrorDetail(
                 message=f"The job waited in the queue longer than {self.queue_ttl_s:.0f}s and was dropped.",
-                type="server_error", code="queue_timeout"))
+                type="server_error", code="queue_timeout"), job)
             await msg.term()
             return
 
@@ -242,10 +266,11 @@ class Worker:
             pass
         if self.cancel_current.is_set():
             await cancels.unsubscribe()
-            await self.fail(job.reply_subject, job.id, 499, CANCELLED)
+            await self.fail(job.reply_subject, job.id, 499, CANCELLED, job, attempt)
             await msg.ack_sync()
             return
         progress = {"tokens": 0}
+        done: Done | None = None
         shard = self.loaded.shard
         shard.last_step = time.monotonic()
 
@@ -273,18 +298,23 @@ class Worker:
                         continue
                 if self.stopping.is_set():
                     break  # shutdown, not a cancel: the job goes back to the queue below
-                if isinstance(event, Done) and self.cancel_current.is_set():
-                    event = Failed(id=job.id, status=499, error=CANCELLED)
+                if isinstance(event, Done):
+                    done = event
+                    if self.cancel_current.is_set():
+                        event = Failed(id=job.id, status=499, error=CANCELLED)
                 await self.nc.publish(job.reply_subject, encode(event))
             else:
                 await self.nc.flush()
+                cancelled = isinstance(event, Failed)  # the Done was replaced: cancelled mid-way
+                await self.record(job, job.id, "cancelled" if cancelled else "done", attempt, done,
+                                  CANCELLED if cancelled else None)
                 await msg.ack_sync()
                 self.jobs_done += 1
                 return
             # Stopped by shutdown mid-job: hand the job back for another worker rather than ending it short.
             await msg.nak()
         except JobError as exc:
-            await self.fail(job.reply_subject, job.id, exc.status, exc.detail)
+            await self.fail(job.reply_subject, job.id, exc.status, exc.detail, job, attempt)
             await msg.ack_sync()
         except Exception as exc:
             log.exception("job %s failed", job.id)
@@ -292,7 +322,7 @@ class Worker:
                 await self.group_lost(msg, job, f"generation failed: {type(exc).__name__}: {exc}")
             await self.fail(job.reply_subject, job.id, 500, ErrorDetail(
                 message=f"The worker failed while generating: {type(exc).__name__}: {exc}", type="server_error",
-                code="worker_error"))
+                code="worker_error"), job, attempt)
             await msg.term()
         finally:
             alive.cancel()
