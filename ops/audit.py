@@ -1,20 +1,27 @@
-"""`conclave audit list|show|export|verify`: read and check the hash-chained audit log.
+"""`conclave audit list|show|export|verify|replay`: read, check and replay the hash-chained audit log.
 
 Reads the CONCLAVE_AUDIT stream of a running deployment (--nats-url), or, for `verify --file`, a JSONL
-export, so an auditor can check a copy without access to the cluster.
+export, so an auditor can check a copy without access to the cluster. `replay` re-submits recorded
+requests that are reproducible (greedy, or sampled with a seed) and reports the outputs that differ:
+a check after a model swap or an upgrade.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import msgspec
 import nats
 
 from pipeline.audit import decode_record, read_records, verify_chain
+from pipeline.subjects import reply_subject
 from schemas.audit import AuditRecord
+from schemas.jobs import Done
 
 
 def parse_time(text: str | None) -> float | None:
@@ -51,6 +58,8 @@ def summary_line(record: AuditRecord) -> str:
 
 
 async def run_audit(args) -> int:
+    if args.action == "replay":
+        return await replay(args)
     if args.action == "verify" and args.file:
         raw = [line.encode() for line in Path(args.file).read_text().splitlines() if line.strip()]
     else:
@@ -79,3 +88,45 @@ async def run_audit(args) -> int:
         else:
             sys.stdout.write(lines)
     return 0
+
+
+def replayable(record: AuditRecord) -> str | None:
+    """Why a record cannot be replayed to the same output, or None if it can."""
+    if record.outcome != "done" or record.job is None:
+        return f"outcome {record.outcome}"
+    params = record.job.params
+    if params.temperature > 0 and params.seed is None:
+        return "sampled without a seed"
+    return None
+
+
+async def replay(args) -> int:
+    """Re-submit recorded requests to the current deployment; report which outputs differ."""
+    from ingress.relay import submit
+
+    nc = await nats.connect(args.nats_url, name="conclave-audit-replay")
+    report = {"replayed": 0, "same": 0, "different": [], "skipped": {}}
+    try:
+        records = [decode_record(raw) async for _, raw in read_records(nc.jetstream())]
+        for record in [r for r in records if matches(r, args) and r.source != "replay"][-args.limit:]:
+            if (why := replayable(record)) is not None:
+                report["skipped"][why] = report["skipped"].get(why, 0) + 1
+                continue
+            job_id = f"replay-{uuid.uuid4().hex}"
+            job = msgspec.structs.replace(record.job, id=job_id, reply_subject=reply_subject(job_id), stream=False,
+                                          created=time.time(), source="replay", caller=f"replay-of:{record.job_id}")
+            final = None
+            async for event in submit(nc, job, args.timeout, args.timeout):
+                final = event
+            report["replayed"] += 1
+            output = final.text if isinstance(final, Done) else f"<failed: {final.error.message}>"
+            if output == record.output:
+                report["same"] += 1
+            else:
+                report["different"].append({"job_id": record.job_id, "replay_id": job_id,
+                                            "recorded": record.output, "replayed": output,
+                                            "recorded_revision": record.model_revision})
+    finally:
+        await nc.close()
+    print(json.dumps(report, indent=2))
+    return 1 if report["different"] else 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import subprocess
 import sys
+import time
 
 import msgspec
 import nats
@@ -87,3 +89,17 @@ async def test_concurrent_appends_form_one_chain(tmp_path):
         for nc in writers:
             await nc.close()
         server.stop()
+
+
+def test_replay_reports_no_difference_on_an_unchanged_deployment(server, client):
+    start = time.time()
+    reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8)
+    client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=1.0, max_tokens=2)  # no seed: skipped
+    since = datetime.datetime.fromtimestamp(start, datetime.timezone.utc).isoformat()
+    result = audit(server, "replay", "--since", since)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert (report["replayed"], report["same"], report["different"]) == (1, 1, [])
+    assert report["skipped"] == {"sampled without a seed": 1}
+    # The replay is itself audited, marked as such.
+    assert f"replay-of:{reply.id}" in audit(server, "list", "--limit", "1").stdout
