@@ -126,3 +126,13 @@ def test_one_rank_group_file_is_one_process(tmp_path):
     path.write_text('layout = "tensor"\n[[hosts]]\nssh = "localhost"\n')
     spec = load_group_file(path)
     assert (spec.layout, spec.size) == ("whole", 1) and rank_launches(spec)[0].env == {}
+
+
+def test_committed_json_schemas_match_the_message_types():
+    # Non-Python submitters read schemas/json/; regenerate with `conclave schemas` after changing a type.
+    from pathlib import Path
+
+    from ops.schemas import schema_texts
+
+    folder = Path(__file__).resolve().parent.parent / "schemas" / "json"
+    assert {name: (folder / name).read_text() for name in schema_texts()} == schema_texts()
