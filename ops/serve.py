@@ -24,7 +24,7 @@ import uvicorn
 from ingress.app import IngressConfig, create_app
 from ops.config import free_port
 from ops.group import GroupSpec, GroupSpecError, plan_group, start_group
-from pipeline.nats_server import EmbeddedNats, stop_process
+from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats, stop_process
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
 
@@ -215,7 +215,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                  group.backend, f", layers per rank {group.split}" if group.split else "")
     nats_server = None
     if nats_url is None:
-        nats_server = EmbeddedNats(home / "nats", port=nats_port)
+        nats_server = EmbeddedNats(home / "nats", port=nats_port, encryption_key=os.environ.get(KEY_VARIABLE))
         await asyncio.to_thread(nats_server.start)
         nats_url = nats_server.url
     supervisor = GroupSupervisor(

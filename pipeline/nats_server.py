@@ -54,13 +54,22 @@ def stop_process(process: subprocess.Popen | None, timeout_s: float) -> None:
         process.wait()
 
 
-class EmbeddedNats:
-    """A nats-server with JetStream, its data under `store_dir`, listening on 127.0.0.1 only."""
+KEY_VARIABLE = "CONCLAVE_JETSTREAM_KEY"
 
-    def __init__(self, store_dir: Path, port: int = 4222, host: str = "127.0.0.1"):
+
+class EmbeddedNats:
+    """A nats-server with JetStream, its data under `store_dir`, listening on 127.0.0.1 only.
+
+    With `encryption_key`, JetStream encrypts everything it stores (streams: jobs, cancels, the audit
+    log) with ChaCha20-Poly1305, nats-server's own at-rest cipher. The key reaches the server through
+    its environment (the config file names the variable), never a file or the command line.
+    """
+
+    def __init__(self, store_dir: Path, port: int = 4222, host: str = "127.0.0.1", encryption_key: str | None = None):
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
+        self.encryption_key = encryption_key
         self.process: subprocess.Popen | None = None
 
     @property
@@ -70,18 +79,21 @@ class EmbeddedNats:
     def start(self, timeout_s: float = 20.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.store_dir / "nats-server.log", "ab")
+        env = None
+        if self.encryption_key:
+            config = self.store_dir / "nats-server.conf"
+            config.write_text(f'jetstream {{\n  store_dir: "{self.store_dir}"\n  cipher: chachapoly\n'
+                              f'  key: ${KEY_VARIABLE}\n}}\n')
+            storage = ["-c", str(config)]
+            env = {**os.environ, KEY_VARIABLE: self.encryption_key}
+        else:
+            storage = ["--jetstream", "--store_dir", str(self.store_dir)]
         self.process = subprocess.Popen(
-            [
-                nats_server_binary(),
-                "--jetstream",
-                "--store_dir", str(self.store_dir),
-                "--addr", self.host,
-                "--port", str(self.port),
-                "--server_name", "conclave",
-            ],
+            [nats_server_binary(), *storage, "--addr", self.host, "--port", str(self.port), "--server_name", "conclave"],
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=child_preexec,
+            env=env,
         )
         log.close()
         self._wait_ready(timeout_s)

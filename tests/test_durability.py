@@ -93,3 +93,32 @@ async def test_jobs_published_before_a_worker_are_served(bare_nats, server):
     finally:
         worker.terminate()
         assert worker.wait(30) == 0
+
+
+async def stored_bytes_after(tmp_path, key: str | None, secret: bytes) -> bytes:
+    """Queue a job containing `secret` on a fresh nats-server, stop it, return every byte it stored."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), encryption_key=key)
+    server.start()
+    nc = await nats.connect(server.url)
+    await ensure_streams(nc.jetstream())
+    job = Job(id="job-secret", model=MODEL, reply_subject="r", kind="completion", prompt=secret.decode())
+    await nc.jetstream().publish(job_subject(MODEL), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+    await nc.close()
+    server.stop()
+    return b"".join(p.read_bytes() for p in (tmp_path / "nats" / "jetstream").rglob("*") if p.is_file())
+
+
+async def test_jetstream_encryption_at_rest(tmp_path):
+    secret, key = b"patient 4711 has condition X", "a-long-random-key-from-the-vault"
+    assert secret in await stored_bytes_after(tmp_path / "plain", None, secret)
+    assert secret not in await stored_bytes_after(tmp_path / "encrypted", key, secret)
+    # The same key reads the queued job back after a restart.
+    server = EmbeddedNats(tmp_path / "encrypted" / "nats", port=free_port(), encryption_key=key)
+    server.start()
+    nc = await nats.connect(server.url)
+    try:
+        stored = await nc.jetstream().get_last_msg(JOBS_STREAM, job_subject(MODEL))
+        assert msgspec.json.decode(stored.data, type=Job).prompt == secret.decode()
+    finally:
+        await nc.close()
+        server.stop()
