@@ -7,9 +7,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.errors import BadRequestError
 
 from pipeline.audit import audit_stream_config
-from pipeline.subjects import CANCELS_PREFIX, CANCELS_STREAM, JOBS_PREFIX, JOBS_STREAM, job_subject, worker_durable
+from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM,
+                               job_subject, worker_durable)
 
 DAY = 24 * 3600
+# Deliveries of one job before it is dead-lettered: the last one is not run (see workers/worker.py).
+MAX_DELIVER = 5
 
 
 def jobs_stream_config(max_age_s: float = 7 * DAY) -> StreamConfig:
@@ -37,6 +40,12 @@ def cancels_stream_config() -> StreamConfig:
     )
 
 
+def dead_letter_stream_config() -> StreamConfig:
+    # Jobs that kept killing (or losing) their workers, kept for an operator to inspect or re-publish.
+    return StreamConfig(name=DEAD_STREAM, subjects=[f"{DEAD_PREFIX}.>"], storage=StorageType.FILE,
+                        max_age=30 * DAY, duplicate_window=120.0)
+
+
 def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=worker_durable(model),
@@ -44,13 +53,13 @@ def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
-        max_deliver=5,
+        max_deliver=MAX_DELIVER,
     )
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
     """Create the streams, or update them to this config; safe to call from every process at start."""
-    for config in (jobs_stream_config(), cancels_stream_config(), audit_stream_config()):
+    for config in (jobs_stream_config(), cancels_stream_config(), dead_letter_stream_config(), audit_stream_config()):
         try:
             await js.add_stream(config)
         except BadRequestError:

@@ -11,6 +11,8 @@ STATUS_PREFIX = "conclave.status"
 CANCELS_STREAM = "CONCLAVE_CANCELS"
 CANCELS_PREFIX = "conclave.cancels"
 GROUPS_PREFIX = "conclave.groups"
+DEAD_STREAM = "CONCLAVE_DEAD"
+DEAD_PREFIX = "conclave.dead"
 
 _NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -44,3 +46,8 @@ def worker_durable(model: str) -> str:
 def group_wake_subject(group_id: str) -> str:
     """Core NATS: the leader of a worker group wakes its followers here before each job."""
     return f"{GROUPS_PREFIX}.{subject_token(group_id)}.wake"
+
+
+def dead_subject(model: str) -> str:
+    """Where a job that was delivered max_deliver times without finishing is kept (CONCLAVE_DEAD)."""
+    return f"{DEAD_PREFIX}.{subject_token(model)}"

@@ -11,8 +11,11 @@ import nats
 import pytest
 
 from pipeline.nats_server import EmbeddedNats
-from pipeline.streams import ensure_streams
-from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
+from pipeline.audit import AUDIT_STREAM, AUDIT_SUBJECT
+from pipeline.streams import MAX_DELIVER, ensure_streams, worker_consumer_config
+from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject, job_subject,
+                               worker_durable)
+from schemas.audit import AuditRecord
 from schemas.jobs import Cancel, Done, Event, Failed, Job, SamplingParams
 from schemas.openai import ChatMessage
 from ops.config import free_port
@@ -122,3 +125,36 @@ async def test_jetstream_encryption_at_rest(tmp_path):
     finally:
         await nc.close()
         server.stop()
+
+
+async def test_job_delivered_max_deliver_times_is_dead_lettered(bare_nats, server):
+    nats_server, nc = bare_nats
+    js = nc.jetstream()
+    replies = await nc.subscribe("test.replies.doomed")
+    job = Job(id="job-doomed", model=MODEL, reply_subject="test.replies.doomed", kind="completion", prompt="Hi",
+              created=time.time())
+    await js.publish(job_subject(MODEL), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+    # Four deliveries that never finish, as if four workers had died on it (the worker's own consumer).
+    pull = await js.pull_subscribe(job_subject(MODEL), durable=worker_durable(MODEL), stream=JOBS_STREAM,
+                                   config=worker_consumer_config(MODEL, ack_wait_s=2.5))
+    for delivery in range(1, MAX_DELIVER):
+        (msg,) = await pull.fetch(1, timeout=10)
+        assert msg.metadata.num_delivered == delivery
+        await msg.nak()
+    await pull.unsubscribe()
+
+    worker = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
+                               str(server.home / "models" / MODEL), "--nats-url", nats_server.url,
+                               "--heartbeat", "0.5"])
+    try:
+        failed = await final_event(replies)
+        assert isinstance(failed, Failed) and failed.error.code == "max_deliveries" and failed.status == 500
+        dead = await js.get_last_msg(DEAD_STREAM, dead_subject(MODEL))
+        assert msgspec.json.decode(dead.data, type=Job).id == job.id
+        assert dead.headers["Conclave-Deliveries"] == str(MAX_DELIVER)
+        record = msgspec.json.decode((await js.get_last_msg(AUDIT_STREAM, AUDIT_SUBJECT)).data, type=AuditRecord)
+        assert (record.job_id, record.outcome, record.error.code) == (job.id, "failed", "max_deliveries")
+        assert worker.poll() is None
+    finally:
+        worker.terminate()
+        assert worker.wait(30) == 0

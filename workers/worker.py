@@ -34,9 +34,9 @@ from nats.js.errors import NotFoundError
 from nats.aio.msg import Msg
 
 from pipeline.audit import append_record
-from pipeline.streams import ensure_streams, worker_consumer_config
-from pipeline.subjects import (CANCELS_STREAM, JOBS_STREAM, cancel_subject, group_wake_subject, job_subject,
-                               status_subject, worker_durable)
+from pipeline.streams import MAX_DELIVER, ensure_streams, worker_consumer_config
+from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject,
+                               group_wake_subject, job_subject, status_subject, worker_durable)
 from schemas.audit import AuditRecord
 from schemas.jobs import Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
 from schemas.openai import ErrorDetail
@@ -252,6 +252,17 @@ class Worker:
             return
 
         attempt = msg.metadata.num_delivered if msg.metadata else 1
+        if attempt >= MAX_DELIVER:
+            # Every earlier delivery ended without an answer (its worker died, hung or was stopped): do not
+            # risk another crash loop. Keep the job for an operator and tell the requester.
+            await self.js.publish(dead_subject(job.model), msg.data, stream=DEAD_STREAM,
+                                  headers={"Nats-Msg-Id": job.id, "Conclave-Deliveries": str(attempt)})
+            await self.fail(job.reply_subject, job.id, 500, ErrorDetail(
+                message=f"The job was delivered {attempt} times without finishing (its workers died or were "
+                        f"stopped); it was moved to {dead_subject(job.model)} and will not be retried.",
+                type="server_error", code="max_deliveries"), job, attempt)
+            await msg.term()
+            return
         self.cancel_current.clear()
 
         async def on_cancel(_):
