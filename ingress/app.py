@@ -144,17 +144,51 @@ def create_app(config: IngressConfig) -> Starlette:
             return
         yield b"data: [DONE]\n\n"
 
+    async def unless_disconnected(request: Request, work):
+        """`await work()`, abandoned if the HTTP client disconnects first.
+
+        Abandoning it closes the relay's event stream before the final event, and the relay then publishes
+        a cancel: the worker stops within one decode step (or skips the job if it is still queued).
+        """
+        outcome: dict = {}
+        async with anyio.create_task_group() as group:
+            async def watch() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            async def run() -> None:
+                try:
+                    outcome["value"] = await work()
+                except APIError as exc:
+                    outcome["error"] = exc
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            group.start_soon(run)
+        if "error" in outcome:
+            raise outcome["error"]
+        if "value" not in outcome:  # nobody will read this answer
+            raise APIError(499, "The client closed the request.", code="client_closed")
+        return outcome["value"]
+
     def stream_response(gen, job: Job) -> StreamingResponse:
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "x-request-id": job.id})
 
-    async def respond(req, job: Job, chunk_for, body_for) -> Response:
+    async def respond(request: Request, req, job: Job, chunk_for, body_for) -> Response:
         """Both endpoints: submit, then an SSE stream of `chunk_for(...)` or one JSON `body_for(done)`."""
-        events, accepted = await start(job)
         if req.stream:
+            events, accepted = await start(job)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            # StreamingResponse notices a client that goes away and closes `events`: the relay cancels the job.
             return stream_response(sse(job, events, accepted, chunk_for, include_usage), job)
-        done = await final_result(events)
+
+        async def whole() -> Done:
+            events, _ = await start(job)
+            return await final_result(events)
+
+        done = await unless_disconnected(request, whole)
         return Response(encode(body_for(done)), media_type="application/json", headers={"x-request-id": job.id})
 
     async def chat_completions(request: Request) -> Response:
@@ -173,7 +207,7 @@ def create_app(config: IngressConfig) -> Starlette:
             return ChatCompletion(id=job.id, created=created, model=job.model, usage=done.usage, choices=[
                 ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)])
 
-        return await respond(req, job, chunk_for, body_for)
+        return await respond(request, req, job, chunk_for, body_for)
 
     async def completions(request: Request) -> Response:
         req = decode(await request.body(), CompletionRequest)
@@ -192,7 +226,7 @@ def create_app(config: IngressConfig) -> Starlette:
             return Completion(id=job.id, created=created, model=job.model, usage=done.usage, choices=[
                 CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason)])
 
-        return await respond(req, job, chunk_for, body_for)
+        return await respond(request, req, job, chunk_for, body_for)
 
     async def list_models(request: Request) -> Response:
         return Response(encode(ModelList(data=list(models.values()))), media_type="application/json")
