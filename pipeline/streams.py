@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from pipeline.audit import audit_stream_config
 from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM,
-                               job_subject, worker_durable)
+                               RESULTS_PREFIX, RESULTS_STREAM, job_subject, worker_durable)
 
 DAY = 24 * 3600
 # Deliveries of one job before it is dead-lettered: the last one is not run (see workers/worker.py).
@@ -46,6 +48,14 @@ def dead_letter_stream_config() -> StreamConfig:
                         max_age=30 * DAY, duplicate_window=120.0)
 
 
+def results_stream_config() -> StreamConfig:
+    # The final event of every job, by job id, for CONCLAVE_RESULTS_TTL_HOURS (default 24): a submitter that
+    # lost its connection (or an ingress that restarted) fetches it with get_last_msg on its subject.
+    hours = float(os.environ.get("CONCLAVE_RESULTS_TTL_HOURS") or 24)
+    return StreamConfig(name=RESULTS_STREAM, subjects=[f"{RESULTS_PREFIX}.>"], storage=StorageType.FILE,
+                        max_age=hours * 3600, max_msgs_per_subject=1)
+
+
 def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=worker_durable(model),
@@ -59,7 +69,8 @@ def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
 
 async def ensure_streams(js: JetStreamContext) -> None:
     """Create the streams, or update them to this config; safe to call from every process at start."""
-    for config in (jobs_stream_config(), cancels_stream_config(), dead_letter_stream_config(), audit_stream_config()):
+    for config in (jobs_stream_config(), cancels_stream_config(), dead_letter_stream_config(), results_stream_config(),
+                   audit_stream_config()):
         try:
             await js.add_stream(config)
         except BadRequestError:

@@ -12,6 +12,8 @@ CANCELS_STREAM = "CONCLAVE_CANCELS"
 CANCELS_PREFIX = "conclave.cancels"
 GROUPS_PREFIX = "conclave.groups"
 DEAD_STREAM = "CONCLAVE_DEAD"
+RESULTS_STREAM = "CONCLAVE_RESULTS"
+RESULTS_PREFIX = "conclave.results"
 DEAD_PREFIX = "conclave.dead"
 
 _NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
@@ -51,3 +53,8 @@ def group_wake_subject(group_id: str) -> str:
 def dead_subject(model: str) -> str:
     """Where a job that was delivered max_deliver times without finishing is kept (CONCLAVE_DEAD)."""
     return f"{DEAD_PREFIX}.{subject_token(model)}"
+
+
+def result_subject(job_id: str) -> str:
+    """The final event (done or failed) of a job, kept in CONCLAVE_RESULTS for a submitter that reconnects."""
+    return f"{RESULTS_PREFIX}.{subject_token(job_id)}"

@@ -13,8 +13,8 @@ import pytest
 from pipeline.nats_server import EmbeddedNats
 from pipeline.audit import AUDIT_STREAM, AUDIT_SUBJECT
 from pipeline.streams import MAX_DELIVER, ensure_streams, worker_consumer_config
-from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject, job_subject,
-                               worker_durable)
+from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, RESULTS_STREAM, cancel_subject, dead_subject,
+                               job_subject, result_subject, worker_durable)
 from schemas.audit import AuditRecord
 from schemas.jobs import Cancel, Done, Event, Failed, Job, SamplingParams
 from schemas.openai import ChatMessage
@@ -158,3 +158,22 @@ async def test_job_delivered_max_deliver_times_is_dead_lettered(bare_nats, serve
     finally:
         worker.terminate()
         assert worker.wait(30) == 0
+
+
+async def test_a_submitter_that_was_away_fetches_its_result_by_job_id(server):
+    nc = await nats.connect(server.nats_url)
+    try:
+        js = nc.jetstream()
+        # Nobody listens on the reply subject: the submitter has gone away after publishing.
+        job = Job(id="job-away", model=MODEL, reply_subject="test.replies.nobody", kind="chat", stream=False,
+                  messages=[ChatMessage(**m) for m in FRANCE], params=SamplingParams(temperature=0, max_tokens=12),
+                  created=time.time())
+        await js.publish(job_subject(MODEL), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+        # Back later, it reads the final event from the results stream (watching the subject, no polling).
+        watch = await js.subscribe(result_subject(job.id), stream=RESULTS_STREAM, ordered_consumer=True)
+        result = decode_event((await watch.next_msg(timeout=180)).data)
+        assert isinstance(result, Done) and "Paris" in result.text and result.id == job.id
+        stored = await js.get_last_msg(RESULTS_STREAM, result_subject(job.id))
+        assert decode_event(stored.data) == result
+    finally:
+        await nc.close()

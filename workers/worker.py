@@ -35,8 +35,9 @@ from nats.aio.msg import Msg
 
 from pipeline.audit import append_record
 from pipeline.streams import MAX_DELIVER, ensure_streams, worker_consumer_config
-from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject,
-                               group_wake_subject, job_subject, status_subject, worker_durable)
+from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, RESULTS_STREAM, cancel_subject,
+                               dead_subject, group_wake_subject, job_subject, result_subject, status_subject,
+                               worker_durable)
 from schemas.audit import AuditRecord
 from schemas.jobs import Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
 from schemas.openai import ErrorDetail
@@ -170,9 +171,20 @@ class Worker:
     async def fail(self, reply: str | None, job_id: str, status: int, error: ErrorDetail, job: Job | None = None,
                    attempt: int = 1) -> None:
         """The job's final event is this error: tell the submitter (if it said where), then audit it."""
+        failed = Failed(id=job_id, status=status, error=error)
         if reply:
-            await self.nc.publish(reply, encode(Failed(id=job_id, status=status, error=error)))
+            await self.nc.publish(reply, encode(failed))
+        await self.keep_result(failed)
         await self.record(job, job_id, "cancelled" if error.code == "cancelled" else "failed", attempt, error=error)
+
+    async def keep_result(self, event: Done | Failed) -> None:
+        """The final event, also in CONCLAVE_RESULTS under the job id (best effort, like the audit record)."""
+        if not event.id:
+            return
+        try:
+            await self.js.publish(result_subject(event.id), encode(event), stream=RESULTS_STREAM)
+        except Exception:
+            log.exception("job %s: could not keep its result", event.id)
 
     async def record(self, job: Job | None, job_id: str, outcome: str, attempt: int = 1, done: Done | None = None,
                      error: ErrorDetail | None = None) -> None:
@@ -317,6 +329,7 @@ class Worker:
             else:
                 await self.nc.flush()
                 cancelled = isinstance(event, Failed)  # the Done was replaced: cancelled mid-way
+                await self.keep_result(event)
                 await self.record(job, job.id, "cancelled" if cancelled else "done", attempt, done,
                                   CANCELLED if cancelled else None)
                 await msg.ack_sync()
