@@ -7,14 +7,20 @@ from typing import AsyncIterator
 import anyio
 import msgspec
 import nats
+import nats.js.errors
 from nats.js.errors import NoStreamResponseError
 
 from ingress.errors import APIError
+from pipeline.streams import max_queued
 from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
 from schemas.jobs import Cancel, Done, Event, Failed, Job
 
 decode_event = msgspec.json.Decoder(Event).decode
 encode = msgspec.json.Encoder().encode
+
+
+QUEUE_FULL = 10077  # JetStream: "maximum messages per subject exceeded" (pipeline/streams.py: max_queued)
+RETRY_AFTER_S = 5  # a few decode-heavy jobs' worth; a client that honours it does not hammer a full queue
 
 
 async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) -> AsyncIterator[Event]:
@@ -31,6 +37,12 @@ async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) 
         try:
             await nc.jetstream().publish(job_subject(job.model), encode(job), stream=JOBS_STREAM,
                                          headers={"Nats-Msg-Id": job.id})
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != QUEUE_FULL:
+                raise
+            raise APIError(429, f"Too many requests are queued for model '{job.model}' (limit {max_queued()}); "
+                           f"retry after {RETRY_AFTER_S} seconds.", code="rate_limit_exceeded", type="requests",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
         except (NoStreamResponseError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
             raise APIError(503, f"The job queue is unavailable ({type(exc).__name__}); try again shortly.",
                            code="queue_unavailable")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def add_group_flags(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> None:
     from ops.serve import serve
 
+    # Every process of the deployment declares the jobs stream with this limit (pipeline/streams.py).
+    os.environ["CONCLAVE_MAX_QUEUED"] = str(args.max_queued)
     asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, args.api_key,
                       args.queue_timeout, args.worker_timeout, args.heartbeat, group_from_args(args),
                       args.step_timeout))
@@ -111,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds of silence from a busy worker before its request fails with 503")
     s.add_argument("--heartbeat", type=float, default=env_float("CONCLAVE_HEARTBEAT", 2.0),
                    help="seconds between worker status and progress messages")
+    s.add_argument("--max-queued", type=int, default=int(os.environ.get("CONCLAVE_MAX_QUEUED") or 1000),
+                   help="jobs one model may have queued or running; beyond it HTTP answers 429 and NATS "
+                        "publishes are refused")
     s.add_argument("--step-timeout", type=float, default=env_float("CONCLAVE_STEP_TIMEOUT", 60.0),
                    help="a worker group with no generation step for this long has lost a rank and restarts")
     add_group_flags(s)

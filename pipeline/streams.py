@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType,
+                         StreamConfig)
 from nats.js.errors import BadRequestError
 
 from pipeline.audit import audit_stream_config
@@ -17,15 +18,29 @@ DAY = 24 * 3600
 MAX_DELIVER = 5
 
 
+def max_queued() -> int:
+    """Jobs one model may have queued or running; beyond it a publish is refused (HTTP: 429).
+
+    From CONCLAVE_MAX_QUEUED (default 1000), which `conclave serve --max-queued` sets for every process it
+    starts, so they all declare the same stream.
+    """
+    return int(os.environ.get("CONCLAVE_MAX_QUEUED") or 1000)
+
+
 def jobs_stream_config(max_age_s: float = 7 * DAY) -> StreamConfig:
-    # Limits retention (not work-queue): an acked job stays in the stream, so the stream is also the
-    # request log that audit tooling reads and replays. File storage: queued jobs survive a restart.
+    # A work queue: a job stays stored while it is queued or running and is removed once acked (the audit
+    # stream is the record of what was asked and answered). File storage: queued jobs survive a restart.
+    # At most max_queued() jobs per model subject, and a publish beyond that is refused by JetStream itself
+    # (discard new, per subject), so HTTP and NATS submitters meet the same limit.
     return StreamConfig(
         name=JOBS_STREAM,
         subjects=[f"{JOBS_PREFIX}.>"],
-        retention=RetentionPolicy.LIMITS,
+        retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_age=max_age_s,
+        max_msgs_per_subject=max_queued(),
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
         duplicate_window=120.0,  # a re-published Nats-Msg-Id inside this window is dropped
     )
 

@@ -75,3 +75,24 @@ def stream_until_broken(client: openai.OpenAI, break_worker) -> str:
                     break_worker()
     assert 1 <= len(received) < 300
     return str(caught.value)
+
+
+async def wait_for_audit_record(nats_url: str, predicate, timeout_s: float = 60.0):
+    """The first audit record matching `predicate`, once the worker has appended it.
+
+    A worker appends the record just after it sends the final event, so a client can have its answer a
+    moment before the record exists; this watches the audit subject instead of guessing a delay.
+    """
+    import nats as nats_client
+
+    from pipeline.audit import AUDIT_STREAM, AUDIT_SUBJECT, decode_record
+
+    nc = await nats_client.connect(nats_url)
+    try:
+        watch = await nc.jetstream().subscribe(AUDIT_SUBJECT, stream=AUDIT_STREAM, ordered_consumer=True)
+        while True:
+            record = decode_record((await watch.next_msg(timeout=timeout_s)).data)
+            if predicate(record):
+                return record
+    finally:
+        await nc.close()

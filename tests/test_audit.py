@@ -18,7 +18,7 @@ from pipeline.audit import append_record, read_records, verify_chain
 from pipeline.nats_server import EmbeddedNats
 from pipeline.streams import ensure_streams
 from schemas.audit import AuditRecord
-from tests.conftest import FRANCE, MODEL
+from tests.conftest import FRANCE, MODEL, wait_for_audit_record
 
 
 def audit(server, *args: str) -> subprocess.CompletedProcess:
@@ -26,8 +26,9 @@ def audit(server, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_every_request_is_recorded_and_the_chain_verifies(server, client, tmp_path):
+async def test_every_request_is_recorded_and_the_chain_verifies(server, client, tmp_path):
     reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
+    await wait_for_audit_record(server.nats_url, lambda r: r.job_id == reply.id)
     shown = audit(server, "show", reply.id)
     assert shown.returncode == 0, shown.stderr
     record = msgspec.json.decode(shown.stdout, type=AuditRecord)
@@ -40,10 +41,12 @@ def test_every_request_is_recorded_and_the_chain_verifies(server, client, tmp_pa
     # A refused request is recorded too, with its error.
     with pytest.raises(Exception):
         client.chat.completions.create(model=MODEL, messages=FRANCE, seed=-1)
+    await wait_for_audit_record(server.nats_url, lambda r: r.error is not None and r.error.param == "seed")
     listed = audit(server, "list", "--limit", "1").stdout
     assert "failed\tinvalid_value" in listed
 
-    client.completions.create(model=MODEL, prompt="Paris is", temperature=0, max_tokens=2)
+    third = client.completions.create(model=MODEL, prompt="Paris is", temperature=0, max_tokens=2)
+    await wait_for_audit_record(server.nats_url, lambda r: r.job_id == third.id)
     verified = audit(server, "verify")
     assert verified.returncode == 0 and "chain intact" in verified.stdout
 
@@ -91,10 +94,11 @@ async def test_concurrent_appends_form_one_chain(tmp_path):
         server.stop()
 
 
-def test_replay_reports_no_difference_on_an_unchanged_deployment(server, client):
+async def test_replay_reports_no_difference_on_an_unchanged_deployment(server, client):
     start = time.time()
     reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8)
-    client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=1.0, max_tokens=2)  # no seed: skipped
+    sampled = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=1.0, max_tokens=2)  # no seed
+    await wait_for_audit_record(server.nats_url, lambda r: r.job_id == sampled.id)
     since = datetime.datetime.fromtimestamp(start, datetime.timezone.utc).isoformat()
     result = audit(server, "replay", "--since", since)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -102,4 +106,4 @@ def test_replay_reports_no_difference_on_an_unchanged_deployment(server, client)
     assert (report["replayed"], report["same"], report["different"]) == (1, 1, [])
     assert report["skipped"] == {"sampled without a seed": 1}
     # The replay is itself audited, marked as such.
-    assert f"replay-of:{reply.id}" in audit(server, "list", "--limit", "1").stdout
+    await wait_for_audit_record(server.nats_url, lambda r: r.caller == f"replay-of:{reply.id}")

@@ -6,12 +6,14 @@ import subprocess
 import sys
 import time
 
+import httpx
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 
 from pipeline.nats_server import EmbeddedNats
-from pipeline.audit import AUDIT_STREAM, AUDIT_SUBJECT
+from pipeline.audit import AUDIT_STREAM, AUDIT_SUBJECT, decode_record, read_records
 from pipeline.streams import MAX_DELIVER, ensure_streams, worker_consumer_config
 from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, RESULTS_STREAM, cancel_subject, dead_subject,
                                job_subject, result_subject, worker_durable)
@@ -19,26 +21,26 @@ from schemas.audit import AuditRecord
 from schemas.jobs import Cancel, Done, Event, Failed, Job, SamplingParams
 from schemas.openai import ChatMessage
 from ops.config import free_port
-from tests.conftest import FRANCE, MODEL
+from tests.conftest import FRANCE, MODEL, start_server, wait_for_audit_record
 
 decode_event = msgspec.json.Decoder(Event).decode
 
 
-async def test_job_record_is_in_the_stream(server, client):
+async def test_a_duplicate_msg_id_is_served_once(server, client):
     reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=2)
     nc = await nats.connect(server.nats_url)
     try:
         js = nc.jetstream()
-        record = await js.get_last_msg(JOBS_STREAM, job_subject(MODEL))
-        assert record.headers["Nats-Msg-Id"] == reply.id
-        job = msgspec.json.decode(record.data, type=Job)
-        assert job.id == reply.id and job.source == "http"
-        assert [(m.role, m.content) for m in job.messages] == [("user", FRANCE[0]["content"])]
-        assert job.params.temperature == 0 and job.params.max_tokens == 2
-        # The same msg id again is recognised as a duplicate and not queued a second time.
-        ack = await js.publish(job_subject(MODEL), record.data, headers={"Nats-Msg-Id": reply.id})
+        # The same Nats-Msg-Id again (a submitter retrying after a lost ack) is dropped by JetStream.
+        again = Job(id=reply.id, model=MODEL, reply_subject="test.replies.again", kind="chat",
+                    messages=[ChatMessage(**m) for m in FRANCE], created=time.time())
+        ack = await js.publish(job_subject(MODEL), msgspec.json.encode(again), headers={"Nats-Msg-Id": reply.id})
         assert ack.duplicate
-        assert (await js.get_last_msg(JOBS_STREAM, job_subject(MODEL))).seq == record.seq
+        # The audit log holds it exactly once (the stream itself is a work queue: a finished job leaves it).
+        await wait_for_audit_record(server.nats_url, lambda r: r.job_id == reply.id)
+        records = [decode_record(raw) async for _, raw in read_records(js)]
+        mine = [r for r in records if r.job_id == reply.id]
+        assert len(mine) == 1 and mine[0].job.source == "http" and mine[0].job.params.max_tokens == 2
     finally:
         await nc.close()
 
@@ -177,3 +179,31 @@ async def test_a_submitter_that_was_away_fetches_its_result_by_job_id(server):
         assert decode_event(stored.data) == result
     finally:
         await nc.close()
+
+
+async def test_a_full_queue_answers_429_over_http_and_refuses_nats_publishes(server, tmp_path):
+    srv = start_server(tmp_path / "home", "--model", str(server.home / "models" / MODEL), "--max-queued", "2")
+    nc = await nats.connect(srv.nats_url)
+    try:
+        js = nc.jetstream()
+        long_jobs = [Job(id=f"job-long-{i}", model=MODEL, reply_subject="test.replies.ignored", kind="completion",
+                         prompt="Once upon a time", params=SamplingParams(temperature=0, max_tokens=400),
+                         created=time.time()) for i in range(2)]
+        for job in long_jobs:  # one running, one waiting: the model's limit of 2
+            await js.publish(job_subject(MODEL), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+
+        response = httpx.post(srv.base_url + "/chat/completions", timeout=60,
+                              json={"model": MODEL, "messages": FRANCE, "max_tokens": 2})
+        assert response.status_code == 429 and response.headers["retry-after"] == "5"
+        error = response.json()["error"]
+        assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests") and "limit 2" in error["message"]
+
+        third = Job(id="job-third", model=MODEL, reply_subject="r", kind="completion", prompt="Hi")
+        with pytest.raises(nats.js.errors.APIError) as refused:
+            await js.publish(job_subject(MODEL), msgspec.json.encode(third), headers={"Nats-Msg-Id": third.id})
+        assert refused.value.err_code == 10077  # "maximum messages per subject exceeded"
+        for job in long_jobs:
+            await js.publish(cancel_subject(job.id), msgspec.json.encode(Cancel(id=job.id)), stream=CANCELS_STREAM)
+    finally:
+        await nc.close()
+        assert srv.stop() == 0

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
-import time
 
 import httpx
-import nats
 import pytest
 
-from pipeline.audit import decode_record, read_records
-from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken
+from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken, wait_for_audit_record
 
 
 
@@ -46,18 +42,7 @@ async def test_client_disconnect_stops_a_non_streamed_request(server, http):
     with pytest.raises(httpx.ReadTimeout):
         http.post("/chat/completions", timeout=5, json={"model": MODEL, "max_tokens": 300, "temperature": 0,
                                                         "messages": [{"role": "user", "content": prompt}]})
-    nc = await nats.connect(server.nats_url)
-    try:
-        record = None
-        deadline = time.monotonic() + 60
-        while record is None and time.monotonic() < deadline:  # the worker records it once it has stopped
-            async for _, raw in read_records(nc.jetstream()):
-                candidate = decode_record(raw)
-                if candidate.job and candidate.job.messages and candidate.job.messages[0].content == prompt:
-                    record = candidate
-            if record is None:
-                await asyncio.sleep(0.2)
-    finally:
-        await nc.close()
-    assert record is not None and record.outcome == "cancelled" and record.error.code == "cancelled"
+    record = await wait_for_audit_record(
+        server.nats_url, lambda r: bool(r.job and r.job.messages and r.job.messages[0].content == prompt))
+    assert record.outcome == "cancelled" and record.error.code == "cancelled"
     assert 0 < record.usage.completion_tokens < 300
