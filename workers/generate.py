@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def main(argv=None) -> None:
     if shard.is_leader:
         report.update(runs[0], runs=runs)
     Path(args.report_dir, f"rank-{shard.rank}.json").write_text(json.dumps(report))
-    mx.synchronize()  # a discarded last step may still be running; exiting under it aborts the process
+    mx.synchronize()  # a discarded last step may still be running
+    os._exit(0)  # as workers/worker.py: skip MLX's C++ teardown, which can abort at interpreter exit
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -422,6 +423,13 @@ def main(argv=None) -> None:
     rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[rank {rank} pid {os.getpid()}] %(levelname)s %(message)s")
     asyncio.run(main_async(args))
+    # Everything is settled: NATS flushed and closed, MLX synchronized, its thread joined. Skip the C++
+    # static destructors: tearing down MLX's internal threads at interpreter exit occasionally aborts
+    # ("terminate called without an active exception"), turning a clean stop into a crash (exit -6).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
