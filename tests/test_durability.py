@@ -13,11 +13,10 @@ import nats.js.errors
 import pytest
 
 from pipeline.nats_server import EmbeddedNats
-from pipeline.audit import AUDIT_STREAM, AUDIT_SUBJECT, decode_record, read_records
+from pipeline.audit import decode_record, read_records
 from pipeline.streams import MAX_DELIVER, ensure_streams, worker_consumer_config
 from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, RESULTS_STREAM, cancel_subject, dead_subject,
                                job_subject, result_subject, worker_durable)
-from schemas.audit import AuditRecord
 from schemas.jobs import Cancel, Done, Event, Failed, Job, SamplingParams
 from schemas.openai import ChatMessage
 from ops.config import free_port
@@ -154,8 +153,8 @@ async def test_job_delivered_max_deliver_times_is_dead_lettered(bare_nats, serve
         dead = await js.get_last_msg(DEAD_STREAM, dead_subject(MODEL))
         assert msgspec.json.decode(dead.data, type=Job).id == job.id
         assert dead.headers["Conclave-Deliveries"] == str(MAX_DELIVER)
-        record = msgspec.json.decode((await js.get_last_msg(AUDIT_STREAM, AUDIT_SUBJECT)).data, type=AuditRecord)
-        assert (record.job_id, record.outcome, record.error.code) == (job.id, "failed", "max_deliveries")
+        record = await wait_for_audit_record(nats_server.url, lambda r: r.job_id == job.id)
+        assert (record.outcome, record.error.code) == ("failed", "max_deliveries")
         assert worker.poll() is None
     finally:
         worker.terminate()
@@ -207,3 +206,34 @@ async def test_a_full_queue_answers_429_over_http_and_refuses_nats_publishes(ser
     finally:
         await nc.close()
         assert srv.stop() == 0
+
+
+async def test_jobs_queued_across_a_nats_server_restart_are_all_served(server, tmp_path):
+    port = free_port()
+    first = EmbeddedNats(tmp_path / "nats", port=port)
+    first.start()
+    nc = await nats.connect(first.url)
+    await ensure_streams(nc.jetstream())
+    jobs = [Job(id=f"job-restart-{i}", model=MODEL, reply_subject=f"test.replies.restart.{i}", kind="completion",
+                prompt="The capital of France is", params=SamplingParams(temperature=0, max_tokens=3),
+                stream=False, created=time.time()) for i in range(3)]
+    for job in jobs:
+        await nc.jetstream().publish(job_subject(MODEL), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+    await nc.close()
+    first.stop()  # queued jobs are on disk only now
+
+    second = EmbeddedNats(tmp_path / "nats", port=port)
+    second.start()
+    nc = await nats.connect(second.url)
+    replies = [await nc.subscribe(job.reply_subject) for job in jobs]
+    worker = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
+                               str(server.home / "models" / MODEL), "--nats-url", second.url, "--heartbeat", "0.5"])
+    try:
+        for job, sub in zip(jobs, replies):
+            done = await final_event(sub)
+            assert isinstance(done, Done) and done.id == job.id and "Paris" in done.text
+    finally:
+        worker.terminate()
+        assert worker.wait(30) == 0
+        await nc.close()
+        second.stop()
