@@ -59,8 +59,9 @@ def tokenizer(server):
     return load_tokenizer(server.home / "models" / MODEL)
 
 
-def stream_until_broken(client: openai.OpenAI, break_worker) -> str:
-    """Stream a long answer, call `break_worker` after the first text; return the error the client got.
+def stream_until_broken(client: openai.OpenAI, break_worker) -> tuple[str, str]:
+    """Stream a long answer, call `break_worker` after the first text; return the error the client got
+    and the request (job) id.
 
     The client must get a clean error, not a hang: 300 tokens take about 30 s here, and a broken worker or
     group is noticed within seconds.
@@ -73,8 +74,9 @@ def stream_until_broken(client: openai.OpenAI, break_worker) -> str:
                 received.append(chunk.choices[0].delta.content)
                 if len(received) == 1:
                     break_worker()
+                    job_id = chunk.id
     assert 1 <= len(received) < 300
-    return str(caught.value)
+    return str(caught.value), job_id
 
 
 async def wait_for_audit_record(nats_url: str, predicate, timeout_s: float = 60.0):

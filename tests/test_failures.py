@@ -7,21 +7,32 @@ import signal
 import socket
 
 import httpx
+import nats
 import pytest
 
+from pipeline.audit import decode_record, read_records
 from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken, wait_for_audit_record
 
 
 
-def test_killed_worker_gives_a_clean_error_then_recovers(server, client):
+async def test_killed_worker_gives_a_clean_error_then_recovers(server, client):
     pid = server.worker_pid()
-    message = stream_until_broken(client, lambda: os.kill(pid, signal.SIGKILL))
+    message, job_id = stream_until_broken(client, lambda: os.kill(pid, signal.SIGKILL))
     # Either the ingress noticed the silence, or the restarted worker took the redelivered job first.
     assert "stopped responding" in message or "failed mid-generation" in message
     # The supervisor restarts the worker; the next request waits in the queue for it and succeeds.
     reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
     assert "Paris" in reply.choices[0].message.content
     assert any(p != pid for p in server.worker_pids())
+    # The ingress cancelled the job it gave up on, so its redelivery is skipped or stopped: the audit log has
+    # exactly one record for it (the killed delivery wrote none), and it says so.
+    record = await wait_for_audit_record(server.nats_url, lambda r: r.job_id == job_id)
+    assert record.outcome == "cancelled" and record.attempt >= 2
+    nc = await nats.connect(server.nats_url)
+    try:
+        assert [decode_record(raw).job_id async for _, raw in read_records(nc.jetstream())].count(job_id) == 1
+    finally:
+        await nc.close()
 
 
 def test_sigterm_stops_every_process(tmp_path):

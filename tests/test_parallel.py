@@ -116,7 +116,7 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
 
         # A dead rank: the supervisor sees it exit and restarts the whole group.
         follower = rank_pids(srv.output)[1]
-        assert "lost a rank" in stream_until_broken(client, lambda: os.kill(follower, signal.SIGKILL))
+        assert "lost a rank" in stream_until_broken(client, lambda: os.kill(follower, signal.SIGKILL))[0]
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
         assert "Paris" in reply.choices[0].message.content
         assert f"worker rank 1 (pid {follower} on localhost) exited with signal SIGKILL" in "".join(srv.output)
@@ -128,7 +128,7 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
 
         # A hung rank (stopped, still alive): the leader's step timeout fails the request and the group restarts.
         follower = rank_pids(srv.output)[1]
-        assert "lost a rank" in stream_until_broken(client, lambda: os.kill(follower, signal.SIGSTOP))
+        assert "lost a rank" in stream_until_broken(client, lambda: os.kill(follower, signal.SIGSTOP))[0]
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
         assert "Paris" in reply.choices[0].message.content
         log = "".join(srv.output)
