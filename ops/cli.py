@@ -1,4 +1,4 @@
-"""The `conclave` command: serve, models, bench, schemas."""
+"""The `conclave` command: serve, models, generate, bench, audit, schemas."""
 
 from __future__ import annotations
 
