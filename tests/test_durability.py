@@ -237,3 +237,18 @@ async def test_jobs_queued_across_a_nats_server_restart_are_all_served(server, t
         assert worker.wait(30) == 0
         await nc.close()
         second.stop()
+
+
+async def test_a_nats_job_out_of_range_gets_the_same_400_as_http(server):
+    nc = await nats.connect(server.nats_url)
+    try:
+        replies = await nc.subscribe("test.replies.hot")
+        job = Job(id="job-hot", model=MODEL, reply_subject="test.replies.hot", kind="chat",
+                  messages=[ChatMessage(**m) for m in FRANCE], params=SamplingParams(temperature=5.0),
+                  created=time.time())
+        await nc.jetstream().publish(job_subject(MODEL), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+        failed = await final_event(replies)
+        assert isinstance(failed, Failed) and failed.status == 400
+        assert (failed.error.param, failed.error.code) == ("temperature", "invalid_value")
+    finally:
+        await nc.close()

@@ -77,8 +77,23 @@ def prompt_tokens(job: Job, tokenizer) -> list[int]:
     return list(tokenizer.encode(job.prompt))
 
 
+RANGES = {  # OpenAI's ranges, and mlx-lm's for its own parameters
+    "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0), "repetition_penalty": (0.0, 10.0),
+}
+
+
 def check_params(params: SamplingParams, vocab_size: int) -> None:
-    """What MLX itself would reject (mid-generation, or with a crash for an out-of-range bias id)."""
+    """Every job's sampling parameters, whoever submitted it (HTTP or NATS): the ranges the API promises,
+    and what MLX itself would reject mid-generation (or crash on, for an out-of-range bias id)."""
+    for name, (low, high) in RANGES.items():
+        value = getattr(params, name)
+        if not low <= value <= high:
+            raise JobError(400, f"Invalid '{name}': expected a value between {low} and {high}, but got {value} "
+                           f"instead.", name, "invalid_value")
+    if any(not -100.0 <= bias <= 100.0 for bias in params.logit_bias.values()):
+        raise JobError(400, "Invalid 'logit_bias': expected a value between -100.0 and 100.0 for every token.",
+                       "logit_bias", "invalid_value")
     if params.seed is not None and not 0 <= params.seed < 2**64:
         raise JobError(400, f"Invalid 'seed': expected an integer in [0, 2**64), got {params.seed}.", "seed",
                        "invalid_value")
