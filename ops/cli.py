@@ -30,12 +30,14 @@ def group_from_args(args):
 
 
 def add_group_flags(p: argparse.ArgumentParser) -> None:
+    from workers.rank import parse_split
+
     g = p.add_argument_group("worker group (one model on several ranks)")
     g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split every layer over N local ranks (the head counts must divide by N)")
     g.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
                    help="split the layers into N consecutive stages on N local ranks")
-    g.add_argument("--split", type=lambda s: [int(x) for x in s.split(",")], default=None, metavar="A,B,..",
+    g.add_argument("--split", type=parse_split, default=None, metavar="A,B,..",
                    help="pipeline: layers per rank (default: even)")
     g.add_argument("--group", default=None, metavar="FILE",
                    help="TOML group file: hosts, ranks per host, backend ring|jaccl|mpi (see README)")

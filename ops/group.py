@@ -39,9 +39,10 @@ import msgspec
 
 from ops.config import free_port
 from pipeline.nats_server import child_preexec, stop_process
-from workers.shard import check_model_layout, check_pipeline_split, check_tensor_parallel, pipeline_split
+from workers.rank import BACKENDS, format_split
+from workers.shard import (LAYOUTS, check_model_layout, check_pipeline_split, check_tensor_parallel,
+                           pipeline_split)
 
-BACKENDS = ("ring", "jaccl", "mpi")
 LOCAL = ("localhost", "127.0.0.1", "")
 
 
@@ -83,7 +84,7 @@ class GroupSpec(msgspec.Struct, forbid_unknown_fields=True):
         return None
 
     def check(self) -> None:
-        if self.layout not in ("whole", "tensor", "pipeline"):
+        if self.layout not in LAYOUTS:
             raise GroupSpecError(f"layout must be tensor or pipeline, not {self.layout!r}")
         if self.backend not in BACKENDS:
             raise GroupSpecError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
@@ -218,6 +219,12 @@ def python_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def rank_arguments(spec: GroupSpec) -> list[str]:
+    """What every rank of `spec` is told about its group (read by workers/rank.py: add_rank_arguments)."""
+    return ["--layout", spec.layout, "--backend", spec.backend,
+            *(["--split", format_split(spec.split)] if spec.split else [])]
+
+
 def plan_group(spec: GroupSpec, model_dir: Path) -> GroupSpec:
     """Check that the model splits the way `spec` asks, and fix the pipeline split, before any rank starts.
 
@@ -247,10 +254,8 @@ def generate_on_group(spec: GroupSpec, model_dir: Path, prompt: str | list[str],
         workdir = Path(tmp)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         argv = python_command("workers.generate", "--model-dir", str(model_dir),
-                              *[arg for text in prompts for arg in ("--prompt", text)], "--max-tokens", str(max_tokens), "--report-dir", str(workdir),
-                              "--layout", spec.layout, "--backend", spec.backend)
-        if spec.split:
-            argv += ["--split", ",".join(map(str, spec.split))]
+                              *[arg for text in prompts for arg in ("--prompt", text)], "--max-tokens", str(max_tokens),
+                              "--report-dir", str(workdir), *rank_arguments(spec))
         if raw:
             argv.append("--raw")
         processes = start_group(spec, argv, workdir)

@@ -23,7 +23,7 @@ import uvicorn
 
 from ingress.app import IngressConfig, create_app
 from ops.config import free_port
-from ops.group import GroupSpec, GroupSpecError, plan_group, start_group
+from ops.group import GroupSpec, GroupSpecError, plan_group, python_command, rank_arguments, start_group
 from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats, stop_process
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
@@ -191,13 +191,9 @@ def spawn_server(home: Path, *flags: str, timeout_s: float = 180.0) -> ServerPro
 def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, heartbeat_s: float, queue_ttl_s: float,
                    step_timeout_s: float) -> Callable[[str], list[str]]:
     def command(group_id: str) -> list[str]:
-        argv = [sys.executable, "-m", "workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
-                "--nats-url", nats_url, "--heartbeat", str(heartbeat_s), "--queue-ttl", str(queue_ttl_s),
-                "--layout", spec.layout, "--backend", spec.backend, "--group-id", group_id,
-                "--step-timeout", str(step_timeout_s)]
-        if spec.split:
-            argv += ["--split", ",".join(map(str, spec.split))]
-        return argv
+        return python_command("workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
+                              "--nats-url", nats_url, "--heartbeat", str(heartbeat_s), "--queue-ttl", str(queue_ttl_s),
+                              "--group-id", group_id, "--step-timeout", str(step_timeout_s), *rank_arguments(spec))
 
     return command
 

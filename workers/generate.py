@@ -21,7 +21,7 @@ from schemas.jobs import SamplingParams
 from workers.engine import chooser
 from workers.lockstep import broadcast, broadcast_prompt, lockstep_generate
 from workers.shard import Shard, load_shard
-from workers.worker import RankArgs, barrier, join_group
+from workers.rank import RankArgs, add_rank_arguments, barrier, join_group
 
 
 def collective_ms_per_token(shard: Shard, repeats: int = 30) -> float:
@@ -89,9 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("--raw", action="store_true", help="the prompt as is, without the chat template")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--report-dir", required=True, help="this rank writes rank-<rank>.json here")
-    parser.add_argument("--layout", choices=["whole", "tensor", "pipeline"], default="whole")
-    parser.add_argument("--backend", choices=["ring", "jaccl", "mpi"], default="ring")
-    parser.add_argument("--split", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    add_rank_arguments(parser)
     args = parser.parse_args(argv)
 
     group = join_group(RankArgs(args.layout, args.backend, args.split))

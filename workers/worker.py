@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,6 +42,7 @@ from schemas.audit import AuditRecord
 from schemas.jobs import Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
 from schemas.openai import ErrorDetail
 from workers.engine import JobError, LoadedModel, follow_job, open_model, run_job
+from workers.rank import RankArgs, add_rank_arguments, barrier, join_group
 
 log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
@@ -75,29 +75,6 @@ async def iterate_in_thread(executor: ThreadPoolExecutor, make_iter):
         await future
 
 
-@dataclass
-class RankArgs:
-    """How this process takes part in its model's worker group."""
-
-    layout: str = "whole"
-    backend: str = "ring"
-    split: list[int] | None = None
-    group_id: str = ""
-    step_timeout_s: float = 60.0
-
-
-def join_group(rank: RankArgs) -> mx.distributed.Group | None:
-    # Blocks until every rank of the group has connected (MLX reads MLX_RANK, MLX_HOSTFILE, ...).
-    if rank.layout == "whole":
-        return None
-    return mx.distributed.init(strict=True, backend=rank.backend)
-
-
-def barrier(group: mx.distributed.Group | None) -> None:
-    if group is not None:
-        mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))
-
-
 class Worker:
     def __init__(self, nc, model_id: str, model_dir: Path, heartbeat_s: float, queue_ttl_s: float,
                  executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group | None):
@@ -107,6 +84,7 @@ class Worker:
         self.model_dir = model_dir
         self.rank = rank
         self.group = group
+        self.ranks = group.size() if group is not None else 1
         # The job is kept alive every heartbeat; missing five in a row means this worker is gone.
         self.ack_wait_s = 5 * heartbeat_s
         self.heartbeat_s = heartbeat_s
@@ -123,7 +101,7 @@ class Worker:
         status = WorkerStatus(
             worker=self.name, model=self.model_id, pid=os.getpid(), host=socket.gethostname(), state=self.state,
             context_length=self.loaded.context_length if self.loaded else 0, jobs_done=self.jobs_done,
-            layout=self.rank.layout, ranks=self.group.size() if self.group is not None else 1,
+            layout=self.rank.layout, ranks=self.ranks,
         )
         await self.nc.publish(status_subject(self.model_id), encode(status))
 
@@ -198,7 +176,7 @@ class Worker:
             source=job.source if job else "", job=job, output=done.text if done else "",
             finish_reason=done.finish_reason if done else None, usage=done.usage if done else None,
             ttft_ms=done.ttft_ms if done else 0.0, duration_ms=done.duration_ms if done else 0.0, worker=self.name,
-            ranks=self.group.size() if self.group is not None else 1, attempt=attempt, error=error,
+            ranks=self.ranks, attempt=attempt, error=error,
         )
         try:
             await append_record(self.js, record)
@@ -411,10 +389,7 @@ def main(argv=None) -> None:
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between status/progress messages")
     parser.add_argument("--queue-ttl", type=float, default=600.0, help="drop jobs that waited longer than this")
-    parser.add_argument("--layout", choices=["whole", "tensor", "pipeline"], default="whole")
-    parser.add_argument("--backend", choices=["ring", "jaccl", "mpi"], default="ring")
-    parser.add_argument("--split", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                        help="pipeline: layers per rank, e.g. 10,20")
+    add_rank_arguments(parser)
     parser.add_argument("--group-id", default="", help="names this group's wake-up subject")
     parser.add_argument("--step-timeout", type=float, default=60.0,
                         help="a group with no decode/prefill step for this long has lost a rank: fail and exit")
