@@ -100,40 +100,32 @@ class GroupSupervisor:
             time.sleep(0.2)  # polling a handful of child processes; os.wait would steal other children
         return []
 
-    def tear_down(self, leader_timeout_s: float = 10.0) -> None:
-        """After a rank failed: the leader gets SIGTERM and answers its requester (its watchdog sees the
-        group stalled within a heartbeat); the followers are killed, since a rank blocked in a collective
-        whose peer is gone never returns to handle a signal."""
+    def stop_ranks(self, leader_timeout_s: float, follower_timeout_s: float) -> None:
+        """SIGTERM the leader and wait for it, then the followers; SIGKILL whatever outlives its timeout.
+
+        Leader first: a stopped leader finishes its current step sequence with the followers (they are
+        still there) and hands its unfinished job back to JetStream, or, after a rank failed, answers
+        its requester (its watchdog sees the group stalled within a heartbeat).
+        """
         if not self.processes:
             return
         leader, *followers = self.processes
         stop_process(leader, leader_timeout_s)
         for process in followers:
             if process.poll() is None:
-                process.kill()
-            process.wait()
-
-    def stop_ranks(self, timeout_s: float) -> None:
-        """The leader first, then the followers.
-
-        A stopped leader finishes its current step sequence with the followers (they are still there)
-        and hands its unfinished job back to JetStream; followers stopped first would leave it stuck
-        mid-step until its watchdog fails the job.
-        """
-        if not self.processes:
-            return
-        leader, *followers = self.processes
-        stop_process(leader, timeout_s)
-        for process in followers:
-            if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for process in followers:
-            stop_process(process, timeout_s)
+            stop_process(process, follower_timeout_s)
+
+    def tear_down(self) -> None:
+        """After a rank failed. Followers get no grace: a rank blocked in a collective whose peer is gone
+        never returns to handle a signal."""
+        self.stop_ranks(leader_timeout_s=10.0, follower_timeout_s=0.0)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         with self.lock:
             self.stopping = True
-            self.stop_ranks(timeout_s)
+            self.stop_ranks(timeout_s, timeout_s)
 
 
 def describe_exit(code: int) -> str:
