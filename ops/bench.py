@@ -39,6 +39,11 @@ PROMPTS = [
 ]
 
 
+def bench_prompts(n: int) -> list[str]:
+    """The first n of PROMPTS, cycling through them again when n is larger."""
+    return (PROMPTS * (n // len(PROMPTS) + 1))[:n]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -94,7 +99,7 @@ def machine() -> dict:
 
 def run_bench(args) -> dict:
     model = ModelStore(args.home / "models").resolve(args.model)
-    prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
+    prompts = bench_prompts(args.prompts)
     shard = load_shard(model.path)
     loaded, tokenizer = shard.model, shard.tokenizer
     with tempfile.TemporaryDirectory() as home:
@@ -133,7 +138,7 @@ def run_group_bench(args) -> dict:
     peak per rank; collective ms/token is the communication of one decode step run on its own.
     """
     model = ModelStore(args.home / "models").resolve(args.model)
-    prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
+    prompts = bench_prompts(args.prompts)
     layouts = {"single": local_group("whole", 1)}
     if args.tensor_parallel > 1:
         layouts[f"tensor_{args.tensor_parallel}"] = local_group("tensor", args.tensor_parallel)

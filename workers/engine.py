@@ -188,8 +188,9 @@ def run_job(loaded: LoadedModel, job: Job, worker: str, attempt: int = 1,
         generated += 1
         if generated == 1:
             ttft_ms = (time.perf_counter() - start) * 1000
-        end = token in tokenizer.eos_token_ids or generated == max_tokens
-        if token in tokenizer.eos_token_ids:
+        eos = token in tokenizer.eos_token_ids
+        end = eos or generated == max_tokens
+        if eos:
             finish = "stop"
         else:
             detokenizer.add_token(token)

@@ -16,7 +16,6 @@ about 1/N of the layers (plus the embedding and head where its stage needs them)
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,16 +199,15 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
     """Load this rank's share of the model in `model_dir`; see the module docstring for the layouts."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
     size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
-    if layout == "tensor":
-        check_tensor_parallel(config, size)
-    model, config = mlx_lm_load_model(model_dir, lazy=True)
+    model, config = mlx_lm_load_model(model_dir, lazy=True)  # lazy: nothing is read until evaluated below
     num_layers = len(model.layers)
     layers = (0, num_layers)
     if size > 1:
         check_layout(model, layout)
+    if layout == "tensor":
+        check_tensor_parallel(config, size)
     if layout == "tensor" and size > 1:
         model.shard(group)
     elif layout == "pipeline" and size > 1:
