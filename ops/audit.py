@@ -34,11 +34,16 @@ def parse_time(text: str | None) -> float | None:
     return moment.timestamp()
 
 
-def matches(record: AuditRecord, args) -> bool:
-    since, until = parse_time(getattr(args, "since", None)), parse_time(getattr(args, "until", None))
-    return ((since is None or record.time >= since) and (until is None or record.time < until)
-            and (not getattr(args, "model", None) or record.model == args.model)
-            and (not getattr(args, "caller", None) or record.caller == args.caller))
+def record_filter(args):
+    """The --since/--until/--model/--caller filter, with the times parsed once."""
+    since, until = parse_time(args.since), parse_time(args.until)
+
+    def matches(record: AuditRecord) -> bool:
+        return ((since is None or record.time >= since) and (until is None or record.time < until)
+                and (not args.model or record.model == args.model)
+                and (not args.caller or record.caller == args.caller))
+
+    return matches
 
 
 async def stored_records(nats_url: str) -> list[bytes]:
@@ -71,8 +76,9 @@ async def run_audit(args) -> int:
         print(f"{len(raw)} records, chain {'intact' if not problems else 'BROKEN'}")
         return 1 if problems else 0
     records = [decode_record(r) for r in raw]
+    matches = record_filter(args)
     if args.action == "list":
-        for record in [r for r in records if matches(r, args)][-args.limit:]:
+        for record in [r for r in records if matches(r)][-args.limit:]:
             print(summary_line(record))
     elif args.action == "show":
         found = [r for r in records if r.job_id == args.job_id]
@@ -82,7 +88,7 @@ async def run_audit(args) -> int:
         for record in found:
             print(msgspec.json.format(msgspec.json.encode(record)).decode())
     elif args.action == "export":
-        lines = "".join(data.decode() + "\n" for record, data in zip(records, raw) if matches(record, args))
+        lines = "".join(data.decode() + "\n" for record, data in zip(records, raw) if matches(record))
         if args.output:
             Path(args.output).write_text(lines)
         else:
@@ -108,7 +114,8 @@ async def replay(args) -> int:
     report = {"replayed": 0, "same": 0, "different": [], "skipped": {}}
     try:
         records = [decode_record(raw) async for _, raw in read_records(nc.jetstream())]
-        for record in [r for r in records if matches(r, args) and r.source != "replay"][-args.limit:]:
+        matches = record_filter(args)
+        for record in [r for r in records if matches(r) and r.source != "replay"][-args.limit:]:
             if (why := replayable(record)) is not None:
                 report["skipped"][why] = report["skipped"].get(why, 0) + 1
                 continue
