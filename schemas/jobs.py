@@ -111,3 +111,4 @@ class WorkerStatus(Struct):
     jobs_done: int = 0
     layout: Literal["whole", "tensor", "pipeline"] = "whole"
     ranks: int = 1
+    active: int = 0  # jobs accepted and not yet finished: in the batch or about to join it

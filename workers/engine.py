@@ -1,23 +1,24 @@
 """Generation on MLX with mlx-lm: prompt building, validation, sampling, stop rules, usage.
 
-Everything here runs on the one thread that owns the model (on every rank of a group). `run_job` yields the events of
-schemas/jobs.py; the worker process only moves them onto NATS.
+`prepare` validates a job (any thread); a `Generation` is that job in the batch of workers/lockstep.py,
+on the thread that owns the model, emitting the events of schemas/jobs.py; the worker process only
+moves them onto NATS.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
-from schemas.jobs import Accepted, Chunk, Done, Job, SamplingParams
+from schemas.jobs import Chunk, Done, Job, SamplingParams
 from schemas.openai import ChatMessage, ErrorDetail, Usage
-from workers.lockstep import broadcast_prompt, lockstep_generate
 from workers.shard import Shard, load_shard
 from workers.stops import StopMatcher
 from workers.store import model_context_length, model_revision
@@ -122,106 +123,144 @@ def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str
     return params.max_tokens if params.max_tokens is not None else context - n_prompt
 
 
-def sampler_for(params: SamplingParams):
-    # OpenAI's top_p=1 means "off"; mlx-lm spells off as 0.
-    top_p = params.top_p if 0.0 < params.top_p < 1.0 else 0.0
-    sampler = make_sampler(temp=params.temperature, top_p=top_p, min_p=params.min_p, top_k=params.top_k)
+def sampling_parts(params: SamplingParams) -> tuple[list, list]:
+    """mlx-lm's logits processors and logit filters for these parameters (the sampling itself is ours:
+    it draws from the request's own random key, see `chooser`)."""
     processors = make_logits_processors(
         logit_bias=params.logit_bias or None,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
         presence_penalty=params.presence_penalty or None,
         frequency_penalty=params.frequency_penalty or None,
     )
-    return sampler, processors
+    filters = []
+    if 0.0 < params.top_p < 1.0:  # OpenAI's top_p=1 means "off"
+        filters.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p:
+        filters.append(lambda x: apply_min_p(x, params.min_p))
+    if params.top_k:
+        filters.append(lambda x: apply_top_k(x, params.top_k))
+    return processors, filters
 
 
-def chooser(params: SamplingParams):
-    """The leader's sampler for one job: logits processors, then mlx-lm's sampler, as `generate_step` does."""
-    sampler, processors = sampler_for(params)
+def chooser(params: SamplingParams, prompt: list[int]) -> Callable[[mx.array], mx.array]:
+    """One request's sampler, as mlx-lm's `generate_step` samples: logits processors (which see the
+    tokens so far), log-softmax, filters, then argmax or a draw at the temperature.
 
-    def choose(logits: mx.array, history: mx.array) -> mx.array:
+    The draw uses a random key of the request's own, from its `seed` (or a random one): MLX's global
+    generator is shared by every request in the batch, so a seeded request would otherwise depend on
+    what else was running.
+    """
+    processors, filters = sampling_parts(params)
+    history = mx.array(prompt, dtype=mx.int32)
+    key = mx.random.key(params.seed if params.seed is not None else secrets.randbits(64))
+
+    def choose(logits: mx.array) -> mx.array:
+        nonlocal history, key
         for processor in processors:
             logits = processor(history, logits)
-        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if params.temperature == 0:
+            token = mx.argmax(logprobs, axis=-1)
+        else:
+            for method in filters:
+                logprobs = method(logprobs)
+            key, draw = mx.random.split(key)
+            token = mx.random.categorical(logprobs * (1 / params.temperature), key=draw)
+        token = token.astype(mx.int32).reshape(1)
+        if processors:
+            history = mx.concatenate([history, token])
+        return token
 
     return choose
 
 
-def run_job(loaded: LoadedModel, job: Job, worker: str, attempt: int = 1,
-            cancelled: threading.Event | None = None) -> Iterator[Accepted | Chunk | Done]:
-    """Generate for one job (on the leader of a group: its followers run `follow_job`).
+def prepare(loaded: LoadedModel, job: Job) -> tuple[list[int], int]:
+    """The job's prompt ids and how many tokens it may generate; JobError if it cannot run."""
+    tokens = prompt_tokens(job, loaded.shard.tokenizer)
+    max_tokens = check_limits(len(tokens), job.params, loaded.context_length,
+                              "messages" if job.kind == "chat" else "prompt")
+    check_params(job.params, loaded.shard.vocab_size)
+    return tokens, max_tokens
 
-    Raises JobError for a job that cannot run. Everything that can refuse a job happens before the
-    prompt goes to the followers; they get an empty prompt instead, so the group stays in step.
-    """
-    start = time.perf_counter()
-    shard = loaded.shard
-    try:
-        tokens = prompt_tokens(job, shard.tokenizer)
-        max_tokens = check_limits(len(tokens), job.params, loaded.context_length,
-                                  "messages" if job.kind == "chat" else "prompt")
-        check_params(job.params, shard.vocab_size)
-        choose = chooser(job.params)
-        if job.params.seed is not None:
-            mx.random.seed(job.params.seed)
-    except JobError:
-        broadcast_prompt(shard, [])
-        raise
-    except Exception as exc:  # a bug, not the requester's fault; the group is still in step
-        broadcast_prompt(shard, [])
-        raise JobError(500, f"The worker could not start the job: {type(exc).__name__}: {exc}", None,
-                       "worker_error", "server_error") from exc
-    broadcast_prompt(shard, tokens)
-    yield Accepted(id=job.id, prompt_tokens=len(tokens), worker=worker, attempt=attempt)
 
-    tokenizer = shard.tokenizer
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    stops = StopMatcher(job.params.stop)
-    text_parts: list[str] = []
-    ttft_ms = 0.0
-    finish = "length"
-    generated = 0
-    index = 0
-    steps = lockstep_generate(shard, tokens, choose)
-    for token in steps:
-        generated += 1
-        if generated == 1:
-            ttft_ms = (time.perf_counter() - start) * 1000
-        eos = token in tokenizer.eos_token_ids
-        end = eos or generated == max_tokens
+class Halted:
+    """Marks a job dropped from the batch because the worker is stopping (it goes back to the queue)."""
+
+
+class Generation:
+    """One job in the batch, on the leader (the `Row` of workers/lockstep.py): its sampler, its
+    detokeniser and stop rules, and its events, handed to `emit` (called on the model's thread)."""
+
+    def __init__(self, job: Job, prompt: list[int], max_tokens: int, tokenizer, worker: str, emit: Callable,
+                 cancelled: threading.Event, start: float):
+        self.job = job
+        self.eos = tokenizer.eos_token_ids
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.worker = worker
+        self.emit = emit
+        self.cancelled = cancelled
+        self.start = start
+        processors, _ = sampling_parts(job.params)
+        self.greedy = job.params.temperature == 0 and not processors
+        self._choose = None  # built on the model's thread, at the first step
+        self.detokenizer = tokenizer.detokenizer  # a fresh copy per access
+        self.stops = StopMatcher(job.params.stop)
+        self.text_parts: list[str] = []
+        self.generated = 0
+        self.index = 0
+        self.ttft_ms = 0.0
+        self.finish = "length"
+
+    def choose(self, logits: mx.array) -> mx.array:
+        if self._choose is None:
+            self._choose = chooser(self.job.params, self.prompt)
+        return self._choose(logits)
+
+    def on_token(self, token: int) -> bool:
+        """Take the next generated token; True when the job is finished (its Done is emitted)."""
+        self.generated += 1
+        if self.generated == 1:
+            self.ttft_ms = (time.perf_counter() - self.start) * 1000
+        eos = token in self.eos
+        end = eos or self.generated == self.max_tokens
         if eos:
-            finish = "stop"
+            self.finish = "stop"
         else:
-            detokenizer.add_token(token)
+            self.detokenizer.add_token(token)
         if end:
-            detokenizer.finalize()
-        text, stopped = stops.feed(detokenizer.last_segment)
+            self.detokenizer.finalize()
+        text, stopped = self.stops.feed(self.detokenizer.last_segment)
         if stopped:
-            finish = "stop"
+            self.finish = "stop"
         elif end:
-            text += stops.flush()
+            text += self.stops.flush()
         if text:
-            text_parts.append(text)
-            yield Chunk(id=job.id, index=index, text=text, tokens=generated)
-            index += 1
-        if end or stopped or (cancelled is not None and cancelled.is_set()):
-            break
-    steps.close()
-    yield Done(
-        id=job.id,
-        text="".join(text_parts),
-        finish_reason=finish,
-        usage=Usage(prompt_tokens=len(tokens), completion_tokens=generated, total_tokens=len(tokens) + generated),
-        ttft_ms=ttft_ms,
-        duration_ms=(time.perf_counter() - start) * 1000,
-        worker=worker,
-    )
+            self.text_parts.append(text)
+            self.emit(Chunk(id=self.job.id, index=self.index, text=text, tokens=self.generated))
+            self.index += 1
+        if not (end or stopped or self.cancelled.is_set()):
+            return False
+        self._done()
+        return True
 
+    def _done(self) -> None:
+        n_prompt = len(self.prompt)
+        self.emit(Done(
+            id=self.job.id,
+            text="".join(self.text_parts),
+            finish_reason=self.finish,
+            usage=Usage(prompt_tokens=n_prompt, completion_tokens=self.generated,
+                        total_tokens=n_prompt + self.generated),
+            ttft_ms=self.ttft_ms,
+            duration_ms=(time.perf_counter() - self.start) * 1000,
+            worker=self.worker,
+        ))
 
-def follow_job(shard: Shard) -> None:
-    """A follower's side of one job: take the leader's prompt, then step with the group until it stops."""
-    prompt = broadcast_prompt(shard, None)
-    if prompt:
-        for _ in lockstep_generate(shard, prompt):
-            pass
+    def on_leave(self, reason: str) -> None:
+        """Left the batch (or the queue to it): "finished" (Done already emitted), "halted" (the worker is
+        stopping) or "cancelled" (before it joined)."""
+        if reason == "halted":
+            self.emit(Halted())
+        elif reason == "cancelled":
+            self._done()

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from schemas.jobs import SamplingParams
-from workers.engine import chooser
-from workers.lockstep import broadcast, broadcast_prompt, lockstep_generate
+from workers.lockstep import BatchEngine, broadcast
 from workers.shard import Shard, load_shard
 from workers.rank import RankArgs, add_rank_arguments, barrier, join_group
 
@@ -28,14 +26,15 @@ def collective_ms_per_token(shard: Shard, repeats: int = 30) -> float:
     """The communication one decode step needs on this layout, run alone (no compute), in ms.
 
     tensor: two all_sums of one hidden state per layer; pipeline: the hidden state handed down the
-    stages and the logits back to rank 0; both: the control broadcast.
+    stages and the logits back to rank 0; both: the plan and the sampled token broadcast.
     """
     if shard.group is None:
         return 0.0
     group, rank, size = shard.group, shard.rank, shard.size
     hidden = mx.zeros((1, 1, shard.hidden_size), dtype=shard.dtype)
     logits = mx.zeros((1, shard.vocab_size), dtype=shard.dtype)
-    control = mx.zeros((2,), dtype=mx.int32)
+    plan = mx.zeros((4,), dtype=mx.int32)  # the leader's plan before a step (one row staying)
+    token = mx.zeros((1,), dtype=mx.int32)
 
     def one_step():
         if shard.layout == "tensor":
@@ -47,7 +46,8 @@ def collective_ms_per_token(shard: Shard, repeats: int = 30) -> float:
             mx.eval(mx.distributed.send(hidden if rank < size - 1 else logits, (rank + 1) % size, group=group))
             if rank == 0:
                 mx.eval(mx.distributed.recv_like(logits, size - 1, group=group))
-        mx.eval(broadcast(shard, control))
+        mx.eval(broadcast(shard, plan))
+        mx.eval(broadcast(shard, token))
 
     one_step()  # warm-up
     start = time.perf_counter()
@@ -56,27 +56,42 @@ def collective_ms_per_token(shard: Shard, repeats: int = 30) -> float:
     return (time.perf_counter() - start) * 1000 / repeats
 
 
-def generate_once(shard: Shard, text: str, max_tokens: int, raw: bool) -> dict:
+class _Once:
+    """The leader's one greedy request (a `Row` of workers/lockstep.py)."""
+
+    greedy = True
+
+    def __init__(self, prompt: list[int], max_tokens: int):
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.tokens: list[int] = []
+        self.times: list[float] = []
+
+    def on_token(self, token: int) -> bool:
+        self.tokens.append(token)
+        self.times.append(time.perf_counter())
+        return len(self.tokens) == self.max_tokens
+
+    def on_leave(self, reason: str) -> None:
+        pass
+
+
+def generate_once(engine: BatchEngine, text: str, max_tokens: int, raw: bool) -> dict:
     """Greedy, exactly `max_tokens` tokens (end-of-sequence does not stop it); timings on the leader."""
-    prompt = None
-    if shard.is_leader:
-        tokenizer = shard.tokenizer
-        prompt = (tokenizer.encode(text) if raw else
-                  tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
-    start = time.perf_counter()
-    prompt = broadcast_prompt(shard, prompt)
-    choose = chooser(SamplingParams(temperature=0.0)) if shard.is_leader else None
-    tokens: list[int] = []
-    times: list[float] = []
-    for token in lockstep_generate(shard, prompt, choose):
-        tokens.append(token)
-        times.append(time.perf_counter())
-        if len(tokens) == max_tokens:
-            break
+    shard = engine.shard
     if not shard.is_leader:
+        engine.run()
         return {}
+    tokenizer = shard.tokenizer
+    prompt = (tokenizer.encode(text) if raw else
+              tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+    once = _Once(list(prompt), max_tokens)
+    pending = [once]
+    start = time.perf_counter()
+    engine.run(lambda free, budget: [pending.pop()] if pending else [])
+    times = once.times
     return {
-        "prompt_tokens": len(prompt), "tokens": tokens, "text": shard.tokenizer.decode(tokens),
+        "prompt_tokens": len(prompt), "tokens": once.tokens, "text": tokenizer.decode(once.tokens),
         "ttft_ms": round((times[0] - start) * 1000, 1),
         "decode_tps": round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
     }
@@ -96,7 +111,9 @@ def main(argv=None) -> None:
     shard = load_shard(Path(args.model_dir), args.layout, group, args.split)
     barrier(group)
     memory_after_load = mx.get_peak_memory()
-    runs = [generate_once(shard, text, args.max_tokens, args.raw) for text in args.prompt]
+    # No prefix cache: each prompt is measured from a cold start.
+    engine = BatchEngine(shard, max_batch=1, prefix_cache=0)
+    runs = [generate_once(engine, text, args.max_tokens, args.raw) for text in args.prompt]
     report = {
         "rank": shard.rank, "ranks": shard.size, "layout": shard.layout, "layers": list(shard.layers),
         "parameter_bytes": shard.parameter_bytes(), "peak_memory_bytes_after_load": memory_after_load,

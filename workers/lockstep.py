@@ -1,31 +1,69 @@
-"""Generation that every rank of a group runs step for step, driven by the leader (rank 0).
+"""Continuous batching that every rank of a group runs step for step, driven by the leader (rank 0).
 
-The leader is the only rank that samples. Each decode step ends with one small broadcast (an
-all_sum to which only the leader contributes) of a control pair `[token, go]`: every rank feeds the
-same token to the next step, and `go = 0` tells every rank that no step follows the next one. A
-single process runs the same loop with the broadcast reduced to nothing.
+One decode step runs every request in the batch at once (mlx-lm's `BatchKVCache`: left-padded rows,
+one mask). Between steps the leader changes the batch: requests that finished leave, new ones join.
+A joining request is prefilled alone, into its own cache (or into a copy of a cached prefix: see
+below), then merged into the batch; its last prompt token goes in with the next batched step, so its
+first token comes out of the same kind of step as every later one.
 
-Like mlx-lm's `generate_step`, step k+1 is queued before step k's token is read, so the host-side work
-(detokenising, stop strings, publishing) overlaps the model. Because of that a stop decided after
-reading token k can only be announced in step k+2's control pair: a group runs two throwaway steps at
-the end of a request, which costs two decode steps and keeps every rank's sequence of collectives
-identical.
+Like mlx-lm's `GenerationBatch`, step k+1 is queued before step k's tokens are read, so host work
+(detokenising, stop strings, publishing) overlaps the model; a request that finishes at step k has
+run one extra, discarded row in step k+1.
 
-Before a request the leader sends followers the prompt the same way (`broadcast_prompt`).
+Groups: only the leader samples and decides. Each step ends with one broadcast (an all_sum to which
+only the leader contributes) of the sampled tokens, so every rank feeds the same tokens to the next
+step. Before each step the leader broadcasts the plan: which rows stay, which requests join (their
+prompt ids and how much of each came from the prefix cache), and whether the batch is done; every
+rank applies it the same way, so batch shapes and collectives match on every rank. A single process
+runs the same loop with the broadcasts reduced to nothing.
+
+Prefix cache: a finished request's KV cache is kept (mlx-lm's `LRUPromptCache`, by token ids). A new
+request whose prompt shares a prefix with a kept one (the next turn of a chat) starts from a copy of
+it and prefills only the rest. The cache is bounded by a count of entries, not bytes: every rank must
+evict the same entries, and ranks of a pipeline hold different numbers of bytes.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from typing import Callable, Protocol
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.generate import _extend_cache, _merge_caches
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
 from workers.shard import Shard
 
 PREFILL_STEP = 512  # prompt tokens per forward pass during prefill (bounds activation memory)
-Choose = Callable[[mx.array, mx.array], mx.array]  # (logits [1, V], tokens so far) -> next token [1]
+# Prompt tokens that may join between two decode steps: a long prompt still joins alone, but a queue of
+# prompts joins over several steps, so the requests already running keep producing tokens.
+JOIN_BUDGET = 512
+PREFIX_KEY = "model"  # LRUPromptCache keys by model; a worker serves one
+
+
+class Row(Protocol):
+    """One request in the batch, as the leader sees it (workers/engine.py: Generation)."""
+
+    prompt: list[int]
+    greedy: bool  # argmax without logits processors: sampled for the whole batch at once
+
+    def choose(self, logits: mx.array) -> mx.array: ...  # [1, vocab] -> [1]
+
+    def on_token(self, token: int) -> bool: ...  # True: this request is finished
+
+    def on_leave(self, reason: str) -> None: ...  # "finished" or "halted" (the leader is stopping)
+
+
+class FollowerRow:
+    """A follower's view of a request: only its tokens, for the prefix cache."""
+
+    greedy = True
+
+    def __init__(self, prompt: list[int]):
+        self.prompt = prompt
+
+    def on_leave(self, reason: str) -> None:
+        pass
 
 
 def broadcast(shard: Shard, value: mx.array) -> mx.array:
@@ -39,62 +77,171 @@ def broadcast(shard: Shard, value: mx.array) -> mx.array:
     return mx.distributed.all_sum(value, group=shard.group)
 
 
-def broadcast_prompt(shard: Shard, prompt: list[int] | None) -> list[int]:
-    """The leader's prompt token ids on every rank (followers pass None); [] when there is no job to run."""
-    if shard.group is None:
-        return list(prompt)
-    length = broadcast(shard, mx.array([len(prompt) if shard.is_leader else 0], dtype=mx.int32)).item()
-    if length == 0:  # the leader's job failed validation: nothing to run
-        return []
-    return broadcast(shard, mx.array(prompt if shard.is_leader else [0] * length, dtype=mx.int32)).tolist()
+def broadcast_list(shard: Shard, values: list[int] | None, length: int) -> list[int]:
+    """The leader's `values` (of a length every rank knows) as a list on every rank."""
+    if shard.group is None or length == 0:
+        return list(values or [])
+    array = mx.array(values if shard.is_leader else [0] * length, dtype=mx.int32)
+    return broadcast(shard, array).tolist()
 
 
-def lockstep_generate(shard: Shard, prompt: list[int], choose: Choose | None = None) -> Iterator[int]:
-    """Yield the generated token ids (on the leader; followers get the same ids and ignore them).
+class _Member:
+    """A row of the batch: the request plus the token ids its KV cache holds."""
 
-    `choose` is the leader's sampler. Stop by closing the generator (`break` out of the loop): the
-    group then finishes the two steps already announced and every rank returns.
-    """
-    cache = make_prompt_cache(shard.model)
-    stopping = False
-    tokens = mx.array(prompt, dtype=mx.int32)
-    while tokens.size > 1:  # prefill all but the last prompt token
-        n = min(PREFILL_STEP, tokens.size - 1)
-        shard.forward(tokens[None, :n], cache, logits=False)
-        mx.eval([c.state for c in cache])
-        tokens = tokens[n:]
-        shard.last_step = time.monotonic()
-    history = mx.array(prompt, dtype=mx.int32)
+    def __init__(self, row, cached: list[int]):
+        self.row = row
+        self.tokens = cached  # ids in this row's KV cache (prompt, then every token fed back)
+        self.fresh = True  # the first token read back is the last prompt token, not a generated one
+        self.finished = False
 
-    def step(last: mx.array) -> mx.array:
-        nonlocal history
-        logits = shard.forward(last[None], cache, logits=True)
+
+class BatchEngine:
+    """The batch and the prefix cache of one rank. Runs on the thread that owns the model."""
+
+    def __init__(self, shard: Shard, max_batch: int = 16, prefix_cache: int = 32):
+        self.shard = shard
+        self.max_batch = max_batch
+        self.prefixes = LRUPromptCache(max_size=prefix_cache) if prefix_cache > 0 else None
+        self.members: list[_Member] = []
+        self.cache: list = []  # one BatchKVCache per layer (of this rank)
+        self.next_tokens: mx.array | None = None  # the tokens the next step feeds, one per row
+        self.halt = False  # set from any thread: the leader drops every row at the next plan
+        self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of prefilled, in total
+
+    # -- the plan ------------------------------------------------------------------------------------
+
+    def _plan(self, admit: Callable[[int, int], list] | None) -> tuple[bool, list[int], list]:
+        """(done, rows to keep, joining rows), the leader's decision on every rank."""
+        shard = self.shard
+        size = len(self.members)
+        joins: list = []
         if shard.is_leader:
-            token = choose(logits, history).astype(mx.int32).reshape(1)
-            control = mx.concatenate([token, mx.array([0 if stopping else 1], dtype=mx.int32)])
+            keep = [i for i, m in enumerate(self.members) if not m.finished and not self.halt]
+            if not self.halt and admit is not None:
+                joins = admit(self.max_batch - len(keep), JOIN_BUDGET)
+            done = not keep and not joins
+            header = [int(done), len(joins), sum(len(r.prompt) for r in joins)]
+            header += [1 if i in keep else 0 for i in range(size)]
         else:
-            control = mx.zeros((2,), dtype=mx.int32)
-            if logits is not None:  # tensor parallel: the control pair must wait for this rank's forward
-                control = mx.depends(control, logits)
-        control = broadcast(shard, control)
-        history = mx.concatenate([history, control[:1]])
-        return control
+            header = None
+        header = broadcast_list(shard, header, 3 + size)
+        done, n_joins, n_prompt_tokens = header[:3]
+        keep = [i for i, flag in enumerate(header[3:]) if flag]
+        if n_joins and shard.group is not None:
+            prompts = [r.prompt for r in joins] if shard.is_leader else None
+            lengths = broadcast_list(shard, [len(p) for p in prompts] if prompts else None, n_joins)
+            flat = broadcast_list(shard, [t for p in prompts for t in p] if prompts else None, n_prompt_tokens)
+            if not shard.is_leader:
+                starts = [sum(lengths[:i]) for i in range(n_joins)]
+                joins = [FollowerRow(flat[s:s + n]) for s, n in zip(starts, lengths)]
+        return bool(done), keep, joins
 
-    current = step(tokens)
-    mx.async_eval(current)
-    while True:
-        following = step(current[:1])
-        mx.async_eval(following)
-        token, go = current.tolist()
-        shard.last_step = time.monotonic()
-        if not go:
-            mx.eval(following)
+    # -- changing the batch --------------------------------------------------------------------------
+
+    def _leave(self, keep: list[int]) -> None:
+        if len(keep) == len(self.members):
             return
-        if not stopping:
-            try:
-                yield token
-            except GeneratorExit:
-                if shard.group is None:
+        kept = set(keep)
+        for i, member in enumerate(self.members):
+            if i in kept:
+                continue
+            if self.prefixes is not None:  # (on every rank alike: followers do not know `finished`)
+                entry = [c.extract(i) for c in self.cache]
+                mx.eval([c.state for c in entry])
+                self.prefixes.insert_cache(PREFIX_KEY, member.tokens, entry)
+            member.row.on_leave("finished" if member.finished else "halted")
+        self.members = [self.members[i] for i in keep]
+        if not keep:
+            self.cache, self.next_tokens = [], None
+            return
+        for c in self.cache:
+            c.filter(keep)
+        self.next_tokens = self.next_tokens[mx.array(keep)]
+
+    def _prefill(self, prompt: list[int]) -> tuple[list, int]:
+        """A joining row's own cache, holding all of its prompt but the last token; and how many of
+        those tokens came from the prefix cache."""
+        head = prompt[:-1]
+        cache, rest = None, head
+        if self.prefixes is not None and head:
+            cache, rest = self.prefixes.fetch_nearest_cache(PREFIX_KEY, head)
+        if cache is None:
+            cache = make_prompt_cache(self.shard.model)
+        reused = len(head) - len(rest)
+        tokens = mx.array(rest, dtype=mx.int32)
+        while tokens.size:
+            n = min(PREFILL_STEP, tokens.size)
+            self.shard.forward(tokens[None, :n], cache, logits=False)
+            mx.eval([c.state for c in cache])
+            tokens = tokens[n:]
+            self.shard.last_step = time.monotonic()
+        return cache, reused
+
+    def _join(self, joins: list) -> None:
+        caches = []
+        for row in joins:
+            cache, reused = self._prefill(row.prompt)
+            self.reused_tokens += reused
+            caches.append(cache)
+            self.members.append(_Member(row, row.prompt[:-1]))
+        merged = _merge_caches(caches)
+        self.cache = _extend_cache(self.cache, merged)
+        last = mx.array([row.prompt[-1] for row in joins], dtype=mx.int32)
+        self.next_tokens = last if self.next_tokens is None else mx.concatenate([self.next_tokens, last])
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def _sample(self, logits: mx.array | None) -> mx.array:
+        """The next token of every row: sampled on the leader, broadcast to the followers."""
+        shard = self.shard
+        if shard.is_leader:
+            rows = [m.row for m in self.members]
+            if all(r.greedy for r in rows):
+                tokens = mx.argmax(logits, axis=-1)
+            else:
+                tokens = mx.concatenate([r.choose(logits[i:i + 1]).reshape(1) for i, r in enumerate(rows)])
+            return broadcast(shard, tokens.astype(mx.int32))
+        tokens = mx.zeros((len(self.members),), dtype=mx.int32)
+        if logits is not None:  # tensor parallel: the broadcast must wait for this rank's forward
+            tokens = mx.depends(tokens, logits)
+        return broadcast(shard, tokens)
+
+    def _step(self) -> None:
+        fed = self.next_tokens
+        logits = self.shard.forward(fed[:, None], self.cache, logits=True)
+        self.next_tokens = self._sample(logits)
+        mx.async_eval(self.next_tokens)
+        values = fed.tolist()
+        self.shard.last_step = time.monotonic()
+        for member, token in zip(self.members, values):
+            member.tokens.append(token)
+            if member.fresh:
+                member.fresh = False
+                continue
+            if self.shard.is_leader and not member.finished:
+                member.finished = member.row.on_token(token)
+
+    def run(self, admit: Callable[[int, int], list] | None = None) -> None:
+        """Step until the batch is empty and nothing joins (the leader's call: `admit(free rows, prompt
+        token budget)` hands over the requests waiting to join). Followers call it without `admit` and
+        return when the leader's plan says the batch is done.
+
+        On an exception the batch is kept as it was: the caller takes its rows with `drop`.
+        """
+        try:
+            while True:
+                done, keep, joins = self._plan(admit)
+                self._leave(keep)
+                if done:
                     return
-                stopping = True  # keep stepping, without yielding, until the announced steps are done
-        current = following
+                if joins:
+                    self._join(joins)
+                self._step()
+        finally:
+            mx.synchronize()  # the last, discarded step may still be running
+
+    def drop(self) -> list:
+        """Empty the batch (after a failed step) and return the rows it held."""
+        rows = [m.row for m in self.members]
+        self.members, self.cache, self.next_tokens = [], [], None
+        return rows

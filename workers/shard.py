@@ -119,9 +119,9 @@ class Shard:
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     def forward(self, tokens: mx.array, cache: list, logits: bool) -> mx.array | None:
-        """Run this rank's part for `tokens` (shape [1, L]).
+        """Run this rank's part for `tokens` (shape [B, L]).
 
-        With `logits`, returns the last position's logits ([1, vocab]) on the leader (and on every
+        With `logits`, returns the last position's logits ([B, vocab]) on the leader (and on every
         rank of a tensor group); None elsewhere. Without, only fills the KV cache (prefill).
         """
         if self.layout != "pipeline":
@@ -132,7 +132,7 @@ class Shard:
         if rank == 0:
             h = inner(tokens, cache)
         else:
-            template = mx.zeros((1, tokens.shape[1], self.hidden_size), dtype=self.dtype)
+            template = mx.zeros((*tokens.shape, self.hidden_size), dtype=self.dtype)
             received = mx.distributed.recv_like(template, rank - 1, group=group)
             if rank == last and logits:
                 h = self.model(None, cache=cache, input_embeddings=received)[:, -1, :]
@@ -147,7 +147,7 @@ class Shard:
         else:
             mx.eval(h)
         if rank == 0 and logits:
-            template = mx.zeros((1, self.vocab_size), dtype=self.dtype)
+            template = mx.zeros((tokens.shape[0], self.vocab_size), dtype=self.dtype)
             return mx.distributed.recv_like(template, last, group=group)
         return None
 

@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,9 +40,10 @@ from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, RESULTS
                                dead_subject, group_wake_subject, job_subject, result_subject, status_subject,
                                worker_durable)
 from schemas.audit import AuditRecord
-from schemas.jobs import Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
+from schemas.jobs import Accepted, Chunk, Done, Failed, Heartbeat, Job, ReplyAddress, WorkerStatus
 from schemas.openai import ErrorDetail
-from workers.engine import JobError, LoadedModel, follow_job, open_model, run_job
+from workers.engine import Generation, Halted, JobError, LoadedModel, open_model, prepare
+from workers.lockstep import BatchEngine
 from workers.rank import RankArgs, add_rank_arguments, barrier, join_group
 
 log = logging.getLogger("conclave.worker")
@@ -51,33 +53,10 @@ CANCELLED = ErrorDetail(message="The request was cancelled.", type="invalid_requ
 decode_job = msgspec.json.Decoder(Job).decode
 
 
-async def iterate_in_thread(executor: ThreadPoolExecutor, make_iter):
-    """Run a blocking iterator on `executor`'s thread and yield its items here as they come."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    def pump():
-        try:
-            for item in make_iter():
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-        except BaseException as exc:  # handed to the event loop, raised there
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        loop.call_soon_threadsafe(queue.put_nowait, end)
-
-    future = loop.run_in_executor(executor, pump)
-    try:
-        while (item := await queue.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        await future
-
-
 class Worker:
     def __init__(self, nc, model_id: str, model_dir: Path, heartbeat_s: float, queue_ttl_s: float,
-                 executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group | None):
+                 executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group | None,
+                 max_batch: int, prefix_cache: int):
         self.nc = nc
         self.js = nc.jetstream()
         self.model_id = model_id
@@ -95,13 +74,23 @@ class Worker:
         self.loaded: LoadedModel | None = None
         self.executor = executor
         self.stopping = asyncio.Event()
-        self.cancel_current = threading.Event()
+        self.max_batch = max_batch
+        self.prefix_cache = prefix_cache
+        self.engine: BatchEngine | None = None
+        self.engine_busy = False  # the model's thread is inside a batch (read by the group watchdog)
+        self.active: dict[str, tuple[Msg, Job, int]] = {}  # accepted jobs not yet settled, by id
+        # Jobs validated and waiting to join the batch; the model's thread takes them between steps.
+        self.waiting: deque[Generation] = deque()
+        self.waiting_lock = threading.Lock()
+        self.work = threading.Event()  # set while `waiting` is not empty, or to wake the thread to stop
+        self.closed = threading.Event()
 
     async def publish_status(self) -> None:
+        state = ("busy" if self.active else "ready") if self.state == "ready" else self.state
         status = WorkerStatus(
-            worker=self.name, model=self.model_id, pid=os.getpid(), host=socket.gethostname(), state=self.state,
+            worker=self.name, model=self.model_id, pid=os.getpid(), host=socket.gethostname(), state=state,
             context_length=self.loaded.context_length if self.loaded else 0, jobs_done=self.jobs_done,
-            layout=self.rank.layout, ranks=self.ranks,
+            layout=self.rank.layout, ranks=self.ranks, active=len(self.active),
         )
         await self.nc.publish(status_subject(self.model_id), encode(status))
 
@@ -127,25 +116,106 @@ class Worker:
         self.state = "ready"
         await self.publish_status()
         log.info("model %s ready (context %d)", self.model_id, self.loaded.context_length)
+        self.engine = BatchEngine(self.loaded.shard, self.max_batch, self.prefix_cache)
+        batches = loop.run_in_executor(self.executor, self.serve_batches, loop)
+        watchdog = asyncio.create_task(self.watch_group()) if self.ranks > 1 else None
         sub = await self.js.pull_subscribe(
             job_subject(self.model_id), durable=worker_durable(self.model_id), stream=JOBS_STREAM,
             config=worker_consumer_config(self.model_id, self.ack_wait_s),
         )
+        jobs: set[asyncio.Task] = set()
+        settled = asyncio.Event()  # a job left `jobs`: room to fetch another
         while not self.stopping.is_set():
+            free = self.max_batch - len(jobs)
+            if free <= 0:
+                settled.clear()
+                await asyncio.wait([asyncio.create_task(settled.wait()), asyncio.create_task(self.stopping.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
-                msgs = await sub.fetch(1, timeout=self.heartbeat_s)
+                msgs = await sub.fetch(free, timeout=self.heartbeat_s)
             except nats.errors.TimeoutError:
                 continue
             for msg in msgs:
-                self.state = "busy"
-                await self.publish_status()
-                await self.handle(msg)
-                self.state = "ready"
-                await self.publish_status()
+                task = asyncio.create_task(self.handle(msg))
+                jobs.add(task)
+                task.add_done_callback(lambda t: (jobs.discard(t), settled.set()))
+        # Stopping: jobs not finished go back to the queue (Halted), the model's thread ends its batch.
         self.state = "stopping"
         await self.publish_status()
+        self.halt()
+        if jobs:
+            await asyncio.wait(jobs)
+        await batches
+        if watchdog is not None:
+            watchdog.cancel()
         status.cancel()
         await sub.unsubscribe()
+
+    def serve_batches(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The model's thread: run a batch whenever jobs are waiting, until the worker stops."""
+        engine = self.engine
+        while not self.closed.is_set():
+            if not self.work.wait(timeout=self.heartbeat_s) or self.closed.is_set():
+                continue
+            if self.ranks > 1:  # followers wait on NATS between batches, not in a busy-polling collective
+                asyncio.run_coroutine_threadsafe(
+                    self.nc.publish(group_wake_subject(self.rank.group_id), b""), loop).result()
+            self.loaded.shard.last_step = time.monotonic()
+            self.engine_busy = True
+            try:
+                engine.run(self.admit)
+            except Exception as exc:
+                log.exception("batch failed")
+                loop.call_soon_threadsafe(self.batch_failed, exc, engine.drop())
+                if self.ranks > 1:
+                    return  # the group is out of step: batch_failed exits the process
+            finally:
+                self.engine_busy = False
+
+    def submit(self, generation: Generation) -> None:
+        with self.waiting_lock:
+            self.waiting.append(generation)
+            self.work.set()
+
+    def admit(self, free: int, budget: int) -> list[Generation]:
+        """Waiting jobs that join the batch now: up to `free` of them, and as many prompt tokens as the
+        budget allows (at least one job, however long its prompt). Jobs cancelled while waiting end here."""
+        joining: list[Generation] = []
+        with self.waiting_lock:
+            while self.waiting and len(joining) < free:
+                generation = self.waiting[0]
+                if generation.cancelled.is_set():
+                    self.waiting.popleft().on_leave("cancelled")
+                    continue
+                if joining and len(generation.prompt) > budget:
+                    break
+                budget -= len(self.waiting.popleft().prompt)
+                joining.append(generation)
+            if not self.waiting:
+                self.work.clear()
+        return joining
+
+    def halt(self) -> None:
+        """Stop: the batch drops its jobs at its next step, waiting jobs are handed back, the thread ends."""
+        self.engine.halt = True
+        with self.waiting_lock:
+            while self.waiting:
+                self.waiting.popleft().on_leave("halted")
+        self.closed.set()
+        self.work.set()
+
+    def batch_failed(self, exc: Exception, generations: list[Generation]) -> None:
+        """A step raised. In a group the ranks are out of step: fail every job and exit (the supervisor
+        restarts the group). A single process drops the batch, fails its jobs and serves on."""
+        reason = f"generation failed: {type(exc).__name__}: {exc}"
+        if self.ranks > 1:
+            asyncio.ensure_future(self.group_lost(reason))
+            return
+        for generation in generations:
+            generation.emit(Failed(id=generation.job.id, status=500, error=ErrorDetail(
+                message=f"The worker failed while generating: {type(exc).__name__}: {exc}", type="server_error",
+                code="worker_error")))
 
     async def fail(self, reply: str | None, job_id: str, status: int, error: ErrorDetail, job: Job | None = None,
                    attempt: int = 1) -> None:
@@ -183,31 +253,35 @@ class Worker:
         except Exception:
             log.exception("job %s: could not append its audit record", job_id)
 
-    async def watch_group(self, msg: Msg, job: Job, stalled_s: float) -> None:
-        """A group whose MLX thread made no step for too long has lost or hung a rank.
+    async def watch_group(self) -> None:
+        """A group whose model thread made no step for too long has lost or hung a rank.
 
-        Nothing can unblock a rank stuck in a collective, so the leader answers the requester with a
-        clean error, settles the job, and exits; the supervisor then restarts the whole group. When
+        Nothing can unblock a rank stuck in a collective, so the leader answers every requester with a
+        clean error, settles their jobs, and exits; the supervisor then restarts the whole group. When
         the supervisor is already stopping us (SIGTERM) because another rank died, one heartbeat
         without a step is enough.
         """
-        limit = self.heartbeat_s if self.stopping.is_set() else self.rank.step_timeout_s
-        if stalled_s > limit:
-            await self.group_lost(msg, job, f"no step for {stalled_s:.1f}s; a rank is gone or hung")
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            stalled_s = time.monotonic() - self.loaded.shard.last_step
+            limit = self.heartbeat_s if self.stopping.is_set() else self.rank.step_timeout_s
+            if self.engine_busy and stalled_s > limit:
+                await self.group_lost(f"no step for {stalled_s:.1f}s; a rank is gone or hung")
 
-    async def group_lost(self, msg: Msg, job: Job, reason: str) -> None:
-        """Answer the requester, settle the job, and exit so that the supervisor restarts the group.
+    async def group_lost(self, reason: str) -> None:
+        """Answer every requester, settle every job, and exit so that the supervisor restarts the group.
 
         Called when a step stalls or raises (MLX reports a dead peer as "[ring] connection to a peer
         was lost"): either way the followers are in an unknown state, so no further job may use them.
         """
-        log.error("group %s: %s (job %s); exiting so the whole group restarts", self.rank.group_id, reason, job.id)
+        log.error("group %s: %s (%d jobs); exiting so the whole group restarts", self.rank.group_id, reason,
+                  len(self.active))
         try:
-            await self.fail(job.reply_subject, job.id, 503, ErrorDetail(
-                message="The worker group serving this model lost a rank while generating; it is restarting. "
-                        "Retry the request.", type="server_error", code="worker_lost"), job,
-                msg.metadata.num_delivered if msg.metadata else 1)
-            await msg.ack_sync(timeout=self.heartbeat_s)
+            for msg, job, attempt in list(self.active.values()):
+                await self.fail(job.reply_subject, job.id, 503, ErrorDetail(
+                    message="The worker group serving this model lost a rank while generating; it is restarting. "
+                            "Retry the request.", type="server_error", code="worker_lost"), job, attempt)
+                await msg.ack_sync(timeout=self.heartbeat_s)
             await self.nc.flush(timeout=self.heartbeat_s)
         finally:  # even if NATS is unreachable: a leader that stays would hold the group hung for good
             os._exit(70)
@@ -254,87 +328,94 @@ class Worker:
                 type="server_error", code="max_deliveries"), job, attempt)
             await msg.term()
             return
-        self.cancel_current.clear()
 
-        async def on_cancel(_):
-            self.cancel_current.set()
-
+        cancelled = threading.Event()
         # Listen first, then look for a cancel stored earlier, so one published in between is not missed.
-        cancels = await self.nc.subscribe(cancel_subject(job.id), cb=on_cancel)
+        cancels = await self.nc.subscribe(cancel_subject(job.id), cb=lambda _: cancelled.set())
+        self.active[job.id] = (msg, job, attempt)
+        try:
+            await self.run_job(msg, job, attempt, cancelled)
+        finally:
+            del self.active[job.id]
+            await cancels.unsubscribe()
+
+    async def run_job(self, msg: Msg, job: Job, attempt: int, cancelled: threading.Event) -> None:
+        """Validate the job, put it in the batch, and move its events to the requester until it ends."""
+        start = time.perf_counter()
         try:
             await self.js.get_last_msg(CANCELS_STREAM, cancel_subject(job.id))
-            self.cancel_current.set()
+            cancelled.set()
         except NotFoundError:
             pass
-        if self.cancel_current.is_set():
-            await cancels.unsubscribe()
+        if cancelled.is_set():
             await self.fail(job.reply_subject, job.id, 499, CANCELLED, job, attempt)
             await msg.ack_sync()
             return
-        progress = {"tokens": 0}
-        done: Done | None = None
-        shard = self.loaded.shard
-        shard.last_step = time.monotonic()
+        try:
+            prompt, max_tokens = await asyncio.to_thread(prepare, self.loaded, job)
+        except JobError as exc:
+            await self.fail(job.reply_subject, job.id, exc.status, exc.detail, job, attempt)
+            await msg.ack_sync()
+            return
+        except Exception as exc:  # a bug, not the requester's fault
+            log.exception("job %s could not start", job.id)
+            await self.fail(job.reply_subject, job.id, 500, ErrorDetail(
+                message=f"The worker could not start the job: {type(exc).__name__}: {exc}", type="server_error",
+                code="worker_error"), job, attempt)
+            await msg.term()
+            return
+        await self.nc.publish(job.reply_subject, encode(
+            Accepted(id=job.id, prompt_tokens=len(prompt), worker=self.name, attempt=attempt)))
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        self.submit(Generation(job, prompt, max_tokens, self.loaded.shard.tokenizer, self.name,
+                               lambda event: loop.call_soon_threadsafe(events.put_nowait, event), cancelled, start))
+        tokens = 0
 
         async def keep_alive():
             while True:
                 await asyncio.sleep(self.heartbeat_s)
-                if shard.size > 1:
-                    await self.watch_group(msg, job, time.monotonic() - shard.last_step)
                 try:
                     await msg.in_progress()
-                    await self.nc.publish(job.reply_subject, encode(Heartbeat(id=job.id, tokens=progress["tokens"])))
+                    await self.nc.publish(job.reply_subject, encode(Heartbeat(id=job.id, tokens=tokens)))
                 except nats.errors.Error as exc:  # NATS reconnecting: keep watching, try again next beat
                     log.warning("job %s: could not send progress: %s", job.id, exc)
 
         alive = asyncio.create_task(keep_alive())
-        if shard.size > 1:
-            await self.nc.publish(group_wake_subject(self.rank.group_id), b"")
         try:
-            async for event in iterate_in_thread(
-                self.executor, lambda: run_job(self.loaded, job, self.name, attempt, self.cancel_current)
-            ):
+            while True:
+                event = await events.get()
                 if isinstance(event, Chunk):
-                    progress["tokens"] = event.tokens
-                    if not job.stream:
-                        continue
-                if self.stopping.is_set():
-                    break  # shutdown, not a cancel: the job goes back to the queue below
-                if isinstance(event, Done):
+                    tokens = event.tokens
+                    if job.stream:
+                        await self.nc.publish(job.reply_subject, encode(event))
+                elif isinstance(event, Halted):
+                    # Stopped by shutdown: hand the job back for another worker rather than ending it short.
+                    await msg.nak()
+                    return
+                elif isinstance(event, Failed):
+                    await self.fail(job.reply_subject, job.id, event.status, event.error, job, attempt)
+                    await msg.term()
+                    return
+                else:
                     done = event
-                    if self.cancel_current.is_set():
-                        event = Failed(id=job.id, status=499, error=CANCELLED)
-                await self.nc.publish(job.reply_subject, encode(event))
-            else:
-                await self.nc.flush()
-                cancelled = isinstance(event, Failed)  # the Done was replaced: cancelled mid-way
-                await self.keep_result(event)
-                await self.record(job, job.id, "cancelled" if cancelled else "done", attempt, done,
-                                  CANCELLED if cancelled else None)
-                await msg.ack_sync()
-                self.jobs_done += 1
-                return
-            # Stopped by shutdown mid-job: hand the job back for another worker rather than ending it short.
-            await msg.nak()
-        except JobError as exc:
-            await self.fail(job.reply_subject, job.id, exc.status, exc.detail, job, attempt)
-            await msg.ack_sync()
-        except Exception as exc:
-            log.exception("job %s failed", job.id)
-            if shard.size > 1:
-                await self.group_lost(msg, job, f"generation failed: {type(exc).__name__}: {exc}")
-            await self.fail(job.reply_subject, job.id, 500, ErrorDetail(
-                message=f"The worker failed while generating: {type(exc).__name__}: {exc}", type="server_error",
-                code="worker_error"), job, attempt)
-            await msg.term()
+                    final = Failed(id=job.id, status=499, error=CANCELLED) if cancelled.is_set() else done
+                    await self.nc.publish(job.reply_subject, encode(final))
+                    await self.nc.flush()
+                    await self.keep_result(final)
+                    await self.record(job, job.id, "cancelled" if final is not done else "done", attempt, done,
+                                      CANCELLED if final is not done else None)
+                    await msg.ack_sync()
+                    self.jobs_done += 1
+                    return
         finally:
             alive.cancel()
-            await cancels.unsubscribe()
 
 
 async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group,
                  stopping: asyncio.Event) -> None:
-    """A follower rank: load this rank's shard, then run each job the leader wakes us for."""
+    """A follower rank: load this rank's shard, then run each batch the leader wakes us for."""
     loop = asyncio.get_running_loop()
     parent = os.getppid()
     wake = await nc.subscribe(group_wake_subject(rank.group_id))
@@ -342,6 +423,7 @@ async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: 
         executor, open_model, args.model_id, Path(args.model_dir), rank.layout, group, rank.split)
     await loop.run_in_executor(executor, barrier, group)
     log.info("rank %d/%d of %s ready (layers %s)", group.rank(), group.size(), args.model_id, loaded.shard.layers)
+    engine = BatchEngine(loaded.shard, args.max_batch, args.prefix_cache)
     while not stopping.is_set():
         try:
             await wake.next_msg(timeout=args.heartbeat)
@@ -350,7 +432,7 @@ async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: 
                 log.warning("parent process exited; stopping")
                 return
             continue
-        await loop.run_in_executor(executor, follow_job, loaded.shard)
+        await loop.run_in_executor(executor, engine.run)
 
 
 async def main_async(args) -> None:
@@ -363,10 +445,11 @@ async def main_async(args) -> None:
     stopping = asyncio.Event()
     worker = None
     if leader:
-        worker = Worker(nc, args.model_id, Path(args.model_dir), args.heartbeat, args.queue_ttl, executor, rank, group)
+        worker = Worker(nc, args.model_id, Path(args.model_dir), args.heartbeat, args.queue_ttl, executor, rank, group,
+                        args.max_batch, args.prefix_cache)
         stopping = worker.stopping
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: (stopping.set(), worker and worker.cancel_current.set()))
+        loop.add_signal_handler(sig, stopping.set)
     try:
         if worker is not None:
             await worker.run()
@@ -393,6 +476,9 @@ def main(argv=None) -> None:
     parser.add_argument("--group-id", default="", help="names this group's wake-up subject")
     parser.add_argument("--step-timeout", type=float, default=60.0,
                         help="a group with no decode/prefill step for this long has lost a rank: fail and exit")
+    parser.add_argument("--max-batch", type=int, default=16, help="jobs generated at once (continuous batching)")
+    parser.add_argument("--prefix-cache", type=int, default=32,
+                        help="finished requests whose KV cache is kept for prompts that extend them (0: off)")
     args = parser.parse_args(argv)
     # mpirun starts ranks without MLX_RANK; Open MPI names the rank itself.
     rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK", "0")
