@@ -72,10 +72,15 @@ class CompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True
     best_of: Union[int, None] = None
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0  # prompt tokens whose KV cache came from the prefix cache, not a prefill
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ErrorDetail(Struct):

@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from schemas.jobs import Chunk, Done, Job, SamplingParams
-from schemas.openai import ChatMessage, ErrorDetail, Usage
+from schemas.openai import ChatMessage, ErrorDetail, PromptTokensDetails, Usage
 from workers.shard import Shard, load_shard
 from workers.stops import StopMatcher
 from workers.store import model_context_length, model_revision
@@ -203,6 +203,7 @@ class Generation:
         self.start = start
         processors, _ = sampling_parts(job.params)
         self.greedy = job.params.temperature == 0 and not processors
+        self.cached_tokens = 0  # set by the batch when the job joins it
         self._choose = None  # built on the model's thread, at the first step
         self.detokenizer = tokenizer.detokenizer  # a fresh copy per access
         self.stops = StopMatcher(job.params.stop)
@@ -251,7 +252,8 @@ class Generation:
             text="".join(self.text_parts),
             finish_reason=self.finish,
             usage=Usage(prompt_tokens=n_prompt, completion_tokens=self.generated,
-                        total_tokens=n_prompt + self.generated),
+                        total_tokens=n_prompt + self.generated,
+                        prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens)),
             ttft_ms=self.ttft_ms,
             duration_ms=(time.perf_counter() - self.start) * 1000,
             worker=self.worker,

@@ -46,6 +46,7 @@ class Row(Protocol):
 
     prompt: list[int]
     greedy: bool  # argmax without logits processors: sampled for the whole batch at once
+    cached_tokens: int  # set when it joins: prompt tokens taken from the prefix cache
 
     def choose(self, logits: mx.array) -> mx.array: ...  # [1, vocab] -> [1]
 
@@ -106,7 +107,6 @@ class BatchEngine:
         self.cache: list = []  # one BatchKVCache per layer (of this rank)
         self.next_tokens: mx.array | None = None  # the tokens the next step feeds, one per row
         self.halt = False  # set from any thread: the leader drops every row at the next plan
-        self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of prefilled, in total
 
     # -- the plan ------------------------------------------------------------------------------------
 
@@ -180,8 +180,7 @@ class BatchEngine:
     def _join(self, joins: list) -> None:
         caches = []
         for row in joins:
-            cache, reused = self._prefill(row.prompt)
-            self.reused_tokens += reused
+            cache, row.cached_tokens = self._prefill(row.prompt)
             caches.append(cache)
             self.members.append(_Member(row, row.prompt[:-1]))
         merged = _merge_caches(caches)

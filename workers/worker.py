@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -125,31 +126,34 @@ class Worker:
         )
         jobs: set[asyncio.Task] = set()
         settled = asyncio.Event()  # a job left `jobs`: room to fetch another
-        while not self.stopping.is_set():
-            free = self.max_batch - len(jobs)
-            if free <= 0:
-                settled.clear()
-                await asyncio.wait([asyncio.create_task(settled.wait()), asyncio.create_task(self.stopping.wait())],
-                                   return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                msgs = await sub.fetch(free, timeout=self.heartbeat_s)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in msgs:
-                task = asyncio.create_task(self.handle(msg))
-                jobs.add(task)
-                task.add_done_callback(lambda t: (jobs.discard(t), settled.set()))
-        # Stopping: jobs not finished go back to the queue (Halted), the model's thread ends its batch.
-        self.state = "stopping"
+        try:
+            while not self.stopping.is_set():
+                free = self.max_batch - len(jobs)
+                if free <= 0:
+                    settled.clear()
+                    await asyncio.wait([asyncio.create_task(settled.wait()),
+                                        asyncio.create_task(self.stopping.wait())],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await sub.fetch(free, timeout=self.heartbeat_s)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in msgs:
+                    task = asyncio.create_task(self.handle(msg))
+                    jobs.add(task)
+                    task.add_done_callback(lambda t: (jobs.discard(t), settled.set()))
+        finally:
+            # Stopping (or failing): unfinished jobs go back to the queue (Halted), the model's thread ends.
+            self.state = "stopping"
+            self.halt()
+            if jobs:
+                await asyncio.wait(jobs)
+            await batches
+            if watchdog is not None:
+                watchdog.cancel()
+            status.cancel()
         await self.publish_status()
-        self.halt()
-        if jobs:
-            await asyncio.wait(jobs)
-        await batches
-        if watchdog is not None:
-            watchdog.cancel()
-        status.cancel()
         await sub.unsubscribe()
 
     def serve_batches(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -330,14 +334,21 @@ class Worker:
             return
 
         cancelled = threading.Event()
+
+        async def on_cancel(_):
+            cancelled.set()
+
         # Listen first, then look for a cancel stored earlier, so one published in between is not missed.
-        cancels = await self.nc.subscribe(cancel_subject(job.id), cb=lambda _: cancelled.set())
+        cancels = await self.nc.subscribe(cancel_subject(job.id), cb=on_cancel)
         self.active[job.id] = (msg, job, attempt)
         try:
             await self.run_job(msg, job, attempt, cancelled)
+        except Exception:  # NATS gone mid-job, or a bug: unacked, the job is redelivered after ack-wait
+            log.exception("job %s: could not be settled", job.id)
         finally:
             del self.active[job.id]
-            await cancels.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await cancels.unsubscribe()
 
     async def run_job(self, msg: Msg, job: Job, attempt: int, cancelled: threading.Event) -> None:
         """Validate the job, put it in the batch, and move its events to the requester until it ends."""
