@@ -15,6 +15,7 @@ import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -72,11 +73,13 @@ def raw_run(model, tokenizer, prompt: str, max_tokens: int) -> dict:
 
 
 def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy chat request; times relative to its start, plus its start and end on the
+    perf_counter clock (for aggregate throughput under concurrency)."""
     body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = cached = 0
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -85,11 +88,13 @@ def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int) 
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 now = time.perf_counter()
                 first = first or now
                 last = now
-    return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens}
+    return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens,
+            "cached_tokens": cached, "start": start, "end": time.perf_counter()}
 
 
 def machine() -> dict:
@@ -172,4 +177,61 @@ def run_group_bench(args) -> dict:
         "max_tokens": args.max_tokens,
         "prompts": len(prompts),
         "layouts": results,
+    }
+
+
+def run_concurrency_bench(args) -> dict:
+    """The served path under load: for each level N, requests kept N at a time in flight.
+
+    Per level: aggregate decode tok/s (every completion token of the level over its wall time), TTFT
+    p50/p95, the ratio of the aggregate to the single-stream level, and the queue overhead per job:
+    served TTFT minus raw mlx-lm's TTFT on the same prompts (prefill and first step in-process, no
+    queue). Every request's prompt is unique ("Request n: ..."), so the prefix cache can only reuse the
+    chat template's shared head, as it would for real traffic.
+    """
+    model = ModelStore(args.home / "models").resolve(args.model)
+    levels = args.concurrency
+    shard = load_shard(model.path)
+    counter = iter(range(1_000_000))
+
+    def unique_prompts(n: int) -> list[str]:
+        return [f"Request {next(counter)}: {p}" for p in bench_prompts(n)]
+
+    raw = [raw_run(shard.model, shard.tokenizer, p, 2) for p in unique_prompts(args.prompts)]
+    raw_ttft = statistics.median(r["ttft_ms"] for r in raw)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as home:
+        server = spawn_server(Path(home), "--model", str(model.path), "--max-batch", str(max(levels)))
+        try:
+            with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=1800,
+                              limits=httpx.Limits(max_connections=max(levels) + 4)) as http:
+                served_run(http, model.path.name, PROMPTS[0], 4)  # warm-up
+                for level in levels:
+                    prompts = unique_prompts(max(level, args.prompts))
+                    with ThreadPoolExecutor(level) as pool:
+                        runs = list(pool.map(lambda p: served_run(http, model.path.name, p, args.max_tokens),
+                                             prompts))
+                    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+                    ttft = [r["ttft_ms"] for r in runs]
+                    results[str(level)] = {
+                        "requests": len(runs),
+                        "aggregate_decode_tps": round(sum(r["tokens"] for r in runs) / wall, 2),
+                        "per_request_decode_tps_p50": round(statistics.median(r["decode_tps"] for r in runs), 2),
+                        "ttft_ms_p50": round(statistics.median(ttft), 1),
+                        "ttft_ms_p95": round(percentile(ttft, 0.95), 1),
+                        "queue_overhead_ms_p50": round(statistics.median(ttft) - raw_ttft, 1),
+                        "cached_prompt_tokens_mean": round(statistics.fmean(r["cached_tokens"] for r in runs), 1),
+                        "wall_s": round(wall, 2),
+                    }
+        finally:
+            server.stop()
+    base = results[str(levels[0])]["aggregate_decode_tps"]
+    for level in results.values():
+        level["ratio_to_single"] = round(level["aggregate_decode_tps"] / base, 2)
+    return {
+        "model": model.id,
+        "machine": machine(),
+        "max_tokens": args.max_tokens,
+        "raw_mlx_lm_ttft_ms_p50": round(raw_ttft, 1),
+        "concurrency": results,
     }

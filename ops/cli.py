@@ -44,13 +44,15 @@ def add_group_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> None:
-    from ops.serve import serve
+    from ops.serve import WorkerSettings, serve
 
     # Every process of the deployment declares the jobs stream with this limit (pipeline/streams.py).
     os.environ["CONCLAVE_MAX_QUEUED"] = str(args.max_queued)
+    settings = WorkerSettings(heartbeat_s=args.heartbeat, queue_ttl_s=args.queue_timeout,
+                              step_timeout_s=args.step_timeout, max_batch=args.max_batch,
+                              prefix_cache=args.prefix_cache)
     asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, args.api_key,
-                      args.queue_timeout, args.worker_timeout, args.heartbeat, group_from_args(args),
-                      args.step_timeout))
+                      args.worker_timeout, group_from_args(args), settings))
 
 
 def cmd_generate(args) -> None:
@@ -74,10 +76,22 @@ def cmd_models(args) -> None:
         print(f"{model.id}\t{model.path}")
 
 
-def cmd_bench(args) -> None:
-    from ops.bench import run_bench, run_group_bench
+def parse_levels(text: str) -> list[int]:
+    levels = [int(n) for n in text.split(",")]
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers, e.g. 1,4,16")
+    return levels
 
-    report = run_group_bench(args) if args.tensor_parallel > 1 or args.pipeline_parallel > 1 else run_bench(args)
+
+def cmd_bench(args) -> None:
+    from ops.bench import run_bench, run_concurrency_bench, run_group_bench
+
+    if args.concurrency:
+        report = run_concurrency_bench(args)
+    elif args.tensor_parallel > 1 or args.pipeline_parallel > 1:
+        report = run_group_bench(args)
+    else:
+        report = run_bench(args)
     text = json.dumps(report, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -121,6 +135,10 @@ def parser() -> argparse.ArgumentParser:
                         "publishes are refused")
     s.add_argument("--step-timeout", type=float, default=env_float("CONCLAVE_STEP_TIMEOUT", 60.0),
                    help="a worker group with no generation step for this long has lost a rank and restarts")
+    s.add_argument("--max-batch", type=int, default=int(os.environ.get("CONCLAVE_MAX_BATCH") or 16),
+                   help="requests one worker (or group) generates at once; more wait in the queue")
+    s.add_argument("--prefix-cache", type=int, default=int(os.environ.get("CONCLAVE_PREFIX_CACHE") or 32),
+                   help="finished requests whose KV cache a worker keeps for prompts that extend them (0: off)")
     add_group_flags(s)
     s.set_defaults(func=cmd_serve)
 
@@ -150,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: compare one process, a tensor-parallel group of N and --pipeline-parallel")
     b.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
                    help="instead: compare one process, a pipeline-parallel group of N and --tensor-parallel")
+    b.add_argument("--concurrency", type=parse_levels, default=None, metavar="N,M,..",
+                   help="instead: the served path with N, then M, ... requests in flight (continuous batching)")
     b.set_defaults(func=cmd_bench)
 
     a = sub.add_parser("audit", help="read, export, verify and replay the hash-chained audit log")

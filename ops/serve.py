@@ -180,19 +180,33 @@ def spawn_server(home: Path, *flags: str, timeout_s: float = 180.0) -> ServerPro
     return ServerProcess(process, f"http://127.0.0.1:{port}/v1", f"nats://127.0.0.1:{nats_port}", home, output)
 
 
-def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, heartbeat_s: float, queue_ttl_s: float,
-                   step_timeout_s: float) -> Callable[[str], list[str]]:
+@dataclass
+class WorkerSettings:
+    """What every worker process (every rank of a group alike) is started with; see workers/worker.py."""
+
+    heartbeat_s: float = 2.0
+    queue_ttl_s: float = 600.0
+    step_timeout_s: float = 60.0
+    max_batch: int = 16
+    prefix_cache: int = 32
+
+    def arguments(self) -> list[str]:
+        return ["--heartbeat", str(self.heartbeat_s), "--queue-ttl", str(self.queue_ttl_s), "--step-timeout",
+                str(self.step_timeout_s), "--max-batch", str(self.max_batch), "--prefix-cache", str(self.prefix_cache)]
+
+
+def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str,
+                   settings: WorkerSettings) -> Callable[[str], list[str]]:
     def command(group_id: str) -> list[str]:
         return python_command("workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
-                              "--nats-url", nats_url, "--heartbeat", str(heartbeat_s), "--queue-ttl", str(queue_ttl_s),
-                              "--group-id", group_id, "--step-timeout", str(step_timeout_s), *rank_arguments(spec))
+                              "--nats-url", nats_url, "--group-id", group_id, *settings.arguments(),
+                              *rank_arguments(spec))
 
     return command
 
 
 async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str | None, nats_port: int,
-                api_key: str | None, queue_timeout_s: float, worker_timeout_s: float, heartbeat_s: float,
-                group: GroupSpec, step_timeout_s: float) -> None:
+                api_key: str | None, worker_timeout_s: float, group: GroupSpec, settings: WorkerSettings) -> None:
     model = ModelStore(home / "models").resolve(model_spec)
     group = plan_group(group, model.path)
     if nats_url is None and not all(h.is_local for h in group.hosts):
@@ -206,12 +220,11 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         nats_server = EmbeddedNats(home / "nats", port=nats_port, encryption_key=os.environ.get(KEY_VARIABLE))
         await asyncio.to_thread(nats_server.start)
         nats_url = nats_server.url
-    supervisor = GroupSupervisor(
-        group, worker_command(model, group, nats_url, heartbeat_s, queue_timeout_s, step_timeout_s), home / "groups")
+    supervisor = GroupSupervisor(group, worker_command(model, group, nats_url, settings), home / "groups")
     card = ModelCard(id=model.id, created=model.created, context_length=model_context_length(model.path))
-    app = create_app(IngressConfig(nats_url=nats_url, models=[card], queue_timeout_s=queue_timeout_s,
+    app = create_app(IngressConfig(nats_url=nats_url, models=[card], queue_timeout_s=settings.queue_ttl_s,
                                    worker_timeout_s=worker_timeout_s, api_key=api_key,
-                                   status_ttl_s=4 * heartbeat_s))
+                                   status_ttl_s=4 * settings.heartbeat_s))
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
 
     loop = asyncio.get_running_loop()

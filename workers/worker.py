@@ -137,7 +137,7 @@ class Worker:
                     continue
                 try:
                     msgs = await sub.fetch(free, timeout=self.heartbeat_s)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises the latter for batch > 1
                     continue
                 for msg in msgs:
                     task = asyncio.create_task(self.handle(msg))
