@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +20,7 @@ from mlx_lm.models import llama
 
 from ops.group import generate_on_group, local_group
 from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken
+from tests.test_batching import PROMPTS, complete
 
 TINY = {
     "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256,
@@ -101,7 +103,8 @@ def rank_pids(output: list[str]) -> dict[int, int]:
     return pids
 
 
-def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
+def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, client, tmp_path):
+    server_client = client
     srv = start_server(tmp_path / "home", "--model", str(server.home / "models" / MODEL),
                        "--pipeline-parallel", "2", "--step-timeout", "10")
     try:
@@ -109,6 +112,12 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
         assert "Paris" in reply.choices[0].message.content
         assert srv.health()["models"][MODEL]["live_workers"][0]["layout"] == "pipeline"
+        # A batch on the group: rows join and leave at different steps (different budgets, one stop rule),
+        # every rank follows the leader's plan, and each text is the single process's text for it.
+        batch = PROMPTS[:6]
+        single = [complete(server_client, *p) for p in batch]
+        with ThreadPoolExecutor(len(batch)) as pool:
+            assert list(pool.map(lambda p: complete(client, *p), batch)) == single
         # A job the leader refuses is not run by the followers either; the group keeps serving.
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=10**6)
@@ -121,7 +130,7 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, tmp_path):
         assert "Paris" in reply.choices[0].message.content
         assert f"worker rank 1 (pid {follower} on localhost) exited with signal SIGKILL" in "".join(srv.output)
 
-        # A stop string ends the request on every rank (announced two steps late); the group keeps serving.
+        # A stop string ends the request on every rank; the group keeps serving.
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12,
                                                stop=[" of"])
         assert reply.choices[0].message.content == "The capital" and reply.choices[0].finish_reason == "stop"
