@@ -123,6 +123,12 @@ def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str
     return params.max_tokens if params.max_tokens is not None else context - n_prompt
 
 
+def has_processors(params: SamplingParams) -> bool:
+    """Whether `sampling_parts` makes logits processors (without making them: they hold MLX arrays)."""
+    return bool(params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
+                or params.frequency_penalty)
+
+
 def sampling_parts(params: SamplingParams) -> tuple[list, list]:
     """mlx-lm's logits processors and logit filters for these parameters (the sampling itself is ours:
     it draws from the request's own random key, see `chooser`)."""
@@ -201,8 +207,7 @@ class Generation:
         self.emit = emit
         self.cancelled = cancelled
         self.start = start
-        processors, _ = sampling_parts(job.params)
-        self.greedy = job.params.temperature == 0 and not processors
+        self.greedy = job.params.temperature == 0 and not has_processors(job.params)
         self.cached_tokens = 0  # set by the batch when the job joins it
         self._choose = None  # built on the model's thread, at the first step
         self.detokenizer = tokenizer.detokenizer  # a fresh copy per access

@@ -13,7 +13,7 @@ run one extra, discarded row in step k+1.
 Groups: only the leader samples and decides. Each step ends with one broadcast (an all_sum to which
 only the leader contributes) of the sampled tokens, so every rank feeds the same tokens to the next
 step. Before each step the leader broadcasts the plan: which rows stay, which requests join (their
-prompt ids and how much of each came from the prefix cache), and whether the batch is done; every
+prompt ids, then how much of each comes from the prefix cache), and whether the batch is done; every
 rank applies it the same way, so batch shapes and collectives match on every rank. A single process
 runs the same loop with the broadcasts reduced to nothing.
 
@@ -30,7 +30,7 @@ from typing import Callable, Protocol
 
 import mlx.core as mx
 from mlx_lm.generate import _extend_cache, _merge_caches
-from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from workers.shard import Shard
 
@@ -136,6 +136,35 @@ class BatchEngine:
                 joins = [FollowerRow(flat[s:s + n]) for s, n in zip(starts, lengths)]
         return bool(done), keep, joins
 
+    def _reuse(self, joins: list) -> list[tuple[list | None, int]]:
+        """Each joining row's prefix-cache entry (a copy) and how many prompt tokens it covers, the
+        leader's choice on every rank. Ranks hold different layers, and whether an entry can be trimmed
+        depends on a rank's cache types, so followers do not choose: they cut their entry to the
+        leader's length, and a follower that has less fails the batch (the group restarts) rather than
+        prefill a different number of tokens from its peers."""
+        found = []
+        for row in joins:
+            head = row.prompt[:-1]
+            cache, rest = (None, head)
+            if self.prefixes is not None and head:
+                cache, rest = self.prefixes.fetch_nearest_cache(PREFIX_KEY, head)
+            found.append((cache, len(head) - len(rest) if cache is not None else 0))
+        if self.shard.group is None:
+            return found
+        chosen = broadcast_list(self.shard, [n for _, n in found] if self.shard.is_leader else None, len(joins))
+        agreed = []
+        for (cache, n), want in zip(found, chosen):
+            if n < want:
+                raise RuntimeError(f"prefix cache out of step with the leader: {n} tokens cached, {want} expected")
+            if want == 0:
+                cache = None
+            elif n > want:
+                if not can_trim_prompt_cache(cache):
+                    raise RuntimeError("prefix cache out of step with the leader: cannot trim an entry")
+                trim_prompt_cache(cache, n - want)
+            agreed.append((cache, want))
+        return agreed
+
     # -- changing the batch --------------------------------------------------------------------------
 
     def _leave(self, keep: list[int]) -> None:
@@ -158,31 +187,27 @@ class BatchEngine:
             c.filter(keep)
         self.next_tokens = self.next_tokens[mx.array(keep)]
 
-    def _prefill(self, prompt: list[int]) -> tuple[list, int]:
-        """A joining row's own cache, holding all of its prompt but the last token; and how many of
-        those tokens came from the prefix cache."""
-        head = prompt[:-1]
-        cache, rest = None, head
-        if self.prefixes is not None and head:
-            cache, rest = self.prefixes.fetch_nearest_cache(PREFIX_KEY, head)
+    def _prefill(self, prompt: list[int], cache: list | None, reused: int) -> list:
+        """A joining row's own cache, holding all of its prompt but the last token: the prefix-cache
+        entry (covering `reused` tokens) or a new cache, then a prefill of the rest."""
         if cache is None:
             cache = make_prompt_cache(self.shard.model)
-        reused = len(head) - len(rest)
-        tokens = mx.array(rest, dtype=mx.int32)
+        tokens = mx.array(prompt[reused:-1], dtype=mx.int32)
         while tokens.size:
             n = min(PREFILL_STEP, tokens.size)
             self.shard.forward(tokens[None, :n], cache, logits=False)
             mx.eval([c.state for c in cache])
             tokens = tokens[n:]
             self.shard.last_step = time.monotonic()
-        return cache, reused
+        return cache
 
     def _join(self, joins: list) -> None:
+        # Members first: if a prefill fails, `drop` still hands every joining row back to be failed.
+        self.members.extend(_Member(row, row.prompt[:-1]) for row in joins)
         caches = []
-        for row in joins:
-            cache, row.cached_tokens = self._prefill(row.prompt)
-            caches.append(cache)
-            self.members.append(_Member(row, row.prompt[:-1]))
+        for row, (entry, reused) in zip(joins, self._reuse(joins)):
+            row.cached_tokens = reused
+            caches.append(self._prefill(row.prompt, entry, reused))
         merged = _merge_caches(caches)
         self.cache = _extend_cache(self.cache, merged)
         last = mx.array([row.prompt[-1] for row in joins], dtype=mx.int32)

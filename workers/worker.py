@@ -74,6 +74,9 @@ class Worker:
         self.jobs_done = 0
         self.loaded: LoadedModel | None = None
         self.executor = executor
+        # Templating and tokenising off the event loop, on one thread: a Hugging Face fast tokenizer can
+        # fail ("Already borrowed") when several threads encode with it at once.
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.stopping = asyncio.Event()
         self.max_batch = max_batch
         self.prefix_cache = prefix_cache
@@ -117,13 +120,13 @@ class Worker:
         self.state = "ready"
         await self.publish_status()
         log.info("model %s ready (context %d)", self.model_id, self.loaded.context_length)
-        self.engine = BatchEngine(self.loaded.shard, self.max_batch, self.prefix_cache)
-        batches = loop.run_in_executor(self.executor, self.serve_batches, loop)
-        watchdog = asyncio.create_task(self.watch_group()) if self.ranks > 1 else None
         sub = await self.js.pull_subscribe(
             job_subject(self.model_id), durable=worker_durable(self.model_id), stream=JOBS_STREAM,
             config=worker_consumer_config(self.model_id, self.ack_wait_s),
         )
+        self.engine = BatchEngine(self.loaded.shard, self.max_batch, self.prefix_cache)
+        batches = loop.run_in_executor(self.executor, self.serve_batches, loop)
+        watchdog = asyncio.create_task(self.watch_group()) if self.ranks > 1 else None
         jobs: set[asyncio.Task] = set()
         settled = asyncio.Event()  # a job left `jobs`: room to fetch another
         try:
@@ -179,6 +182,9 @@ class Worker:
 
     def submit(self, generation: Generation) -> None:
         with self.waiting_lock:
+            if self.closed.is_set():  # stopping: the model's thread takes no more jobs
+                generation.on_leave("halted")
+                return
             self.waiting.append(generation)
             self.work.set()
 
@@ -187,11 +193,11 @@ class Worker:
         budget allows (at least one job, however long its prompt). Jobs cancelled while waiting end here."""
         joining: list[Generation] = []
         with self.waiting_lock:
+            for generation in [g for g in self.waiting if g.cancelled.is_set()]:  # even when the batch is full
+                self.waiting.remove(generation)
+                generation.on_leave("cancelled")
             while self.waiting and len(joining) < free:
                 generation = self.waiting[0]
-                if generation.cancelled.is_set():
-                    self.waiting.popleft().on_leave("cancelled")
-                    continue
                 if joining and len(generation.prompt) > budget:
                     break
                 budget -= len(self.waiting.popleft().prompt)
@@ -363,7 +369,8 @@ class Worker:
             await msg.ack_sync()
             return
         try:
-            prompt, max_tokens = await asyncio.to_thread(prepare, self.loaded, job)
+            prompt, max_tokens = await asyncio.get_running_loop().run_in_executor(
+                self.tokenizing, prepare, self.loaded, job)
         except JobError as exc:
             await self.fail(job.reply_subject, job.id, exc.status, exc.detail, job, attempt)
             await msg.ack_sync()
