@@ -108,7 +108,8 @@ def run_bench(args) -> dict:
     shard = load_shard(model.path)
     loaded, tokenizer = shard.model, shard.tokenizer
     with tempfile.TemporaryDirectory() as home:
-        server = spawn_server(Path(home), "--model", str(model.path))
+        # No prefix cache: the served path must prefill what the raw path prefills, or TTFT compares caches.
+        server = spawn_server(Path(home), "--model", str(model.path), "--prefix-cache", "0")
         try:
             with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=600) as http:
                 # Warm-up on both paths: first-call compilation and page-ins are not what is measured.
@@ -180,14 +181,32 @@ def run_group_bench(args) -> dict:
     }
 
 
+def served_level(http: httpx.Client, model_id: str, prompts: list[str], level: int, max_tokens: int) -> dict:
+    """`prompts` served with `level` requests in flight at a time."""
+    with ThreadPoolExecutor(level) as pool:
+        runs = list(pool.map(lambda p: served_run(http, model_id, p, max_tokens), prompts))
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    ttft = [r["ttft_ms"] for r in runs]
+    return {
+        "requests": len(runs),
+        "aggregate_decode_tps": round(sum(r["tokens"] for r in runs) / wall, 2),
+        "per_request_decode_tps_p50": round(statistics.median(r["decode_tps"] for r in runs), 2),
+        "ttft_ms_p50": round(statistics.median(ttft), 1),
+        "ttft_ms_p95": round(percentile(ttft, 0.95), 1),
+        "cached_prompt_tokens_mean": round(statistics.fmean(r["cached_tokens"] for r in runs), 1),
+        "wall_s": round(wall, 2),
+    }
+
+
 def run_concurrency_bench(args) -> dict:
     """The served path under load: for each level N, requests kept N at a time in flight.
 
     Per level: aggregate decode tok/s (every completion token of the level over its wall time), TTFT
-    p50/p95, the ratio of the aggregate to the single-stream level, and the queue overhead per job:
-    served TTFT minus raw mlx-lm's TTFT on the same prompts (prefill and first step in-process, no
-    queue). Every request's prompt is unique ("Request n: ..."), so the prefix cache can only reuse the
-    chat template's shared head, as it would for real traffic.
+    p50/p95, the ratio of the aggregate to the first level's, and the queue overhead per job: served
+    TTFT minus raw mlx-lm's TTFT on the same kind of prompts (prefill and first step in-process, no
+    queue). The levels run with the prefix cache off, so that served and raw prefill the same tokens;
+    then the first level runs again with it on, every prompt unique ("Request n: ...") so that only the
+    chat template's shared head can be reused, as for real traffic.
     """
     model = ModelStore(args.home / "models").resolve(args.model)
     levels = args.concurrency
@@ -197,37 +216,28 @@ def run_concurrency_bench(args) -> dict:
     def unique_prompts(n: int) -> list[str]:
         return [f"Request {next(counter)}: {p}" for p in bench_prompts(n)]
 
+    raw_run(shard.model, shard.tokenizer, PROMPTS[0], 2)  # warm-up
     raw = [raw_run(shard.model, shard.tokenizer, p, 2) for p in unique_prompts(args.prompts)]
     raw_ttft = statistics.median(r["ttft_ms"] for r in raw)
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as home:
-        server = spawn_server(Path(home), "--model", str(model.path), "--max-batch", str(max(levels)))
-        try:
-            with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=1800,
-                              limits=httpx.Limits(max_connections=max(levels) + 4)) as http:
-                served_run(http, model.path.name, PROMPTS[0], 4)  # warm-up
-                for level in levels:
-                    prompts = unique_prompts(max(level, args.prompts))
-                    with ThreadPoolExecutor(level) as pool:
-                        runs = list(pool.map(lambda p: served_run(http, model.path.name, p, args.max_tokens),
-                                             prompts))
-                    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
-                    ttft = [r["ttft_ms"] for r in runs]
-                    results[str(level)] = {
-                        "requests": len(runs),
-                        "aggregate_decode_tps": round(sum(r["tokens"] for r in runs) / wall, 2),
-                        "per_request_decode_tps_p50": round(statistics.median(r["decode_tps"] for r in runs), 2),
-                        "ttft_ms_p50": round(statistics.median(ttft), 1),
-                        "ttft_ms_p95": round(percentile(ttft, 0.95), 1),
-                        "queue_overhead_ms_p50": round(statistics.median(ttft) - raw_ttft, 1),
-                        "cached_prompt_tokens_mean": round(statistics.fmean(r["cached_tokens"] for r in runs), 1),
-                        "wall_s": round(wall, 2),
-                    }
-        finally:
-            server.stop()
+    for prefix_cache in (0, 32):
+        with tempfile.TemporaryDirectory() as home:
+            server = spawn_server(Path(home), "--model", str(model.path), "--max-batch", str(max(levels)),
+                                  "--prefix-cache", str(prefix_cache))
+            try:
+                with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=1800,
+                                  limits=httpx.Limits(max_connections=max(levels) + 4)) as http:
+                    served_run(http, model.path.name, PROMPTS[0], 4)  # warm-up
+                    for level in levels if not prefix_cache else levels[:1]:
+                        prompts = unique_prompts(level * -(-args.prompts // level))  # whole rounds of `level`
+                        result = served_level(http, model.path.name, prompts, level, args.max_tokens)
+                        result["queue_overhead_ms_p50"] = round(result["ttft_ms_p50"] - raw_ttft, 1)
+                        results[f"{level}" if not prefix_cache else f"{level}_with_prefix_cache"] = result
+            finally:
+                server.stop()
     base = results[str(levels[0])]["aggregate_decode_tps"]
-    for level in results.values():
-        level["ratio_to_single"] = round(level["aggregate_decode_tps"] / base, 2)
+    for result in results.values():
+        result["ratio_to_single"] = round(result["aggregate_decode_tps"] / base, 2)
     return {
         "model": model.id,
         "machine": machine(),

@@ -80,3 +80,15 @@ def test_next_chat_turn_reuses_the_cached_prefix(server, client):
     prompt = tokenizer.apply_chat_template(turn, add_generation_prompt=True)
     raw = "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=16, sampler=make_sampler(0.0)))
     assert second.choices[0].message.content == raw
+
+
+def test_seeded_request_draws_the_same_tokens_in_a_batch(client):
+    def sampled():
+        return client.completions.create(model=MODEL, prompt="Once upon a time", temperature=1.0, seed=99,
+                                         max_tokens=12).choices[0].text
+
+    alone = sampled()
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(complete, client, prompt, budget, stop) for prompt, budget, stop in PROMPTS[:3]]
+        assert sampled() == alone  # drawn from its own key, whatever else shares the batch
+        assert all(o.result() for o in others)

@@ -88,7 +88,7 @@ def generate_once(engine: BatchEngine, text: str, max_tokens: int, raw: bool) ->
     once = _Once(list(prompt), max_tokens)
     pending = [once]
     start = time.perf_counter()
-    engine.run(lambda free, budget: [pending.pop()] if pending else [])
+    engine.run(lambda n: [pending.pop()] if pending else [])
     times = once.times
     return {
         "prompt_tokens": len(prompt), "tokens": once.tokens, "text": tokenizer.decode(once.tokens),

@@ -35,9 +35,10 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prom
 from workers.shard import Shard
 
 PREFILL_STEP = 512  # prompt tokens per forward pass during prefill (bounds activation memory)
-# Prompt tokens that may join between two decode steps: a long prompt still joins alone, but a queue of
-# prompts joins over several steps, so the requests already running keep producing tokens.
-JOIN_BUDGET = 512
+# Requests that may join between two decode steps. Each joins with a prefill of its own (so that it can
+# start from its own prefix-cache entry), so joining several at once gains nothing over one per step and
+# delays the first tokens of all of them and the next tokens of every running request.
+JOINS_PER_STEP = 1
 PREFIX_KEY = "model"  # LRUPromptCache keys by model; a worker serves one
 
 
@@ -110,7 +111,7 @@ class BatchEngine:
 
     # -- the plan ------------------------------------------------------------------------------------
 
-    def _plan(self, admit: Callable[[int, int], list] | None) -> tuple[bool, list[int], list]:
+    def _plan(self, admit: Callable[[int], list] | None) -> tuple[bool, list[int], list]:
         """(done, rows to keep, joining rows), the leader's decision on every rank."""
         shard = self.shard
         size = len(self.members)
@@ -118,7 +119,7 @@ class BatchEngine:
         if shard.is_leader:
             keep = [i for i, m in enumerate(self.members) if not m.finished and not self.halt]
             if not self.halt and admit is not None:
-                joins = admit(self.max_batch - len(keep), JOIN_BUDGET)
+                joins = admit(min(JOINS_PER_STEP, self.max_batch - len(keep)))
             done = not keep and not joins
             header = [int(done), len(joins), sum(len(r.prompt) for r in joins)]
             header += [1 if i in keep else 0 for i in range(size)]
@@ -187,11 +188,14 @@ class BatchEngine:
             c.filter(keep)
         self.next_tokens = self.next_tokens[mx.array(keep)]
 
-    def _prefill(self, prompt: list[int], cache: list | None, reused: int) -> list:
-        """A joining row's own cache, holding all of its prompt but the last token: the prefix-cache
-        entry (covering `reused` tokens) or a new cache, then a prefill of the rest."""
-        if cache is None:
-            cache = make_prompt_cache(self.shard.model)
+    def _prefill(self, prompt: list[int], entry: list | None, reused: int) -> list:
+        """A joining row's cache (a batch of one), holding all of its prompt but the last token: the
+        prefix-cache entry (covering `reused` tokens) or an empty cache, then a prefill of the rest.
+
+        The prefill goes straight into batch caches: prefilling a plain cache and merging it afterwards
+        costs a copy, and a second one at the first step (the merged buffer has no room to grow): about
+        10 ms of time to first token on the development machine."""
+        cache = _merge_caches([entry if entry is not None else make_prompt_cache(self.shard.model)])
         tokens = mx.array(prompt[reused:-1], dtype=mx.int32)
         while tokens.size:
             n = min(PREFILL_STEP, tokens.size)
@@ -204,12 +208,9 @@ class BatchEngine:
     def _join(self, joins: list) -> None:
         # Members first: if a prefill fails, `drop` still hands every joining row back to be failed.
         self.members.extend(_Member(row, row.prompt[:-1]) for row in joins)
-        caches = []
         for row, (entry, reused) in zip(joins, self._reuse(joins)):
             row.cached_tokens = reused
-            caches.append(self._prefill(row.prompt, entry, reused))
-        merged = _merge_caches(caches)
-        self.cache = _extend_cache(self.cache, merged)
+            self.cache = _extend_cache(self.cache, self._prefill(row.prompt, entry, reused))
         last = mx.array([row.prompt[-1] for row in joins], dtype=mx.int32)
         self.next_tokens = last if self.next_tokens is None else mx.concatenate([self.next_tokens, last])
 
@@ -245,9 +246,9 @@ class BatchEngine:
             if self.shard.is_leader and not member.finished:
                 member.finished = member.row.on_token(token)
 
-    def run(self, admit: Callable[[int, int], list] | None = None) -> None:
-        """Step until the batch is empty and nothing joins (the leader's call: `admit(free rows, prompt
-        token budget)` hands over the requests waiting to join). Followers call it without `admit` and
+    def run(self, admit: Callable[[int], list] | None = None) -> None:
+        """Step until the batch is empty and nothing joins (the leader's call: `admit(n)` hands over up
+        to n of the requests waiting to join). Followers call it without `admit` and
         return when the leader's plan says the batch is done.
 
         On an exception the batch is kept as it was: the caller takes its rows with `drop`.

@@ -138,9 +138,10 @@ class Worker:
                                         asyncio.create_task(self.stopping.wait())],
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue
+                # One at a time: a fetch of n > 1 that gets fewer waits for the rest until its timeout.
                 try:
-                    msgs = await sub.fetch(free, timeout=self.heartbeat_s)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises the latter for batch > 1
+                    msgs = await sub.fetch(1, timeout=self.heartbeat_s)
+                except nats.errors.TimeoutError:
                     continue
                 for msg in msgs:
                     task = asyncio.create_task(self.handle(msg))
@@ -188,20 +189,15 @@ class Worker:
             self.waiting.append(generation)
             self.work.set()
 
-    def admit(self, free: int, budget: int) -> list[Generation]:
-        """Waiting jobs that join the batch now: up to `free` of them, and as many prompt tokens as the
-        budget allows (at least one job, however long its prompt). Jobs cancelled while waiting end here."""
+    def admit(self, n: int) -> list[Generation]:
+        """The first `n` waiting jobs, which join the batch now. Jobs cancelled while waiting end here."""
         joining: list[Generation] = []
         with self.waiting_lock:
             for generation in [g for g in self.waiting if g.cancelled.is_set()]:  # even when the batch is full
                 self.waiting.remove(generation)
                 generation.on_leave("cancelled")
-            while self.waiting and len(joining) < free:
-                generation = self.waiting[0]
-                if joining and len(generation.prompt) > budget:
-                    break
-                budget -= len(self.waiting.popleft().prompt)
-                joining.append(generation)
+            while self.waiting and len(joining) < n:
+                joining.append(self.waiting.popleft())
             if not self.waiting:
                 self.work.clear()
         return joining
