@@ -1,5 +1,6 @@
 """`conclave bench`: raw `mlx_lm.stream_generate` against the full HTTP -> NATS -> worker -> SSE path;
-with --tensor-parallel / --pipeline-parallel, one process against worker groups instead.
+with --tensor-parallel / --pipeline-parallel, one process against worker groups instead; with
+--concurrency, the served path with several requests in flight (continuous batching).
 
 Both paths run in one process tree and one run, on the same model directory, the same prompts, greedy,
 the same max_tokens. The two are interleaved prompt by prompt so that machine drift hits both alike.

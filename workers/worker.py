@@ -2,15 +2,17 @@
 
     python -m workers.worker --model-id ID --model-dir DIR --nats-url URL [--layout tensor|pipeline ...]
 
-The model lives on one dedicated thread (MLX work is synchronous); the asyncio side only moves
-messages. A job is acked only after its final event is published, and kept alive with
-`in_progress` while it runs, so JetStream redelivers it if this process dies.
+The model lives on one dedicated thread (MLX work is synchronous), which runs the batch of
+workers/lockstep.py whenever jobs wait. The asyncio side takes up to --max-batch jobs from the
+consumer, one task per job: it validates the job, hands it to the batch, and moves the job's events
+to NATS. A job is acked only after its final event is published, and kept alive with `in_progress`
+while it runs, so JetStream redelivers it if this process dies.
 
 In a group (started by ops/group.py with MLX's distributed environment) rank 0 is this `Worker`, the
-leader; every other rank runs `follow`. Followers wait for a wake-up on core NATS, not inside an MLX
-collective: MLX's ring backend busy-polls its sockets, so an idle follower parked in a collective
-would burn a whole core. The job itself (prompt, every sampled token, when to stop) reaches them
-through MLX collectives (workers/lockstep.py).
+leader; every other rank runs `follow`. Followers wait for a wake-up on core NATS between batches, not
+inside an MLX collective: MLX's ring backend busy-polls its sockets, so an idle follower parked in a
+collective would burn a whole core. The batch itself (who joins and leaves, every sampled token)
+reaches them through MLX collectives.
 """
 
 from __future__ import annotations
