@@ -110,7 +110,7 @@ def run_bench(args) -> dict:
     loaded, tokenizer = shard.model, shard.tokenizer
     with tempfile.TemporaryDirectory() as home:
         # No prefix cache: the served path must prefill what the raw path prefills, or TTFT compares caches.
-        server = spawn_server(Path(home), "--model", str(model.path), "--prefix-cache", "0")
+        server = spawn_server(Path(home), "--model", str(model.path), "--prefix-cache-gb", "0")
         try:
             with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=600) as http:
                 # Warm-up on both paths: first-call compilation and page-ins are not what is measured.
@@ -221,10 +221,10 @@ def run_concurrency_bench(args) -> dict:
     raw = [raw_run(shard.model, shard.tokenizer, p, 2) for p in unique_prompts(args.prompts)]
     raw_ttft = statistics.median(r["ttft_ms"] for r in raw)
     results: dict[str, dict] = {}
-    for prefix_cache in (0, 32):
+    for prefix_cache in (0, 4):
         with tempfile.TemporaryDirectory() as home:
             server = spawn_server(Path(home), "--model", str(model.path), "--max-batch", str(max(levels)),
-                                  "--prefix-cache", str(prefix_cache))
+                                  "--prefix-cache-gb", str(prefix_cache))
             try:
                 with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=1800,
                                   limits=httpx.Limits(max_connections=max(levels) + 4)) as http:

@@ -50,7 +50,7 @@ def cmd_serve(args) -> None:
     os.environ["CONCLAVE_MAX_QUEUED"] = str(args.max_queued)
     settings = WorkerSettings(heartbeat_s=args.heartbeat, queue_ttl_s=args.queue_timeout,
                               step_timeout_s=args.step_timeout, max_batch=args.max_batch,
-                              prefix_cache=args.prefix_cache)
+                              prefix_cache_gb=args.prefix_cache_gb)
     asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, args.api_key,
                       args.worker_timeout, group_from_args(args), settings))
 
@@ -137,8 +137,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a worker group with no generation step for this long has lost a rank and restarts")
     s.add_argument("--max-batch", type=int, default=int(os.environ.get("CONCLAVE_MAX_BATCH") or 16),
                    help="requests one worker (or group) generates at once; more wait in the queue")
-    s.add_argument("--prefix-cache", type=int, default=int(os.environ.get("CONCLAVE_PREFIX_CACHE") or 32),
-                   help="finished requests whose KV cache a worker keeps for prompts that extend them (0: off)")
+    s.add_argument("--prefix-cache-gb", type=float, default=float(os.environ.get("CONCLAVE_PREFIX_CACHE_GB") or 4.0),
+                   help="GiB of finished requests' KV caches a worker keeps for prompts that extend them (0: off)")
     add_group_flags(s)
     s.set_defaults(func=cmd_serve)
 

@@ -188,11 +188,12 @@ class WorkerSettings:
     queue_ttl_s: float = 600.0
     step_timeout_s: float = 60.0
     max_batch: int = 16
-    prefix_cache: int = 32
+    prefix_cache_gb: float = 4.0
 
     def arguments(self) -> list[str]:
         return ["--heartbeat", str(self.heartbeat_s), "--queue-ttl", str(self.queue_ttl_s), "--step-timeout",
-                str(self.step_timeout_s), "--max-batch", str(self.max_batch), "--prefix-cache", str(self.prefix_cache)]
+                str(self.step_timeout_s), "--max-batch", str(self.max_batch), "--prefix-cache-gb",
+                str(self.prefix_cache_gb)]
 
 
 def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str,

@@ -105,8 +105,10 @@ def rank_pids(output: list[str]) -> dict[int, int]:
 
 def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, client, tmp_path):
     server_client = client
+    # A prefix cache of about one entry (1 MiB): finished requests evict others, which the leader announces to
+    # the other rank in its plan; the group must stay in step through reuses and evictions.
     srv = start_server(tmp_path / "home", "--model", str(server.home / "models" / MODEL),
-                       "--pipeline-parallel", "2", "--step-timeout", "10")
+                       "--pipeline-parallel", "2", "--step-timeout", "10", "--prefix-cache-gb", "0.001")
     try:
         client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=300)
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
@@ -144,3 +146,51 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, client, tmp
         assert "no step for" in log and rank_pids(srv.output)[1] != follower
     finally:
         assert srv.stop() == 0
+
+
+class Greedy:
+    """One greedy request for BatchEngine (a `Row`): its tokens, up to `n`."""
+
+    greedy = True
+
+    def __init__(self, prompt: list[int], n: int):
+        self.prompt, self.n, self.tokens, self.cached_tokens = prompt, n, [], 0
+
+    def on_token(self, token: int) -> bool:
+        self.tokens.append(token)
+        return len(self.tokens) == self.n
+
+    def on_leave(self, reason: str) -> None:
+        pass
+
+
+def run_rows(engine, rows: list) -> None:
+    waiting = list(rows)
+    engine.run(lambda n: [waiting.pop(0) for _ in range(min(n, len(waiting)))])
+
+
+def test_batch_engine_prefix_cache_reuses_and_stays_within_its_bytes(tiny_model):
+    from workers.lockstep import BatchEngine
+    from workers.shard import load_shard
+
+    shard = load_shard(tiny_model)
+    base = list(range(100, 140))
+    turns = [base, base + [7, 8, 9], base + [7, 8, 9, 10, 11]]
+    alone = []
+    for prompt in turns:  # no prefix cache: a fresh prefill each time
+        row = Greedy(prompt, 12)
+        run_rows(BatchEngine(shard, prefix_cache_bytes=0), [row])
+        alone.append(row.tokens)
+    # KV bytes of one token: 4 layers, keys and values, 4 KV heads of 16 floats.
+    per_token = 4 * 2 * 4 * 16 * 4
+    engine = BatchEngine(shard, prefix_cache_bytes=per_token * 60)  # room for one conversation, not two
+    for prompt, expected in zip(turns, alone):
+        row = Greedy(prompt, 12)
+        run_rows(engine, [row])
+        assert row.tokens == expected
+    assert row.cached_tokens == len(turns[1])  # the last turn started from all of the previous one's prompt
+    assert len(engine.prefixes) == 1 and engine.prefixes.nbytes <= per_token * 60
+    # Several rows at once, joining one per step and leaving at different steps: the same tokens.
+    rows = [Greedy(p, n) for p, n in zip(turns, (5, 12, 8))]
+    run_rows(BatchEngine(shard, prefix_cache_bytes=0), rows)
+    assert [r.tokens for r in rows] == [a[:n] for a, n in zip(alone, (5, 12, 8))]

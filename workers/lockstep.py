@@ -19,8 +19,9 @@ runs the same loop with the broadcasts reduced to nothing.
 
 Prefix cache: a finished request's KV cache is kept (mlx-lm's `LRUPromptCache`, by token ids). A new
 request whose prompt shares a prefix with a kept one (the next turn of a chat) starts from a copy of
-it and prefills only the rest. The cache is bounded by a count of entries, not bytes: every rank must
-evict the same entries, and ranks of a pipeline hold different numbers of bytes.
+it and prefills only the rest. The cache is bounded by bytes as the leader counts them; the leader
+announces its evictions in the next plan, and every rank drops that many of its oldest entries (ranks of
+a pipeline hold different bytes, but the same entries in the same order).
 """
 
 from __future__ import annotations
@@ -100,10 +101,13 @@ class _Member:
 class BatchEngine:
     """The batch and the prefix cache of one rank. Runs on the thread that owns the model."""
 
-    def __init__(self, shard: Shard, max_batch: int = 16, prefix_cache: int = 32):
+    def __init__(self, shard: Shard, max_batch: int = 16, prefix_cache_bytes: int = 4 << 30):
         self.shard = shard
         self.max_batch = max_batch
-        self.prefixes = LRUPromptCache(max_size=prefix_cache) if prefix_cache > 0 else None
+        # Bounded by the leader's bytes alone (no count limit): see `_leave`.
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self.prefixes = LRUPromptCache(max_size=1 << 62) if prefix_cache_bytes > 0 else None
+        self.evicted = 0  # the leader's prefix-cache evictions not yet announced to the followers
         self.members: list[_Member] = []
         self.cache: list = []  # one BatchKVCache per layer (of this rank)
         self.next_tokens: mx.array | None = None  # the tokens the next step feeds, one per row
@@ -121,13 +125,16 @@ class BatchEngine:
             if not self.halt and admit is not None:
                 joins = admit(min(JOINS_PER_STEP, self.max_batch - len(keep)))
             done = not keep and not joins
-            header = [int(done), len(joins), sum(len(r.prompt) for r in joins)]
+            header = [int(done), len(joins), sum(len(r.prompt) for r in joins), self.evicted]
             header += [1 if i in keep else 0 for i in range(size)]
+            self.evicted = 0
         else:
             header = None
-        header = broadcast_list(shard, header, 3 + size)
-        done, n_joins, n_prompt_tokens = header[:3]
-        keep = [i for i, flag in enumerate(header[3:]) if flag]
+        header = broadcast_list(shard, header, 4 + size)
+        done, n_joins, n_prompt_tokens, evicted = header[:4]
+        keep = [i for i, flag in enumerate(header[4:]) if flag]
+        if evicted and not shard.is_leader:  # the leader's evictions: the same entries, the oldest
+            self.prefixes.trim_to(n_sequences=len(self.prefixes) - evicted)
         if n_joins and shard.group is not None:
             prompts = [r.prompt for r in joins] if shard.is_leader else None
             lengths = broadcast_list(shard, [len(p) for p in prompts] if prompts else None, n_joins)
@@ -180,6 +187,13 @@ class BatchEngine:
                 mx.eval([c.state for c in entry])
                 self.prefixes.insert_cache(PREFIX_KEY, member.tokens, entry)
             member.row.on_leave("finished" if member.finished else "halted")
+        if self.prefixes is not None and self.shard.is_leader:
+            # Only the leader measures: ranks hold different layers, hence different bytes. Every rank
+            # inserted the same entries in the same order, so evicting the same number of the least recently
+            # used (announced in the next plan) keeps every rank's prefix cache the same.
+            before = len(self.prefixes)
+            self.prefixes.trim_to(n_bytes=self.prefix_cache_bytes)
+            self.evicted += before - len(self.prefixes)
         self.members = [self.members[i] for i in keep]
         if not keep:
             self.cache, self.next_tokens = [], None

@@ -59,7 +59,7 @@ decode_job = msgspec.json.Decoder(Job).decode
 class Worker:
     def __init__(self, nc, model_id: str, model_dir: Path, heartbeat_s: float, queue_ttl_s: float,
                  executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group | None,
-                 max_batch: int, prefix_cache: int):
+                 max_batch: int, prefix_cache_bytes: int):
         self.nc = nc
         self.js = nc.jetstream()
         self.model_id = model_id
@@ -81,7 +81,7 @@ class Worker:
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.stopping = asyncio.Event()
         self.max_batch = max_batch
-        self.prefix_cache = prefix_cache
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.engine: BatchEngine | None = None
         self.engine_busy = False  # the model's thread is inside a batch (read by the group watchdog)
         self.active: dict[str, tuple[Msg, Job, int]] = {}  # accepted jobs not yet settled, by id
@@ -126,7 +126,7 @@ class Worker:
             job_subject(self.model_id), durable=worker_durable(self.model_id), stream=JOBS_STREAM,
             config=worker_consumer_config(self.model_id, self.ack_wait_s),
         )
-        self.engine = BatchEngine(self.loaded.shard, self.max_batch, self.prefix_cache)
+        self.engine = BatchEngine(self.loaded.shard, self.max_batch, self.prefix_cache_bytes)
         batches = loop.run_in_executor(self.executor, self.serve_batches, loop)
         watchdog = asyncio.create_task(self.watch_group()) if self.ranks > 1 else None
         jobs: set[asyncio.Task] = set()
@@ -439,7 +439,7 @@ async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: 
         executor, open_model, args.model_id, Path(args.model_dir), rank.layout, group, rank.split)
     await loop.run_in_executor(executor, barrier, group)
     log.info("rank %d/%d of %s ready (layers %s)", group.rank(), group.size(), args.model_id, loaded.shard.layers)
-    engine = BatchEngine(loaded.shard, args.max_batch, args.prefix_cache)
+    engine = BatchEngine(loaded.shard, args.max_batch, int(args.prefix_cache_gb * 2**30))
     while not stopping.is_set():
         try:
             await wake.next_msg(timeout=args.heartbeat)
@@ -462,7 +462,7 @@ async def main_async(args) -> None:
     worker = None
     if leader:
         worker = Worker(nc, args.model_id, Path(args.model_dir), args.heartbeat, args.queue_ttl, executor, rank, group,
-                        args.max_batch, args.prefix_cache)
+                        args.max_batch, int(args.prefix_cache_gb * 2**30))
         stopping = worker.stopping
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -493,8 +493,8 @@ def main(argv=None) -> None:
     parser.add_argument("--step-timeout", type=float, default=60.0,
                         help="a group with no decode/prefill step for this long has lost a rank: fail and exit")
     parser.add_argument("--max-batch", type=int, default=16, help="jobs generated at once (continuous batching)")
-    parser.add_argument("--prefix-cache", type=int, default=32,
-                        help="finished requests whose KV cache is kept for prompts that extend them (0: off)")
+    parser.add_argument("--prefix-cache-gb", type=float, default=4.0,
+                        help="KV caches of finished requests kept for prompts that extend them, in GiB (0: off)")
     args = parser.parse_args(argv)
     # mpirun starts ranks without MLX_RANK; Open MPI names the rank itself.
     rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK", "0")
