@@ -33,7 +33,7 @@ def collective_ms_per_token(shard: Shard, repeats: int = 30) -> float:
     group, rank, size = shard.group, shard.rank, shard.size
     hidden = mx.zeros((1, 1, shard.hidden_size), dtype=shard.dtype)
     logits = mx.zeros((1, shard.vocab_size), dtype=shard.dtype)
-    plan = mx.zeros((5,), dtype=mx.int32)  # the leader's plan before a step (one row staying)
+    plan = mx.zeros((4,), dtype=mx.int32)  # the leader's plan before a step (one row staying)
     token = mx.zeros((1,), dtype=mx.int32)
 
     def one_step():

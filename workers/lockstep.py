@@ -19,9 +19,9 @@ runs the same loop with the broadcasts reduced to nothing.
 
 Prefix cache: a finished request's KV cache is kept (mlx-lm's `LRUPromptCache`, by token ids). A new
 request whose prompt shares a prefix with a kept one (the next turn of a chat) starts from a copy of
-it and prefills only the rest. The cache is bounded by bytes as the leader counts them; the leader
-announces its evictions in the next plan, and every rank drops that many of its oldest entries (ranks of
-a pipeline hold different bytes, but the same entries in the same order).
+it and prefills only the rest. The cache is bounded by bytes as the leader counts them; after rows
+leave, the leader broadcasts how many entries it evicted, and every rank drops that many of its oldest
+(ranks of a pipeline hold different bytes, but the same entries in the same order).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Callable, Protocol
 
 import mlx.core as mx
 from mlx_lm.generate import _extend_cache, _merge_caches
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (KVCache, LRUPromptCache, can_trim_prompt_cache, make_prompt_cache,
+                                 trim_prompt_cache)
 
 from workers.shard import Shard
 
@@ -69,6 +70,19 @@ class FollowerRow:
         pass
 
 
+def plain_kv(shard: Shard) -> bool:
+    """Whether every rank's layers keep a plain, trimmable KV cache (a collective, in a group).
+
+    The prefix cache needs it on every rank alike: mlx-lm's LRUPromptCache prunes and trims entries only
+    when they are trimmable, so a pipeline stage with sliding-window layers would keep other entries than
+    a stage without, and the group's caches would drift apart. Such models run without a prefix cache.
+    """
+    plain = all(type(c) is KVCache for c in make_prompt_cache(shard.model))
+    if shard.group is None:
+        return plain
+    return mx.distributed.all_sum(mx.array([0 if plain else 1]), group=shard.group).item() == 0
+
+
 def broadcast(shard: Shard, value: mx.array) -> mx.array:
     """The leader's `value` on every rank: an all_sum to which followers contribute zeros.
 
@@ -104,11 +118,11 @@ class BatchEngine:
     def __init__(self, shard: Shard, max_batch: int = 16, prefix_cache_bytes: int = 4 << 30):
         self.shard = shard
         self.max_batch = max_batch
-        # Bounded by the leader's bytes alone (no count limit): see `_leave`.
+        # Bounded by the leader's bytes alone (no count limit): see `_evict`.
         self.prefix_cache_bytes = prefix_cache_bytes
-        self.prefixes = LRUPromptCache(max_size=1 << 62) if prefix_cache_bytes > 0 else None
-        self.evicted = 0  # the leader's prefix-cache evictions not yet announced to the followers
+        self.prefixes = LRUPromptCache(max_size=1 << 62) if prefix_cache_bytes > 0 and plain_kv(shard) else None
         self.members: list[_Member] = []
+        self.joining: list = []  # admitted by the plan, not yet members: `drop` must hand them back too
         self.cache: list = []  # one BatchKVCache per layer (of this rank)
         self.next_tokens: mx.array | None = None  # the tokens the next step feeds, one per row
         self.halt = False  # set from any thread: the leader drops every row at the next plan
@@ -125,16 +139,16 @@ class BatchEngine:
             if not self.halt and admit is not None:
                 joins = admit(min(JOINS_PER_STEP, self.max_batch - len(keep)))
             done = not keep and not joins
-            header = [int(done), len(joins), sum(len(r.prompt) for r in joins), self.evicted]
+            header = [int(done), len(joins), sum(len(r.prompt) for r in joins)]
             header += [1 if i in keep else 0 for i in range(size)]
-            self.evicted = 0
+            self.joining = joins
         else:
             header = None
-        header = broadcast_list(shard, header, 4 + size)
-        done, n_joins, n_prompt_tokens, evicted = header[:4]
-        keep = [i for i, flag in enumerate(header[4:]) if flag]
-        if evicted and not shard.is_leader:  # the leader's evictions: the same entries, the oldest
-            self.prefixes.trim_to(n_sequences=len(self.prefixes) - evicted)
+        header = broadcast_list(shard, header, 3 + size)
+        done, n_joins, n_prompt_tokens = header[:3]
+        keep = [i for i, flag in enumerate(header[3:]) if flag]
+        if not shard.is_leader:
+            self.joining = joins
         if n_joins and shard.group is not None:
             prompts = [r.prompt for r in joins] if shard.is_leader else None
             lengths = broadcast_list(shard, [len(p) for p in prompts] if prompts else None, n_joins)
@@ -187,13 +201,8 @@ class BatchEngine:
                 mx.eval([c.state for c in entry])
                 self.prefixes.insert_cache(PREFIX_KEY, member.tokens, entry)
             member.row.on_leave("finished" if member.finished else "halted")
-        if self.prefixes is not None and self.shard.is_leader:
-            # Only the leader measures: ranks hold different layers, hence different bytes. Every rank
-            # inserted the same entries in the same order, so evicting the same number of the least recently
-            # used (announced in the next plan) keeps every rank's prefix cache the same.
-            before = len(self.prefixes)
-            self.prefixes.trim_to(n_bytes=self.prefix_cache_bytes)
-            self.evicted += before - len(self.prefixes)
+        if self.prefixes is not None:
+            self._evict()
         self.members = [self.members[i] for i in keep]
         if not keep:
             self.cache, self.next_tokens = [], None
@@ -201,6 +210,21 @@ class BatchEngine:
         for c in self.cache:
             c.filter(keep)
         self.next_tokens = self.next_tokens[mx.array(keep)]
+
+    def _evict(self) -> None:
+        """Keep the prefix cache within its bytes, the same entries on every rank.
+
+        Only the leader measures: ranks hold different layers, hence different bytes. Every rank inserted
+        the same entries in the same order (fetching does not reorder them), so dropping the same number
+        of the oldest, as the leader announces, keeps every rank's prefix cache the same.
+        """
+        leader = self.shard.is_leader
+        before = len(self.prefixes)
+        if leader:
+            self.prefixes.trim_to(n_bytes=self.prefix_cache_bytes)
+        (evicted,) = broadcast_list(self.shard, [before - len(self.prefixes)] if leader else None, 1)
+        if not leader and evicted:
+            self.prefixes.trim_to(n_sequences=before - evicted)
 
     def _prefill(self, prompt: list[int], entry: list | None, reused: int) -> list:
         """A joining row's cache (a batch of one), holding all of its prompt but the last token: the
@@ -222,6 +246,7 @@ class BatchEngine:
     def _join(self, joins: list) -> None:
         # Members first: if a prefill fails, `drop` still hands every joining row back to be failed.
         self.members.extend(_Member(row, row.prompt[:-1]) for row in joins)
+        self.joining = []
         for row, (entry, reused) in zip(joins, self._reuse(joins)):
             row.cached_tokens = reused
             self.cache = _extend_cache(self.cache, self._prefill(row.prompt, entry, reused))
@@ -281,6 +306,6 @@ class BatchEngine:
 
     def drop(self) -> list:
         """Empty the batch (after a failed step) and return the rows it held."""
-        rows = [m.row for m in self.members]
-        self.members, self.cache, self.next_tokens = [], [], None
+        rows = [m.row for m in self.members] + self.joining
+        self.members, self.joining, self.cache, self.next_tokens = [], [], [], None
         return rows

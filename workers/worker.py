@@ -84,6 +84,7 @@ class Worker:
         self.prefix_cache_bytes = prefix_cache_bytes
         self.engine: BatchEngine | None = None
         self.engine_busy = False  # the model's thread is inside a batch (read by the group watchdog)
+        self.group_lost_reason = ""
         self.active: dict[str, tuple[Msg, Job, int]] = {}  # accepted jobs not yet settled, by id
         # Jobs validated and waiting to join the batch; the model's thread takes them between steps.
         self.waiting: deque[Generation] = deque()
@@ -126,7 +127,9 @@ class Worker:
             job_subject(self.model_id), durable=worker_durable(self.model_id), stream=JOBS_STREAM,
             config=worker_consumer_config(self.model_id, self.ack_wait_s),
         )
-        self.engine = BatchEngine(self.loaded.shard, self.max_batch, self.prefix_cache_bytes)
+        # On the model's thread: in a group, making the engine is a collective (workers/lockstep.py: plain_kv).
+        self.engine = await loop.run_in_executor(
+            self.executor, BatchEngine, self.loaded.shard, self.max_batch, self.prefix_cache_bytes)
         batches = loop.run_in_executor(self.executor, self.serve_batches, loop)
         watchdog = asyncio.create_task(self.watch_group()) if self.ranks > 1 else None
         jobs: set[asyncio.Task] = set()
@@ -136,9 +139,10 @@ class Worker:
                 free = self.max_batch - len(jobs)
                 if free <= 0:
                     settled.clear()
-                    await asyncio.wait([asyncio.create_task(settled.wait()),
-                                        asyncio.create_task(self.stopping.wait())],
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    waits = [asyncio.create_task(settled.wait()), asyncio.create_task(self.stopping.wait())]
+                    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    for task in pending:
+                        task.cancel()
                     continue
                 # One at a time: a fetch of n > 1 that gets fewer waits for the rest until its timeout.
                 try:
@@ -168,12 +172,12 @@ class Worker:
         while not self.closed.is_set():
             if not self.work.wait(timeout=self.heartbeat_s) or self.closed.is_set():
                 continue
-            if self.ranks > 1:  # followers wait on NATS between batches, not in a busy-polling collective
-                asyncio.run_coroutine_threadsafe(
-                    self.nc.publish(group_wake_subject(self.rank.group_id), b""), loop).result()
             self.loaded.shard.last_step = time.monotonic()
             self.engine_busy = True
             try:
+                if self.ranks > 1:  # followers wait on NATS between batches, not in a busy-polling collective
+                    asyncio.run_coroutine_threadsafe(
+                        self.nc.publish(group_wake_subject(self.rank.group_id), b""), loop).result()
                 engine.run(self.admit)
             except Exception as exc:
                 log.exception("batch failed")
@@ -282,6 +286,9 @@ class Worker:
         Called when a step stalls or raises (MLX reports a dead peer as "[ring] connection to a peer
         was lost"): either way the followers are in an unknown state, so no further job may use them.
         """
+        if self.group_lost_reason:  # the watchdog and a failed step can both get here
+            return
+        self.group_lost_reason = reason
         log.error("group %s: %s (%d jobs); exiting so the whole group restarts", self.rank.group_id, reason,
                   len(self.active))
         try:
@@ -439,7 +446,8 @@ async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: 
         executor, open_model, args.model_id, Path(args.model_dir), rank.layout, group, rank.split)
     await loop.run_in_executor(executor, barrier, group)
     log.info("rank %d/%d of %s ready (layers %s)", group.rank(), group.size(), args.model_id, loaded.shard.layers)
-    engine = BatchEngine(loaded.shard, args.max_batch, int(args.prefix_cache_gb * 2**30))
+    engine = await loop.run_in_executor(
+        executor, BatchEngine, loaded.shard, args.max_batch, int(args.prefix_cache_gb * 2**30))
     while not stopping.is_set():
         try:
             await wake.next_msg(timeout=args.heartbeat)
@@ -473,8 +481,9 @@ async def main_async(args) -> None:
             await follow(nc, args, executor, rank, group, stopping)
     finally:
         # close, not drain: draining waits on the pull subscription's pending request for up to 30s.
-        await nc.flush()
-        await nc.close()
+        with contextlib.suppress(Exception):  # NATS gone: the MLX cleanup below must still run
+            await nc.flush(timeout=args.heartbeat)
+            await nc.close()
         # Finish MLX's queued work (a generation's last, discarded step may still be running) and join the
         # MLX thread before the interpreter exits: tearing either down mid-exit aborts the process.
         await loop.run_in_executor(executor, mx.synchronize)
