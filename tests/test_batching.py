@@ -9,7 +9,7 @@ import mlx.core as mx
 from mlx_lm import load, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from tests.conftest import FRANCE, MODEL
+from tests.conftest import FRANCE, MODEL, wait_for_audit_record
 
 # Short raw prompts (a chat template would add about 30 tokens of prefill to each on this slow CPU), with
 # different lengths, budgets and one stop rule, so that rows join and leave the batch at different steps.
@@ -92,3 +92,21 @@ def test_seeded_request_draws_the_same_tokens_in_a_batch(client):
         others = [pool.submit(complete, client, prompt, budget, stop) for prompt, budget, stop in PROMPTS[:3]]
         assert sampled() == alone  # drawn from its own key, whatever else shares the batch
         assert all(o.result() for o in others)
+
+
+async def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(server, client):
+    story = [{"role": "user", "content": "Write a long story about a clockmaker and a crow."}]
+    expected = complete(client, "Once upon a time", 40, None)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(complete, client, "Once upon a time", 40, None)
+        stream = client.chat.completions.create(model=MODEL, messages=story, temperature=0, max_tokens=300,
+                                                stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        stream.close()  # the client goes away: the ingress cancels the job, the worker drops its row
+        assert other.result() == expected
+    asked = story[0]["content"]
+    record = await wait_for_audit_record(
+        server.nats_url, lambda r: bool(r.job and r.job.messages and r.job.messages[0].content == asked))
+    assert record.outcome == "cancelled" and 0 < record.usage.completion_tokens < 300, record
