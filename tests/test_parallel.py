@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -152,6 +153,7 @@ class Greedy:
     """One greedy request for BatchEngine (a `Row`): its tokens, up to `n`."""
 
     greedy = True
+    cancelled = threading.Event()  # never set
 
     def __init__(self, prompt: list[int], n: int):
         self.prompt, self.n, self.tokens, self.cached_tokens = prompt, n, [], 0
@@ -194,3 +196,33 @@ def test_batch_engine_prefix_cache_reuses_and_stays_within_its_bytes(tiny_model)
     rows = [Greedy(p, n) for p, n in zip(turns, (5, 12, 8))]
     run_rows(BatchEngine(shard, prefix_cache_bytes=0), rows)
     assert [r.tokens for r in rows] == [a[:n] for a, n in zip(alone, (5, 12, 8))]
+
+
+def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(tiny_model):
+    from workers.lockstep import BatchEngine
+    from workers.shard import load_shard
+
+    shard = load_shard(tiny_model)
+    short, long = list(range(200, 205)), list(range(300, 364))  # the long prompt is 8 chunks of 8
+
+    def engine():
+        return BatchEngine(shard, prefix_cache_bytes=0, prefill_chunk=8)
+
+    alone = []
+    for prompt, n in ((short, 30), (long, 6)):
+        row = Greedy(prompt, n)
+        run_rows(engine(), [row])
+        alone.append(row.tokens)
+    log: list[str] = []
+
+    class Logged(Greedy):
+        def on_token(self, token: int) -> bool:
+            log.append("short" if self.prompt is short else "long")
+            return super().on_token(token)
+
+    rows = [Logged(short, 30), Logged(long, 6)]
+    run_rows(engine(), rows)
+    assert [r.tokens for r in rows] == alone
+    # The long prompt joined while the short one ran (one join per step): its 8 chunks took 8 steps, in each
+    # of which the short row decoded a token, instead of one stall before the short row's second token.
+    assert log.index("long") >= 8 and log[:8] == ["short"] * 8

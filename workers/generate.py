@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class _Once:
     """The leader's one greedy request (a `Row` of workers/lockstep.py)."""
 
     greedy = True
+    cancelled = threading.Event()  # never set
 
     def __init__(self, prompt: list[int], max_tokens: int):
         self.prompt = prompt

@@ -3,7 +3,8 @@
 One decode step runs every request in the batch at once (mlx-lm's `BatchKVCache`: left-padded rows,
 one mask). Between steps the leader changes the batch: requests that finished leave, new ones join.
 A joining request is prefilled alone, into its own cache (or into a copy of a cached prefix: see
-below), then merged into the batch; its last prompt token goes in with the next batched step, so its
+below), one chunk of its prompt per step, so the rows already running keep decoding meanwhile; then
+it is merged into the batch, and its last prompt token goes in with the next batched step, so its
 first token comes out of the same kind of step as every later one.
 
 Like mlx-lm's `GenerationBatch`, step k+1 is queued before step k's tokens are read, so host work
@@ -26,6 +27,7 @@ leave, the leader broadcasts how many entries it evicted, and every rank drops t
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable, Protocol
 
@@ -36,10 +38,14 @@ from mlx_lm.models.cache import (KVCache, LRUPromptCache, can_trim_prompt_cache,
 
 from workers.shard import Shard
 
-PREFILL_STEP = 512  # prompt tokens per forward pass during prefill (bounds activation memory)
-# Requests that may join between two decode steps. Each joins with a prefill of its own (so that it can
-# start from its own prefix-cache entry), so joining several at once gains nothing over one per step and
-# delays the first tokens of all of them and the next tokens of every running request.
+# Prompt tokens a joining request prefills per step (one forward pass: it also bounds activation memory).
+# A longer prompt is prefilled over several steps, between which the rows already running each decode a
+# token: a long prompt slows the others down instead of stopping them.
+PREFILL_CHUNK = 512
+# Requests that may start joining between two decode steps. Each is prefilled on its own (so that it can
+# start from its own prefix-cache entry), so starting several at once gains nothing over one at a time and
+# delays the first tokens of all of them and the next tokens of every running request. The next one
+# starts once the previous one's prefill is done.
 JOINS_PER_STEP = 1
 PREFIX_KEY = "model"  # LRUPromptCache keys by model; a worker serves one
 
@@ -50,6 +56,7 @@ class Row(Protocol):
     prompt: list[int]
     greedy: bool  # argmax without logits processors: sampled for the whole batch at once
     cached_tokens: int  # set when it joins: prompt tokens taken from the prefix cache
+    cancelled: threading.Event  # read by the leader: a cancelled request stops its prefill
 
     def choose(self, logits: mx.array) -> mx.array: ...  # [1, vocab] -> [1]
 
@@ -62,6 +69,7 @@ class FollowerRow:
     """A follower's view of a request: only its tokens, for the prefix cache."""
 
     greedy = True
+    cached_tokens = 0
 
     def __init__(self, prompt: list[int]):
         self.prompt = prompt
@@ -112,17 +120,29 @@ class _Member:
         self.finished = False
 
 
+class _Prefill:
+    """A request joining the batch, prefilled one chunk per step into a cache of its own."""
+
+    def __init__(self, row, cache: list, rest: list[int]):
+        self.row = row
+        self.cache = cache  # a batch of one, extended into the batch once the prompt is in
+        self.rest = rest  # prompt ids still to prefill (all but the last: it goes in with a decode step)
+
+
 class BatchEngine:
     """The batch and the prefix cache of one rank. Runs on the thread that owns the model."""
 
-    def __init__(self, shard: Shard, max_batch: int = 16, prefix_cache_bytes: int = 4 << 30):
+    def __init__(self, shard: Shard, max_batch: int = 16, prefix_cache_bytes: int = 4 << 30,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.shard = shard
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         # Bounded by the leader's bytes alone (no count limit): see `_evict`.
         self.prefix_cache_bytes = prefix_cache_bytes
         self.prefixes = LRUPromptCache(max_size=1 << 62) if prefix_cache_bytes > 0 and plain_kv(shard) else None
         self.members: list[_Member] = []
-        self.joining: list = []  # admitted by the plan, not yet members: `drop` must hand them back too
+        self.joining: list = []  # admitted by the plan, not yet prefilling: `drop` must hand them back too
+        self.prefilling: _Prefill | None = None
         self.cache: list = []  # one BatchKVCache per layer (of this rank)
         self.next_tokens: mx.array | None = None  # the tokens the next step feeds, one per row
         self.halt = False  # set from any thread: the leader drops every row at the next plan
@@ -130,23 +150,29 @@ class BatchEngine:
     # -- the plan ------------------------------------------------------------------------------------
 
     def _plan(self, admit: Callable[[int], list] | None) -> tuple[bool, list[int], list]:
-        """(done, rows to keep, joining rows), the leader's decision on every rank."""
+        """(done, rows to keep, joining rows), the leader's decision on every rank; a prefill the leader
+        abandons (its request was cancelled, or the leader is stopping) ends here on every rank."""
         shard = self.shard
         size = len(self.members)
         joins: list = []
         if shard.is_leader:
             keep = [i for i, m in enumerate(self.members) if not m.finished and not self.halt]
-            if not self.halt and admit is not None:
+            prefilling = self.prefilling
+            abandon = prefilling is not None and (self.halt or prefilling.row.cancelled.is_set())
+            if not self.halt and admit is not None and (prefilling is None or abandon):
                 joins = admit(min(JOINS_PER_STEP, self.max_batch - len(keep)))
-            done = not keep and not joins
-            header = [int(done), len(joins), sum(len(r.prompt) for r in joins)]
+            done = not keep and not joins and (prefilling is None or abandon)
+            header = [int(done), len(joins), sum(len(r.prompt) for r in joins), int(abandon)]
             header += [1 if i in keep else 0 for i in range(size)]
             self.joining = joins
         else:
             header = None
-        header = broadcast_list(shard, header, 3 + size)
-        done, n_joins, n_prompt_tokens = header[:3]
-        keep = [i for i, flag in enumerate(header[3:]) if flag]
+        header = broadcast_list(shard, header, 4 + size)
+        done, n_joins, n_prompt_tokens, abandon = header[:4]
+        keep = [i for i, flag in enumerate(header[4:]) if flag]
+        if abandon:
+            row, self.prefilling = self.prefilling.row, None
+            row.on_leave("halted" if self.halt else "cancelled")
         if not shard.is_leader:
             self.joining = joins
         if n_joins and shard.group is not None:
@@ -226,31 +252,34 @@ class BatchEngine:
         if not leader and evicted:
             self.prefixes.trim_to(n_sequences=before - evicted)
 
-    def _prefill(self, prompt: list[int], entry: list | None, reused: int) -> list:
-        """A joining row's cache (a batch of one), holding all of its prompt but the last token: the
-        prefix-cache entry (covering `reused` tokens) or an empty cache, then a prefill of the rest.
+    def _start(self, joins: list) -> None:
+        """Begin a joining row's prefill: its cache (a batch of one) starts as its prefix-cache entry or
+        empty; the rest of its prompt, all but the last token, is prefilled by `_prefill_chunk`.
 
-        The prefill goes straight into batch caches: prefilling a plain cache and merging it afterwards
-        costs a copy, and a second one at the first step (the merged buffer has no room to grow): about
-        10 ms of time to first token on the development machine."""
+        Batch caches from the start: prefilling a plain cache and merging it afterwards costs a copy, and
+        a second one at the first step (the merged buffer has no room to grow): about 10 ms of time to
+        first token on the development machine."""
+        ((entry, reused),) = self._reuse(joins)  # JOINS_PER_STEP is 1
+        (row,) = joins
+        row.cached_tokens = reused
         cache = _merge_caches([entry if entry is not None else make_prompt_cache(self.shard.model)])
-        tokens = mx.array(prompt[reused:-1], dtype=mx.int32)
-        while tokens.size:
-            n = min(PREFILL_STEP, tokens.size)
-            self.shard.forward(tokens[None, :n], cache, logits=False)
-            mx.eval([c.state for c in cache])
-            tokens = tokens[n:]
-            self.shard.last_step = time.monotonic()
-        return cache
+        self.prefilling, self.joining = _Prefill(row, cache, row.prompt[reused:-1]), []
 
-    def _join(self, joins: list) -> None:
-        # Members first: if a prefill fails, `drop` still hands every joining row back to be failed.
-        self.members.extend(_Member(row, row.prompt[:-1]) for row in joins)
-        self.joining = []
-        for row, (entry, reused) in zip(joins, self._reuse(joins)):
-            row.cached_tokens = reused
-            self.cache = _extend_cache(self.cache, self._prefill(row.prompt, entry, reused))
-        last = mx.array([row.prompt[-1] for row in joins], dtype=mx.int32)
+    def _prefill_chunk(self) -> None:
+        """One chunk of the joining row's prompt; once all of it is in, the row joins the batch."""
+        prefill = self.prefilling
+        chunk, prefill.rest = prefill.rest[:self.prefill_chunk], prefill.rest[self.prefill_chunk:]
+        if chunk:
+            self.shard.forward(mx.array(chunk, dtype=mx.int32)[None], prefill.cache, logits=False)
+            mx.eval([c.state for c in prefill.cache])
+            self.shard.last_step = time.monotonic()
+        if prefill.rest:
+            return
+        row = prefill.row
+        self.members.append(_Member(row, row.prompt[:-1]))
+        self.prefilling = None
+        self.cache = _extend_cache(self.cache, prefill.cache)
+        last = mx.array([row.prompt[-1]], dtype=mx.int32)
         self.next_tokens = last if self.next_tokens is None else mx.concatenate([self.next_tokens, last])
 
     # -- one step ------------------------------------------------------------------------------------
@@ -299,13 +328,16 @@ class BatchEngine:
                 if done:
                     return
                 if joins:
-                    self._join(joins)
-                self._step()
+                    self._start(joins)
+                if self.prefilling is not None:
+                    self._prefill_chunk()
+                if self.members:
+                    self._step()
         finally:
             mx.synchronize()  # the last, discarded step may still be running
 
     def drop(self) -> list:
         """Empty the batch (after a failed step) and return the rows it held."""
-        rows = [m.row for m in self.members] + self.joining
-        self.members, self.joining, self.cache, self.next_tokens = [], [], [], None
+        rows = [m.row for m in self.members] + self.joining + ([self.prefilling.row] if self.prefilling else [])
+        self.members, self.joining, self.prefilling, self.cache, self.next_tokens = [], [], None, [], None
         return rows
