@@ -226,3 +226,34 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(tiny_model
     # The long prompt joined while the short one ran (one join per step): its 8 chunks took 8 steps, in each
     # of which the short row decoded a token, instead of one stall before the short row's second token.
     assert log.index("long") >= 8 and log[:8] == ["short"] * 8
+
+
+def test_a_prefill_stops_when_its_request_is_cancelled(tiny_model):
+    from workers.lockstep import BatchEngine
+    from workers.shard import load_shard
+
+    shard = load_shard(tiny_model)
+    alone = Greedy(list(range(200, 205)), 20)
+    run_rows(BatchEngine(shard, prefix_cache_bytes=0, prefill_chunk=8), [alone])
+    left: list[str] = []
+
+    class Cancellable(Greedy):
+        cancelled = None  # this row's own event, set below
+
+        def on_leave(self, reason: str) -> None:
+            left.append(reason)
+
+    doomed = Cancellable(list(range(300, 364)), 6)  # 8 chunks of 8
+    doomed.cancelled = threading.Event()
+
+    class Canceller(Greedy):
+        def on_token(self, token: int) -> bool:
+            if len(self.tokens) == 3:
+                doomed.cancelled.set()  # mid-prefill: the long prompt has had about 3 of its 8 chunks
+            return super().on_token(token)
+
+    runner = Canceller(list(range(200, 205)), 20)
+    engine = BatchEngine(shard, prefix_cache_bytes=0, prefill_chunk=8)
+    run_rows(engine, [runner, doomed])
+    assert left == ["cancelled"] and doomed.tokens == []
+    assert runner.tokens == alone.tokens and engine.prefilling is None

@@ -14,7 +14,8 @@ run one extra, discarded row in step k+1.
 Groups: only the leader samples and decides. Each step ends with one broadcast (an all_sum to which
 only the leader contributes) of the sampled tokens, so every rank feeds the same tokens to the next
 step. Before each step the leader broadcasts the plan: which rows stay, which requests join (their
-prompt ids, then how much of each comes from the prefix cache), and whether the batch is done; every
+prompt ids, then how much of each comes from the prefix cache), whether the prefill under way is
+abandoned (its request was cancelled, or the leader is stopping), and whether the batch is done; every
 rank applies it the same way, so batch shapes and collectives match on every rank. A single process
 runs the same loop with the broadcasts reduced to nothing.
 
@@ -62,7 +63,7 @@ class Row(Protocol):
 
     def on_token(self, token: int) -> bool: ...  # True: this request is finished
 
-    def on_leave(self, reason: str) -> None: ...  # "finished" or "halted" (the leader is stopping)
+    def on_leave(self, reason: str) -> None: ...  # "finished", "halted" (the leader stops) or "cancelled"
 
 
 class FollowerRow:
@@ -155,12 +156,16 @@ class BatchEngine:
         shard = self.shard
         size = len(self.members)
         joins: list = []
+        halted = self.halt  # read once: another thread may set it meanwhile
         if shard.is_leader:
-            keep = [i for i, m in enumerate(self.members) if not m.finished and not self.halt]
+            keep = [i for i, m in enumerate(self.members) if not m.finished and not halted]
             prefilling = self.prefilling
-            abandon = prefilling is not None and (self.halt or prefilling.row.cancelled.is_set())
-            if not self.halt and admit is not None and (prefilling is None or abandon):
-                joins = admit(min(JOINS_PER_STEP, self.max_batch - len(keep)))
+            abandon = prefilling is not None and (halted or prefilling.row.cancelled.is_set())
+            if not halted and admit is not None:
+                # While a prompt is still being prefilled nothing joins; admit(0) still lets the caller end
+                # waiting jobs that were cancelled.
+                room = JOINS_PER_STEP if prefilling is None or abandon else 0
+                joins = admit(min(room, self.max_batch - len(keep)))
             done = not keep and not joins and (prefilling is None or abandon)
             header = [int(done), len(joins), sum(len(r.prompt) for r in joins), int(abandon)]
             header += [1 if i in keep else 0 for i in range(size)]
@@ -172,7 +177,7 @@ class BatchEngine:
         keep = [i for i, flag in enumerate(header[4:]) if flag]
         if abandon:
             row, self.prefilling = self.prefilling.row, None
-            row.on_leave("halted" if self.halt else "cancelled")
+            row.on_leave("halted" if halted else "cancelled")
         if not shard.is_leader:
             self.joining = joins
         if n_joins and shard.group is not None:
