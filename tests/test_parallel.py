@@ -168,7 +168,7 @@ class Greedy:
 
 def run_rows(engine, rows: list) -> None:
     waiting = list(rows)
-    engine.run(lambda n: [waiting.pop(0) for _ in range(min(n, len(waiting)))])
+    engine.run(lambda take: waiting.pop(0) if take and waiting else None)
 
 
 def test_batch_engine_prefix_cache_reuses_and_stays_within_its_bytes(tiny_model):

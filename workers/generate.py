@@ -90,7 +90,7 @@ def generate_once(engine: BatchEngine, text: str, max_tokens: int, raw: bool) ->
     once = _Once(list(prompt), max_tokens)
     pending = [once]
     start = time.perf_counter()
-    engine.run(lambda n: [pending.pop()] if pending and n else [])
+    engine.run(lambda take: pending.pop() if pending and take else None)
     times = once.times
     return {
         "prompt_tokens": len(prompt), "tokens": once.tokens, "text": tokenizer.decode(once.tokens),

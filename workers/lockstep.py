@@ -43,11 +43,6 @@ from workers.shard import Shard
 # A longer prompt is prefilled over several steps, between which the rows already running each decode a
 # token: a long prompt slows the others down instead of stopping them.
 PREFILL_CHUNK = 512
-# Requests that may start joining between two decode steps. Each is prefilled on its own (so that it can
-# start from its own prefix-cache entry), so starting several at once gains nothing over one at a time and
-# delays the first tokens of all of them and the next tokens of every running request. The next one
-# starts once the previous one's prefill is done.
-JOINS_PER_STEP = 1
 PREFIX_KEY = "model"  # LRUPromptCache keys by model; a worker serves one
 
 
@@ -69,7 +64,6 @@ class Row(Protocol):
 class FollowerRow:
     """A follower's view of a request: only its tokens, for the prefix cache."""
 
-    greedy = True
     cached_tokens = 0
 
     def __init__(self, prompt: list[int]):
@@ -142,7 +136,7 @@ class BatchEngine:
         self.prefix_cache_bytes = prefix_cache_bytes
         self.prefixes = LRUPromptCache(max_size=1 << 62) if prefix_cache_bytes > 0 and plain_kv(shard) else None
         self.members: list[_Member] = []
-        self.joining: list = []  # admitted by the plan, not yet prefilling: `drop` must hand them back too
+        self.joining = None  # admitted by the plan, not yet prefilling: `drop` must hand it back too
         self.prefilling: _Prefill | None = None
         self.cache: list = []  # one BatchKVCache per layer (of this rank)
         self.next_tokens: mx.array | None = None  # the tokens the next step feeds, one per row
@@ -150,73 +144,65 @@ class BatchEngine:
 
     # -- the plan ------------------------------------------------------------------------------------
 
-    def _plan(self, admit: Callable[[int], list] | None) -> tuple[bool, list[int], list]:
-        """(done, rows to keep, joining rows), the leader's decision on every rank; a prefill the leader
-        abandons (its request was cancelled, or the leader is stopping) ends here on every rank."""
+    def _plan(self, admit: Callable[[bool], Row | None] | None) -> tuple[bool, list[int]]:
+        """(done, rows to keep), the leader's decision on every rank. A request that starts joining is put
+        in `joining`; a prefill the leader abandons (its request was cancelled, or the leader is stopping)
+        ends here on every rank.
+
+        One request joins at a time, the next once the previous one's prefill is done: each is prefilled
+        on its own (so that it can start from its own prefix-cache entry), so starting several at once
+        would gain nothing and would delay the first tokens of all of them.
+        """
         shard = self.shard
         size = len(self.members)
-        joins: list = []
         halted = self.halt  # read once: another thread may set it meanwhile
         if shard.is_leader:
             keep = [i for i, m in enumerate(self.members) if not m.finished and not halted]
             prefilling = self.prefilling
             abandon = prefilling is not None and (halted or prefilling.row.cancelled.is_set())
             if not halted and admit is not None:
-                # While a prompt is still being prefilled nothing joins; admit(0) still lets the caller end
-                # waiting jobs that were cancelled.
-                room = JOINS_PER_STEP if prefilling is None or abandon else 0
-                joins = admit(min(room, self.max_batch - len(keep)))
-            done = not keep and not joins and (prefilling is None or abandon)
-            header = [int(done), len(joins), sum(len(r.prompt) for r in joins), int(abandon)]
-            header += [1 if i in keep else 0 for i in range(size)]
-            self.joining = joins
+                # admit(False) still lets the caller end waiting jobs that were cancelled.
+                self.joining = admit((prefilling is None or abandon) and len(keep) < self.max_batch)
+            done = not keep and self.joining is None and (prefilling is None or abandon)
+            prompt = self.joining.prompt if self.joining is not None else []
+            header = [int(done), len(prompt), int(abandon)] + [1 if i in keep else 0 for i in range(size)]
         else:
             header = None
-        header = broadcast_list(shard, header, 4 + size)
-        done, n_joins, n_prompt_tokens, abandon = header[:4]
-        keep = [i for i, flag in enumerate(header[4:]) if flag]
+        header = broadcast_list(shard, header, 3 + size)
+        done, prompt_length, abandon = header[:3]
+        keep = [i for i, flag in enumerate(header[3:]) if flag]
         if abandon:
             row, self.prefilling = self.prefilling.row, None
             row.on_leave("halted" if halted else "cancelled")
-        if not shard.is_leader:
-            self.joining = joins
-        if n_joins and shard.group is not None:
-            prompts = [r.prompt for r in joins] if shard.is_leader else None
-            lengths = broadcast_list(shard, [len(p) for p in prompts] if prompts else None, n_joins)
-            flat = broadcast_list(shard, [t for p in prompts for t in p] if prompts else None, n_prompt_tokens)
+        if prompt_length:
+            prompt = broadcast_list(shard, self.joining.prompt if shard.is_leader else None, prompt_length)
             if not shard.is_leader:
-                starts = [sum(lengths[:i]) for i in range(n_joins)]
-                joins = [FollowerRow(flat[s:s + n]) for s, n in zip(starts, lengths)]
-        return bool(done), keep, joins
+                self.joining = FollowerRow(prompt)
+        return bool(done), keep
 
-    def _reuse(self, joins: list) -> list[tuple[list | None, int]]:
-        """Each joining row's prefix-cache entry (a copy) and how many prompt tokens it covers, the
+    def _reuse(self, row) -> tuple[list | None, int]:
+        """The joining row's prefix-cache entry (a copy) and how many prompt tokens it covers, the
         leader's choice on every rank. Ranks hold different layers, and whether an entry can be trimmed
         depends on a rank's cache types, so followers do not choose: they cut their entry to the
         leader's length, and a follower that has less fails the batch (the group restarts) rather than
         prefill a different number of tokens from its peers."""
-        found = []
-        for row in joins:
-            head = row.prompt[:-1]
-            cache, rest = (None, head)
-            if self.prefixes is not None and head:
-                cache, rest = self.prefixes.fetch_nearest_cache(PREFIX_KEY, head)
-            found.append((cache, len(head) - len(rest) if cache is not None else 0))
+        head = row.prompt[:-1]
+        cache, rest = (None, head)
+        if self.prefixes is not None and head:
+            cache, rest = self.prefixes.fetch_nearest_cache(PREFIX_KEY, head)
+        n = len(head) - len(rest) if cache is not None else 0
         if self.shard.group is None:
-            return found
-        chosen = broadcast_list(self.shard, [n for _, n in found] if self.shard.is_leader else None, len(joins))
-        agreed = []
-        for (cache, n), want in zip(found, chosen):
-            if n < want:
-                raise RuntimeError(f"prefix cache out of step with the leader: {n} tokens cached, {want} expected")
-            if want == 0:
-                cache = None
-            elif n > want:
-                if not can_trim_prompt_cache(cache):
-                    raise RuntimeError("prefix cache out of step with the leader: cannot trim an entry")
-                trim_prompt_cache(cache, n - want)
-            agreed.append((cache, want))
-        return agreed
+            return cache, n
+        (want,) = broadcast_list(self.shard, [n] if self.shard.is_leader else None, 1)
+        if n < want:
+            raise RuntimeError(f"prefix cache out of step with the leader: {n} tokens cached, {want} expected")
+        if want == 0:
+            cache = None
+        elif n > want:
+            if not can_trim_prompt_cache(cache):
+                raise RuntimeError("prefix cache out of step with the leader: cannot trim an entry")
+            trim_prompt_cache(cache, n - want)
+        return cache, want
 
     # -- changing the batch --------------------------------------------------------------------------
 
@@ -257,18 +243,18 @@ class BatchEngine:
         if not leader and evicted:
             self.prefixes.trim_to(n_sequences=before - evicted)
 
-    def _start(self, joins: list) -> None:
+    def _start(self) -> None:
         """Begin a joining row's prefill: its cache (a batch of one) starts as its prefix-cache entry or
         empty; the rest of its prompt, all but the last token, is prefilled by `_prefill_chunk`.
 
         Batch caches from the start: prefilling a plain cache and merging it afterwards costs a copy, and
         a second one at the first step (the merged buffer has no room to grow): about 10 ms of time to
         first token on the development machine."""
-        ((entry, reused),) = self._reuse(joins)  # JOINS_PER_STEP is 1
-        (row,) = joins
+        row = self.joining
+        entry, reused = self._reuse(row)
         row.cached_tokens = reused
         cache = _merge_caches([entry if entry is not None else make_prompt_cache(self.shard.model)])
-        self.prefilling, self.joining = _Prefill(row, cache, row.prompt[reused:-1]), []
+        self.prefilling, self.joining = _Prefill(row, cache, row.prompt[reused:-1]), None
 
     def _prefill_chunk(self) -> None:
         """One chunk of the joining row's prompt; once all of it is in, the row joins the batch."""
@@ -319,21 +305,21 @@ class BatchEngine:
             if self.shard.is_leader and not member.finished:
                 member.finished = member.row.on_token(token)
 
-    def run(self, admit: Callable[[int], list] | None = None) -> None:
-        """Step until the batch is empty and nothing joins (the leader's call: `admit(n)` hands over up
-        to n of the requests waiting to join). Followers call it without `admit` and
-        return when the leader's plan says the batch is done.
+    def run(self, admit: Callable[[bool], Row | None] | None = None) -> None:
+        """Step until the batch is empty and nothing joins (the leader's call: `admit(True)` hands over
+        the next request waiting to join, or None). Followers call it without `admit` and return when
+        the leader's plan says the batch is done.
 
         On an exception the batch is kept as it was: the caller takes its rows with `drop`.
         """
         try:
             while True:
-                done, keep, joins = self._plan(admit)
+                done, keep = self._plan(admit)
                 self._leave(keep)
                 if done:
                     return
-                if joins:
-                    self._start(joins)
+                if self.joining is not None:
+                    self._start()
                 if self.prefilling is not None:
                     self._prefill_chunk()
                 if self.members:
@@ -343,6 +329,10 @@ class BatchEngine:
 
     def drop(self) -> list:
         """Empty the batch (after a failed step) and return the rows it held."""
-        rows = [m.row for m in self.members] + self.joining + ([self.prefilling.row] if self.prefilling else [])
-        self.members, self.joining, self.prefilling, self.cache, self.next_tokens = [], [], None, [], None
+        rows = [m.row for m in self.members]
+        if self.prefilling is not None:
+            rows.append(self.prefilling.row)
+        if self.joining is not None:
+            rows.append(self.joining)
+        self.members, self.joining, self.prefilling, self.cache, self.next_tokens = [], None, None, [], None
         return rows

@@ -195,15 +195,16 @@ class Worker:
             self.waiting.append(generation)
             self.work.set()
 
-    def admit(self, n: int) -> list[Generation]:
-        """The first `n` waiting jobs, which join the batch now. Jobs cancelled while waiting end here."""
-        joining: list[Generation] = []
+    def admit(self, take: bool) -> Generation | None:
+        """With `take`, the first waiting job, which joins the batch now. Jobs cancelled while waiting end
+        here, whether or not one is taken."""
+        joining = None
         with self.waiting_lock:
             for generation in [g for g in self.waiting if g.cancelled.is_set()]:  # even when the batch is full
                 self.waiting.remove(generation)
                 generation.on_leave("cancelled")
-            while self.waiting and len(joining) < n:
-                joining.append(self.waiting.popleft())
+            if take and self.waiting:
+                joining = self.waiting.popleft()
             if not self.waiting:
                 self.work.clear()
         return joining
