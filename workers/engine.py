@@ -123,21 +123,25 @@ def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str
     return params.max_tokens if params.max_tokens is not None else context - n_prompt
 
 
+def processor_arguments(params: SamplingParams) -> dict:
+    """mlx-lm's `make_logits_processors` arguments for these parameters; None turns one off."""
+    return {
+        "logit_bias": params.logit_bias or None,
+        "repetition_penalty": params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+        "presence_penalty": params.presence_penalty or None,
+        "frequency_penalty": params.frequency_penalty or None,
+    }
+
+
 def has_processors(params: SamplingParams) -> bool:
     """Whether `sampling_parts` makes logits processors (without making them: they hold MLX arrays)."""
-    return bool(params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
-                or params.frequency_penalty)
+    return any(value is not None for value in processor_arguments(params).values())
 
 
 def sampling_parts(params: SamplingParams) -> tuple[list, list]:
     """mlx-lm's logits processors and logit filters for these parameters (the sampling itself is ours:
     it draws from the request's own random key, see `chooser`)."""
-    processors = make_logits_processors(
-        logit_bias=params.logit_bias or None,
-        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
-        presence_penalty=params.presence_penalty or None,
-        frequency_penalty=params.frequency_penalty or None,
-    )
+    processors = make_logits_processors(**processor_arguments(params))
     filters = []
     if 0.0 < params.top_p < 1.0:  # OpenAI's top_p=1 means "off"
         filters.append(lambda x: apply_top_p(x, params.top_p))
