@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
@@ -40,14 +39,7 @@ def complete(client, prompt: str, max_tokens: int, stop: str | None, events: lis
 
 def test_concurrent_greedy_requests_match_sequential_ones(client):
     alone = [complete(client, *p) for p in PROMPTS]
-    lock = threading.Lock()
-
-    class Recorder(list):  # appends from 16 client threads, in the order the text arrived
-        def append(self, item):
-            with lock:
-                super().append(item)
-
-    events = Recorder()
+    events: list = []  # from 16 client threads, in the order the text arrived (list.append is atomic)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda p: complete(client, *p, events=events), PROMPTS))
     assert together == alone
