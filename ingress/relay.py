@@ -1,62 +1,125 @@
-"""Publishes a job to JetStream and relays the worker's events from the job's reply subject."""
+"""Publishes a job to JetStream and relays the worker's events from the job's reply subject.
+
+Publishing retries with the same `Nats-Msg-Id` while NATS is unreachable (JetStream drops the
+duplicate if an earlier try got through), for up to PUBLISH_DEADLINE_S; only then is the request
+answered 503 `queue_unavailable`. Because a try whose acknowledgement was lost may still have queued
+the job, that answer comes with a cancel marked `refused`: a worker that meets the job settles it with
+the 503 its client got and never runs it.
+
+Events: every event carries the delivery attempt that produced it. When a job is redelivered (its
+worker died or was away past its ack-wait) and a later attempt is accepted, chunks and heartbeats of
+the earlier attempt are ignored; a final event is taken whichever attempt sends it (settling stores
+one final event per job and every attempt answers with that one: pipeline/settle.py).
+
+Silence: while no worker has taken the job the relay yields `Waiting` every WAITING_TICK_S (a
+streamed response sends a keep-alive comment), up to `queue_timeout_s`; once taken, a worker is
+presumed dead after `worker_timeout_s` without an event, unless the connection to NATS was down or
+re-established meanwhile (then the silence is the broker's, not the worker's). Before answering a
+timeout the relay looks for the job's stored result, in case its final event was lost in an outage.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator
 
 import anyio
 import msgspec
 import nats
 import nats.js.errors
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NotFoundError
 
 from ingress.errors import APIError
+from pipeline.connection import TRANSIENT, persist
 from pipeline.streams import max_queued
-from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
-from schemas.jobs import Cancel, Done, Event, Failed, Job
+from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, RESULTS_STREAM, cancel_subject, job_subject, result_subject
+from schemas.jobs import Accepted, Cancel, Chunk, Done, Event, Failed, Heartbeat, Job
 
 decode_event = msgspec.json.Decoder(Event).decode
 encode = msgspec.json.Encoder().encode
 
-
 QUEUE_FULL = 10077  # JetStream: "maximum messages per subject exceeded" (pipeline/streams.py: max_queued)
 RETRY_AFTER_S = 5  # a few decode-heavy jobs' worth; a client that honours it does not hammer a full queue
+PUBLISH_DEADLINE_S = 10.0  # how long a publish is retried while NATS is unreachable
+WAITING_TICK_S = 5.0
 
 
-async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) -> AsyncIterator[Event]:
-    """Yields the job's events until Done or Failed.
+class Waiting:
+    """No worker has taken the job yet (yielded every WAITING_TICK_S while it waits in the queue)."""
 
-    Waits up to `queue_timeout_s` for a worker to take the job (it stays durable in the stream
-    meanwhile), then up to `worker_timeout_s` between events once one has: workers send a heartbeat
-    while they compute, so silence that long means the worker died.
-    """
+
+async def publish_job(nc, job: Job) -> None:
+    """Queue `job`, or raise the APIError its client gets (429 queue full, 503 queue unavailable)."""
+    data = encode(job)
+    try:
+        await persist(lambda: nc.jetstream().publish(job_subject(job.model), data, stream=JOBS_STREAM,
+                                                     headers={"Nats-Msg-Id": job.id}), PUBLISH_DEADLINE_S)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code != QUEUE_FULL:
+            raise
+        raise APIError(429, f"Too many requests are queued for model '{job.model}' (limit {max_queued()}); "
+                       f"retry after {RETRY_AFTER_S} seconds.", code="rate_limit_exceeded", type="requests",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+    except (*TRANSIENT, nats.errors.ConnectionClosedError) as exc:
+        reason = f"queue unavailable: {type(exc).__name__}"
+        # Core publish: buffered by nats-py while it reconnects, stored by the cancels stream when it arrives.
+        try:
+            await nc.publish(cancel_subject(job.id), encode(Cancel(id=job.id, reason=reason, refused=True)))
+        except nats.errors.Error:
+            pass
+        raise APIError(503, f"The job queue is unavailable ({type(exc).__name__}); try again shortly.",
+                       code="queue_unavailable")
+
+
+async def stored_result(nc, job_id: str) -> Done | Failed | None:
+    try:
+        msg = await nc.jetstream().get_last_msg(RESULTS_STREAM, result_subject(job_id))
+    except (NotFoundError, *TRANSIENT, nats.errors.ConnectionClosedError):
+        return None
+    return decode_event(msg.data)
+
+
+async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) -> AsyncIterator[Event | Waiting]:
+    """Publish the job and yield its events until Done or Failed (and `Waiting` while it is queued)."""
     # Subscribe before publishing so no event can arrive before anyone listens.
     sub = await nc.subscribe(job.reply_subject)
+    try:
+        await publish_job(nc, job)
+    except BaseException:
+        await unsubscribe(sub)
+        raise
     finished = False
     try:
-        try:
-            await nc.jetstream().publish(job_subject(job.model), encode(job), stream=JOBS_STREAM,
-                                         headers={"Nats-Msg-Id": job.id})
-        except nats.js.errors.APIError as exc:
-            if exc.err_code != QUEUE_FULL:
-                raise
-            raise APIError(429, f"Too many requests are queued for model '{job.model}' (limit {max_queued()}); "
-                           f"retry after {RETRY_AFTER_S} seconds.", code="rate_limit_exceeded", type="requests",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        except (NoStreamResponseError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
-            raise APIError(503, f"The job queue is unavailable ({type(exc).__name__}); try again shortly.",
-                           code="queue_unavailable")
-        taken = False
+        queued_until = time.monotonic() + queue_timeout_s
+        taken, attempt = False, 0
         while True:
+            reconnects = nc.stats["reconnects"]
+            wait = min(WAITING_TICK_S, max(0.0, queued_until - time.monotonic())) if not taken else worker_timeout_s
             try:
-                msg = await sub.next_msg(timeout=worker_timeout_s if taken else queue_timeout_s)
+                msg = await sub.next_msg(timeout=wait)
             except nats.errors.TimeoutError:
+                if not taken and time.monotonic() < queued_until:
+                    yield Waiting()
+                    continue
+                if taken and (not nc.is_connected or nc.stats["reconnects"] != reconnects):
+                    continue  # the broker was away, not the worker: give it another worker_timeout_s
+                if (result := await stored_result(nc, job.id)) is not None:
+                    finished = True  # its final event was sent while we could not hear it
+                    yield result
+                    return
                 if not taken:
                     raise APIError(503, f"No worker for model '{job.model}' took the request within "
                                    f"{queue_timeout_s:.0f}s.", code="no_worker")
                 raise APIError(503, f"The worker serving '{job.model}' stopped responding for "
                                f"{worker_timeout_s:.0f}s; the request was abandoned.", code="worker_lost")
-            event = decode_event(msg.data)
+            try:
+                event = decode_event(msg.data)
+            except msgspec.MsgspecError:
+                continue  # not one of ours
+            if isinstance(event, (Accepted, Chunk, Heartbeat)):
+                if event.attempt < attempt:
+                    continue  # a superseded delivery of this job, still running somewhere
+                attempt = max(attempt, event.attempt)
             taken = True
             # Set before yielding: a caller that stops reading at the final event never resumes us, and the
             # job must not then be "cancelled" after it finished.
@@ -67,15 +130,22 @@ async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) 
     finally:
         # Shielded: this also runs when a disconnecting client cancels the request.
         with anyio.CancelScope(shield=True):
-            await sub.unsubscribe()
+            await unsubscribe(sub)
             if not finished:
                 # The requester is gone (client disconnect, timeout): stop the work, wherever the job is now.
                 await cancel(nc, job.id, "requester gone")
+
+
+async def unsubscribe(sub) -> None:
+    try:
+        await sub.unsubscribe()
+    except nats.errors.Error:  # the connection is gone, and the subscription with it
+        pass
 
 
 async def cancel(nc, job_id: str, reason: str) -> None:
     try:
         await nc.jetstream().publish(cancel_subject(job_id), encode(Cancel(id=job_id, reason=reason)),
                                      stream=CANCELS_STREAM)
-    except (NoStreamResponseError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+    except (*TRANSIENT, nats.errors.ConnectionClosedError):
         pass  # best effort: without it the job still ends, only later

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -11,6 +12,9 @@ from schemas.jobs import Job, SamplingParams
 from schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
+TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
+
+
 def _unsupported(name: str, given: bool, why: str = "") -> None:
     # An explicit 400 rather than silently ignoring a feature the client relies on.
     if given:
@@ -18,22 +22,22 @@ def _unsupported(name: str, given: bool, why: str = "") -> None:
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
-    # Ranges are checked by the worker (workers/engine.py: check_params), for NATS submitters too.
+    # Ranges are checked by the worker (workers/prepare.py: check_params), for NATS submitters too.
     if req.n != 1:
         raise APIError(400, f"Invalid 'n': only n=1 is supported, got {req.n}.", "n", "unsupported_value")
-    # max_tokens < 1 is refused by the worker (workers/engine.py: check_limits), for NATS submitters too.
+    # max_tokens < 1 is refused by the worker (workers/prepare.py: check_limits), for NATS submitters too.
     _unsupported("logprobs", bool(req.logprobs), " yet")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
-            raise APIError(400, f"Invalid 'logit_bias': keys must be token ids, got {key!r}.", "logit_bias",
-                           "invalid_value")
+        if not TOKEN_ID.fullmatch(key):  # str.isdigit() accepts "²", which int() refuses
+            raise APIError(400, f"Invalid 'logit_bias': keys must be token ids (integers), got {key!r}.",
+                           "logit_bias", "invalid_value")
         bias[int(key)] = value
     return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(req.top_k or 0, 0),  # vLLM's -1 also means off
+        top_k=req.top_k or 0,  # 0 and vLLM's -1 mean off
         min_p=req.min_p or 0.0,
         seed=req.seed,
         max_tokens=max_tokens,

@@ -16,9 +16,11 @@ import uuid
 from pathlib import Path
 
 import msgspec
-import nats
+from nats.js.errors import NotFoundError
 
+from ops.deployment import DeploymentError, nats_url_of
 from pipeline.audit import decode_record, read_records, verify_chain
+from pipeline.connection import connect_once
 from pipeline.subjects import reply_subject
 from schemas.audit import AuditRecord
 from schemas.jobs import Done
@@ -46,12 +48,12 @@ def record_filter(args):
     return matches
 
 
-async def stored_records(nats_url: str) -> list[bytes]:
-    nc = await nats.connect(nats_url, name="conclave-audit")
+async def stored_records(nc) -> list[bytes]:
     try:
         return [raw async for _, raw in read_records(nc.jetstream())]
-    finally:
-        await nc.close()
+    except NotFoundError:
+        raise DeploymentError(f"there is no audit log at {nc.connected_url.geturl()}: its stream does not exist "
+                              f"(no conclave deployment has used this NATS server)") from None
 
 
 def summary_line(record: AuditRecord) -> str:
@@ -63,18 +65,29 @@ def summary_line(record: AuditRecord) -> str:
 
 
 async def run_audit(args) -> int:
-    if args.action == "replay":
-        return await replay(args)
     if args.action == "verify" and args.file:
         raw = [line.encode() for line in Path(args.file).read_text().splitlines() if line.strip()]
-    else:
-        raw = await stored_records(args.nats_url)
+        return report_verification(raw)
+    nc = await connect_once(nats_url_of(args.home, args.nats_url), "conclave-audit")
+    try:
+        if args.action == "replay":
+            return await replay(nc, args)
+        return show(args, await stored_records(nc))
+    finally:
+        await nc.close()
+
+
+def report_verification(raw: list[bytes]) -> int:
+    problems = verify_chain(raw)
+    for problem in problems:
+        print(f"BROKEN: {problem}")
+    print(f"{len(raw)} records, chain {'intact' if not problems else 'BROKEN'}")
+    return 1 if problems else 0
+
+
+def show(args, raw: list[bytes]) -> int:
     if args.action == "verify":
-        problems = verify_chain(raw)
-        for problem in problems:
-            print(f"BROKEN: {problem}")
-        print(f"{len(raw)} records, chain {'intact' if not problems else 'BROKEN'}")
-        return 1 if problems else 0
+        return report_verification(raw)
     records = [decode_record(r) for r in raw]
     matches = record_filter(args)
     if args.action == "list":
@@ -106,34 +119,31 @@ def replayable(record: AuditRecord) -> str | None:
     return None
 
 
-async def replay(args) -> int:
+async def replay(nc, args) -> int:
     """Re-submit recorded requests to the current deployment; report which outputs differ."""
+    from ingress.errors import APIError
     from ingress.relay import submit
 
-    nc = await nats.connect(args.nats_url, name="conclave-audit-replay")
     report = {"replayed": 0, "same": 0, "different": [], "skipped": {}}
-    try:
-        records = [decode_record(raw) async for _, raw in read_records(nc.jetstream())]
-        matches = record_filter(args)
-        for record in [r for r in records if matches(r) and r.source != "replay"][-args.limit:]:
-            if (why := replayable(record)) is not None:
-                report["skipped"][why] = report["skipped"].get(why, 0) + 1
-                continue
-            job_id = f"replay-{uuid.uuid4().hex}"
-            job = msgspec.structs.replace(record.job, id=job_id, reply_subject=reply_subject(job_id), stream=False,
-                                          created=time.time(), source="replay", caller=f"replay-of:{record.job_id}")
-            final = None
-            async for event in submit(nc, job, args.timeout, args.timeout):
-                final = event
-            report["replayed"] += 1
+    records = [decode_record(raw) for raw in await stored_records(nc)]
+    matches = record_filter(args)
+    for record in [r for r in records if matches(r) and r.source != "replay"][-args.limit:]:
+        if (why := replayable(record)) is not None:
+            report["skipped"][why] = report["skipped"].get(why, 0) + 1
+            continue
+        job_id = f"replay-{uuid.uuid4().hex}"
+        job = msgspec.structs.replace(record.job, id=job_id, reply_subject=reply_subject(job_id), stream=False,
+                                      created=time.time(), source="replay", caller=f"replay-of:{record.job_id}")
+        try:
+            final = [event async for event in submit(nc, job, args.timeout, args.timeout)][-1]
             output = final.text if isinstance(final, Done) else f"<failed: {final.error.message}>"
-            if output == record.output:
-                report["same"] += 1
-            else:
-                report["different"].append({"job_id": record.job_id, "replay_id": job_id,
-                                            "recorded": record.output, "replayed": output,
-                                            "recorded_revision": record.model_revision})
-    finally:
-        await nc.close()
+        except APIError as exc:
+            output = f"<failed: {exc.detail.message}>"
+        report["replayed"] += 1
+        if output == record.output:
+            report["same"] += 1
+        else:
+            report["different"].append({"job_id": record.job_id, "replay_id": job_id, "recorded": record.output,
+                                        "replayed": output, "recorded_revision": record.model_revision})
     print(json.dumps(report, indent=2))
     return 1 if report["different"] else 0

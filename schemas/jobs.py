@@ -55,6 +55,9 @@ class Cancel(Struct, forbid_unknown_fields=True):
 
     id: str
     reason: str = ""
+    # The submitter already answered its client with an error (503 queue_unavailable) while it could not
+    # tell whether the job was queued: if it was, it is settled with that error and never run.
+    refused: bool = False
 
 
 class Accepted(Struct, tag="accepted"):
@@ -71,6 +74,7 @@ class Chunk(Struct, tag="chunk"):
     index: int  # 0, 1, 2... lets a consumer detect a gap or a restart
     text: str
     tokens: int  # completion tokens generated so far
+    attempt: int = 1  # the delivery that produced it: a later attempt's Accepted supersedes it
 
 
 class Heartbeat(Struct, tag="heartbeat"):
@@ -78,6 +82,7 @@ class Heartbeat(Struct, tag="heartbeat"):
 
     id: str
     tokens: int
+    attempt: int = 1
 
 
 class Done(Struct, tag="done"):
@@ -88,12 +93,14 @@ class Done(Struct, tag="done"):
     ttft_ms: float
     duration_ms: float
     worker: str
+    attempt: int = 1
 
 
 class Failed(Struct, tag="failed"):
     id: str
     status: int  # the HTTP status the ingress answers with
     error: ErrorDetail
+    attempt: int = 1
 
 
 Event = Union[Accepted, Chunk, Heartbeat, Done, Failed]
@@ -111,4 +118,9 @@ class WorkerStatus(Struct):
     jobs_done: int = 0
     layout: Literal["whole", "tensor", "pipeline"] = "whole"
     ranks: int = 1
-    active: int = 0  # jobs accepted and not yet finished: in the batch or about to join it
+    active: int = 0  # jobs taken and not yet settled: in the batch, about to join it, or being checked
+    max_batch: int = 0  # jobs it generates at once
+    # Moving averages over its recent jobs, for admission control (ingress/admission.py): how long a job
+    # holds a batch slot, and how long its prefill holds the batch's single joining slot. 0: no job yet.
+    job_s: float = 0.0
+    prefill_s: float = 0.0

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from ops.serve import ServerProcess, spawn_server
+from ops.spawn import ServerProcess, spawn_server
 
 MODEL = "SmolLM2-135M-Instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -87,11 +87,12 @@ async def wait_for_audit_record(nats_url: str, predicate, timeout_s: float = 60.
     """
     import nats as nats_client
 
-    from pipeline.audit import AUDIT_STREAM, AUDIT_SUBJECT, decode_record
+    from pipeline.audit import decode_record
+    from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM
 
     nc = await nats_client.connect(nats_url)
     try:
-        watch = await nc.jetstream().subscribe(AUDIT_SUBJECT, stream=AUDIT_STREAM, ordered_consumer=True)
+        watch = await nc.jetstream().subscribe(f"{AUDIT_PREFIX}.>", stream=AUDIT_STREAM, ordered_consumer=True)
         while True:
             record = decode_record((await watch.next_msg(timeout=timeout_s)).data)
             if predicate(record):

@@ -74,11 +74,12 @@ def test_tensor_and_pipeline_groups_generate_the_single_process_tokens(tiny_mode
     assert sum(r["parameter_bytes"] for r in even["per_rank"]) < 2 * nbytes(("model.",))
 
 
-def test_tensor_parallel_that_does_not_divide_is_refused(server):
+def test_tensor_parallel_that_does_not_divide_is_refused(server, tmp_path):
     # 9 heads and 3 key/value heads: 2 ranks cannot split them; the message names what works.
     result = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "--home", str(server.home), "serve", "--tensor-parallel", "2",
-         "--port", "1", "--nats-port", "1"], capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "ops.cli", "--home", str(tmp_path), "serve", "--tensor-parallel", "2",
+         "--model", str(server.home / "models" / MODEL), "--port", "1", "--nats-port", "1"],
+        capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "9 attention heads, 3 key/value heads" in result.stderr
     assert "split evenly over 1, 3 ranks" in result.stderr

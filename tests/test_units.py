@@ -59,9 +59,13 @@ def test_validation_errors_name_the_param():
     assert param_of(b'{"model"') == (400, None, None)
 
 
-def test_subject_names_are_single_tokens():
-    assert subject_token("org/Model-1.5B v2") == "org_Model-1_5B_v2"
-    assert job_subject("a.b") == "conclave.jobs.a_b"
+def test_subject_names_are_single_tokens_one_to_one():
+    assert subject_token("org/Model-1.5B v2") == "org%2FModel-1%2E5B%20v2"
+    assert subject_token("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    # Two models (or job ids) never share a subject or a consumer: a lossy mapping made `a.b` and `a_b` one.
+    assert job_subject("a.b") == "conclave.jobs.a%2Eb" != job_subject("a_b") == "conclave.jobs.a_b"
+    assert subject_token("a%2Eb") == "a%252Eb" != subject_token("a.b")
+    assert subject_token("é") == "%C3%A9"
 
 
 SMOLLM = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "intermediate_size": 1536,

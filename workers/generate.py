@@ -74,6 +74,9 @@ class _Once:
         self.times.append(time.perf_counter())
         return len(self.tokens) == self.max_tokens
 
+    def fail(self, exc: Exception) -> None:
+        raise exc  # a check of the group: nothing to isolate
+
     def on_leave(self, reason: str) -> None:
         pass
 

@@ -11,6 +11,10 @@ Like mlx-lm's `GenerationBatch`, step k+1 is queued before step k's tokens are r
 (detokenising, stop strings, publishing) overlaps the model; a request that finishes at step k has
 run one extra, discarded row in step k+1.
 
+A request whose own sampling or bookkeeping raises (`choose`, `on_token`) fails alone: its row is
+marked finished with a placeholder token (greedy) and leaves at the next step, and every other row goes
+on. Only an exception in the step itself (the forward pass, a collective) takes the whole batch.
+
 Groups: only the leader samples and decides. Each step ends with one broadcast (an all_sum to which
 only the leader contributes) of the sampled tokens, so every rank feeds the same tokens to the next
 step. Before each step the leader broadcasts the plan: which rows stay, which requests join (their
@@ -47,7 +51,7 @@ PREFIX_KEY = "model"  # LRUPromptCache keys by model; a worker serves one
 
 
 class Row(Protocol):
-    """One request in the batch, as the leader sees it (workers/engine.py: Generation)."""
+    """One request in the batch, as the leader sees it (workers/generation.py: Generation)."""
 
     prompt: list[int]
     greedy: bool  # argmax without logits processors: sampled for the whole batch at once
@@ -57,6 +61,8 @@ class Row(Protocol):
     def choose(self, logits: mx.array) -> mx.array: ...  # [1, vocab] -> [1]
 
     def on_token(self, token: int) -> bool: ...  # True: this request is finished
+
+    def fail(self, exc: Exception) -> None: ...  # sampling or finishing this row raised: it ends here
 
     def on_leave(self, reason: str) -> None: ...  # "finished", "halted" (the leader stops) or "cancelled"
 
@@ -275,15 +281,27 @@ class BatchEngine:
 
     # -- one step ------------------------------------------------------------------------------------
 
+    def _fail(self, member: _Member, exc: Exception) -> None:
+        """One row's own work raised: that request ends, the batch does not (the leader's call, so a group
+        stays in step: followers only ever see the tokens)."""
+        member.finished = True
+        member.row.fail(exc)
+
+    def _choose(self, member: _Member, logits: mx.array) -> mx.array:
+        try:
+            return member.row.choose(logits).reshape(1)
+        except Exception as exc:
+            self._fail(member, exc)
+            return mx.argmax(logits, axis=-1).reshape(1)
+
     def _sample(self, logits: mx.array | None) -> mx.array:
         """The next token of every row: sampled on the leader, broadcast to the followers."""
         shard = self.shard
         if shard.is_leader:
-            rows = [m.row for m in self.members]
-            if all(r.greedy for r in rows):
+            if all(m.row.greedy for m in self.members):
                 tokens = mx.argmax(logits, axis=-1)
             else:
-                tokens = mx.concatenate([r.choose(logits[i:i + 1]).reshape(1) for i, r in enumerate(rows)])
+                tokens = mx.concatenate([self._choose(m, logits[i:i + 1]) for i, m in enumerate(self.members)])
             return broadcast(shard, tokens.astype(mx.int32))
         tokens = mx.zeros((len(self.members),), dtype=mx.int32)
         if logits is not None:  # tensor parallel: the broadcast must wait for this rank's forward
@@ -303,7 +321,10 @@ class BatchEngine:
                 member.fresh = False
                 continue
             if self.shard.is_leader and not member.finished:
-                member.finished = member.row.on_token(token)
+                try:
+                    member.finished = member.row.on_token(token)
+                except Exception as exc:
+                    self._fail(member, exc)
 
     def run(self, admit: Callable[[bool], Row | None] | None = None) -> None:
         """Step until the batch is empty and nothing joins (the leader's call: `admit(True)` hands over

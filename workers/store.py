@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.resources
 import hashlib
 import json
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,25 @@ from workers.gguf_import import import_gguf
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # Files a model directory needs; everything else in a Hugging Face repo (PyTorch weights, ONNX, ...) is skipped.
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+# One part of a model id: `SmolLM2-135M-Instruct`, or `org` and `name` in a Hugging Face repo id `org/name`.
+_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class StoreError(ValueError):
+    """A model that cannot be found, imported or stored; the message is for the operator."""
+
+
+def check_model_id(model_id: str) -> str:
+    """`model_id`, if it can name a model: one name, or `org/name` as on Hugging Face. Each part starts
+    with a letter or digit and holds only letters, digits, `.`, `_` and `-` (so no id is empty, `.`,
+    `..` or a path that leaves the store)."""
+    parts = model_id.split("/")
+    if len(parts) > 2 or not all(_ID_PART.fullmatch(part) for part in parts):
+        raise StoreError(f"{model_id!r} cannot be a model id: use a name (or org/name) of letters, digits, '.', "
+                         f"'_' and '-' that starts with a letter or digit")
+    return model_id
 
 
 @dataclass(frozen=True)
@@ -47,7 +68,7 @@ class ModelStore:
         self.root = Path(root)
 
     def path(self, model_id: str) -> Path:
-        return self.root / model_id.replace("/", "--")
+        return self.root / check_model_id(model_id).replace("/", "--")
 
     def get(self, model_id: str) -> StoredModel | None:
         path = self.path(model_id)
@@ -59,13 +80,21 @@ class ModelStore:
         if not self.root.exists():
             return []
         ids = sorted(p.name.replace("--", "/") for p in self.root.iterdir() if is_model_dir(p))
-        return [self.get(i) for i in ids]
+        return [self.get(i) for i in ids if _is_id(i)]
 
     def import_gguf(self, gguf: Path, model_id: str | None = None) -> StoredModel:
-        model_id = model_id or Path(gguf).stem.split(".")[0]
+        gguf = Path(gguf)
+        model_id = check_model_id(model_id or gguf.stem.split(".")[0])
         if self.get(model_id) is None:
+            if not gguf.is_file():
+                raise StoreError(f"{gguf}: no such file")
             self.root.mkdir(parents=True, exist_ok=True)
-            import_gguf(Path(gguf), self.path(model_id))
+            target = self.path(model_id)
+            try:
+                import_gguf(gguf, target)
+            except Exception as exc:
+                shutil.rmtree(target, ignore_errors=True)  # no half-imported model left in the store
+                raise StoreError(f"{gguf}: could not import it ({type(exc).__name__}: {exc})") from None
         return self.get(model_id)
 
     def pull(self, repo_id: str, revision: str | None = None) -> StoredModel:
@@ -73,10 +102,13 @@ class ModelStore:
         from huggingface_hub import snapshot_download
 
         target = self.path(repo_id)
-        snapshot_download(repo_id, revision=revision, local_dir=target, allow_patterns=MODEL_FILES)
+        try:
+            snapshot_download(repo_id, revision=revision, local_dir=target, allow_patterns=MODEL_FILES)
+        except Exception as exc:  # offline, unknown repo, no access: huggingface_hub says which
+            raise StoreError(f"could not pull {repo_id}: {type(exc).__name__}: {exc}") from None
         model = self.get(repo_id)
         if model is None:
-            raise ValueError(f"{repo_id} has no config.json and *.safetensors: not an MLX/Hugging Face model")
+            raise StoreError(f"{repo_id} has no config.json and *.safetensors: not an MLX/Hugging Face model")
         return model
 
     def ensure_default(self) -> StoredModel:
@@ -86,18 +118,27 @@ class ModelStore:
         """A model to serve from what the user typed: a store id, a model directory, a .gguf file, or a repo id."""
         if spec == DEFAULT_MODEL:
             return self.ensure_default()
-        if (stored := self.get(spec)) is not None:
+        if _is_id(spec) and (stored := self.get(spec)) is not None:
             return stored
         path = Path(spec).expanduser()
         if path.is_dir():
             if not is_model_dir(path):
-                raise ValueError(f"{path} is not a model directory (needs config.json and *.safetensors)")
-            return StoredModel(path.name, path.resolve(), int((path / "config.json").stat().st_mtime))
+                raise StoreError(f"{path} is not a model directory (needs config.json and *.safetensors)")
+            path = path.resolve()  # `.` names the directory it is
+            return StoredModel(check_model_id(path.name), path, int((path / "config.json").stat().st_mtime))
         if path.suffix == ".gguf" and path.is_file():
             return self.import_gguf(path)
         if "/" in spec and not path.exists():
             return self.pull(spec)
-        raise ValueError(f"unknown model {spec!r}: not in the store ({self.root}), not a directory, .gguf or repo id")
+        raise StoreError(f"unknown model {spec!r}: not in the store ({self.root}), not a directory, .gguf or repo id")
+
+
+def _is_id(text: str) -> bool:
+    try:
+        check_model_id(text)
+        return True
+    except StoreError:
+        return False
 
 
 def model_context_length(path: Path) -> int | None:

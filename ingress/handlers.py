@@ -1,0 +1,63 @@
+"""The HTTP routes, one function each. What they share (NATS, the models, admission) is the app's
+`Ingress` (ingress/app.py), reached through `request.app.state.ingress`."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ingress.reading import read_request
+from ingress.requests import chat_job, completion_job
+from ingress.respond import respond
+from ingress.shapes import CHAT, COMPLETION
+from pipeline.limits import PayloadLimits
+from schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
+
+encode = msgspec.json.Encoder().encode
+
+
+def request_limit(ingress) -> int:
+    """The largest body a job can be made of (a job is at most a quarter of NATS's max_payload)."""
+    return PayloadLimits(ingress.link.nc.max_payload).job_bytes
+
+
+async def chat_completions(request: Request) -> Response:
+    return await complete(request, ChatCompletionRequest, chat_job, CHAT)
+
+
+async def completions(request: Request) -> Response:
+    return await complete(request, CompletionRequest, completion_job, COMPLETION)
+
+
+async def complete(request: Request, request_type, make_job, shape) -> Response:
+    ingress = request.app.state.ingress
+    req = await read_request(request, request_type, request_limit(ingress))
+    ingress.require_model(req.model)
+    job = make_job(req, ingress.caller)
+    return await respond(request, ingress, job, req.stream, include_usage(req), shape)
+
+
+def include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+async def list_models(request: Request) -> Response:
+    ingress = request.app.state.ingress
+    return Response(encode(ModelList(data=list(ingress.models.values()))), media_type="application/json")
+
+
+async def get_model(request: Request) -> Response:
+    ingress = request.app.state.ingress
+    return Response(encode(ingress.require_model(request.path_params["model"])), media_type="application/json")
+
+
+async def health(request: Request) -> Response:
+    """200 when NATS is connected and every model has a live worker, else 503; the live workers listed."""
+    ingress = request.app.state.ingress
+    connected = ingress.link.is_connected
+    per_model = {m: [msgspec.to_builtins(s) for s in ingress.workers.live(m)] for m in ingress.models}
+    ready = connected and all(per_model.values())
+    body = {"status": "ok" if ready else "unavailable", "nats": "connected" if connected else "disconnected",
+            "models": {m: {"live_workers": w} for m, w in per_model.items()}}
+    return JSONResponse(body, status_code=200 if ready else 503)

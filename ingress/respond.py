@@ -1,0 +1,170 @@
+"""From a job to its HTTP answer: admission, then an SSE stream or one JSON body.
+
+A streamed request waits for a worker to accept its job before the response starts, so that a job
+the worker refuses (context too long, ...) still gets its proper HTTP status. But a client that
+hears nothing gives up (the OpenAI SDK after 10 minutes, many proxies after one): once the job has
+waited WAITING_TICK_S in the queue the response starts anyway, with SSE comments (`: waiting`, which
+SDKs ignore) every few seconds until it is taken and `: keep-alive` at every worker heartbeat during
+a long prefill; a refusal after that point arrives as an error event, as any failure mid-stream does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator
+
+import anyio
+import msgspec
+from starlette.requests import Request
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+
+from ingress.errors import APIError
+from ingress.relay import Waiting, submit
+from ingress.shapes import Shape
+from schemas.jobs import Accepted, Chunk, Done, Event, Failed, Heartbeat, Job
+
+encode = msgspec.json.Encoder().encode
+WAITING_COMMENT = b": waiting for a worker\n\n"
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+
+
+async def admit(ingress, job: Job) -> None:
+    """429 now rather than a wait longer than --max-queue-wait (ingress/admission.py)."""
+    retry = await ingress.admission.retry_after_s(ingress.link.nc.jetstream(), job.model)
+    if retry is not None:
+        raise APIError(429, f"Model '{job.model}' is busy: this request would wait more than "
+                       f"{ingress.config.max_queue_wait_s:.0f}s for a place in a batch; retry after {retry} seconds.",
+                       code="rate_limit_exceeded", type="requests", headers={"Retry-After": str(retry)})
+
+
+async def first_answer(events: AsyncIterator, stream: bool) -> Accepted | Waiting:
+    """Wait until a worker accepts the job (or refuses it: raised), or for a streamed request, until it
+    has waited long enough in the queue that its response should start."""
+    async for event in events:
+        if isinstance(event, Accepted) or (stream and isinstance(event, Waiting)):
+            return event
+        if isinstance(event, Failed):
+            raise APIError.from_detail(event.status, event.error)
+    raise APIError(502, "The worker ended the job without a result.", code="worker_error")
+
+
+async def final_result(events: AsyncIterator) -> Done:
+    async for event in events:
+        if isinstance(event, Done):
+            return event
+        if isinstance(event, Failed):
+            raise APIError.from_detail(event.status, event.error)
+    raise APIError(502, "The worker ended the job without a result.", code="worker_error")
+
+
+async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted | Waiting, shape: Shape,
+              include_usage: bool, release) -> AsyncIterator[bytes]:
+    """OpenAI's SSE stream: one `data:` line per chunk, the finish chunk, optional usage, `[DONE]`."""
+    attempt = first.attempt if isinstance(first, Accepted) else None
+    sent_text = False
+    try:
+        yield shape.chunk(job, role=True)
+        if isinstance(first, Waiting):
+            yield WAITING_COMMENT
+        async for event in events:
+            if isinstance(event, Waiting):
+                yield WAITING_COMMENT
+            elif isinstance(event, Heartbeat):
+                yield KEEPALIVE_COMMENT
+            elif isinstance(event, Accepted):
+                if attempt is not None and event.attempt != attempt and sent_text:
+                    raise APIError(503, "The worker serving this request failed mid-generation; the partial "
+                                   "answer cannot be resumed.", code="worker_lost")
+                attempt = event.attempt
+            elif isinstance(event, Chunk):
+                sent_text = True
+                yield shape.chunk(job, text=event.text)
+            elif isinstance(event, Done):
+                yield shape.chunk(job, finish=event.finish_reason)
+                if include_usage:
+                    yield shape.chunk(job, usage=event.usage)
+            elif isinstance(event, Failed):
+                raise APIError.from_detail(event.status, event.error)
+    except APIError as exc:
+        # Headers are gone already: OpenAI clients raise on a `data:` event carrying an error object.
+        yield b"data: " + encode({"error": exc.detail}) + b"\n\n"
+        return
+    finally:
+        release()
+        with anyio.CancelScope(shield=True):  # the relay cancels the job if it did not finish
+            await events.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+async def unless_disconnected(request: Request, work):
+    """`await work()`, abandoned if the HTTP client disconnects first.
+
+    Abandoning it closes the relay's event stream before the final event, and the relay then publishes
+    a cancel: the worker stops within one decode step (or skips the job if it is still queued).
+    """
+    outcome: dict = {}
+    async with anyio.create_task_group() as group:
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        async def run() -> None:
+            try:
+                outcome["value"] = await work()
+            except APIError as exc:
+                outcome["error"] = exc
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        group.start_soon(run)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "value" not in outcome:  # nobody will read this answer
+        raise APIError(499, "The client closed the request.", code="client_closed")
+    return outcome["value"]
+
+
+async def respond(request: Request, ingress, job: Job, stream: bool, include_usage: bool, shape: Shape) -> Response:
+    """Admit, submit, and answer with an SSE stream of `shape.chunk`s or one JSON `shape.body`."""
+    headers = {"x-request-id": job.id}
+    model = job.model
+    ingress.admission.mine[model] += 1
+    released = False
+
+    def release() -> None:  # the request no longer counts against the model's queue
+        nonlocal released
+        if not released:
+            released = True
+            ingress.admission.mine[model] -= 1
+
+    try:
+        await admit(ingress, job)
+        nc, config = ingress.link.nc, ingress.config
+        if stream:
+            events = submit(nc, job, config.queue_timeout_s, config.worker_timeout_s)
+            try:
+                first = await first_answer(events, stream=True)
+            except BaseException:
+                await events.aclose()
+                raise
+            # A client that goes away ends the stream, which closes `events`: the relay cancels the job. The
+            # background task also runs when the stream never started.
+            return StreamingResponse(sse(job, events, first, shape, include_usage, release),
+                                     media_type="text/event-stream", background=BackgroundTask(release),
+                                     headers={"Cache-Control": "no-cache", **headers})
+
+        async def whole() -> Done:
+            async with contextlib.aclosing(submit(nc, job, config.queue_timeout_s, config.worker_timeout_s)) as events:
+                await first_answer(events, stream=False)
+                return await final_result(events)
+
+        done = await unless_disconnected(request, whole)
+        release()
+        return Response(encode(shape.body(job, done)), media_type="application/json", headers=headers)
+    except BaseException as exc:
+        release()
+        if isinstance(exc, APIError):
+            exc.headers = {**(exc.headers or {}), **headers}
+        raise

@@ -1,0 +1,141 @@
+"""NATS connections that report what happens to them in one line each and come back by themselves.
+
+nats-py reconnects by itself after a network error or a server restart (forever, here), resubscribing
+and flushing what was published meanwhile. It does not after an error the server reports (`-ERR`:
+a payload over the limit, an authorization change): it closes the connection for good. `connect`
+hands that case to `on_closed` (which also runs after an orderly close: the caller knows which it
+was); a worker exits and its supervisor restarts it, the ingress opens a new connection (`Link`).
+
+nats-py's default error callback logs a traceback for every failed reconnect attempt (one every
+2 s while the server is down); these callbacks log one line when the connection is lost, one when it
+is back, and nothing in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import nats
+from nats.aio.client import Client
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+log = logging.getLogger("conclave.nats")
+
+# Errors that mean "NATS is unreachable right now" (a restart, a network blip), worth retrying.
+TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError,
+             nats.errors.OutboundBufferLimitError, NoStreamResponseError, ServiceUnavailableError)
+T = TypeVar("T")
+
+
+async def persist(operation: Callable[[], Awaitable[T]], deadline_s: float) -> T:
+    """`operation()`, retried with backoff while NATS is unreachable, for up to `deadline_s`."""
+    deadline = time.monotonic() + deadline_s
+    pause = 0.1
+    while True:
+        try:
+            return await operation()
+        except TRANSIENT:
+            if time.monotonic() + pause > deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+async def connect(url: str, name: str, on_closed: Callable[[], Awaitable[None]] | None = None,
+                  **options) -> Client:
+    """A nats-py connection that reconnects forever after network errors and restarts of the server."""
+    nc = Client()
+    down = asyncio.Event()
+
+    async def disconnected():
+        if not nc.is_closed and not down.is_set():
+            log.warning("%s: lost the connection to NATS at %s; reconnecting", name, url)
+            down.set()
+
+    async def reconnected():
+        down.clear()
+        log.info("%s: reconnected to NATS at %s", name, nc.connected_url.netloc if nc.connected_url else url)
+
+    async def error(exc: Exception):
+        if not down.is_set():  # while down, every reconnect attempt fails: said once already
+            log.warning("%s: NATS error: %s", name, exc or type(exc).__name__)
+
+    async def closed():  # also after an orderly close(): `on_closed` tells the two apart
+        if on_closed is not None:
+            await on_closed()
+
+    await nc.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, error_cb=error,
+                     disconnected_cb=disconnected, reconnected_cb=reconnected, closed_cb=closed, **options)
+    return nc
+
+
+class NatsUnreachable(RuntimeError):
+    """A command could not reach NATS; the message says where it tried."""
+
+
+async def connect_once(url: str, name: str, timeout_s: float = 5.0) -> Client:
+    """A connection for a short command (`conclave audit`): it fails within seconds, in one line, when
+    nothing answers at `url`, rather than retrying for minutes with a traceback per try."""
+    async def quiet(exc):
+        pass
+
+    try:
+        return await asyncio.wait_for(nats.connect(url, name=name, connect_timeout=2, allow_reconnect=False,
+                                                   error_cb=quiet), timeout_s)
+    except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+        raise NatsUnreachable(f"cannot reach NATS at {url} ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})") from None
+
+
+class Link:
+    """A NATS connection that is replaced by a new one when the server closes it for good.
+
+    `on_open(nc)` runs on every new connection (subscriptions that must always exist). Requests in
+    flight on a connection that closed fail; later ones use the new connection (`link.nc`).
+    """
+
+    def __init__(self, url: str, name: str, on_open: Callable[[Client], Awaitable[None]] | None = None):
+        self.url = url
+        self.name = name
+        self.on_open = on_open
+        self.nc: Client | None = None
+        self.stopped = False
+        self.replacing: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        nc = await connect(self.url, self.name, on_closed=self._closed)
+        if self.on_open is not None:
+            await self.on_open(nc)
+        self.nc = nc
+
+    async def _closed(self) -> None:
+        if not self.stopped and self.replacing is None:
+            log.error("%s: NATS closed the connection (%s); opening a new one", self.name,
+                      self.nc.last_error if self.nc else "while connecting")
+            self.replacing = asyncio.create_task(self._replace())
+
+    async def _replace(self) -> None:
+        pause = 0.5
+        while not self.stopped:
+            try:
+                await self.open()
+                log.info("%s: opened a new connection to NATS", self.name)
+                break
+            except Exception as exc:
+                log.warning("%s: could not reconnect to NATS (%s); retrying in %.0fs", self.name, exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
+        self.replacing = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def close(self) -> None:
+        self.stopped = True
+        if self.replacing is not None:
+            self.replacing.cancel()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()

@@ -1,0 +1,73 @@
+"""How large and how deep a message may be, decided once and enforced where messages enter.
+
+nats-server refuses a message whose payload and headers exceed its `max_payload` by closing the
+publisher's connection, so no Conclave process may ever publish one. Every size is therefore a share
+of the server's `max_payload` (read from the server at connect time, so an operator's `--nats-url`
+server with the 1 MiB default gets smaller limits rather than broken connections):
+
+- a job (the request as queued) is at most 1/4 of it: the ingress answers 413 beyond that, a worker
+  refuses a larger NATS job with `job_too_large`;
+- a job's output is at most 1/2 of it, counted as JSON-encoded bytes: generation stops there with
+  `finish_reason` `length`;
+- so the largest message anyone publishes, the audit record (job + output + a few fields), stays
+  under 3/4 of it, and the final event (output + usage) under 1/2.
+
+The embedded nats-server runs with 32 MiB: jobs up to 8 MiB (far more than the longest context of any
+current model in text), outputs up to 16 MiB.
+
+JSON nesting is limited too (64 levels): msgspec decodes nested values recursively, and 100,000
+levels of `[` inside `tools` raised RecursionError (a 500) instead of a 400.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import msgspec
+
+EMBEDDED_MAX_PAYLOAD = 32 * 2**20
+MAX_JSON_DEPTH = 64
+
+_encode = msgspec.json.Encoder().encode
+# A JSON string, escapes included (the unrolled form: linear, no backtracking).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+@dataclass(frozen=True)
+class PayloadLimits:
+    max_payload: int  # the NATS server's, from its INFO
+
+    @property
+    def job_bytes(self) -> int:
+        return self.max_payload // 4
+
+    @property
+    def output_bytes(self) -> int:
+        return self.max_payload // 2
+
+
+def encoded_size(text: str) -> int:
+    """Bytes `text` takes inside a JSON message (escapes included, quotes not)."""
+    return len(_encode(text)) - 2
+
+
+def too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON document `raw` nests arrays and objects deeper than `limit`.
+
+    Strings are removed first (brackets inside them do not count); then each pass removes the
+    innermost empty pairs, one level per pass. Malformed JSON is left to the decoder to report.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # the common case: nothing to scan
+        return False
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        shorter = _INNERMOST.sub(b"", brackets)
+        if shorter == brackets:  # unbalanced
+            return False
+        brackets = shorter
+    return bool(brackets) and _INNERMOST.search(brackets) is not None

@@ -1,0 +1,123 @@
+"""Settling a job: the one place where a job's outcome becomes durable and its message leaves the queue.
+
+A job is settled exactly once, whoever gets there first (the job's own run, a group that lost a rank,
+a redelivery of a job already finished, the sweep of jobs nobody serves), in this order:
+
+1. its final event (`done` or `failed`) is stored in CONCLAVE_RESULTS with
+   `Nats-Expected-Last-Subject-Sequence: 0`: the first final event of a job wins, and a later one
+   (two deliveries that both ran) adopts the stored one instead;
+2. the final event goes to the job's reply subject (core NATS, best effort: the result is durable);
+3. its audit record is appended, at most one per job (pipeline/audit.py);
+4. only then is the message acked. If storing fails for longer than `deadline_s` (NATS unreachable),
+   nothing is acked and JetStream redelivers the job: the redelivery finds the stored result (if step
+   1 got through) and settles from it without running the job again.
+
+Each `Delivery` carries a lock and the event it was settled with, so settling it twice is harmless:
+the second call waits for the first and does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+from nats.js.errors import APIError, NotFoundError
+
+from pipeline.audit import WRONG_LAST_SEQUENCE, append_record, record_for
+from pipeline.connection import persist
+from pipeline.subjects import JOBS_STREAM, RESULTS_STREAM, result_subject
+from schemas.jobs import Done, Event, Failed, Job
+
+log = logging.getLogger("conclave.settle")
+encode = msgspec.json.Encoder().encode
+decode_event = msgspec.json.Decoder(Event).decode
+
+@dataclass(eq=False)
+class Delivery:
+    """A job as taken from JetStream: from a consumer (`msg`, acked when settled) or read from the stream
+    by sequence (`stream_seq`, deleted when settled)."""
+
+    job_id: str
+    job: Job | None  # None: the message did not decode
+    reply_subject: str | None  # where its events go (None: nowhere valid)
+    attempt: int = 1  # JetStream's delivery count of the delivery that runs it
+    msg: Msg | None = None  # the newest delivery: a redelivery to the same worker replaces it
+    stream_seq: int | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    final: Done | Failed | None = None  # set once settled
+
+
+class Settler:
+    """Settles the deliveries of one process (a worker, or the ingress's sweep of unserved jobs)."""
+
+    def __init__(self, nc, model: str, worker: str, ranks: int = 1, revision: str = "", deadline_s: float = 60.0):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.model = model
+        self.worker = worker
+        self.ranks = ranks
+        self.revision = revision
+        self.deadline_s = deadline_s
+
+    async def stored(self, job_id: str) -> Done | Failed | None:
+        """The job's stored final event, if it was settled before (by any worker, at any attempt)."""
+        if not job_id:
+            return None
+        try:
+            msg = await persist(lambda: self.js.get_last_msg(RESULTS_STREAM, result_subject(job_id)), self.deadline_s)
+        except NotFoundError:
+            return None
+        return decode_event(msg.data)
+
+    async def settle(self, delivery: Delivery, final: Done | Failed, partial: Done | None = None) -> Done | Failed:
+        """Settle `delivery` with `final` (see the module's docstring); returns the final event that stands.
+        Raises if NATS stayed unreachable for `deadline_s`: then nothing was acked."""
+        async with delivery.lock:
+            if delivery.final is not None:
+                return delivery.final
+            final = await self._keep(delivery.job_id, final)
+            if delivery.reply_subject:
+                try:
+                    await self.nc.publish(delivery.reply_subject, encode(final))
+                except nats.errors.Error as exc:  # the result is stored: a submitter can fetch it
+                    log.warning("job %s: could not send its final event: %s", delivery.job_id, exc)
+            await self._record(delivery, final, partial)
+            await persist(lambda: self._remove(delivery), self.deadline_s)
+            delivery.final = final
+            return final
+
+    async def _keep(self, job_id: str, final: Done | Failed) -> Done | Failed:
+        if not job_id:
+            return final
+        try:
+            await persist(lambda: self.js.publish(result_subject(job_id), encode(final), stream=RESULTS_STREAM,
+                                                  headers={"Nats-Expected-Last-Subject-Sequence": "0"}),
+                          self.deadline_s)
+            return final
+        except APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+        stored = await self.stored(job_id)  # another delivery of this job settled first: its result stands
+        return stored if stored is not None else final
+
+    async def _record(self, delivery: Delivery, final: Done | Failed, partial: Done | None) -> None:
+        model = delivery.job.model if delivery.job is not None else self.model
+        record = record_for(delivery.job_id, delivery.job, final, partial, model=model, revision=self.revision,
+                            worker=self.worker, ranks=self.ranks, attempt=delivery.attempt)
+        await persist(lambda: append_record(self.js, record), self.deadline_s)
+
+    async def _remove(self, delivery: Delivery) -> None:
+        if delivery.msg is not None:
+            try:
+                await delivery.msg.ack_sync(timeout=5.0)
+            except nats.errors.MsgAlreadyAckdError:
+                pass
+        elif delivery.stream_seq is not None:
+            try:
+                await self.js.delete_msg(JOBS_STREAM, delivery.stream_seq)
+            except NotFoundError:
+                pass

@@ -1,0 +1,276 @@
+"""Taking one model's jobs from JetStream and running each to its settlement (pipeline/settle.py).
+
+The consumer fetches one job at a time (a fetch of n > 1 that gets fewer waits for the rest until its
+timeout) while the batch has room, one asyncio task per job: check it, answer it from its stored result
+if it was settled before, validate it on the tokenizing thread, hand it to the model's thread, move
+its events to the requester, settle it. Every job ends settled, handed back (`nak`, when the worker
+stops) or unacked (NATS unreachable, or a bug: JetStream redelivers it after its ack-wait).
+
+A job id runs once per worker: a redelivery of a job this worker is still running (its ack-wait
+passed during a NATS outage, or while the process was stopped) does not start a second run; the
+running one adopts the newer delivery, whose ack is the one that counts. Two workers that both run
+a job (the first was away past the ack-wait) are reconciled by settling: the first result stands,
+and the ingress ignores events of a superseded attempt (every event carries its attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from pipeline.connection import persist
+from pipeline.intake import open_delivery
+from pipeline.limits import PayloadLimits
+from pipeline.settle import Delivery, Settler
+from pipeline.streams import MAX_DELIVER, worker_consumer_config
+from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject, job_subject,
+                               worker_durable)
+from schemas.jobs import Accepted, Cancel, Chunk, Done, Failed, Heartbeat
+from schemas.openai import ErrorDetail
+from workers.generation import Generation, Halted
+from workers.prepare import JobError, LoadedModel, prepare
+from workers.scheduler import BatchScheduler
+from workers.status import ServiceTimes
+
+log = logging.getLogger("conclave.worker")
+encode = msgspec.json.Encoder().encode
+decode_cancel = msgspec.json.Decoder(Cancel).decode
+# 499: the requester went away (nginx's "client closed request"); nobody is expected to read it.
+CANCELLED = ErrorDetail(message="The request was cancelled.", type="invalid_request_error", code="cancelled")
+
+
+class JobConsumer:
+    def __init__(self, nc, model_id: str, loaded: LoadedModel, scheduler: BatchScheduler, settler: Settler,
+                 name: str, heartbeat_s: float, queue_ttl_s: float, max_batch: int, default_max_tokens: int,
+                 limits: PayloadLimits):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.model_id = model_id
+        self.loaded = loaded
+        self.scheduler = scheduler
+        self.settler = settler
+        self.name = name
+        self.heartbeat_s = heartbeat_s
+        self.queue_ttl_s = queue_ttl_s
+        self.max_batch = max_batch
+        self.default_max_tokens = default_max_tokens
+        self.limits = limits
+        # The job is kept alive every heartbeat; missing five in a row means this worker is gone.
+        self.ack_wait_s = 5 * heartbeat_s
+        self.active: dict[str, Delivery] = {}  # jobs taken and not yet settled, by id
+        self.jobs_done = 0
+        self.times = ServiceTimes()
+        # Templating and tokenising off the event loop, on one thread: a Hugging Face fast tokenizer can
+        # fail ("Already borrowed") when several threads encode with it at once.
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Fetch and start jobs while the batch has room, until `stopping`; then wait for every job's task
+        (the scheduler's halt hands unfinished ones back)."""
+        sub = await persist(lambda: self.js.pull_subscribe(
+            job_subject(self.model_id), durable=worker_durable(self.model_id), stream=JOBS_STREAM,
+            config=worker_consumer_config(self.model_id, self.ack_wait_s)), self.ack_wait_s * 10)
+        tasks: set[asyncio.Task] = set()
+        room = asyncio.Event()  # a task ended: room to fetch another
+        try:
+            while not stopping.is_set():
+                if len(tasks) >= self.max_batch:
+                    room.clear()
+                    waits = [asyncio.create_task(room.wait()), asyncio.create_task(stopping.wait())]
+                    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    for task in pending:
+                        task.cancel()
+                    continue
+                try:
+                    msgs = await sub.fetch(1, timeout=self.heartbeat_s)
+                except nats.errors.TimeoutError:
+                    continue
+                except nats.errors.Error:  # NATS reconnecting (pipeline/connection.py says so once)
+                    await asyncio.sleep(self.heartbeat_s)
+                    continue
+                for msg in msgs:
+                    task = asyncio.create_task(self.take(msg))
+                    tasks.add(task)
+                    task.add_done_callback(lambda t: (tasks.discard(t), room.set()))
+        finally:
+            self.scheduler.halt()
+            if tasks:
+                await asyncio.wait(tasks)
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def take(self, msg: Msg) -> None:
+        attempt = msg.metadata.num_delivered if msg.metadata else 1
+        delivery, error, status = open_delivery(msg.data, attempt, self.limits)
+        delivery.msg = msg
+        running = self.active.get(delivery.job_id) if delivery.job is not None else None
+        if running is not None:
+            log.warning("job %s: delivery %d arrived while delivery %d still runs here; the run goes on",
+                        delivery.job_id, attempt, running.attempt)
+            running.msg = msg  # acks and progress now go to the newest delivery
+            return
+        if delivery.job is not None:
+            self.active[delivery.job_id] = delivery
+        try:
+            await self.handle(delivery, error, status)
+        except Exception:  # NATS unreachable past the settle deadline, or a bug: JetStream redelivers it
+            log.exception("job %s: not settled; it will be redelivered", delivery.job_id)
+        finally:
+            if self.active.get(delivery.job_id) is delivery:
+                del self.active[delivery.job_id]
+
+    async def fail(self, delivery: Delivery, status: int, error: ErrorDetail, partial: Done | None = None) -> None:
+        await self.settler.settle(delivery, Failed(id=delivery.job_id, status=status, error=error,
+                                                   attempt=delivery.attempt), partial)
+
+    async def handle(self, delivery: Delivery, error: ErrorDetail | None, status: int) -> None:
+        if error is not None:
+            log.warning("job %s refused: %s", delivery.job_id or "(no id)", error.message[:200])
+            await self.fail(delivery, status, error)
+            return
+        job = delivery.job
+        stored = await self.settler.stored(job.id)
+        if stored is not None:  # settled before (its ack was lost, or the same id was published again)
+            log.info("job %s was settled before; answering with its stored result", job.id)
+            await self.settler.settle(delivery, stored)
+            return
+        if job.model != self.model_id:
+            await self.fail(delivery, 404, ErrorDetail(
+                message=f"The model `{job.model}` does not exist or is not served on this subject.",
+                type="invalid_request_error", param="model", code="model_not_found"))
+            return
+        if delivery.attempt >= MAX_DELIVER:
+            # Every earlier delivery ended unsettled: its worker died, hung, was stopped or restarted, or lost
+            # NATS. Do not risk a crash loop: keep the job for an operator and tell the requester.
+            await persist(lambda: self.js.publish(
+                dead_subject(job.model), delivery.msg.data, stream=DEAD_STREAM,
+                headers={"Nats-Msg-Id": job.id, "Conclave-Deliveries": str(delivery.attempt)}), self.ack_wait_s)
+            await self.fail(delivery, 500, ErrorDetail(
+                message=f"The job was delivered {delivery.attempt} times and no delivery finished it (each time its "
+                        f"worker stopped, crashed, hung or lost its connection to NATS before settling it); it was "
+                        f"moved to {dead_subject(job.model)} and will not be retried.",
+                type="server_error", code="max_deliveries"))
+            return
+        if job.created and time.time() - job.created > self.queue_ttl_s:
+            await self.fail(delivery, 503, ErrorDetail(
+                message=f"The job waited in the queue longer than {self.queue_ttl_s:.0f}s and was dropped.",
+                type="server_error", code="queue_timeout"))
+            return
+        cancelled = threading.Event()
+
+        async def on_cancel(_):
+            cancelled.set()
+
+        # Listen first, then look for a cancel stored earlier, so one published in between is not missed.
+        cancels = await self.nc.subscribe(cancel_subject(job.id), cb=on_cancel)
+        try:
+            try:
+                stored = decode_cancel((await persist(
+                    lambda: self.js.get_last_msg(CANCELS_STREAM, cancel_subject(job.id)), self.ack_wait_s)).data)
+            except NotFoundError:
+                stored = None
+            if stored is not None and stored.refused:
+                # The ingress answered 503 before it could know the job was queued: it must not run.
+                await self.fail(delivery, 503, ErrorDetail(
+                    message=f"The job was withdrawn before it started: its submitter was answered 503 "
+                            f"({stored.reason}).", type="server_error", code="queue_unavailable"))
+                return
+            if stored is not None or cancelled.is_set():
+                await self.fail(delivery, 499, CANCELLED)
+                return
+            await self.run_job(delivery, cancelled)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await cancels.unsubscribe()
+
+    async def run_job(self, delivery: Delivery, cancelled: threading.Event) -> None:
+        """Validate the job, put it in the batch, and move its events to the requester until it settles."""
+        job, start = delivery.job, time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            prompt, max_tokens = await loop.run_in_executor(
+                self.tokenizing, prepare, self.loaded, job, self.default_max_tokens)
+        except JobError as exc:
+            await self.fail(delivery, exc.status, exc.detail)
+            return
+        except Exception as exc:  # a bug, not the requester's fault
+            log.exception("job %s could not start", job.id)
+            await self.fail(delivery, 500, ErrorDetail(
+                message=f"The worker could not start the job: {type(exc).__name__}: {exc}", type="server_error",
+                code="worker_error"))
+            return
+        log.info("job %s started: %d prompt tokens, up to %d new, attempt %d, caller %s", job.id, len(prompt),
+                 max_tokens, delivery.attempt, job.caller or "-")
+        await self.nc.publish(job.reply_subject, encode(
+            Accepted(id=job.id, prompt_tokens=len(prompt), worker=self.name, attempt=delivery.attempt)))
+        events: asyncio.Queue = asyncio.Queue()
+        shard = self.loaded.shard
+        generation = Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name,
+                                lambda event: loop.call_soon_threadsafe(events.put_nowait, event), cancelled, start,
+                                delivery.attempt, self.limits.output_bytes)
+        self.scheduler.submit(generation)
+        alive = asyncio.create_task(self.keep_alive(delivery, generation))
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Chunk):
+                    if job.stream:
+                        await self.nc.publish(job.reply_subject, encode(event))
+                elif isinstance(event, Halted):
+                    # Stopped by shutdown: hand the job back for another worker rather than ending it short.
+                    with contextlib.suppress(nats.errors.Error):
+                        await delivery.msg.nak()
+                    log.info("job %s handed back to the queue (the worker is stopping)", job.id)
+                    return
+                elif isinstance(event, Failed):
+                    await self.fail(delivery, event.status, event.error)
+                    self.log_end(delivery, "failed", generation)
+                    return
+                else:
+                    finished = time.perf_counter()
+                    if cancelled.is_set():
+                        await self.fail(delivery, 499, CANCELLED, partial=event)
+                    else:
+                        await self.settler.settle(delivery, event)
+                    self.times.observe(generation, finished)
+                    self.jobs_done += 1
+                    self.log_end(delivery, "cancelled" if cancelled.is_set() else event.finish_reason, generation)
+                    return
+        finally:
+            alive.cancel()
+            if delivery.final is None:
+                cancelled.set()  # not settled (an error above): the row leaves the batch at its next step
+
+    def log_end(self, delivery: Delivery, how: str, generation: Generation) -> None:
+        log.info("job %s ended (%s): %d tokens in %.1fs", delivery.job_id, how, generation.generated,
+                 time.perf_counter() - generation.start)
+
+    async def keep_alive(self, delivery: Delivery, generation: Generation) -> None:
+        """Every heartbeat: `in_progress` (so only a dead worker's job is redelivered) and a heartbeat event
+        (so the requester can tell a long prefill from a dead worker)."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await delivery.msg.in_progress()
+                await self.nc.publish(delivery.reply_subject, encode(
+                    Heartbeat(id=delivery.job_id, tokens=generation.generated, attempt=delivery.attempt)))
+            except nats.errors.Error:  # NATS reconnecting: try again at the next beat
+                pass
+
+    async def fail_all(self, status: int, error: ErrorDetail) -> None:
+        """Settle every job taken and not yet settled with this error (a group that lost a rank, a hung
+        model thread). Settling is idempotent: a job settling at the same moment keeps its own result."""
+        for delivery in list(self.active.values()):
+            try:
+                await self.fail(delivery, status, error)
+            except Exception as exc:
+                log.error("job %s: could not be settled (%s); it will be redelivered", delivery.job_id, exc)

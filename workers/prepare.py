@@ -1,0 +1,138 @@
+"""A job before it joins a batch: every check that can refuse it, and the prompt's token ids.
+
+Everything that can refuse a job for what it asks is checked here, before the job joins a batch (and in a group,
+before its prompt reaches the followers): the job's own fields, templating, the context length and
+every sampling parameter, whoever submitted it (the HTTP ingress or a NATS submitter). A value that
+would only fail inside the batch's sampling step would fail the whole batch; here it fails alone,
+with a 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from schemas.jobs import Job, SamplingParams
+from schemas.openai import ChatMessage, ErrorDetail
+from workers.shard import Shard, load_shard
+from workers.store import model_context_length, model_revision
+
+class JobError(Exception):
+    """A job that cannot run; carries the OpenAI error the requester gets."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    shard: Shard
+    context_length: int
+    revision: str  # workers/store.py: model_revision, recorded in the audit log
+
+
+def open_model(model_id: str, model_dir: Path, layout: str = "whole", group: mx.distributed.Group | None = None,
+               split: list[int] | None = None) -> LoadedModel:
+    shard = load_shard(model_dir, layout, group, split)
+    context = model_context_length(Path(model_dir)) or int(getattr(shard.tokenizer, "model_max_length", 4096))
+    return LoadedModel(model_id, shard, context, model_revision(Path(model_dir)))
+
+
+def message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "\n".join(part.text for part in message.content)
+
+
+def prompt_tokens(job: Job, tokenizer) -> list[int]:
+    """The token ids the model sees: the chat template applied to the messages, or the raw prompt."""
+    if job.kind == "chat":
+        if not job.messages:
+            raise JobError(400, "'messages' must be a non-empty array.", "messages", "missing_required_parameter")
+        # Templates know system/user/assistant; OpenAI's newer "developer" role is a system message.
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
+            for m in job.messages
+        ]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    if isinstance(job.prompt, list):
+        vocab = tokenizer.vocab_size
+        if any(t < 0 or t >= vocab for t in job.prompt):
+            raise JobError(400, f"Prompt token ids must be in [0, {vocab}).", "prompt", "invalid_value")
+        return list(job.prompt)
+    if job.prompt is None:
+        raise JobError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    return list(tokenizer.encode(job.prompt))
+
+
+# OpenAI's ranges, and mlx-lm's for its own parameters: (lowest, highest, whether the lowest is excluded).
+RANGES = {
+    "temperature": (0.0, 2.0, False), "top_p": (0.0, 1.0, True), "min_p": (0.0, 1.0, False),
+    "presence_penalty": (-2.0, 2.0, False), "frequency_penalty": (-2.0, 2.0, False),
+    "repetition_penalty": (0.0, 10.0, True),
+}
+
+
+def check_params(params: SamplingParams, vocab_size: int) -> None:
+    """Every job's sampling parameters, whoever submitted it (HTTP or NATS): the ranges the API promises,
+    and everything MLX would reject in the middle of a batch's sampling step."""
+    for name, (low, high, open_low) in RANGES.items():
+        value = getattr(params, name)
+        if not (low < value if open_low else low <= value) or not value <= high:
+            expected = f"above {low} and at most {high}" if open_low else f"between {low} and {high}"
+            raise JobError(400, f"Invalid '{name}': expected a value {expected}, but got {value} instead.", name,
+                           "invalid_value")
+    if not -1 <= params.top_k <= vocab_size:
+        raise JobError(400, f"Invalid 'top_k': expected 0 or -1 (no limit) or a value between 1 and {vocab_size} "
+                       f"(this model's vocabulary), but got {params.top_k} instead.", "top_k", "invalid_value")
+    if any(not -100.0 <= bias <= 100.0 for bias in params.logit_bias.values()):
+        raise JobError(400, "Invalid 'logit_bias': expected a value between -100.0 and 100.0 for every token.",
+                       "logit_bias", "invalid_value")
+    if any(not 0 <= token < vocab_size for token in params.logit_bias):
+        raise JobError(400, f"Invalid 'logit_bias': token ids must be in [0, {vocab_size}).", "logit_bias",
+                       "invalid_value")
+    if params.seed is not None and not 0 <= params.seed < 2**64:
+        raise JobError(400, f"Invalid 'seed': expected an integer in [0, 2**64), got {params.seed}.", "seed",
+                       "invalid_value")
+
+
+def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str, default_max_tokens: int) -> int:
+    """The number of tokens to generate, or a 400 if the request cannot fit the model's context.
+
+    Without `max_tokens` a job gets the server's default (capped by what the context leaves), so a
+    request that sends none cannot generate for as long as the context allows (8,192 tokens of a small
+    model looping took 44 minutes here); a request may ask for more, up to the context.
+    """
+    if n_prompt == 0:
+        raise JobError(400, "The prompt is empty.", param, "invalid_value")
+    if params.max_tokens is not None and params.max_tokens < 1:
+        raise JobError(400, f"Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, "
+                       f"but got {params.max_tokens} instead.", "max_tokens", "integer_below_min_value")
+    if n_prompt >= context or (params.max_tokens is not None and n_prompt + params.max_tokens > context):
+        asked = f" and {params.max_tokens} in the completion" if params.max_tokens is not None else ""
+        raise JobError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{n_prompt + (params.max_tokens or 0)} tokens ({n_prompt} in the {param}{asked}). "
+            f"Please reduce the length of the {param} or completion.",
+            param,
+            "context_length_exceeded",
+        )
+    return params.max_tokens if params.max_tokens is not None else min(default_max_tokens, context - n_prompt)
+
+
+def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[list[int], int]:
+    """The job's prompt ids and how many tokens it may generate; JobError if it cannot run."""
+    tokens = prompt_tokens(job, loaded.shard.tokenizer)
+    max_tokens = check_limits(len(tokens), job.params, loaded.context_length,
+                              "messages" if job.kind == "chat" else "prompt", default_max_tokens)
+    check_params(job.params, loaded.shard.vocab_size)
+    return tokens, max_tokens
