@@ -80,6 +80,7 @@ class Admission:
         self.lock = asyncio.Lock()
 
     async def queued(self, js, model: str) -> int:
+        """Jobs of the model in JetStream, queued or running, as last read."""
         async with self.lock:
             count, at = self.counted.get(model, (0, 0.0))
             if time.monotonic() - at > self.refresh_s:
@@ -89,11 +90,18 @@ class Admission:
                 except Exception:  # no consumer yet, or NATS busy: keep the last count
                     pass
                 self.counted[model] = (count, time.monotonic())
-        return max(count, self.mine[model])
+        return count
 
-    async def retry_after_s(self, js, model: str) -> int | None:
-        """None: admit the request. Otherwise the seconds after which a retry is likely to be admitted."""
-        wait = expected_wait_s(self.workers.live(model), await self.queued(js, model))
-        if wait is None or wait <= self.max_wait_s:
-            return None
-        return max(1, min(60, math.ceil(wait - self.max_wait_s)))
+    async def enter(self, js, model: str) -> int | None:
+        """None: the request is admitted and counted until `leave`. Otherwise the seconds after which a retry
+        is likely to be admitted. Deciding and counting happen with no await between them, so a burst of
+        requests is counted one by one."""
+        queued = await self.queued(js, model)
+        wait = expected_wait_s(self.workers.live(model), max(queued, self.mine[model]))
+        if wait is not None and wait > self.max_wait_s:
+            return max(1, min(60, math.ceil(wait - self.max_wait_s)))
+        self.mine[model] += 1
+        return None
+
+    def leave(self, model: str) -> None:
+        self.mine[model] -= 1

@@ -30,8 +30,9 @@ KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
 async def admit(ingress, job: Job) -> None:
-    """429 now rather than a wait longer than --max-queue-wait (ingress/admission.py)."""
-    retry = await ingress.admission.retry_after_s(ingress.link.nc.jetstream(), job.model)
+    """Count the request in its model's queue, or 429 now rather than a wait longer than --max-queue-wait
+    (ingress/admission.py)."""
+    retry = await ingress.admission.enter(ingress.link.nc.jetstream(), job.model)
     if retry is not None:
         raise APIError(429, f"Model '{job.model}' is busy: this request would wait more than "
                        f"{ingress.config.max_queue_wait_s:.0f}s for a place in a batch; retry after {retry} seconds.",
@@ -126,45 +127,57 @@ async def unless_disconnected(request: Request, work):
     return outcome["value"]
 
 
+def once(action):
+    """`action`, callable any number of times, run the first time only."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return run
+
+
 async def respond(request: Request, ingress, job: Job, stream: bool, include_usage: bool, shape: Shape) -> Response:
-    """Admit, submit, and answer with an SSE stream of `shape.chunk`s or one JSON `shape.body`."""
+    """Admit, submit, and answer with an SSE stream of `shape.chunk`s or one JSON `shape.body`; every answer,
+    errors too, names the job in `x-request-id` (its audit record's id)."""
     headers = {"x-request-id": job.id}
-    model = job.model
-    ingress.admission.mine[model] += 1
-    released = False
-
-    def release() -> None:  # the request no longer counts against the model's queue
-        nonlocal released
-        if not released:
-            released = True
-            ingress.admission.mine[model] -= 1
-
     try:
         await admit(ingress, job)
-        nc, config = ingress.link.nc, ingress.config
-        if stream:
-            events = submit(nc, job, config.queue_timeout_s, config.worker_timeout_s)
-            try:
-                first = await first_answer(events, stream=True)
-            except BaseException:
-                await events.aclose()
-                raise
-            # A client that goes away ends the stream, which closes `events`: the relay cancels the job. The
-            # background task also runs when the stream never started.
-            return StreamingResponse(sse(job, events, first, shape, include_usage, release),
-                                     media_type="text/event-stream", background=BackgroundTask(release),
-                                     headers={"Cache-Control": "no-cache", **headers})
-
-        async def whole() -> Done:
-            async with contextlib.aclosing(submit(nc, job, config.queue_timeout_s, config.worker_timeout_s)) as events:
-                await first_answer(events, stream=False)
-                return await final_result(events)
-
-        done = await unless_disconnected(request, whole)
-        release()
-        return Response(encode(shape.body(job, done)), media_type="application/json", headers=headers)
-    except BaseException as exc:
-        release()
-        if isinstance(exc, APIError):
-            exc.headers = {**(exc.headers or {}), **headers}
+        release = once(lambda: ingress.admission.leave(job.model))  # the request leaves the model's queue
+        try:
+            return await answer(request, ingress, job, stream, include_usage, shape, release, headers)
+        except BaseException:
+            release()
+            raise
+    except APIError as exc:
+        exc.headers = {**(exc.headers or {}), **headers}
         raise
+
+
+async def answer(request: Request, ingress, job: Job, stream: bool, include_usage: bool, shape: Shape, release,
+                 headers: dict) -> Response:
+    nc, config = ingress.link.nc, ingress.config
+    if stream:
+        events = submit(nc, job, config.queue_timeout_s, config.worker_timeout_s)
+        try:
+            first = await first_answer(events, stream=True)
+        except BaseException:
+            await events.aclose()
+            raise
+        # A client that goes away ends the stream, which closes `events`: the relay cancels the job. The
+        # background task also runs when the stream never started.
+        return StreamingResponse(sse(job, events, first, shape, include_usage, release),
+                                 media_type="text/event-stream", background=BackgroundTask(release),
+                                 headers={"Cache-Control": "no-cache", **headers})
+
+    async def whole() -> Done:
+        async with contextlib.aclosing(submit(nc, job, config.queue_timeout_s, config.worker_timeout_s)) as events:
+            await first_answer(events, stream=False)
+            return await final_result(events)
+
+    done = await unless_disconnected(request, whole)
+    release()
+    return Response(encode(shape.body(job, done)), media_type="application/json", headers=headers)

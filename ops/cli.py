@@ -137,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
                    help="jobs one model may have queued or running; beyond it HTTP answers 429 and NATS "
                         "publishes are refused")
     s.add_argument("--step-timeout", type=float, default=env_float("CONCLAVE_STEP_TIMEOUT", 60.0),
-                   help="a worker group with no generation step for this long has lost a rank and restarts")
+                   help="a worker (or group) whose batch makes no step for this long is hung (or has lost a rank): "
+                        "it fails its requests with 503 and restarts")
     s.add_argument("--max-batch", type=int, default=int(os.environ.get("CONCLAVE_MAX_BATCH") or 16),
                    help="requests one worker (or group) generates at once; more wait in the queue")
     s.add_argument("--prefix-cache-gb", type=float, default=float(os.environ.get("CONCLAVE_PREFIX_CACHE_GB") or 4.0),

@@ -46,4 +46,8 @@ _canonical = msgspec.json.Encoder(order="sorted")
 
 
 def record_digest(record: AuditRecord) -> str:
-    return hashlib.sha256(_canonical.encode(msgspec.structs.replace(record, hash=""))).hexdigest()
+    # Through builtins with string keys: a sorted encoding needs them, and a job's `logit_bias` has integer
+    # keys (encoding the record directly raised for every job with a logit_bias: its record was never written).
+    # The same bytes as encoding the record directly wherever that worked.
+    canonical = msgspec.to_builtins(msgspec.structs.replace(record, hash=""), str_keys=True)
+    return hashlib.sha256(_canonical.encode(canonical)).hexdigest()

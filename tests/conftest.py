@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -63,10 +66,12 @@ def stream_until_broken(client: openai.OpenAI, break_worker) -> tuple[str, str]:
     """Stream a long answer, call `break_worker` after the first text; return the error the client got
     and the request (job) id.
 
-    The client must get a clean error, not a hang: 300 tokens take about 30 s here, and a broken worker or
-    group is noticed within seconds.
+    The client must get a clean error, not a hang. The answer cannot end before the break on any machine:
+    its end-of-sequence token is suppressed and it may run to 4,000 tokens (seconds even on a fast GPU),
+    while a broken worker or group is noticed within seconds.
     """
-    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300, stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=4000, stream=True,
+                                            logit_bias={"2": -100})
     received = []
     with pytest.raises(openai.APIError) as caught:
         for chunk in stream:
@@ -75,7 +80,7 @@ def stream_until_broken(client: openai.OpenAI, break_worker) -> tuple[str, str]:
                 if len(received) == 1:
                     break_worker()
                     job_id = chunk.id
-    assert 1 <= len(received) < 300
+    assert 1 <= len(received) < 4000
     return str(caught.value), job_id
 
 
@@ -99,3 +104,53 @@ async def wait_for_audit_record(nats_url: str, predicate, timeout_s: float = 60.
                 return record
     finally:
         await nc.close()
+
+
+@dataclass
+class WorkerProcess:
+    """A standalone worker (python -m workers.worker), its output kept line by line."""
+
+    process: subprocess.Popen
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.output)
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(30)
+
+
+def start_worker(server, nats_url: str, *flags: str) -> WorkerProcess:
+    """A worker for the bundled model (from the session server's store) on `nats_url`, heartbeat 0.5 s."""
+    process = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
+                                str(server.home / "models" / MODEL), "--nats-url", nats_url, "--heartbeat", "0.5",
+                                *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = WorkerProcess(process)
+
+    def read_lines():
+        for line in process.stdout:
+            worker.output.append(line)
+            sys.stdout.write(line)
+
+    threading.Thread(target=read_lines, daemon=True).start()
+    return worker
+
+
+@pytest.fixture
+async def bare_nats(tmp_path):
+    """A nats-server of the test's own, with Conclave's streams, and a connection to it."""
+    import nats as nats_client
+
+    from ops.config import free_port
+    from pipeline.nats_server import EmbeddedNats
+    from pipeline.streams import ensure_streams
+
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    server.start()
+    nc = await nats_client.connect(server.url)
+    await ensure_streams(nc.jetstream())
+    yield server, nc
+    await nc.close()
+    server.stop()

@@ -26,7 +26,7 @@ def audit(server, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-async def test_every_request_is_recorded_and_the_chain_verifies(server, client, tmp_path):
+async def test_every_request_is_recorded_and_the_chain_verifies(server, client, http, tmp_path):
     reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
     await wait_for_audit_record(server.nats_url, lambda r: r.job_id == reply.id)
     shown = audit(server, "show", reply.id)
@@ -38,12 +38,14 @@ async def test_every_request_is_recorded_and_the_chain_verifies(server, client, 
     assert record.job.messages[0].content == FRANCE[0]["content"] and record.job.params.max_tokens == 12
     assert len(record.model_revision) == 16 and record.ttft_ms > 0 and record.worker
 
-    # A refused request is recorded too, with its error.
-    with pytest.raises(Exception):
-        client.chat.completions.create(model=MODEL, messages=FRANCE, seed=-1)
-    await wait_for_audit_record(server.nats_url, lambda r: r.error is not None and r.error.param == "seed")
-    listed = audit(server, "list", "--limit", "1").stdout
-    assert "failed\tinvalid_value" in listed
+    # A refused request is recorded too, with its error, under the id its answer named.
+    refused = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE, "seed": -1})
+    assert refused.status_code == 400
+    refused_id = refused.headers["x-request-id"]
+    record = await wait_for_audit_record(server.nats_url, lambda r: r.job_id == refused_id)
+    assert record.error.param == "seed"
+    listed = [line for line in audit(server, "list", "--limit", "1000").stdout.splitlines() if refused_id in line]
+    assert len(listed) == 1 and "failed\tinvalid_value" in listed[0]
 
     third = client.completions.create(model=MODEL, prompt="Paris is", temperature=0, max_tokens=2)
     await wait_for_audit_record(server.nats_url, lambda r: r.job_id == third.id)

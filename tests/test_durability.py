@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,7 +18,7 @@ from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, RESULTS
 from schemas.jobs import Cancel, Done, Event, Failed, Job, SamplingParams
 from schemas.openai import ChatMessage
 from ops.config import free_port
-from tests.conftest import FRANCE, MODEL, start_server, wait_for_audit_record
+from tests.conftest import FRANCE, MODEL, start_server, start_worker, wait_for_audit_record
 
 decode_event = msgspec.json.Decoder(Event).decode
 
@@ -54,17 +52,6 @@ async def final_event(sub):
     return event
 
 
-@pytest.fixture
-async def bare_nats(tmp_path):
-    server = EmbeddedNats(tmp_path / "nats", port=free_port())
-    server.start()
-    nc = await nats.connect(server.url)
-    await ensure_streams(nc.jetstream())
-    yield server, nc
-    await nc.close()
-    server.stop()
-
-
 async def test_jobs_published_before_a_worker_are_served(bare_nats, server):
     nats_server, nc = bare_nats
     js = nc.jetstream()
@@ -82,9 +69,7 @@ async def test_jobs_published_before_a_worker_are_served(bare_nats, server):
                messages=[ChatMessage(**m) for m in FRANCE], params=SamplingParams(temperature=0), created=time.time())
     await js.publish(job_subject(MODEL), msgspec.json.encode(good), headers={"Nats-Msg-Id": good.id})
 
-    worker = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
-                               str(server.home / "models" / MODEL), "--nats-url", nats_server.url,
-                               "--heartbeat", "0.5"])
+    worker = start_worker(server, nats_server.url)
     try:
         bad = await next_event(replies["bad"])
         assert isinstance(bad, Failed) and bad.error.code == "invalid_job" and bad.status == 400
@@ -93,10 +78,9 @@ async def test_jobs_published_before_a_worker_are_served(bare_nats, server):
         assert isinstance(skipped, Failed) and skipped.error.code == "cancelled"
         done = await final_event(replies["good"])
         assert isinstance(done, Done) and "Paris" in done.text and done.finish_reason == "stop"
-        assert worker.poll() is None
+        assert worker.process.poll() is None
     finally:
-        worker.terminate()
-        assert worker.wait(30) == 0
+        assert worker.stop() == 0
 
 
 async def stored_bytes_after(tmp_path, key: str | None, secret: bytes) -> bytes:
@@ -144,9 +128,7 @@ async def test_job_delivered_max_deliver_times_is_dead_lettered(bare_nats, serve
         await msg.nak()
     await pull.unsubscribe()
 
-    worker = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
-                               str(server.home / "models" / MODEL), "--nats-url", nats_server.url,
-                               "--heartbeat", "0.5"])
+    worker = start_worker(server, nats_server.url)
     try:
         failed = await final_event(replies)
         assert isinstance(failed, Failed) and failed.error.code == "max_deliveries" and failed.status == 500
@@ -155,10 +137,9 @@ async def test_job_delivered_max_deliver_times_is_dead_lettered(bare_nats, serve
         assert dead.headers["Conclave-Deliveries"] == str(MAX_DELIVER)
         record = await wait_for_audit_record(nats_server.url, lambda r: r.job_id == job.id)
         assert (record.outcome, record.error.code) == ("failed", "max_deliveries")
-        assert worker.poll() is None
+        assert worker.process.poll() is None
     finally:
-        worker.terminate()
-        assert worker.wait(30) == 0
+        assert worker.stop() == 0
 
 
 async def test_a_submitter_that_was_away_fetches_its_result_by_job_id(server):
@@ -226,15 +207,13 @@ async def test_jobs_queued_across_a_nats_server_restart_are_all_served(server, t
     second.start()
     nc = await nats.connect(second.url)
     replies = [await nc.subscribe(job.reply_subject) for job in jobs]
-    worker = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
-                               str(server.home / "models" / MODEL), "--nats-url", second.url, "--heartbeat", "0.5"])
+    worker = start_worker(server, second.url)
     try:
         for job, sub in zip(jobs, replies):
             done = await final_event(sub)
             assert isinstance(done, Done) and done.id == job.id and "Paris" in done.text
     finally:
-        worker.terminate()
-        assert worker.wait(30) == 0
+        assert worker.stop() == 0
         await nc.close()
         second.stop()
 

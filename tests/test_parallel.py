@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import openai
 import pytest
@@ -22,6 +23,7 @@ from mlx_lm.models import llama
 from ops.group import generate_on_group, local_group
 from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken
 from tests.test_batching import PROMPTS, complete
+from tests.test_isolation import innocent_and_bad
 
 TINY = {
     "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256,
@@ -126,6 +128,12 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, client, tmp
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=10**6)
         assert refused.value.code == "context_length_exceeded"
+        # A request whose top_k no sampler can take is refused before it joins: the stream beside it goes on
+        # with its own text, and the group does not restart.
+        alone, beside, error = innocent_and_bad(client, httpx.Client(base_url=srv.base_url, timeout=300),
+                                                {"top_k": 50000, "temperature": 1.0})
+        assert beside.startswith(alone) and error["param"] == "top_k"
+        assert "restarting it" not in "".join(srv.output)
 
         # A dead rank: the supervisor sees it exit and restarts the whole group.
         follower = rank_pids(srv.output)[1]
@@ -146,6 +154,8 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, client, tmp
         assert "Paris" in reply.choices[0].message.content
         log = "".join(srv.output)
         assert "no step for" in log and rank_pids(srv.output)[1] != follower
+        # Each restart removed the folder of the group it replaced.
+        assert len(list((srv.home / "groups").iterdir())) == 1
     finally:
         assert srv.stop() == 0
 
@@ -162,6 +172,12 @@ class Greedy:
     def on_token(self, token: int) -> bool:
         self.tokens.append(token)
         return len(self.tokens) == self.n
+
+    def choose(self, logits):  # when it shares a batch with a row sampled on its own
+        return mx.argmax(logits, axis=-1)
+
+    def fail(self, exc: Exception) -> None:
+        raise AssertionError(f"a well-behaved row failed: {exc!r}")
 
     def on_leave(self, reason: str) -> None:
         pass
@@ -258,3 +274,42 @@ def test_a_prefill_stops_when_its_request_is_cancelled(tiny_model):
     run_rows(engine, [runner, doomed])
     assert left == ["cancelled"] and doomed.tokens == []
     assert runner.tokens == alone.tokens and engine.prefilling is None
+
+
+def test_a_row_whose_own_work_raises_fails_alone(tiny_model):
+    """An exception while sampling or finishing one row ends that request; the others keep their tokens."""
+    from workers.lockstep import BatchEngine
+    from workers.shard import load_shard
+
+    shard = load_shard(tiny_model)
+    prompts = [list(range(200, 205)), list(range(300, 306)), list(range(400, 404))]
+    alone = []
+    for prompt in prompts:
+        row = Greedy(prompt, 10)
+        run_rows(BatchEngine(shard, prefix_cache_bytes=0), [row])
+        alone.append(row.tokens)
+
+    class Faulty(Greedy):
+        greedy = False  # sampled row by row, through choose
+        failures: list
+
+        def choose(self, logits):
+            if self.where == "choose" and len(self.tokens) == 3:
+                raise ValueError("this row's sampler is broken")
+            return super().choose(logits)
+
+        def on_token(self, token: int) -> bool:
+            if self.where == "on_token" and len(self.tokens) == 3:
+                raise RuntimeError("this row's detokenizer is broken")
+            return super().on_token(token)
+
+        def fail(self, exc: Exception) -> None:
+            self.failures.append(exc)
+
+    for where in ("choose", "on_token"):
+        faulty = Faulty(list(range(500, 507)), 10)
+        faulty.where, faulty.failures = where, []
+        rows = [Greedy(prompts[0], 10), faulty, Greedy(prompts[1], 10), Greedy(prompts[2], 10)]
+        run_rows(BatchEngine(shard, prefix_cache_bytes=0), rows)
+        assert [r.tokens for r in rows[:1] + rows[2:]] == alone
+        assert len(faulty.failures) == 1 and len(faulty.tokens) == 3

@@ -48,6 +48,14 @@ decode_cancel = msgspec.json.Decoder(Cancel).decode
 CANCELLED = ErrorDetail(message="The request was cancelled.", type="invalid_request_error", code="cancelled")
 
 
+def read_cancel(data: bytes) -> Cancel:
+    """A cancel message; one that does not decode still cancels (it was published on the job's subject)."""
+    try:
+        return decode_cancel(data)
+    except msgspec.MsgspecError:
+        return Cancel(id="", reason="an unreadable cancel")
+
+
 class JobConsumer:
     def __init__(self, nc, model_id: str, loaded: LoadedModel, scheduler: BatchScheduler, settler: Settler,
                  name: str, heartbeat_s: float, queue_ttl_s: float, max_batch: int, default_max_tokens: int,
@@ -166,33 +174,43 @@ class JobConsumer:
                 type="server_error", code="queue_timeout"))
             return
         cancelled = threading.Event()
+        refused: list[Cancel] = []  # a cancel from a submitter that answered 503 before it knew the job was queued
 
-        async def on_cancel(_):
+        async def on_cancel(msg):
+            if (cancel := read_cancel(msg.data)).refused:
+                refused.append(cancel)
             cancelled.set()
 
         # Listen first, then look for a cancel stored earlier, so one published in between is not missed.
         cancels = await self.nc.subscribe(cancel_subject(job.id), cb=on_cancel)
         try:
             try:
-                stored = decode_cancel((await persist(
+                stored = read_cancel((await persist(
                     lambda: self.js.get_last_msg(CANCELS_STREAM, cancel_subject(job.id)), self.ack_wait_s)).data)
+                cancelled.set()
+                if stored.refused:
+                    refused.append(stored)
             except NotFoundError:
-                stored = None
-            if stored is not None and stored.refused:
-                # The ingress answered 503 before it could know the job was queued: it must not run.
-                await self.fail(delivery, 503, ErrorDetail(
-                    message=f"The job was withdrawn before it started: its submitter was answered 503 "
-                            f"({stored.reason}).", type="server_error", code="queue_unavailable"))
+                pass
+            if cancelled.is_set():
+                await self.withdraw(delivery, refused)
                 return
-            if stored is not None or cancelled.is_set():
-                await self.fail(delivery, 499, CANCELLED)
-                return
-            await self.run_job(delivery, cancelled)
+            await self.run_job(delivery, cancelled, refused)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await cancels.unsubscribe()
 
-    async def run_job(self, delivery: Delivery, cancelled: threading.Event) -> None:
+    async def withdraw(self, delivery: Delivery, refused: list[Cancel], partial: Done | None = None) -> None:
+        """Settle a cancelled job: 499 if its requester went away, or, if its submitter already answered 503
+        because it could not tell the job was queued, that 503: such a job must not run at all."""
+        if refused:
+            await self.fail(delivery, 503, ErrorDetail(
+                message=f"The job was withdrawn: its submitter was answered 503 ({refused[0].reason}) before it "
+                        f"knew the job was queued.", type="server_error", code="queue_unavailable"), partial)
+        else:
+            await self.fail(delivery, 499, CANCELLED, partial)
+
+    async def run_job(self, delivery: Delivery, cancelled: threading.Event, refused: list[Cancel]) -> None:
         """Validate the job, put it in the batch, and move its events to the requester until it settles."""
         job, start = delivery.job, time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -238,7 +256,7 @@ class JobConsumer:
                 else:
                     finished = time.perf_counter()
                     if cancelled.is_set():
-                        await self.fail(delivery, 499, CANCELLED, partial=event)
+                        await self.withdraw(delivery, refused, partial=event)
                     else:
                         await self.settler.settle(delivery, event)
                     self.times.observe(generation, finished)

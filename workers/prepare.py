@@ -35,13 +35,15 @@ class LoadedModel:
     shard: Shard
     context_length: int
     revision: str  # workers/store.py: model_revision, recorded in the audit log
+    max_token_bytes: int  # UTF-8 bytes of the longest vocabulary entry: no token covers more text than that
 
 
 def open_model(model_id: str, model_dir: Path, layout: str = "whole", group: mx.distributed.Group | None = None,
                split: list[int] | None = None) -> LoadedModel:
     shard = load_shard(model_dir, layout, group, split)
     context = model_context_length(Path(model_dir)) or int(getattr(shard.tokenizer, "model_max_length", 4096))
-    return LoadedModel(model_id, shard, context, model_revision(Path(model_dir)))
+    longest = max((len(piece.encode()) for piece in shard.tokenizer.get_vocab()), default=1)
+    return LoadedModel(model_id, shard, context, model_revision(Path(model_dir)), max(longest, 1))
 
 
 def message_text(message: ChatMessage) -> str:
@@ -50,6 +52,13 @@ def message_text(message: ChatMessage) -> str:
     if isinstance(message.content, str):
         return message.content
     return "\n".join(part.text for part in message.content)
+
+
+def text_bytes(job: Job) -> int:
+    """UTF-8 bytes of the job's prompt text (0 for token ids)."""
+    if job.kind == "chat":
+        return sum(len(message_text(m).encode()) for m in job.messages or [])
+    return len(job.prompt.encode()) if isinstance(job.prompt, str) else 0
 
 
 def prompt_tokens(job: Job, tokenizer) -> list[int]:
@@ -130,9 +139,19 @@ def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str
 
 
 def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[list[int], int]:
-    """The job's prompt ids and how many tokens it may generate; JobError if it cannot run."""
+    """The job's prompt ids and how many tokens it may generate; JobError if it cannot run.
+
+    A prompt whose text is longer than the context could hold even in the longest tokens is refused
+    before it is tokenised: tokenising megabytes takes seconds on the one tokenizing thread, which every
+    other job waits for.
+    """
+    param = "messages" if job.kind == "chat" else "prompt"
+    least = text_bytes(job) // loaded.max_token_bytes
+    if least > loaded.context_length:
+        raise JobError(400, f"This model's maximum context length is {loaded.context_length} tokens. However, your "
+                       f"{param} are at least {least} tokens. Please reduce the length of the {param}.", param,
+                       "context_length_exceeded")
     tokens = prompt_tokens(job, loaded.shard.tokenizer)
-    max_tokens = check_limits(len(tokens), job.params, loaded.context_length,
-                              "messages" if job.kind == "chat" else "prompt", default_max_tokens)
+    max_tokens = check_limits(len(tokens), job.params, loaded.context_length, param, default_max_tokens)
     check_params(job.params, loaded.shard.vocab_size)
     return tokens, max_tokens

@@ -84,7 +84,7 @@ class ModelStore:
 
     def import_gguf(self, gguf: Path, model_id: str | None = None) -> StoredModel:
         gguf = Path(gguf)
-        model_id = check_model_id(model_id or gguf.stem.split(".")[0])
+        model_id = check_model_id(gguf.stem.split(".")[0] if model_id is None else model_id)
         if self.get(model_id) is None:
             if not gguf.is_file():
                 raise StoreError(f"{gguf}: no such file")
