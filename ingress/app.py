@@ -27,7 +27,7 @@ from ingress.admission import Admission, WorkerTable
 from ingress.errors import APIError, error_response
 from pipeline.connection import Link, persist
 from pipeline.streams import ensure_streams
-from pipeline.subjects import STATUS_PREFIX
+from pipeline.subjects import STATUS_PREFIX, subject_token
 from pipeline.unrouted import keep_sweeping
 from schemas.jobs import WorkerStatus
 from schemas.openai import ErrorDetail, ModelCard
@@ -74,12 +74,17 @@ class Ingress:
     async def start(self) -> None:
         await self.link.open()
         name = f"{socket.gethostname()}:{os.getpid()}"  # who settled a swept job, in its audit record
-        self.sweeping = asyncio.create_task(keep_sweeping(self.link, name, set(self.models)))
+        self.sweeping = asyncio.create_task(keep_sweeping(self.link, name, self.serves))
 
     async def stop(self) -> None:
         if self.sweeping is not None:
             self.sweeping.cancel()
         await self.link.close()
+
+    def serves(self, token: str) -> bool:
+        """Whether anyone serves the model with this subject token: this ingress, or a worker heard from."""
+        models = set(self.models) | {status.model for status, _ in self.workers.seen.values()}
+        return any(subject_token(model) == token for model in models)
 
     def require_model(self, name: str) -> ModelCard:
         if name not in self.models:

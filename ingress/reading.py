@@ -43,3 +43,5 @@ async def read_request(request: Request, type_, limit: int):
         return msgspec.json.decode(body, type=type_)
     except msgspec.MsgspecError as exc:
         raise validation_error(exc)
+    except RecursionError:  # not reachable past too_deep; kept so that no body can make a 500
+        raise APIError(400, "The JSON body nests too deeply.", None, "nesting_too_deep")

@@ -20,6 +20,7 @@ timeout the relay looks for the job's stored result, in case its final event was
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import AsyncIterator
 
@@ -27,10 +28,10 @@ import anyio
 import msgspec
 import nats
 import nats.js.errors
-from nats.js.errors import NotFoundError
 
 from ingress.errors import APIError
-from pipeline.connection import TRANSIENT, persist
+from pipeline.connection import persist, transient
+from pipeline.limits import PayloadLimits
 from pipeline.streams import max_queued
 from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, RESULTS_STREAM, cancel_subject, job_subject, result_subject
 from schemas.jobs import Accepted, Cancel, Chunk, Done, Event, Failed, Heartbeat, Job
@@ -49,24 +50,26 @@ class Waiting:
 
 
 async def publish_job(nc, job: Job) -> None:
-    """Queue `job`, or raise the APIError its client gets (429 queue full, 503 queue unavailable)."""
+    """Queue `job`, or raise the APIError its client gets (413 too large, 429 queue full, 503 queue unavailable)."""
     data = encode(job)
+    if len(data) > (limit := PayloadLimits(nc.max_payload).job_bytes):  # a job may encode larger than its body
+        raise APIError(413, f"The request makes a job of {len(data)} bytes; this server accepts at most {limit}.",
+                       None, "request_too_large")
     try:
         await persist(lambda: nc.jetstream().publish(job_subject(job.model), data, stream=JOBS_STREAM,
                                                      headers={"Nats-Msg-Id": job.id}), PUBLISH_DEADLINE_S)
-    except nats.js.errors.APIError as exc:
-        if exc.err_code != QUEUE_FULL:
+    except nats.errors.Error as exc:
+        if isinstance(exc, nats.js.errors.APIError) and exc.err_code == QUEUE_FULL:
+            raise APIError(429, f"Too many requests are queued for model '{job.model}' (limit {max_queued()}); "
+                           f"retry after {RETRY_AFTER_S} seconds.", code="rate_limit_exceeded", type="requests",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        if not transient(exc) and not isinstance(exc, nats.errors.ConnectionClosedError):
             raise
-        raise APIError(429, f"Too many requests are queued for model '{job.model}' (limit {max_queued()}); "
-                       f"retry after {RETRY_AFTER_S} seconds.", code="rate_limit_exceeded", type="requests",
-                       headers={"Retry-After": str(RETRY_AFTER_S)})
-    except (*TRANSIENT, nats.errors.ConnectionClosedError) as exc:
-        reason = f"queue unavailable: {type(exc).__name__}"
-        # Core publish: buffered by nats-py while it reconnects, stored by the cancels stream when it arrives.
-        try:
-            await nc.publish(cancel_subject(job.id), encode(Cancel(id=job.id, reason=reason, refused=True)))
-        except nats.errors.Error:
-            pass
+        # A try whose acknowledgement was lost may have queued the job: withdraw it. A core publish, buffered by
+        # nats-py while it reconnects and stored by the cancels stream when it arrives.
+        with contextlib.suppress(nats.errors.Error):
+            await nc.publish(cancel_subject(job.id), encode(Cancel(id=job.id, reason=f"queue unavailable: "
+                                                                   f"{type(exc).__name__}", refused=True)))
         raise APIError(503, f"The job queue is unavailable ({type(exc).__name__}); try again shortly.",
                        code="queue_unavailable")
 
@@ -74,7 +77,7 @@ async def publish_job(nc, job: Job) -> None:
 async def stored_result(nc, job_id: str) -> Done | Failed | None:
     try:
         msg = await nc.jetstream().get_last_msg(RESULTS_STREAM, result_subject(job_id))
-    except (NotFoundError, *TRANSIENT, nats.errors.ConnectionClosedError):
+    except nats.errors.Error:  # not found, or NATS away: no stored result to offer
         return None
     return decode_event(msg.data)
 
@@ -147,5 +150,5 @@ async def cancel(nc, job_id: str, reason: str) -> None:
     try:
         await nc.jetstream().publish(cancel_subject(job_id), encode(Cancel(id=job_id, reason=reason)),
                                      stream=CANCELS_STREAM)
-    except (*TRANSIENT, nats.errors.ConnectionClosedError):
+    except nats.errors.Error:
         pass  # best effort: without it the job still ends, only later

@@ -82,6 +82,9 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
                 sent_text = True
                 yield shape.chunk(job, text=event.text)
             elif isinstance(event, Done):
+                if sent_text and event.attempt != attempt:  # another run's answer: it would not match the text sent
+                    raise APIError(503, "The worker serving this request was replaced mid-generation; the partial "
+                                   "answer cannot be completed.", code="worker_lost")
                 yield shape.chunk(job, finish=event.finish_reason)
                 if include_usage:
                     yield shape.chunk(job, usage=event.usage)

@@ -12,6 +12,7 @@ event loop hangs neither exits nor answers, and would otherwise hold its jobs fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -63,9 +64,15 @@ async def keep_broker_running(server: EmbeddedNats, stopping: asyncio.Event) -> 
         log.error("nats-server (pid %d) exited with %s; restarting it on the same store in %.0fs", process.pid,
                   describe_exit(code), pause)
         while not stopping.is_set():
-            await asyncio.sleep(pause)
+            with contextlib.suppress(asyncio.TimeoutError):  # a stop during the pause ends it
+                await asyncio.wait_for(stopping.wait(), pause)
+            if stopping.is_set():
+                return
             try:
                 await asyncio.to_thread(server.start)
+                if stopping.is_set():  # `serve` stopped while it was starting: it must not outlive it
+                    await asyncio.to_thread(server.stop)
+                    return
                 log.info("nats-server restarted (pid %d)", server.process.pid)
                 break
             except (OSError, RuntimeError, TimeoutError) as exc:

@@ -24,10 +24,19 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 log = logging.getLogger("conclave.nats")
 
-# Errors that mean "NATS is unreachable right now" (a restart, a network blip), worth retrying.
-TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError,
-             nats.errors.OutboundBufferLimitError, NoStreamResponseError, ServiceUnavailableError)
+JETSTREAM_UNAVAILABLE = 10008  # "JetStream system temporarily unavailable": a restart, a leader election
 T = TypeVar("T")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` means "NATS is unreachable right now" (a restart, a network blip), worth retrying.
+    JetStream answers 503 for a full stream too (10077, "maximum messages per subject exceeded"): that
+    one is an answer, not an outage."""
+    if isinstance(exc, ServiceUnavailableError):
+        return exc.err_code in (None, JETSTREAM_UNAVAILABLE)
+    return isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                            nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
+                            NoStreamResponseError))
 
 
 async def persist(operation: Callable[[], Awaitable[T]], deadline_s: float) -> T:
@@ -37,8 +46,8 @@ async def persist(operation: Callable[[], Awaitable[T]], deadline_s: float) -> T
     while True:
         try:
             return await operation()
-        except TRANSIENT:
-            if time.monotonic() + pause > deadline:
+        except Exception as exc:
+            if not transient(exc) or time.monotonic() + pause > deadline:
                 raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, 2.0)
@@ -105,9 +114,20 @@ class Link:
         self.replacing: asyncio.Task | None = None
 
     async def open(self) -> None:
-        nc = await connect(self.url, self.name, on_closed=self._closed)
-        if self.on_open is not None:
-            await self.on_open(nc)
+        opened = []
+
+        async def closed() -> None:  # only the current connection's end matters
+            if opened and opened[0] is self.nc:
+                await self._closed()
+
+        nc = await connect(self.url, self.name, on_closed=closed)
+        opened.append(nc)
+        try:
+            if self.on_open is not None:
+                await self.on_open(nc)
+        except BaseException:
+            await nc.close()
+            raise
         self.nc = nc
 
     async def _closed(self) -> None:

@@ -42,12 +42,12 @@ def invalid_job(message: str, code: str = "invalid_job") -> ErrorDetail:
 def open_delivery(data: bytes, attempt: int, limits: PayloadLimits) -> tuple[Delivery, ErrorDetail | None, int]:
     """A job message as a Delivery, or why it cannot run at all (and the HTTP status to answer with). A job
     that does not decode is answered on its `reply_subject` and recorded under its `id` when those are
-    usable."""
+    readable and usable. (Large messages take a while to scan: call it off the event loop.)"""
     if too_deep(data):
         return Delivery("", None, None, attempt), invalid_job("Invalid job message: JSON nested too deeply."), 400
     try:
         address = decode_address(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         address = ReplyAddress()
     reply = address.reply_subject if address.reply_subject and is_publish_subject(address.reply_subject) else None
     job_id = address.id if address.id and _JOB_ID.fullmatch(address.id) else ""
@@ -57,7 +57,7 @@ def open_delivery(data: bytes, attempt: int, limits: PayloadLimits) -> tuple[Del
                                        f"{limits.job_bytes} bytes.", code="job_too_large"), 413
     try:
         job = decode_job(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         return unreadable, invalid_job(f"Invalid job message: {exc}"), 400
     if (problem := job_problem(job)) is not None:
         return unreadable, invalid_job(f"Invalid job message: {problem}."), 400

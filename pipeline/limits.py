@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 
 EMBEDDED_MAX_PAYLOAD = 32 * 2**20
 MAX_JSON_DEPTH = 64
@@ -33,7 +34,6 @@ _encode = msgspec.json.Encoder().encode
 # A JSON string, escapes included (the unrolled form: linear, no backtracking).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_INNERMOST = re.compile(rb"\[\]|\{\}")
 
 
 @dataclass(frozen=True)
@@ -55,19 +55,14 @@ def encoded_size(text: str) -> int:
 
 
 def too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether the JSON document `raw` nests arrays and objects deeper than `limit`.
+    """Whether the JSON document `raw` opens arrays and objects more than `limit` levels deep.
 
-    Strings are removed first (brackets inside them do not count); then each pass removes the
-    innermost empty pairs, one level per pass. Malformed JSON is left to the decoder to report.
+    Strings are removed first (brackets inside them do not count); the depth is then the largest count
+    of open brackets at any point, closed or not (a decoder recurses into every one it opens, so an
+    unbalanced `[[[[...` is as deep as a balanced one).
     """
     if raw.count(b"[") + raw.count(b"{") <= limit:  # the common case: nothing to scan
         return False
-    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    for _ in range(limit):
-        if not brackets:
-            return False
-        shorter = _INNERMOST.sub(b"", brackets)
-        if shorter == brackets:  # unbalanced
-            return False
-        brackets = shorter
-    return bool(brackets) and _INNERMOST.search(brackets) is not None
+    brackets = np.frombuffer(_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1).astype(np.int32)
+    return bool(steps.size) and int(np.cumsum(steps).max()) > limit

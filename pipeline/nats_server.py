@@ -87,8 +87,9 @@ class EmbeddedNats:
         return (f'listen: "{self.host}:{self.port}"\nserver_name: conclave\nmax_payload: {EMBEDDED_MAX_PAYLOAD}\n'
                 f"jetstream {{\n{jetstream}}}\n")
 
-    def start(self, timeout_s: float = 20.0) -> None:
-        """Start it (again, after it exited: same port, same store)."""
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start it (again, after it exited: same port, same store). Recovering a large store can take a while;
+        a server that is not ready within `timeout_s` is stopped, never left behind."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self.store_dir / "nats-server.conf"
         config.write_text(self.config_text())
@@ -96,7 +97,11 @@ class EmbeddedNats:
         with open(self.store_dir / "nats-server.log", "ab") as log:
             self.process = subprocess.Popen([nats_server_binary(), "-c", str(config)], stdout=log,
                                             stderr=subprocess.STDOUT, preexec_fn=child_preexec, env=env)
-        self._wait_ready(timeout_s)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            stop_process(self.process, 5.0)
+            raise
 
     def _wait_ready(self, timeout_s: float) -> None:
         # Blocking connect attempts against a real deadline; the server writes no ready file, and a

@@ -29,7 +29,7 @@ def test_nesting_depth_is_counted_outside_strings():
     assert not too_deep(b'{"a": "[[[[[[[[[[", "b": [1, [2]]}', 3)
     assert too_deep(b'{"a": {"b": [{}]}}', 3) and not too_deep(b'{"a": {"b": [1]}}', 3)
     assert not too_deep(b'[' + b'[],' * 10000 + b'[]]', 3)  # wide is fine
-    assert not too_deep(b'[[[[', 3)  # malformed: left to the decoder
+    assert too_deep(b"[[[[", 3)  # unclosed brackets count too: a decoder recurses into each it opens
 
 
 async def test_a_megabyte_request_is_answered_and_recorded_and_the_server_keeps_serving(server, http, client):

@@ -45,6 +45,7 @@ log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
 decode_cancel = msgspec.json.Decoder(Cancel).decode
 # 499: the requester went away (nginx's "client closed request"); nobody is expected to read it.
+LARGE = 1 << 20
 CANCELLED = ErrorDetail(message="The request was cancelled.", type="invalid_request_error", code="cancelled")
 
 
@@ -84,12 +85,13 @@ class JobConsumer:
     async def run(self, stopping: asyncio.Event) -> None:
         """Fetch and start jobs while the batch has room, until `stopping`; then wait for every job's task
         (the scheduler's halt hands unfinished ones back)."""
-        sub = await persist(lambda: self.js.pull_subscribe(
-            job_subject(self.model_id), durable=worker_durable(self.model_id), stream=JOBS_STREAM,
-            config=worker_consumer_config(self.model_id, self.ack_wait_s)), self.ack_wait_s * 10)
         tasks: set[asyncio.Task] = set()
         room = asyncio.Event()  # a task ended: room to fetch another
+        sub = None
         try:
+            sub = await persist(lambda: self.js.pull_subscribe(
+                job_subject(self.model_id), durable=worker_durable(self.model_id), stream=JOBS_STREAM,
+                config=worker_consumer_config(self.model_id, self.ack_wait_s)), self.ack_wait_s * 10)
             while not stopping.is_set():
                 if len(tasks) >= self.max_batch:
                     room.clear()
@@ -113,12 +115,16 @@ class JobConsumer:
             self.scheduler.halt()
             if tasks:
                 await asyncio.wait(tasks)
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            if sub is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
 
     async def take(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered if msg.metadata else 1
-        delivery, error, status = open_delivery(msg.data, attempt, self.limits)
+        if len(msg.data) > LARGE:  # scanning megabytes for nesting takes a while: not on the event loop
+            delivery, error, status = await asyncio.to_thread(open_delivery, msg.data, attempt, self.limits)
+        else:
+            delivery, error, status = open_delivery(msg.data, attempt, self.limits)
         delivery.msg = msg
         running = self.active.get(delivery.job_id) if delivery.job is not None else None
         if running is not None:

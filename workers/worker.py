@@ -110,6 +110,7 @@ class Worker:
             await self.consumer.run(stopping)  # until stopping; hands back what it has not finished
         finally:
             self.state = "stopping"
+            self.scheduler.halt()  # (again: the consumer halts it, unless it failed before it started)
             await thread
             watchdog.cancel()
             status.cancel()
