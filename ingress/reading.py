@@ -7,9 +7,7 @@ import msgspec
 from starlette.requests import Request
 
 from ingress.errors import APIError, validation_error
-from pipeline.limits import MAX_JSON_DEPTH, too_deep
-
-LARGE = 1 << 20  # bodies above this are scanned for nesting off the event loop
+from pipeline.limits import LARGE_MESSAGE, MAX_JSON_DEPTH, too_deep
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -35,7 +33,7 @@ def too_large(size: int, limit: int) -> APIError:
 async def read_request(request: Request, type_, limit: int):
     """The body decoded as `type_`, or OpenAI's 400/413 error naming what is wrong."""
     body = await read_body(request, limit)
-    deep = await anyio.to_thread.run_sync(too_deep, body) if len(body) > LARGE else too_deep(body)
+    deep = await anyio.to_thread.run_sync(too_deep, body) if len(body) > LARGE_MESSAGE else too_deep(body)
     if deep:
         raise APIError(400, f"The JSON body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.", None,
                        "nesting_too_deep")

@@ -29,6 +29,7 @@ import numpy as np
 
 EMBEDDED_MAX_PAYLOAD = 32 * 2**20
 MAX_JSON_DEPTH = 64
+LARGE_MESSAGE = 2**20  # scanning a message this large for its nesting takes long enough to leave the event loop
 
 _encode = msgspec.json.Encoder().encode
 # A JSON string, escapes included (the unrolled form: linear, no backtracking).

@@ -29,7 +29,7 @@ from nats.js.errors import NotFoundError
 
 from pipeline.connection import persist
 from pipeline.intake import open_delivery
-from pipeline.limits import PayloadLimits
+from pipeline.limits import LARGE_MESSAGE, PayloadLimits
 from pipeline.settle import Delivery, Settler
 from pipeline.streams import MAX_DELIVER, worker_consumer_config
 from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject, job_subject,
@@ -45,7 +45,6 @@ log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
 decode_cancel = msgspec.json.Decoder(Cancel).decode
 # 499: the requester went away (nginx's "client closed request"); nobody is expected to read it.
-LARGE = 1 << 20
 CANCELLED = ErrorDetail(message="The request was cancelled.", type="invalid_request_error", code="cancelled")
 
 
@@ -121,7 +120,7 @@ class JobConsumer:
 
     async def take(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered if msg.metadata else 1
-        if len(msg.data) > LARGE:  # scanning megabytes for nesting takes a while: not on the event loop
+        if len(msg.data) > LARGE_MESSAGE:
             delivery, error, status = await asyncio.to_thread(open_delivery, msg.data, attempt, self.limits)
         else:
             delivery, error, status = open_delivery(msg.data, attempt, self.limits)

@@ -98,7 +98,8 @@ class Worker:
         engine = await loop.run_in_executor(
             self.executor, BatchEngine, self.loaded.shard, args.max_batch, int(args.prefix_cache_gb * 2**30))
         self.scheduler = BatchScheduler(engine, args.heartbeat)
-        settler = Settler(self.nc, args.model_id, self.name, self.ranks, self.loaded.revision, 10 * 5 * args.heartbeat)
+        # Settling retries for ten ack-waits while NATS is unreachable (a restart, JetStream recovering its store).
+        settler = Settler(self.nc, args.model_id, self.name, self.ranks, self.loaded.revision, 50 * args.heartbeat)
         self.consumer = JobConsumer(
             self.nc, args.model_id, self.loaded, self.scheduler, settler, self.name, args.heartbeat, args.queue_ttl,
             args.max_batch, args.default_max_tokens, PayloadLimits(self.nc.max_payload))
