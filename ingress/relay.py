@@ -32,8 +32,9 @@ import nats.js.errors
 from ingress.errors import APIError
 from pipeline.connection import persist, transient
 from pipeline.limits import PayloadLimits
+from pipeline.settle import stored_result
 from pipeline.streams import max_queued
-from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, RESULTS_STREAM, cancel_subject, job_subject, result_subject
+from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
 from schemas.jobs import Accepted, Cancel, Chunk, Done, Event, Failed, Heartbeat, Job
 
 decode_event = msgspec.json.Decoder(Event).decode
@@ -74,14 +75,6 @@ async def publish_job(nc, job: Job) -> None:
                        code="queue_unavailable")
 
 
-async def stored_result(nc, job_id: str) -> Done | Failed | None:
-    try:
-        msg = await nc.jetstream().get_last_msg(RESULTS_STREAM, result_subject(job_id))
-    except nats.errors.Error:  # not found, or NATS away: no stored result to offer
-        return None
-    return decode_event(msg.data)
-
-
 async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) -> AsyncIterator[Event | Waiting]:
     """Publish the job and yield its events until Done or Failed (and `Waiting` while it is queued)."""
     # Subscribe before publishing so no event can arrive before anyone listens.
@@ -106,7 +99,10 @@ async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) 
                     continue
                 if taken and (not nc.is_connected or nc.stats["reconnects"] != reconnects):
                     continue  # the broker was away, not the worker: give it another worker_timeout_s
-                if (result := await stored_result(nc, job.id)) is not None:
+                result = None
+                with contextlib.suppress(nats.errors.Error):  # NATS away: no stored result to offer
+                    result = await stored_result(nc.jetstream(), job.id)
+                if result is not None:
                     finished = True  # its final event was sent while we could not hear it
                     yield result
                     return

@@ -12,7 +12,6 @@ event loop hangs neither exits nor answers, and would otherwise hold its jobs fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ from typing import Callable
 
 from ops.group import GroupSpec, start_group
 from pipeline.nats_server import EmbeddedNats, stop_process
-from workers.status import alive_file
+from workers.status import alive_file, sleep_unless
 
 log = logging.getLogger("conclave.serve")
 STALE_HEARTBEATS = 20  # a liveness file this many heartbeats old (and at least 10 s) means a hung rank
@@ -64,8 +63,7 @@ async def keep_broker_running(server: EmbeddedNats, stopping: asyncio.Event) -> 
         log.error("nats-server (pid %d) exited with %s; restarting it on the same store in %.0fs", process.pid,
                   describe_exit(code), pause)
         while not stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):  # a stop during the pause ends it
-                await asyncio.wait_for(stopping.wait(), pause)
+            await sleep_unless(stopping, pause)  # a stop during the pause ends it
             if stopping.is_set():
                 return
             try:

@@ -36,6 +36,17 @@ log = logging.getLogger("conclave.settle")
 encode = msgspec.json.Encoder().encode
 decode_event = msgspec.json.Decoder(Event).decode
 
+async def stored_result(js, job_id: str) -> Done | Failed | None:
+    """The job's stored final event, if it was settled before (by any worker, at any attempt)."""
+    if not job_id:
+        return None
+    try:
+        msg = await js.get_last_msg(RESULTS_STREAM, result_subject(job_id))
+    except NotFoundError:
+        return None
+    return decode_event(msg.data)
+
+
 @dataclass(eq=False)
 class Delivery:
     """A job as taken from JetStream: from a consumer (`msg`, acked when settled) or read from the stream
@@ -64,14 +75,8 @@ class Settler:
         self.deadline_s = deadline_s
 
     async def stored(self, job_id: str) -> Done | Failed | None:
-        """The job's stored final event, if it was settled before (by any worker, at any attempt)."""
-        if not job_id:
-            return None
-        try:
-            msg = await persist(lambda: self.js.get_last_msg(RESULTS_STREAM, result_subject(job_id)), self.deadline_s)
-        except NotFoundError:
-            return None
-        return decode_event(msg.data)
+        """`stored_result`, retried while NATS is unreachable."""
+        return await persist(lambda: stored_result(self.js, job_id), self.deadline_s)
 
     async def settle(self, delivery: Delivery, final: Done | Failed, partial: Done | None = None) -> Done | Failed:
         """Settle `delivery` with `final` (see the module's docstring); returns the final event that stands.
