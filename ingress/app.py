@@ -7,14 +7,9 @@ admission control, and the sweep that answers jobs for models nobody serves.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
-import os
-import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from starlette.applications import Starlette
@@ -25,10 +20,10 @@ from starlette.routing import Route
 from ingress import handlers
 from ingress.admission import Admission, WorkerTable
 from ingress.errors import APIError, error_response
-from pipeline.connection import Link, persist
-from pipeline.streams import ensure_streams
-from pipeline.subjects import STATUS_PREFIX, subject_token
-from pipeline.unrouted import keep_sweeping
+from ingress.keys import ANONYMOUS, KeyRing, bearer_token
+from pipeline.access import Identity
+from pipeline.connection import Link
+from pipeline.subjects import STATUS_PREFIX
 from schemas.jobs import WorkerStatus
 from schemas.openai import ErrorDetail, ModelCard
 
@@ -39,10 +34,13 @@ decode_status = msgspec.json.Decoder(WorkerStatus).decode
 @dataclass
 class IngressConfig:
     nats_url: str
+    identity: Identity  # the ingress role's NATS credentials (pipeline/access.py)
     models: list[ModelCard]
     queue_timeout_s: float = 600.0  # how long a request waits for a worker to take its job
     worker_timeout_s: float = 30.0  # silence from a worker mid-job that counts as its death
-    api_key: str | None = None  # when set, /v1 routes need `Authorization: Bearer <key>`
+    # name -> key (ingress/keys.py); when any, /v1 routes need `Authorization: Bearer <key>` and /health
+    # shows its details only with one
+    api_keys: dict[str, str] = field(default_factory=dict)
     status_ttl_s: float = 10.0  # a worker not heard from for this long is not counted as live
     max_queue_wait_s: float = 60.0  # a request expected to wait longer for a batch is answered 429
 
@@ -53,18 +51,13 @@ class Ingress:
     def __init__(self, config: IngressConfig):
         self.config = config
         self.models = {m.id: m for m in config.models}
-        # Who asked, in the audit log: an id derived from the API key (never the key), or "anonymous".
-        self.caller = (f"key-{hashlib.sha256(config.api_key.encode()).hexdigest()[:12]}" if config.api_key
-                       else "anonymous")
         self.workers = WorkerTable(config.status_ttl_s)
         self.admission = Admission(self.workers, config.max_queue_wait_s)
-        self.link = Link(config.nats_url, "conclave-ingress", on_open=self.on_open)
-        self.sweeping: asyncio.Task | None = None
+        self.link = Link(config.nats_url, "conclave-ingress", config.identity, on_open=self.on_open)
 
     async def on_open(self, nc) -> None:
-        """On every new connection: the streams exist, and worker statuses come in."""
-        await persist(lambda: ensure_streams(nc.jetstream()), 30.0)
-
+        """On every new connection: worker statuses come in. (The streams are the operator's to make:
+        ops/serve.py does before it starts the ingress.)"""
         async def on_status(msg):
             with contextlib.suppress(msgspec.MsgspecError):
                 self.workers.update(decode_status(msg.data))
@@ -73,18 +66,9 @@ class Ingress:
 
     async def start(self) -> None:
         await self.link.open()
-        name = f"{socket.gethostname()}:{os.getpid()}"  # who settled a swept job, in its audit record
-        self.sweeping = asyncio.create_task(keep_sweeping(self.link, name, self.serves))
 
     async def stop(self) -> None:
-        if self.sweeping is not None:
-            self.sweeping.cancel()
         await self.link.close()
-
-    def serves(self, token: str) -> bool:
-        """Whether anyone serves the model with this subject token: this ingress, or a worker heard from."""
-        models = set(self.models) | {status.model for status, _ in self.workers.seen.values()}
-        return any(subject_token(model) == token for model in models)
 
     def require_model(self, name: str) -> ModelCard:
         if name not in self.models:
@@ -93,14 +77,23 @@ class Ingress:
         return self.models[name]
 
 
-def guarded(handler, api_key: str | None):
-    """The route with OpenAI's error object for every APIError, and the API key checked first."""
+def guarded(handler, api_keys: dict[str, str], open_to_all: bool = False):
+    """The route with OpenAI's error object for every APIError, and the API key checked first.
+
+    The handler finds who asked in `request.state.caller`: `key:<name>:<fingerprint>` (ingress/keys.py),
+    or "anonymous" when no key is configured. A route `open_to_all` is also called without a valid key,
+    with `request.state.caller` None; any other answers 401.
+    """
+    keys = KeyRing(api_keys)
+
     async def endpoint(request: Request) -> Response:
         try:
-            if api_key is not None:
-                given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    raise APIError(401, "Incorrect API key provided.", None, "invalid_api_key")
+            try:
+                request.state.caller = authenticate(request, keys)
+            except APIError:
+                if not open_to_all:
+                    raise
+                request.state.caller = None
             return await handler(request)
         except APIError as exc:
             return error_response(exc.status, exc.detail, exc.headers)
@@ -108,6 +101,29 @@ def guarded(handler, api_key: str | None):
             log.exception("unhandled error in %s", request.url.path)
             raise
     return endpoint
+
+
+CHALLENGE = {"WWW-Authenticate": "Bearer"}  # RFC 6750: a 401 names the scheme it wants
+
+
+def authenticate(request: Request, keys: KeyRing) -> str:
+    """Who sent the request, by its API key; an APIError (401) when keys are configured and it has none of them.
+    The messages say what is wrong with the header, never which key came close."""
+    if not keys:
+        return ANONYMOUS
+    header = request.headers.get("authorization")
+    if header is None:
+        raise APIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
+                       "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", None, "invalid_api_key",
+                       headers=CHALLENGE)
+    token = bearer_token(header)
+    if token is None:
+        raise APIError(401, "The Authorization header must be `Bearer YOUR_KEY`.", None, "invalid_api_key",
+                       headers=CHALLENGE)
+    caller = keys.caller(token)
+    if caller is None:
+        raise APIError(401, "Incorrect API key provided.", None, "invalid_api_key", headers=CHALLENGE)
+    return caller
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -133,13 +149,14 @@ def create_app(config: IngressConfig) -> Starlette:
         finally:
             await ingress.stop()
 
-    key = config.api_key
+    keys = config.api_keys
     routes = [
-        Route("/v1/chat/completions", guarded(handlers.chat_completions, key), methods=["POST"]),
-        Route("/v1/completions", guarded(handlers.completions, key), methods=["POST"]),
-        Route("/v1/models", guarded(handlers.list_models, key), methods=["GET"]),
-        Route("/v1/models/{model:path}", guarded(handlers.get_model, key), methods=["GET"]),
-        Route("/health", handlers.health, methods=["GET"]),
+        Route("/v1/chat/completions", guarded(handlers.chat_completions, keys), methods=["POST"]),
+        Route("/v1/completions", guarded(handlers.completions, keys), methods=["POST"]),
+        Route("/v1/models", guarded(handlers.list_models, keys), methods=["GET"]),
+        Route("/v1/models/{model:path}", guarded(handlers.get_model, keys), methods=["GET"]),
+        # Up/down for anyone (a load balancer's probe has no key); hosts, pids and jobs only with a key.
+        Route("/health", guarded(handlers.health, keys, open_to_all=True), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={500: server_error, 404: not_found, 405: not_found})

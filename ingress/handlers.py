@@ -34,7 +34,7 @@ async def complete(request: Request, request_type, make_job, shape) -> Response:
     ingress = request.app.state.ingress
     req = await read_request(request, request_type, request_limit(ingress))
     ingress.require_model(req.model)
-    job = make_job(req, ingress.caller)
+    job = make_job(req, request.state.caller)  # set by the API key check (ingress/app.py: guarded)
     return await respond(request, ingress, job, req.stream, include_usage(req), shape)
 
 
@@ -53,11 +53,17 @@ async def get_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """200 when NATS is connected and every model has a live worker, else 503; the live workers listed."""
+    """200 when NATS is connected and every model has a live worker with no problem (one whose audit records
+    are refused settles nothing), else 503. With a valid API key (or none configured) the live workers and
+    their problems are listed; without, only the status (hosts, pids and jobs are not for anyone who can
+    reach the port)."""
     ingress = request.app.state.ingress
     connected = ingress.link.is_connected
-    per_model = {m: [msgspec.to_builtins(s) for s in ingress.workers.live(m)] for m in ingress.models}
-    ready = connected and all(per_model.values())
-    body = {"status": "ok" if ready else "unavailable", "nats": "connected" if connected else "disconnected",
-            "models": {m: {"live_workers": w} for m, w in per_model.items()}}
+    live = {m: ingress.workers.live(m) for m in ingress.models}
+    problems = sorted({s.problem for workers in live.values() for s in workers if s.problem})
+    ready = connected and all(live.values()) and not problems
+    body: dict = {"status": "ok" if ready else "unavailable"}
+    if getattr(request.state, "caller", None) is not None:
+        body |= {"nats": "connected" if connected else "disconnected", "problems": problems,
+                 "models": {m: {"live_workers": [msgspec.to_builtins(s) for s in w]} for m, w in live.items()}}
     return JSONResponse(body, status_code=200 if ready else 503)

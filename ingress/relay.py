@@ -50,14 +50,14 @@ class Waiting:
     """No worker has taken the job yet (yielded every WAITING_TICK_S while it waits in the queue)."""
 
 
-async def publish_job(nc, job: Job) -> None:
-    """Queue `job`, or raise the APIError its client gets (413 too large, 429 queue full, 503 queue unavailable)."""
+async def publish_job(nc, job: Job, submitter: str) -> None:
+    """Queue `job` as `submitter` (the role `nc` is connected as), or raise the APIError its client gets (413 too large, 429 queue full, 503 queue unavailable)."""
     data = encode(job)
     if len(data) > (limit := PayloadLimits(nc.max_payload).job_bytes):  # a job may encode larger than its body
         raise APIError(413, f"The request makes a job of {len(data)} bytes; this server accepts at most {limit}.",
                        None, "request_too_large")
     try:
-        await persist(lambda: nc.jetstream().publish(job_subject(job.model), data, stream=JOBS_STREAM,
+        await persist(lambda: nc.jetstream().publish(job_subject(job.model, submitter), data, stream=JOBS_STREAM,
                                                      headers={"Nats-Msg-Id": job.id}), PUBLISH_DEADLINE_S)
     except nats.errors.Error as exc:
         if isinstance(exc, nats.js.errors.APIError) and exc.err_code == QUEUE_FULL:
@@ -69,18 +69,20 @@ async def publish_job(nc, job: Job) -> None:
         # A try whose acknowledgement was lost may have queued the job: withdraw it. A core publish, buffered by
         # nats-py while it reconnects and stored by the cancels stream when it arrives.
         with contextlib.suppress(nats.errors.Error):
-            await nc.publish(cancel_subject(job.id), encode(Cancel(id=job.id, reason=f"queue unavailable: "
+            await nc.publish(cancel_subject(submitter, job.id), encode(Cancel(id=job.id, reason=f"queue unavailable: "
                                                                    f"{type(exc).__name__}", refused=True)))
         raise APIError(503, f"The job queue is unavailable ({type(exc).__name__}); try again shortly.",
                        code="queue_unavailable")
 
 
-async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) -> AsyncIterator[Event | Waiting]:
-    """Publish the job and yield its events until Done or Failed (and `Waiting` while it is queued)."""
+async def submit(nc, job: Job, submitter: str, queue_timeout_s: float,
+                 worker_timeout_s: float) -> AsyncIterator[Event | Waiting]:
+    """Publish the job as `submitter` and yield its events until Done or Failed (and `Waiting` while it is
+    queued)."""
     # Subscribe before publishing so no event can arrive before anyone listens.
     sub = await nc.subscribe(job.reply_subject)
     try:
-        await publish_job(nc, job)
+        await publish_job(nc, job, submitter)
     except BaseException:
         await unsubscribe(sub)
         raise
@@ -101,7 +103,7 @@ async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) 
                     continue  # the broker was away, not the worker: give it another worker_timeout_s
                 result = None
                 with contextlib.suppress(nats.errors.Error):  # NATS away: no stored result to offer
-                    result = await stored_result(nc.jetstream(), job.id)
+                    result = await stored_result(nc.jetstream(), job.model, submitter, job.id)
                 if result is not None:
                     finished = True  # its final event was sent while we could not hear it
                     yield result
@@ -132,7 +134,7 @@ async def submit(nc, job: Job, queue_timeout_s: float, worker_timeout_s: float) 
             await unsubscribe(sub)
             if not finished:
                 # The requester is gone (client disconnect, timeout): stop the work, wherever the job is now.
-                await cancel(nc, job.id, "requester gone")
+                await cancel(nc, submitter, job.id, "requester gone")
 
 
 async def unsubscribe(sub) -> None:
@@ -142,9 +144,9 @@ async def unsubscribe(sub) -> None:
         pass
 
 
-async def cancel(nc, job_id: str, reason: str) -> None:
+async def cancel(nc, submitter: str, job_id: str, reason: str) -> None:
     try:
-        await nc.jetstream().publish(cancel_subject(job_id), encode(Cancel(id=job_id, reason=reason)),
+        await nc.jetstream().publish(cancel_subject(submitter, job_id), encode(Cancel(id=job_id, reason=reason)),
                                      stream=CANCELS_STREAM)
     except nats.errors.Error:
         pass  # best effort: without it the job still ends, only later

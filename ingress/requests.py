@@ -7,6 +7,7 @@ import time
 import uuid
 
 from ingress.errors import APIError
+from pipeline.access import INGRESS
 from pipeline.subjects import reply_subject
 from schemas.jobs import Job, SamplingParams
 from schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -52,7 +53,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingPara
 def new_job(kind: str, model: str, params: SamplingParams, stream: bool, **fields) -> Job:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     job_id = f"{prefix}-{uuid.uuid4().hex}"
-    return Job(id=job_id, model=model, reply_subject=reply_subject(job_id), kind=kind, params=params,
+    return Job(id=job_id, model=model, reply_subject=reply_subject(INGRESS, job_id), kind=kind, params=params,
                stream=stream, created=time.time(), source="http", **fields)
 
 

@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from ingress.errors import APIError
 from ingress.relay import Waiting, submit
 from ingress.shapes import Shape
+from pipeline.access import INGRESS
 from schemas.jobs import Accepted, Chunk, Done, Event, Failed, Heartbeat, Job
 
 encode = msgspec.json.Encoder().encode
@@ -164,7 +165,7 @@ async def answer(request: Request, ingress, job: Job, stream: bool, include_usag
                  headers: dict) -> Response:
     nc, config = ingress.link.nc, ingress.config
     if stream:
-        events = submit(nc, job, config.queue_timeout_s, config.worker_timeout_s)
+        events = submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s)
         try:
             first = await first_answer(events, stream=True)
         except BaseException:
@@ -177,7 +178,7 @@ async def answer(request: Request, ingress, job: Job, stream: bool, include_usag
                                  headers={"Cache-Control": "no-cache", **headers})
 
     async def whole() -> Done:
-        async with contextlib.aclosing(submit(nc, job, config.queue_timeout_s, config.worker_timeout_s)) as events:
+        async with contextlib.aclosing(submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s)) as events:
             await first_answer(events, stream=False)
             return await final_result(events)
 

@@ -1,9 +1,11 @@
-"""`conclave audit list|show|export|verify|replay`: read, check and replay the hash-chained audit log.
+"""`conclave audit list|show|export|verify|replay|key`: read, check and replay the audit log.
 
-Reads the CONCLAVE_AUDIT stream of a running deployment (--nats-url), or, for `verify --file`, a JSONL
-export, so an auditor can check a copy without access to the cluster. `replay` re-submits recorded
-requests that are reproducible (greedy, or sampled with a seed) and reports the outputs that differ:
-a check after a model swap or an upgrade.
+Reads the CONCLAVE_AUDIT stream of a running deployment as the operator role (the only one that may), or,
+for `verify --file`, a JSONL export, so an auditor can check a copy without access to the cluster.
+`verify` vouches only for what signed checkpoints cover (pipeline/audit_verify.py; docs/audit.md says
+exactly what it proves, and its exit codes). `replay` re-submits recorded requests that are reproducible
+(greedy, or sampled with a seed) and reports the outputs that differ: a check after a model swap or an
+upgrade.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from pathlib import Path
 import msgspec
 from nats.js.errors import NotFoundError
 
-from ops.deployment import DeploymentError, nats_url_of
-from pipeline.audit import decode_record, read_records, verify_chain
-from pipeline.connection import connect_once
+from ops.deployment import DeploymentError
+from pipeline.access import OPERATOR
+from pipeline.audit import Entry, decode_record, read_entries, stream_facts
+from pipeline.audit_export import export_lines, verify_export
+from pipeline.audit_verify import verify_log
+from pipeline.connection import redacted
+from pipeline.checkpoints import (load_signing_key, parse_public_key, public_key_text, read_checkpoint_messages,
+                                  signing_key_path)
 from pipeline.subjects import reply_subject
-from schemas.audit import AuditRecord
+from schemas.audit import AuditRecord, StreamFacts
 from schemas.jobs import Done
+
 
 
 def parse_time(text: str | None) -> float | None:
@@ -37,81 +45,164 @@ def parse_time(text: str | None) -> float | None:
 
 
 def record_filter(args):
-    """The --since/--until/--model/--caller filter, with the times parsed once."""
+    """The --since/--until/--model/--caller/--submitter filter, with the times parsed once."""
     since, until = parse_time(args.since), parse_time(args.until)
+    submitter = getattr(args, "submitter", None)
 
     def matches(record: AuditRecord) -> bool:
         return ((since is None or record.time >= since) and (until is None or record.time < until)
                 and (not args.model or record.model == args.model)
-                and (not args.caller or record.caller == args.caller))
+                and (not args.caller or record.caller == args.caller)
+                and (not submitter or record.submitter == submitter))
 
     return matches
 
 
-async def stored_records(nc) -> list[bytes]:
-    try:
-        return [raw async for _, raw in read_records(nc.jetstream())]
-    except NotFoundError:
-        raise DeploymentError(f"there is no audit log at {nc.connected_url.geturl()}: its stream does not exist "
-                              f"(no conclave deployment has used this NATS server)") from None
+def records_of(entries: list[Entry]) -> list[tuple[Entry, AuditRecord]]:
+    """The entries that are audit records, decoded (a foreign message is left out here; verify reports it)."""
+    found = []
+    for entry in entries:
+        try:
+            found.append((entry, decode_record(entry.data)))
+        except (msgspec.MsgspecError, ValueError, TypeError):
+            continue
+    return found
 
 
-def summary_line(record: AuditRecord) -> str:
+def summary_line(seq: int, record: AuditRecord) -> str:
     when = datetime.datetime.fromtimestamp(record.time, datetime.timezone.utc).isoformat(timespec="seconds")
     tokens = f"{record.usage.prompt_tokens}+{record.usage.completion_tokens}" if record.usage else "-"
     detail = record.error.code if record.error else record.finish_reason
-    return (f"{record.n}\t{when}\t{record.job_id}\t{record.model}\t{record.caller}\t{record.source}\t"
-            f"{record.outcome}\t{detail}\ttokens {tokens}\t{record.duration_ms:.0f} ms")
+    return (f"{seq}\t{when}\t{record.job_id}\t{record.model}\t{record.submitter or '-'}\t{record.caller}\t"
+            f"{record.source}\t{record.outcome}\t{detail}\ttokens {tokens}\t{record.duration_ms:.0f} ms")
+
+
+class Log(msgspec.Struct):
+    """The audit log as read from NATS: the stream's information (None: no stream), entries, checkpoints."""
+
+    stream: StreamFacts | None
+    entries: list[Entry]
+    checkpoints: list[bytes]
+
+
+async def read_log(nc, with_checkpoints: bool = True) -> Log:
+    """Checkpoints first, then the stream: a checkpoint signed meanwhile could otherwise cover entries this
+    read did not reach, and look like entries cut off the end."""
+    js = nc.jetstream()
+    checkpoints = []
+    if with_checkpoints:
+        try:
+            checkpoints = [message for _, message in await read_checkpoint_messages(js)]
+        except NotFoundError:
+            pass
+    try:
+        facts = await stream_facts(js)
+        entries = [entry async for entry in read_entries(js, facts.first_seq, facts.last_seq)]
+        now_first = (await stream_facts(js)).first_seq
+    except NotFoundError:
+        facts, entries = None, []
+    if facts is not None and now_first > facts.first_seq:  # aged out while being read: not a gap
+        facts = msgspec.structs.replace(facts, first_seq=now_first)
+        entries = [entry for entry in entries if entry.seq >= now_first]
+    if facts is None and not checkpoints:
+        raise DeploymentError(f"there is no audit log at {redacted(nc.connected_url.geturl())}: its stream does not exist "
+                              f"(no conclave deployment has used this NATS server)")
+    return Log(stream=facts, entries=entries, checkpoints=checkpoints)
+
+
+def pinned_key(args) -> tuple[str | None, str]:
+    """The key verify trusts, and where it came from: --public-key, else (live) this home's signing key."""
+    if args.public_key:
+        try:
+            return public_key_text(parse_public_key(args.public_key)), "given with --public-key"
+        except ValueError as exc:
+            raise DeploymentError(str(exc)) from None
+    if not args.file:
+        try:
+            return public_key_text(load_signing_key(signing_key_path(args.home), create=False)), \
+                f"this home's signing key ({signing_key_path(args.home)})"
+        except (OSError, ValueError):
+            pass
+    return None, "none"
+
+
+def report(verdict, pinned: str | None, origin: str) -> int:
+    if pinned:
+        print(f"pinned key: {pinned} ({origin})")
+    for line in verdict.lines():
+        print(line)
+    return verdict.exit_code
 
 
 async def run_audit(args) -> int:
+    if args.action == "key":
+        path = signing_key_path(args.home)
+        try:
+            print(public_key_text(load_signing_key(path, create=False)))
+        except FileNotFoundError:
+            raise DeploymentError(f"no audit signing key at {path}: `conclave serve` makes it at its first start "
+                                  f"in this home") from None
+        return 0
     if args.action == "verify" and args.file:
-        raw = [line.encode() for line in Path(args.file).read_text().splitlines() if line.strip()]
-        return report_verification(raw)
-    nc = await connect_once(nats_url_of(args.home, args.nats_url), "conclave-audit")
+        pinned, origin = pinned_key(args)
+        try:
+            data = Path(args.file).read_bytes()
+        except OSError as exc:
+            raise DeploymentError(f"cannot read {args.file}: {exc.strerror}") from None
+        return report(verify_export(data, pinned=pinned), pinned, origin)
+    if args.action == "export" and (args.since or args.until or args.model or args.caller
+                                    or getattr(args, "submitter", None)):
+        raise DeploymentError("export writes the whole log (a filtered copy could not be verified); filter "
+                              "with list instead")
+    from ops.deployment import operator_connection
+
+    nc = await operator_connection(args.home, args.nats_url, "conclave-audit")
     try:
         if args.action == "replay":
             return await replay(nc, args)
-        return show(args, await stored_records(nc))
+        log = await read_log(nc, with_checkpoints=args.action in ("verify", "export"))
+        return show(args, log)
     finally:
         await nc.close()
 
 
-def report_verification(raw: list[bytes]) -> int:
-    problems = verify_chain(raw)
-    for problem in problems:
-        print(f"BROKEN: {problem}")
-    print(f"{len(raw)} records, chain {'intact' if not problems else 'BROKEN'}")
-    return 1 if problems else 0
-
-
-def show(args, raw: list[bytes]) -> int:
+def show(args, log: Log) -> int:
     if args.action == "verify":
-        return report_verification(raw)
-    records = [decode_record(r) for r in raw]
+        pinned, origin = pinned_key(args)
+        verdict = verify_log(log.entries, log.checkpoints, log.stream, stream_missing=log.stream is None,
+                             pinned=pinned)
+        return report(verdict, pinned, origin)
+    if args.action == "export":
+        out = open(args.output, "wb") if args.output else sys.stdout.buffer
+        try:
+            for line in export_lines(log.stream, log.entries, log.checkpoints, stream_missing=log.stream is None):
+                out.write(line)
+        finally:
+            if args.output:
+                out.close()
+            else:
+                out.flush()
+        return 0
     matches = record_filter(args)
+    records = [(entry, record) for entry, record in records_of(log.entries) if matches(record)]
     if args.action == "list":
-        for record in [r for r in records if matches(r)][-args.limit:]:
-            print(summary_line(record))
+        for entry, record in records[-args.limit:]:
+            print(summary_line(entry.seq, record))
     elif args.action == "show":
-        found = [r for r in records if r.job_id == args.job_id]
+        found = [entry for entry, record in records if record.job_id == args.job_id]
         if not found:
             print(f"no audit record for job {args.job_id}", file=sys.stderr)
             return 1
-        for record in found:
-            print(msgspec.json.format(msgspec.json.encode(record)).decode())
-    elif args.action == "export":
-        lines = "".join(data.decode() + "\n" for record, data in zip(records, raw) if matches(record))
-        if args.output:
-            Path(args.output).write_text(lines)
-        else:
-            sys.stdout.write(lines)
+        for entry in found:  # as stored, not as this version would re-encode it
+            print(msgspec.json.format(entry.data, indent=2).decode())
     return 0
 
 
 def replayable(record: AuditRecord) -> str | None:
     """Why a record cannot be replayed to the same output, or None if it can."""
-    if record.outcome != "done" or record.job is None:
+    if record.job is None:
+        return "job not readable"
+    if record.outcome != "done":
         return f"outcome {record.outcome}"
     params = record.job.params
     if params.temperature > 0 and params.seed is None:
@@ -120,22 +211,24 @@ def replayable(record: AuditRecord) -> str | None:
 
 
 async def replay(nc, args) -> int:
-    """Re-submit recorded requests to the current deployment; report which outputs differ."""
+    """Re-submit recorded requests to the current deployment, as the operator; report which outputs differ."""
     from ingress.errors import APIError
     from ingress.relay import submit
 
     report = {"replayed": 0, "same": 0, "different": [], "skipped": {}}
-    records = [decode_record(raw) for raw in await stored_records(nc)]
+    log = await read_log(nc, with_checkpoints=False)
     matches = record_filter(args)
-    for record in [r for r in records if matches(r) and r.source != "replay"][-args.limit:]:
+    chosen = [r for _, r in records_of(log.entries) if matches(r) and r.source != "replay"][-args.limit:]
+    for record in chosen:
         if (why := replayable(record)) is not None:
             report["skipped"][why] = report["skipped"].get(why, 0) + 1
             continue
         job_id = f"replay-{uuid.uuid4().hex}"
-        job = msgspec.structs.replace(record.job, id=job_id, reply_subject=reply_subject(job_id), stream=False,
-                                      created=time.time(), source="replay", caller=f"replay-of:{record.job_id}")
+        job = msgspec.structs.replace(record.job, id=job_id, reply_subject=reply_subject(OPERATOR, job_id),
+                                      stream=False, created=time.time(), source="replay",
+                                      caller=f"replay-of:{record.job_id}")
         try:
-            final = [event async for event in submit(nc, job, args.timeout, args.timeout)][-1]
+            final = [event async for event in submit(nc, job, OPERATOR, args.timeout, args.timeout)][-1]
             output = final.text if isinstance(final, Done) else f"<failed: {final.error.message}>"
         except APIError as exc:
             output = f"<failed: {exc.detail.message}>"

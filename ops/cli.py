@@ -45,16 +45,30 @@ def add_group_flags(p: argparse.ArgumentParser) -> None:
                    help="TOML group file: hosts, ranks per host, backend ring|jaccl|mpi (see README)")
 
 
+class RemovedApiKeyFlag(argparse.Action):
+    """`--api-key KEY` is refused by name: argparse would otherwise take it for an abbreviation of
+    --api-key-file, and then name the key in its error (the key must not be on the command line at all)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--api-key was removed (any local user can read the command line): put keys in "
+                     "--api-key-file or $CONCLAVE_API_KEYS (see README, API keys)")
+
+
 def cmd_serve(args) -> None:
+    from ingress.keys import ENV_KEYS, load_api_keys
     from ops.serve import WorkerSettings, serve
+
+    # Before anything starts: a bad key file is a one-line error, not a server that answers 401 to everyone.
+    api_keys = load_api_keys(args.api_key_file, os.environ.get(ENV_KEYS))
 
     # Every process of the deployment declares the jobs stream with this limit (pipeline/streams.py).
     os.environ["CONCLAVE_MAX_QUEUED"] = str(args.max_queued)
     settings = WorkerSettings(heartbeat_s=args.heartbeat, queue_ttl_s=args.queue_timeout,
                               step_timeout_s=args.step_timeout, max_batch=args.max_batch,
                               prefix_cache_gb=args.prefix_cache_gb, default_max_tokens=args.default_max_tokens)
-    asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, args.api_key,
-                      args.worker_timeout, args.max_queue_wait, group_from_args(args), settings))
+    asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, api_keys,
+                      args.worker_timeout, args.max_queue_wait, group_from_args(args), settings,
+                      args.checkpoint_interval))
 
 
 def cmd_generate(args) -> None:
@@ -106,6 +120,43 @@ def cmd_audit(args) -> None:
     sys.exit(asyncio.run(run_audit(args)))
 
 
+def cmd_credentials(args) -> None:
+    from pipeline.access import AccessError
+    from ops.credentials import (issue_submitter, public_keys, reload_embedded, revoke_submitter,
+                                 server_authorization, write_authorization, write_private)
+    from pipeline.access import inbox_prefix
+    from pipeline.subjects import JOBS_PREFIX, reply_prefix
+
+    if args.action == "server-config":
+        print(server_authorization(args.home), end="")
+        return
+    if args.action == "list":
+        for role, key in public_keys(args.home).items():
+            print(f"{role}\t{key}")
+        return
+    if not args.name:
+        raise AccessError(f"credentials {args.action} needs a NAME")
+    if args.action == "issue":
+        seed = issue_submitter(args.home, args.name, args.public_key)
+        if seed is not None:
+            out = Path(args.out or f"{args.name}.nk")
+            write_private(out, seed)
+            print(f"wrote the nkey seed of submitter {args.name} to {out} (mode 0600): hand it to that system "
+                  f"only; it is not kept here")
+        print(f"submitter {args.name}: publish jobs on {JOBS_PREFIX}.<model>.{args.name} with reply subjects under "
+              f"{reply_prefix(args.name)}.; connect with inbox_prefix {inbox_prefix(args.name)}")
+    else:
+        if not revoke_submitter(args.home, args.name):
+            raise AccessError(f"no submitter named {args.name}")
+        print(f"revoked submitter {args.name}")
+    write_authorization(args.home, args.home / "nats")
+    if reload_embedded(args.home / "nats"):
+        print("the running embedded nats-server reloaded its authorization")
+    else:
+        print("no embedded nats-server runs in this home: it takes effect at its next start; for your own "
+              "server, install `conclave credentials server-config` and reload it")
+
+
 def cmd_schemas(args) -> None:
     from ops.schemas import write_schemas
 
@@ -126,7 +177,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="HTTP listener port")
     s.add_argument("--nats-url", default=None, help="use this NATS server/cluster instead of starting one")
     s.add_argument("--nats-port", type=int, default=4222, help="port of the embedded nats-server")
-    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    s.add_argument("--api-key-file", type=Path, default=os.environ.get("CONCLAVE_API_KEY_FILE") or None,
+                   metavar="PATH", help="`NAME KEY` lines ($CONCLAVE_API_KEY_FILE); with $CONCLAVE_API_KEYS "
+                   "(`NAME:KEY,...`), /v1 routes need `Authorization: Bearer KEY`")
+    s.add_argument("--api-key", nargs="?", action=RemovedApiKeyFlag, help=argparse.SUPPRESS)
     s.add_argument("--queue-timeout", type=float, default=env_float("CONCLAVE_QUEUE_TIMEOUT", 600.0),
                    help="seconds a request waits for a worker before 503; queued jobs older than this are dropped")
     s.add_argument("--worker-timeout", type=float, default=env_float("CONCLAVE_WORKER_TIMEOUT", 30.0),
@@ -134,8 +188,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat", type=float, default=env_float("CONCLAVE_HEARTBEAT", 2.0),
                    help="seconds between worker status and progress messages")
     s.add_argument("--max-queued", type=int, default=int(os.environ.get("CONCLAVE_MAX_QUEUED") or 1000),
-                   help="jobs one model may have queued or running; beyond it HTTP answers 429 and NATS "
-                        "publishes are refused")
+                   help="jobs one model may have queued or running per submitter (all HTTP requests are one); "
+                        "beyond it HTTP answers 429 and NATS publishes are refused")
     s.add_argument("--step-timeout", type=float, default=env_float("CONCLAVE_STEP_TIMEOUT", 60.0),
                    help="a worker (or group) whose batch makes no step for this long is hung (or has lost a rank): "
                         "it fails its requests with 503 and restarts")
@@ -149,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue-wait", type=float, default=env_float("CONCLAVE_MAX_QUEUE_WAIT", 60.0),
                    help="seconds a request may be expected to wait for a place in a batch; beyond it, 429 with "
                         "Retry-After")
+    s.add_argument("--checkpoint-interval", type=float, default=env_float("CONCLAVE_CHECKPOINT_INTERVAL", 60.0),
+                   help="seconds between signed checkpoints of the audit log's new records (docs/audit.md)")
     add_group_flags(s)
     s.set_defaults(func=cmd_serve)
 
@@ -183,21 +239,37 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: the served path with N, then M, ... requests in flight (continuous batching)")
     b.set_defaults(func=cmd_bench)
 
-    a = sub.add_parser("audit", help="read, export, verify and replay the hash-chained audit log",
-                       formatter_class=DEFAULTS)
-    a.add_argument("action", choices=["list", "show", "export", "verify", "replay"])
+    a = sub.add_parser("audit", help="read, export, verify and replay the audit log; print its signing key",
+                       formatter_class=DEFAULTS, description="verify exits 0 when every entry is vouched for by "
+                       "checkpoints signed with the pinned key, 1 when it finds the log altered or cut, 2 when "
+                       "there is nothing to check, 3 when nothing is wrong but some entries are not vouched for "
+                       "(see docs/audit.md)")
+    a.add_argument("action", choices=["list", "show", "export", "verify", "replay", "key"])
     a.add_argument("job_id", nargs="?", help="show: the job (request) id")
     a.add_argument("--nats-url", default=None, help="the deployment's NATS (default: that of the conclave serve "
                    "running in --home)")
     a.add_argument("--since", help="ISO 8601 time (UTC unless a zone is given)")
     a.add_argument("--until", help="ISO 8601 time")
     a.add_argument("--model")
-    a.add_argument("--caller", help="e.g. anonymous or key-<id>")
+    a.add_argument("--caller", help="e.g. anonymous, key:<name>:<fingerprint> or nats:<submitter>")
+    a.add_argument("--submitter", help="the NATS identity that published the job: ingress, operator or a "
+                   "submitter's name")
     a.add_argument("--limit", type=int, default=50, help="list, replay: the newest N matching records")
     a.add_argument("--timeout", type=float, default=600.0, help="replay: seconds to wait for each request")
     a.add_argument("--output", help="export: a JSONL file (default: standard output)")
     a.add_argument("--file", help="verify: a JSONL export instead of the live stream")
+    a.add_argument("--public-key", default=None, metavar="KEY", help="verify: trust only checkpoints signed by "
+                   "this key (ed25519:..., from `conclave audit key`); live verify defaults to this home's key")
     a.set_defaults(func=cmd_audit)
+
+    c = sub.add_parser("credentials", help="NATS credentials: issue or revoke a submitter (an internal system "
+                       "that publishes jobs), list roles, print the server authorization", formatter_class=DEFAULTS)
+    c.add_argument("action", choices=["issue", "revoke", "list", "server-config"])
+    c.add_argument("name", nargs="?", help="issue, revoke: the submitter's name (a-z, 0-9, _ and -)")
+    c.add_argument("--out", default=None, help="issue: where to write its seed (default ./NAME.nk)")
+    c.add_argument("--public-key", default=None, help="issue: register this nkey public key (U...) that the "
+                   "system made itself, instead of making a seed here")
+    c.set_defaults(func=cmd_credentials)
 
     j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema",
                        formatter_class=DEFAULTS)
@@ -212,15 +284,17 @@ def main(argv=None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     p = parser()
     args = p.parse_args(argv)
+    from ingress.keys import APIKeyError
     from ops.deployment import DeploymentError
     from ops.group import GroupSpecError
+    from pipeline.access import AccessError
     from pipeline.connection import NatsUnreachable
     from workers.shard import ShardError
     from workers.store import StoreError
 
     try:
         args.func(args)
-    except (GroupSpecError, ShardError, StoreError, DeploymentError) as exc:
+    except (GroupSpecError, ShardError, StoreError, DeploymentError, APIKeyError, AccessError) as exc:
         p.exit(2, f"conclave: error: {exc}\n")
     except NatsUnreachable as exc:
         p.exit(1, f"conclave: error: {exc}\n")

@@ -57,6 +57,8 @@ def claim_home(home: Path) -> None:
 def record_deployment(home: Path, deployment: Deployment) -> None:
     path = Path(home) / RUN_FILE
     temporary = path.with_suffix(".tmp")
+    temporary.unlink(missing_ok=True)
+    temporary.touch(mode=0o600)  # its NATS URL may carry a password
     temporary.write_bytes(msgspec.json.encode(deployment))
     temporary.replace(path)
 
@@ -77,3 +79,12 @@ def nats_url_of(home: Path, given: str | None) -> str:
         raise DeploymentError(f"no running conclave serve found in {home} (no live {RUN_FILE}); start one, or "
                               f"pass --home of a running deployment or --nats-url")
     return deployment.nats_url
+
+
+async def operator_connection(home: Path, nats_url: str | None, name: str):
+    """A short-lived connection for an operator's command, as the home's operator role."""
+    from ops.credentials import role_identity
+    from pipeline.access import OPERATOR
+    from pipeline.connection import connect_once
+
+    return await connect_once(nats_url_of(home, nats_url), name, role_identity(home, OPERATOR))

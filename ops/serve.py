@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,10 +22,17 @@ from typing import Callable
 import uvicorn
 
 from ingress.app import IngressConfig, create_app
-from ops.deployment import Deployment, claim_home, forget_deployment, record_deployment
+from ops.credentials import role_identity, write_authorization
+from ops.deployment import Deployment, DeploymentError, claim_home, forget_deployment, record_deployment
 from ops.group import GroupSpec, GroupSpecError, plan_group, python_command, rank_arguments
 from ops.supervise import GroupSupervisor, keep_broker_running
+from pipeline.access import INGRESS, OPERATOR, Identity, worker_role
+from pipeline.checkpoints import (keep_checkpointing, load_signing_key, public_key_text, sign_new_entries,
+                                  signing_key_path)
+from pipeline.connection import Link, persist, redacted
 from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats
+from pipeline.streams import ensure_consumer, ensure_streams
+from pipeline.unrouted import keep_sweeping
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
 
@@ -57,46 +65,70 @@ class WorkerSettings:
                 str(self.prefix_cache_gb), "--default-max-tokens", str(self.default_max_tokens)]
 
 
-def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str,
+def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity: Identity,
                    settings: WorkerSettings) -> Callable[[str, Path], list[str]]:
+    # The seed's path, not the seed: arguments are visible to every local user (ps). Ranks on other hosts
+    # read the same path there (copy the home's credentials/roles/worker-*.nk with the model).
     def command(group_id: str, folder: Path) -> list[str]:
         return python_command("workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
-                              "--nats-url", nats_url, "--group-id", group_id, "--alive-dir", str(folder),
-                              *settings.arguments(), *rank_arguments(spec))
+                              "--nats-url", nats_url, "--nats-seed", str(identity.seed_file), "--group-id",
+                              group_id, "--alive-dir", str(folder), *settings.arguments(), *rank_arguments(spec))
 
     return command
 
 
 async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str | None, nats_port: int,
-                api_key: str | None, worker_timeout_s: float, max_queue_wait_s: float, group: GroupSpec,
-                settings: WorkerSettings) -> None:
+                api_keys: dict[str, str], worker_timeout_s: float, max_queue_wait_s: float, group: GroupSpec,
+                settings: WorkerSettings, checkpoint_interval_s: float = 60.0) -> None:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     claim_home(home)
     model = ModelStore(home / "models").resolve(model_spec)
     group = plan_group(group, model.path)
+    if nats_url is not None and redacted(nats_url) != nats_url:
+        # It would reach every worker's command line, readable by any local user; Conclave's processes prove
+        # who they are with the home's nkeys instead (ops/credentials.py).
+        raise DeploymentError("--nats-url must not carry a user name or password: Conclave authenticates to NATS "
+                              "with the nkeys in <home>/credentials (see README, Trust)")
     if nats_url is None and not all(h.is_local for h in group.hosts):
         raise GroupSpecError("a group with ranks on other hosts needs --nats-url: a NATS server every host can "
                              "reach (the embedded one listens on 127.0.0.1 only)")
     if group.size > 1:
         log.info("serving %s on %d ranks (%s parallel, %s backend%s)", model.id, group.size, group.layout,
                  group.backend, f", layers per rank {group.split}" if group.split else "")
+    log.info("API keys: %s", ", ".join(api_keys) if api_keys else
+             "none configured, /v1 routes are open to anyone who reaches the port")
     stopping = asyncio.Event()
+    # Every role's key exists before the server's authorization is written from them (ops/credentials.py).
+    operator, ingress = role_identity(home, OPERATOR), role_identity(home, INGRESS)
+    worker = role_identity(home, worker_role(model.id))
+    signing_key = load_signing_key(signing_key_path(home), create=True)
     nats_server = broker = None
     if nats_url is None:
         nats_server = EmbeddedNats(home / "nats", port=nats_port, encryption_key=os.environ.get(KEY_VARIABLE))
+        write_authorization(home, nats_server.store_dir)
         await asyncio.to_thread(nats_server.start)
         nats_url = nats_server.url
         broker = asyncio.create_task(keep_broker_running(nats_server, stopping))
+    # The operator's own connection: it makes the streams and the model's consumer (no other role may),
+    # answers jobs nobody will take, and signs the audit log's checkpoints.
+    control = Link(nats_url, "conclave-operator", operator)
+    await control.open()
+    await persist(lambda: ensure_streams(control.nc.jetstream()), 30.0)
+    await persist(lambda: ensure_consumer(control.nc.jetstream(), model.id, 5 * settings.heartbeat_s), 30.0)
+    log.info("audit checkpoints are signed with %s (give it to your auditors: conclave audit verify "
+             "--public-key)", public_key_text(signing_key))
+    background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}")),
+                  asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).
     record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url))
     shutil.rmtree(home / "groups", ignore_errors=True)  # folders of groups an earlier serve left behind
-    supervisor = GroupSupervisor(group, worker_command(model, group, nats_url, settings), home / "groups",
+    supervisor = GroupSupervisor(group, worker_command(model, group, nats_url, worker, settings), home / "groups",
                                  settings.heartbeat_s)
     card = ModelCard(id=model.id, created=model.created, context_length=model_context_length(model.path))
-    app = create_app(IngressConfig(nats_url=nats_url, models=[card], queue_timeout_s=settings.queue_ttl_s,
-                                   worker_timeout_s=worker_timeout_s, api_key=api_key,
+    app = create_app(IngressConfig(nats_url=nats_url, identity=ingress, models=[card], queue_timeout_s=settings.queue_ttl_s,
+                                   worker_timeout_s=worker_timeout_s, api_keys=api_keys,
                                    status_ttl_s=4 * settings.heartbeat_s, max_queue_wait_s=max_queue_wait_s))
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
 
@@ -108,7 +140,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         while not server.started:
             await asyncio.sleep(0.05)
         await app.state.ingress.workers.wait_live(model.id)
-        print(f"{READY_LINE} {model.id} at {http_url} (NATS {nats_url})", flush=True)
+        print(f"{READY_LINE} {model.id} at {http_url} (NATS {redacted(nats_url)})", flush=True)
 
     workers = asyncio.create_task(supervisor.run())
     ready = asyncio.create_task(announce_when_ready())
@@ -119,6 +151,13 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         ready.cancel()
         await asyncio.to_thread(supervisor.stop)
         workers.cancel()
+        for task in background:
+            task.cancel()
+        try:  # the workers are stopped: a last checkpoint vouches for every record they wrote
+            await asyncio.wait_for(sign_new_entries(control.nc.jetstream(), signing_key), 10.0)
+        except Exception as exc:
+            log.warning("no last audit checkpoint at shutdown (%s); the next start signs one", exc)
+        await control.close()
         if nats_server is not None:
             await asyncio.to_thread(nats_server.stop)
             await broker

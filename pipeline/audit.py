@@ -1,132 +1,216 @@
-"""The audit log: a hash-chained JetStream stream of job outcomes (schemas/audit.py).
+"""The audit log: a JetStream stream of job outcomes (schemas/audit.py), chained by the stream's own order.
 
-Appends are serialised by JetStream itself: a record is published with `Nats-Expected-Last-Sequence`
-set to the sequence it was chained onto, so two workers appending at once cannot both extend the same
-record; the loser re-reads the tail and retries. Nothing outside JetStream coordinates the writers.
+Writers never read the log (only the operator role may): a record is published on its job's own subject
+(`conclave.audit.<model>.<submitter>.<job id>`) with `Nats-Expected-Last-Subject-Sequence: 0`, so a job
+has at most one record: a second delivery of a job that was already settled (a redelivery after an
+outage, two workers that both ran it) is refused by JetStream and writes nothing. There is no tail to read
+and chain onto, so nothing another message did to the tail (retention emptied the stream, a foreign message
+on an audit subject) can stop an append.
 
-Each record goes on its job's own subject (`conclave.audit.<job id>`) with
-`Nats-Expected-Last-Subject-Sequence: 0`, so a job has at most one record: a second delivery of a job
-that was already settled (a redelivery after an outage, two workers that both ran it) is refused by
-JetStream and writes nothing. Records of earlier versions sit on the single subject `conclave.audit`
-and stay in the chain.
+The chain is defined over the stream instead (docs/audit.md): d_s = SHA-256(stored bytes of entry s),
+c_s = SHA-256(c_{s-1} || d_s), c_0 = 32 zero bytes, over every message in sequence order, records or
+not. Signed checkpoints (pipeline/checkpoints.py) state c at chosen sequences; verification
+(pipeline/audit_verify.py) recomputes it.
+
+Records written before version 0.5 carry their own chain (n, prev_hash, hash) and stay in the stream's
+chain like any entry; their own hash is still checked, on the stored JSON rather than a re-encoding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, audit_subject
-from schemas.audit import GENESIS, AuditRecord, record_digest
+from pipeline.subjects import ATTESTING_SUBMITTERS, AUDIT_PREFIX, AUDIT_STREAM, audit_subject
+from schemas.audit import GENESIS, AuditRecord, StreamFacts, stored_bytes
 from schemas.jobs import Done, Failed, Job
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed Nats-Expected-Last-(Subject-)Sequence
 
-decode_record = msgspec.json.Decoder(AuditRecord).decode
-encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(AuditRecord).decode
+_sorted = msgspec.json.Encoder(order="sorted")
+
+
+class Entry(msgspec.Struct):
+    """One message of the audit stream: its sequence, subject and stored bytes, whatever they hold."""
+
+    seq: int
+    subject: str
+    data: bytes
 
 
 def audit_stream_config() -> StreamConfig:
     """File storage; records cannot be deleted or purged through NATS (deny_delete, deny_purge).
 
-    Kept forever unless CONCLAVE_AUDIT_RETENTION_DAYS is set (every process of a deployment inherits it
-    from `conclave serve`, so they all declare the same stream); records that age out leave the chain
-    verifiable from the oldest one kept.
+    Kept forever unless CONCLAVE_AUDIT_RETENTION_DAYS is set when the stream is first made (it is never
+    changed afterwards: pipeline/streams.py). Records that age out leave the rest verifiable.
     """
     days = float(os.environ.get("CONCLAVE_AUDIT_RETENTION_DAYS") or 0)
     return StreamConfig(name=AUDIT_STREAM, subjects=[f"{AUDIT_PREFIX}.>"], storage=StorageType.FILE,
                         max_age=days * 24 * 3600, deny_delete=True, deny_purge=True)
 
 
-def record_for(job_id: str, job: Job | None, final: Done | Failed, partial: Done | None = None, *, model: str,
-               revision: str, worker: str, ranks: int = 1, attempt: int = 1) -> AuditRecord:
-    """The audit record of a job that ended with `final`. `partial` is what a cancelled job had generated."""
+def record_for(job_id: str, job: Job | None, final: Done | Failed, partial: Done | None = None, *, submitter: str,
+               model: str, revision: str, worker: str, ranks: int = 1, attempt: int = 1) -> AuditRecord:
+    """The audit record of a job that `submitter` (its authenticated NATS identity) published and that ended
+    with `final`. `partial` is what a cancelled job had generated. Only an attesting submitter's `caller`
+    and `source` are believed; any other's are kept as claims next to `nats:<submitter>`."""
     done = final if isinstance(final, Done) else partial
     error = final.error if isinstance(final, Failed) else None
     outcome = "done" if error is None else "cancelled" if error.code == "cancelled" else "failed"
+    if submitter in ATTESTING_SUBMITTERS:
+        caller, source = (job.caller, job.source) if job else ("unknown", "unknown")
+        claimed_caller = claimed_source = None
+    else:
+        caller, source = f"nats:{submitter or 'unknown'}", "nats"
+        claimed_caller, claimed_source = (job.caller, job.source) if job else (None, None)
     return AuditRecord(
-        n=0, prev_hash="", time=time.time(), job_id=job_id, outcome=outcome, model=model, model_revision=revision,
-        caller=job.caller if job else "", source=job.source if job else "", job=job,
+        time=time.time(), job_id=job_id, outcome=outcome, model=model, model_revision=revision, submitter=submitter,
+        caller=caller, source=source, claimed_caller=claimed_caller, claimed_source=claimed_source, job=job,
         output=done.text if done else "", finish_reason=done.finish_reason if outcome == "done" else None,
         usage=done.usage if done else None, ttft_ms=done.ttft_ms if done else 0.0,
         duration_ms=done.duration_ms if done else 0.0, worker=worker, ranks=ranks, attempt=attempt, error=error,
     )
 
 
-async def has_record(js: JetStreamContext, job_id: str) -> bool:
+async def append_record(js: JetStreamContext, record: AuditRecord) -> bool:
+    """Append `record`: True when appended, False when its job already had one (JetStream refused a second).
+    Any other failure raises: the caller retries, and does not ack a job whose record is not stored.
+    A record of a malformed job without an id is not fenced (those share one subject)."""
+    fence = {"Nats-Expected-Last-Subject-Sequence": "0"} if record.job_id else None
     try:
-        await js.get_last_msg(AUDIT_STREAM, audit_subject(job_id))
-        return True
-    except NotFoundError:
-        return False
+        await js.publish(audit_subject(record.model, record.submitter, record.job_id), stored_bytes(record),
+                         stream=AUDIT_STREAM, headers=fence)
+    except APIError as exc:
+        if exc.err_code == WRONG_LAST_SEQUENCE:
+            return False
+        raise
+    return True
 
 
-async def append_record(js: JetStreamContext, record: AuditRecord, attempts: int = 100) -> AuditRecord | None:
-    """Chain `record` onto the current tail and append it; returns it with n, prev_hash and hash set, or
-    None if its job already has a record. Jobs without an id (malformed) are not fenced."""
-    fence = {"Nats-Expected-Last-Subject-Sequence": "0"} if record.job_id else {}
-    for _ in range(attempts):
+def decode_record(raw: bytes) -> AuditRecord:
+    """A stored record, whichever version wrote it. A job of a newer schema (a field this version does not
+    know) is left out (`job` None): the stored bytes still hold it. Raises msgspec.MsgspecError for bytes
+    that are not an audit record."""
+    try:
+        return _decode(raw)
+    except msgspec.ValidationError:
+        value = msgspec.json.decode(raw)
+        if not isinstance(value, dict) or value.get("job") is None:
+            raise
+        return msgspec.convert({**value, "job": None}, AuditRecord)
+
+
+# --- the chain ---------------------------------------------------------------------------------------
+
+
+def entry_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def chain(before: str, entries: Iterable[bytes]) -> str:
+    """c after `entries` (their stored bytes, in sequence order), starting from `before` (hex)."""
+    value = bytes.fromhex(before)
+    for data in entries:
+        value = hashlib.sha256(value + entry_digest(data)).digest()
+    return value.hex()
+
+
+def legacy_digest(value: dict[str, Any]) -> str:
+    """A pre-0.5 record's own hash, recomputed from its stored JSON (decoded generically, so that no schema
+    change can alter it): SHA-256 of msgspec's sorted-key encoding with `hash` set to ""."""
+    return hashlib.sha256(_sorted.encode({**value, "hash": ""})).hexdigest()
+
+
+def legacy_problems(entries: list[Entry]) -> list[tuple[int, str]]:
+    """(seq, problem) for pre-0.5 records whose own hash or chain does not hold. These hashes prove little
+    (anyone who can edit a record can recompute them): only signed checkpoints vouch for a record."""
+    problems = []
+    previous: dict | None = None
+    for entry in entries:
         try:
-            last = await js.get_last_msg(AUDIT_STREAM, ">")  # the tail, whatever its subject
-            tail = decode_record(last.data)
-            n, prev, last_seq = tail.n + 1, tail.hash, last.seq
-        except NotFoundError:
-            n, prev, last_seq = 1, GENESIS, 0
-        chained = msgspec.structs.replace(record, n=n, prev_hash=prev, hash="")
-        chained = msgspec.structs.replace(chained, hash=record_digest(chained))
+            value = msgspec.json.decode(entry.data)
+        except msgspec.DecodeError:
+            value = None
+        if not isinstance(value, dict) or "hash" not in value or "prev_hash" not in value:
+            previous = None
+            continue
+        job = value.get("job_id")
+        if value["hash"] != legacy_digest(value):
+            problems.append((entry.seq, f"seq {entry.seq} (job {job}): its contents do not match its own legacy "
+                                        f"hash (edited)"))
+        if previous is not None and (value["prev_hash"] != previous["hash"] or value.get("n") != previous.get("n", 0) + 1):
+            problems.append((entry.seq, f"seq {entry.seq} (job {job}) does not follow the legacy record before it "
+                                        f"(n={previous.get('n')}): records missing or inserted between them"))
+        if previous is None and value.get("n") == 1 and value["prev_hash"] != GENESIS:
+            problems.append((entry.seq, f"seq {entry.seq} (job {job}): legacy record n=1 does not start its chain"))
+        previous = value
+    return problems
+
+
+# --- reading (operator only) -------------------------------------------------------------------------
+
+
+def retention_config(config: StreamConfig) -> dict[str, Any]:
+    """What in a stream's configuration decides which records it keeps, normalised (the server leaves out
+    defaults): a checkpoint signs it, and verify reports any change."""
+    def number(value) -> int:
+        return -1 if value is None else int(value)
+
+    def enum(value) -> str:
+        return "" if value is None else str(getattr(value, "value", value))
+
+    return {
+        "subjects": sorted(config.subjects or []),
+        "retention": enum(config.retention) or "limits",
+        "discard": enum(config.discard) or "old",
+        "max_age_s": float(config.max_age or 0),
+        "max_msgs": number(config.max_msgs),
+        "max_bytes": number(config.max_bytes),
+        "max_msgs_per_subject": number(config.max_msgs_per_subject),
+        "deny_delete": bool(config.deny_delete),
+        "deny_purge": bool(config.deny_purge),
+        "allow_rollup_hdrs": bool(config.allow_rollup_hdrs),
+        "allow_msg_ttl": bool(getattr(config, "allow_msg_ttl", False)),
+        "sealed": bool(config.sealed),
+        "mirror": bool(config.mirror),
+        "sources": bool(config.sources),
+    }
+
+
+async def stream_facts(js: JetStreamContext) -> StreamFacts:
+    """The audit stream's information now. Raises NotFoundError when there is no audit stream."""
+    now = time.time()
+    info = await js.stream_info(AUDIT_STREAM)
+    created = info.created.isoformat() if info.created is not None else ""
+    return StreamFacts(name=AUDIT_STREAM, created=created, config=retention_config(info.config),
+                       first_seq=info.state.first_seq, last_seq=info.state.last_seq, messages=info.state.messages,
+                       time=now)
+
+
+async def read_entries(js: JetStreamContext, first: int | None = None, last: int | None = None
+                       ) -> AsyncIterator[Entry]:
+    """Every stored message in first..last (default: the whole stream), in sequence order."""
+    if first is None or last is None:
+        info = await js.stream_info(AUDIT_STREAM)
+        first = info.state.first_seq if first is None else first
+        last = info.state.last_seq if last is None else last
+    for seq in range(max(first, 1), last + 1):
         try:
-            await js.publish(audit_subject(record.job_id), encode(chained), stream=AUDIT_STREAM,
-                             headers={"Nats-Expected-Last-Sequence": str(last_seq), **fence})
-            return chained
-        except APIError as exc:
-            if exc.err_code != WRONG_LAST_SEQUENCE:
-                raise
-            if fence and await has_record(js, record.job_id):
-                return None
-    raise RuntimeError(f"could not append to {AUDIT_STREAM} after {attempts} attempts")
+            msg = await js.get_msg(AUDIT_STREAM, seq)
+        except NotFoundError:  # aged out meanwhile, or deleted: verification sees the gap
+            continue
+        yield Entry(seq=seq, subject=msg.subject or "", data=msg.data or b"")
 
 
 async def read_records(js: JetStreamContext) -> AsyncIterator[tuple[int, bytes]]:
-    """Every stored record in stream order, as (stream sequence, raw bytes)."""
-    info = await js.stream_info(AUDIT_STREAM)
-    seq = info.state.first_seq
-    while seq and seq <= info.state.last_seq:
-        try:
-            msg = await js.get_msg(AUDIT_STREAM, seq)
-            yield seq, msg.data
-        except NotFoundError:  # deleted: verify sees the gap in the chain
-            pass
-        seq += 1
-
-
-def verify_chain(raw_records: list[bytes]) -> list[str]:
-    """Problems with a chain of records given in order; empty when intact.
-
-    The first record may follow GENESIS or, when older records aged out, any hash: the chain is checked
-    from the oldest record kept.
-    """
-    problems = []
-    previous: AuditRecord | None = None
-    for index, raw in enumerate(raw_records):
-        try:
-            record = decode_record(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            problems.append(f"record {index + 1}: not an audit record ({exc})")
-            previous = None
-            continue
-        if record.hash != record_digest(record):
-            problems.append(f"record n={record.n} (job {record.job_id}): its contents do not match its hash "
-                            f"(edited)")
-        if previous is not None and (record.prev_hash != previous.hash or record.n != previous.n + 1):
-            problems.append(f"record n={record.n} (job {record.job_id}) does not follow n={previous.n}: "
-                            f"records missing or inserted between them")
-        if previous is None and index == 0 and record.n == 1 and record.prev_hash != GENESIS:
-            problems.append("record n=1 does not start the chain")
-        previous = record
-    return problems
+    """Every stored message in stream order, as (stream sequence, stored bytes)."""
+    async for entry in read_entries(js):
+        yield entry.seq, entry.data

@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.parse
 from typing import Awaitable, Callable, TypeVar
 
 import nats
 from nats.aio.client import Client
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+from pipeline.access import Identity
 
 log = logging.getLogger("conclave.nats")
 
@@ -53,20 +56,30 @@ async def persist(operation: Callable[[], Awaitable[T]], deadline_s: float) -> T
         pause = min(pause * 2, 2.0)
 
 
-async def connect(url: str, name: str, on_closed: Callable[[], Awaitable[None]] | None = None,
+def redacted(url: str) -> str:
+    """`url` without a user name or password in it, for logs and messages (a NATS URL may carry them)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc=f"***@{parts.hostname}{':' + str(parts.port) if parts.port else ''}").geturl()
+
+
+async def connect(url: str, name: str, identity: Identity, on_closed: Callable[[], Awaitable[None]] | None = None,
                   **options) -> Client:
-    """A nats-py connection that reconnects forever after network errors and restarts of the server."""
+    """A nats-py connection as `identity` that reconnects forever after network errors and restarts of the
+    server."""
     nc = Client()
+    shown = redacted(url)
     down = asyncio.Event()
 
     async def disconnected():
         if not nc.is_closed and not down.is_set():
-            log.warning("%s: lost the connection to NATS at %s; reconnecting", name, url)
+            log.warning("%s: lost the connection to NATS at %s; reconnecting", name, shown)
             down.set()
 
     async def reconnected():
         down.clear()
-        log.info("%s: reconnected to NATS at %s", name, nc.connected_url.netloc if nc.connected_url else url)
+        log.info("%s: reconnected to NATS at %s", name, shown)
 
     async def error(exc: Exception):
         if not down.is_set():  # while down, every reconnect attempt fails: said once already
@@ -77,7 +90,8 @@ async def connect(url: str, name: str, on_closed: Callable[[], Awaitable[None]] 
             await on_closed()
 
     await nc.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, error_cb=error,
-                     disconnected_cb=disconnected, reconnected_cb=reconnected, closed_cb=closed, **options)
+                     disconnected_cb=disconnected, reconnected_cb=reconnected, closed_cb=closed,
+                     **identity.connect_options(), **options)
     return nc
 
 
@@ -85,7 +99,7 @@ class NatsUnreachable(RuntimeError):
     """A command could not reach NATS; the message says where it tried."""
 
 
-async def connect_once(url: str, name: str, timeout_s: float = 5.0) -> Client:
+async def connect_once(url: str, name: str, identity: Identity, timeout_s: float = 5.0) -> Client:
     """A connection for a short command (`conclave audit`): it fails within seconds, in one line, when
     nothing answers at `url`, rather than retrying for minutes with a traceback per try."""
     async def quiet(exc):
@@ -93,9 +107,9 @@ async def connect_once(url: str, name: str, timeout_s: float = 5.0) -> Client:
 
     try:
         return await asyncio.wait_for(nats.connect(url, name=name, connect_timeout=2, allow_reconnect=False,
-                                                   error_cb=quiet), timeout_s)
+                                                   error_cb=quiet, **identity.connect_options()), timeout_s)
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
-        raise NatsUnreachable(f"cannot reach NATS at {url} ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})") from None
+        raise NatsUnreachable(f"cannot reach NATS at {redacted(url)} as {identity.role} ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})") from None
 
 
 class Link:
@@ -105,9 +119,11 @@ class Link:
     flight on a connection that closed fail; later ones use the new connection (`link.nc`).
     """
 
-    def __init__(self, url: str, name: str, on_open: Callable[[Client], Awaitable[None]] | None = None):
+    def __init__(self, url: str, name: str, identity: Identity,
+                 on_open: Callable[[Client], Awaitable[None]] | None = None):
         self.url = url
         self.name = name
+        self.identity = identity
         self.on_open = on_open
         self.nc: Client | None = None
         self.stopped = False
@@ -120,7 +136,7 @@ class Link:
             if opened and opened[0] is self.nc:
                 await self._closed()
 
-        nc = await connect(self.url, self.name, on_closed=closed)
+        nc = await connect(self.url, self.name, self.identity, on_closed=closed)
         opened.append(nc)
         try:
             if self.on_open is not None:

@@ -62,7 +62,9 @@ KEY_VARIABLE = "CONCLAVE_JETSTREAM_KEY"
 class EmbeddedNats:
     """A nats-server with JetStream, its data under `store_dir`, listening on 127.0.0.1 only.
 
-    Its `max_payload` is EMBEDDED_MAX_PAYLOAD (pipeline/limits.py: every message size Conclave allows is
+    It accepts only the users of `authorization.conf` in `store_dir` (written from the home's credentials
+    by ops/credentials.py before it starts; re-read on SIGHUP, through the pid file). Its `max_payload` is
+    EMBEDDED_MAX_PAYLOAD (pipeline/limits.py: every message size Conclave allows is
     a share of it). With `encryption_key`, JetStream encrypts everything it stores (streams: jobs,
     cancels, the audit log) with ChaCha20-Poly1305, nats-server's own at-rest cipher. The key reaches
     the server through its environment (the config file names the variable), never a file or the
@@ -85,6 +87,7 @@ class EmbeddedNats:
         if self.encryption_key:
             jetstream += f"  cipher: chachapoly\n  key: ${KEY_VARIABLE}\n"
         return (f'listen: "{self.host}:{self.port}"\nserver_name: conclave\nmax_payload: {EMBEDDED_MAX_PAYLOAD}\n'
+                f'pid_file: "{self.store_dir / "nats-server.pid"}"\ninclude "authorization.conf"\n'
                 f"jetstream {{\n{jetstream}}}\n")
 
     def start(self, timeout_s: float = 120.0) -> None:

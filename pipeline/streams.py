@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from nats.js import JetStreamContext
@@ -10,16 +11,19 @@ from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy
 from nats.js.errors import BadRequestError
 
 from pipeline.audit import audit_stream_config
+from pipeline.checkpoints import checkpoints_stream_config
 from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM,
                                RESULTS_PREFIX, RESULTS_STREAM, job_subject, worker_durable)
 
+log = logging.getLogger("conclave.streams")
 DAY = 24 * 3600
 # Deliveries of one job before it is dead-lettered: the last one is not run (see workers/worker.py).
 MAX_DELIVER = 5
 
 
 def max_queued() -> int:
-    """Jobs one model may have queued or running; beyond it a publish is refused (HTTP: 429).
+    """Jobs one model may have queued or running per submitter (its subject: conclave.jobs.<model>.<submitter>);
+    beyond it a publish is refused (HTTP: 429).
 
     From CONCLAVE_MAX_QUEUED (default 1000), which `conclave serve --max-queued` sets for every process it
     starts, so they all declare the same stream.
@@ -48,12 +52,14 @@ def jobs_stream_config(max_age_s: float = 7 * DAY) -> StreamConfig:
 def cancels_stream_config() -> StreamConfig:
     # Cancels are durable too: a job cancelled while queued, or while its worker was restarting, is
     # skipped when a worker reaches it. One message per job id is all that matters.
+    # Read by direct get (pipeline/access.py: a permission can then name the subjects a role may read).
     return StreamConfig(
         name=CANCELS_STREAM,
         subjects=[f"{CANCELS_PREFIX}.>"],
         storage=StorageType.FILE,
         max_age=DAY,
         max_msgs_per_subject=1,
+        allow_direct=True,
     )
 
 
@@ -67,14 +73,16 @@ def results_stream_config() -> StreamConfig:
     # The final event of every job, by job id, for CONCLAVE_RESULTS_TTL_HOURS (default 24): a submitter that
     # lost its connection (or an ingress that restarted) fetches it with get_last_msg on its subject.
     hours = float(os.environ.get("CONCLAVE_RESULTS_TTL_HOURS") or 24)
+    # Read by direct get by subject: a submitter may read only its own results (pipeline/access.py).
     return StreamConfig(name=RESULTS_STREAM, subjects=[f"{RESULTS_PREFIX}.>"], storage=StorageType.FILE,
-                        max_age=hours * 3600, max_msgs_per_subject=1)
+                        max_age=hours * 3600, max_msgs_per_subject=1, allow_direct=True)
 
 
 def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
+    # Every submitter's jobs for the model: conclave.jobs.<model>.<submitter>.
     return ConsumerConfig(
         durable_name=worker_durable(model),
-        filter_subject=job_subject(model),
+        filter_subject=job_subject(model, "*"),
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
@@ -83,10 +91,40 @@ def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
-    """Create the streams, or update them to this config; safe to call from every process at start."""
-    for config in (jobs_stream_config(), cancels_stream_config(), dead_letter_stream_config(), results_stream_config(),
-                   audit_stream_config()):
+    """Create the streams, or update them to this config: the operator's job (`conclave serve` at start), the
+    only role allowed to (pipeline/access.py).
+
+    The audit log and its checkpoints are made once and never changed here: a shorter retention set by a
+    later start (or a typo in CONCLAVE_AUDIT_RETENTION_DAYS) would silently drop records. A difference is
+    said in the log; `conclave audit verify` reports a configuration that changed since a checkpoint.
+    """
+    for config in (jobs_stream_config(), cancels_stream_config(), dead_letter_stream_config(),
+                   results_stream_config()):
         try:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
+    for config in (audit_stream_config(), checkpoints_stream_config()):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            existing = (await js.stream_info(config.name)).config
+            if existing.max_age != config.max_age:
+                log.warning("%s keeps its retention of %s; this start asked for %s and was not applied (change "
+                            "it deliberately with the NATS tools, and expect `conclave audit verify` to report it)",
+                            config.name, describe_age(existing.max_age), describe_age(config.max_age))
+
+
+def describe_age(max_age_s: float | None) -> str:
+    return f"{max_age_s / DAY:g} days" if max_age_s else "forever"
+
+
+async def ensure_consumer(js: JetStreamContext, model: str, ack_wait_s: float) -> None:
+    """The durable consumer every worker of `model` takes jobs from; made by the operator before any worker
+    starts (a worker may read through it, not make or change it)."""
+    config = worker_consumer_config(model, ack_wait_s)
+    try:
+        await js.add_consumer(JOBS_STREAM, config)
+    except BadRequestError:  # exists with another config (an earlier version's filter, another ack-wait)
+        await js.delete_consumer(JOBS_STREAM, config.durable_name)
+        await js.add_consumer(JOBS_STREAM, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 JOBS_STREAM = "CONCLAVE_JOBS"
 JOBS_PREFIX = "conclave.jobs"
@@ -16,7 +17,12 @@ RESULTS_STREAM = "CONCLAVE_RESULTS"
 RESULTS_PREFIX = "conclave.results"
 DEAD_PREFIX = "conclave.dead"
 AUDIT_STREAM = "CONCLAVE_AUDIT"
-AUDIT_PREFIX = "conclave.audit"  # one subject per job: conclave.audit.<job id>
+AUDIT_PREFIX = "conclave.audit"  # one subject per job: conclave.audit.<model>.<submitter>.<job id>
+CHECKPOINTS_STREAM = "CONCLAVE_AUDIT_CHECKPOINTS"
+CHECKPOINTS_SUBJECT = "conclave.checkpoints"  # signed checkpoints of the audit log (pipeline/checkpoints.py)
+# Submitters whose job's `caller` is believed: the ingress states which API key made an HTTP request, the
+# operator's `conclave audit replay` which record it replays. Any other submitter's claim is kept as a claim.
+ATTESTING_SUBMITTERS = frozenset({"ingress", "operator"})
 
 _KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # A subject a message may be published to: dot-separated tokens, none empty, no wildcard, no whitespace.
@@ -34,27 +40,47 @@ def subject_token(name: str) -> str:
     return "".join(c if c in _KEPT else "".join(f"%{b:02X}" for b in c.encode()) for c in name)
 
 
+def name_of_token(token: str) -> str:
+    """The name `subject_token` made `token` from (it is percent-encoding)."""
+    return urllib.parse.unquote(token)
+
+
 def is_publish_subject(subject: str, max_length: int = 256) -> bool:
     """Whether `subject` is one a message can be published to (nats-server closes the connection of a
     client that publishes to an invalid one)."""
     return len(subject) <= max_length and _PUBLISH_SUBJECT.fullmatch(subject) is not None
 
 
-def job_subject(model: str) -> str:
-    return f"{JOBS_PREFIX}.{subject_token(model)}"
+def job_subject(model: str, submitter: str) -> str:
+    """Where `submitter` publishes jobs for `model`. NATS lets each submitter publish only on subjects ending
+    in its own name (pipeline/access.py), so the subject a job arrives on says who really sent it."""
+    return f"{JOBS_PREFIX}.{subject_token(model)}.{submitter}"
 
 
-def model_of_job_subject(subject: str) -> str:
-    """The subject token a job subject names (compare with `subject_token(model)`)."""
-    return subject.removeprefix(JOBS_PREFIX + ".")
+def parse_job_subject(subject: str) -> tuple[str, str] | None:
+    """(model token, submitter) of a job subject, or None for one of another form (published before jobs
+    carried their submitter)."""
+    parts = subject.split(".")
+    return (parts[2], parts[3]) if len(parts) == 4 and subject.startswith(JOBS_PREFIX + ".") else None
 
 
-def reply_subject(request_id: str) -> str:
-    return f"{REPLIES_PREFIX}.{subject_token(request_id)}"
+def reply_prefix(submitter: str) -> str:
+    """Everything a submitter receives lies under this prefix: job events and its own NATS inbox."""
+    return f"{REPLIES_PREFIX}.{submitter}"
 
 
-def cancel_subject(job_id: str) -> str:
-    return f"{CANCELS_PREFIX}.{subject_token(job_id)}"
+def reply_subject(submitter: str, request_id: str) -> str:
+    return f"{reply_prefix(submitter)}.{subject_token(request_id)}"
+
+
+def is_reply_subject_of(subject: str, submitter: str) -> bool:
+    """Whether a job's reply subject lies under its submitter's own prefix (anything else could name another
+    job's replies or the audit log)."""
+    return subject.startswith(reply_prefix(submitter) + ".") and is_publish_subject(subject)
+
+
+def cancel_subject(submitter: str, job_id: str) -> str:
+    return f"{CANCELS_PREFIX}.{submitter}.{subject_token(job_id)}"
 
 
 def status_subject(model: str) -> str:
@@ -76,12 +102,13 @@ def dead_subject(model: str) -> str:
     return f"{DEAD_PREFIX}.{subject_token(model)}"
 
 
-def result_subject(job_id: str) -> str:
-    """The final event (done or failed) of a job, kept in CONCLAVE_RESULTS for a submitter that reconnects."""
-    return f"{RESULTS_PREFIX}.{subject_token(job_id)}"
+def result_subject(model: str, submitter: str, job_id: str) -> str:
+    """The final event (done or failed) of a job, kept in CONCLAVE_RESULTS for a submitter that reconnects.
+    Job ids are the submitter's own: two submitters' jobs with the same id never share a result."""
+    return f"{RESULTS_PREFIX}.{subject_token(model)}.{submitter}.{subject_token(job_id)}"
 
 
-def audit_subject(job_id: str) -> str:
+def audit_subject(model: str, submitter: str, job_id: str) -> str:
     """A job's audit record: one subject per job, so that a second record for a job can be refused.
-    Records of malformed jobs without an id share `conclave.audit.%` (a token no id encodes to)."""
-    return f"{AUDIT_PREFIX}.{subject_token(job_id) or '%'}"
+    Records of malformed jobs without an id share the token `%` (one no id encodes to)."""
+    return f"{AUDIT_PREFIX}.{subject_token(model)}.{submitter}.{subject_token(job_id) or '%'}"

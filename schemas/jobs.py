@@ -28,7 +28,8 @@ class SamplingParams(Struct, forbid_unknown_fields=True):
 
 
 class Job(Struct, forbid_unknown_fields=True):
-    """One generation request. Published on `conclave.jobs.<model>` with `Nats-Msg-Id` = `id`."""
+    """One generation request. Published by submitter S on `conclave.jobs.<model>.S` with `Nats-Msg-Id` = `id`;
+    `reply_subject` must lie under `conclave.replies.S.` (pipeline/access.py, pipeline/intake.py)."""
 
     id: str
     model: str
@@ -40,7 +41,9 @@ class Job(Struct, forbid_unknown_fields=True):
     stream: bool = True  # False: only the final Done (or Failed) is sent
     created: float = 0.0  # unix seconds, set by the submitter; used for the queue TTL
     source: str = "nats"  # "http" for the ingress
-    caller: str = ""  # who asked, for the audit log: the ingress sets the API key's id
+    # Who asked, for the audit log: believed from the ingress (the API key's name) and the operator; from any
+    # other submitter it is recorded as its claim, next to its authenticated name (schemas/audit.py).
+    caller: str = ""
 
 
 class ReplyAddress(Struct):
@@ -51,7 +54,7 @@ class ReplyAddress(Struct):
 
 
 class Cancel(Struct, forbid_unknown_fields=True):
-    """Published on `conclave.cancels.<job id>`: stop (or never start) that job."""
+    """Published on `conclave.cancels.<submitter>.<job id>`: stop (or never start) that job."""
 
     id: str
     reason: str = ""
@@ -124,3 +127,6 @@ class WorkerStatus(Struct):
     # holds a batch slot, and how long its prefill holds the batch's single joining slot. 0: no job yet.
     job_s: float = 0.0
     prefill_s: float = 0.0
+    # Why it cannot settle jobs right now (its audit records are refused): it acks nothing meanwhile, and
+    # the ingress's /health reports it. Empty when all is well.
+    problem: str = ""

@@ -12,14 +12,37 @@ import httpx
 import openai
 import pytest
 
+from ops.credentials import issue_submitter, role_identity, write_private
 from ops.spawn import ServerProcess, spawn_server
+from pipeline.access import OPERATOR, Identity
 
 MODEL = "SmolLM2-135M-Instruct"
+SUBMITTER = "tests"  # the suite's own NATS submitter, issued in every home before its server starts
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 
 
+def submitter_identity(home: Path) -> Identity:
+    """The suite's submitter in `home`, issued on first use (before a server starts: no reload to wait for)."""
+    path = Path(home) / f"{SUBMITTER}.nk"
+    if not path.exists():
+        Path(home).mkdir(parents=True, exist_ok=True)
+        write_private(path, issue_submitter(home, SUBMITTER))
+    return Identity(SUBMITTER, path)
+
+
+async def connect_as(home: Path, url: str, role: str = SUBMITTER, **options):
+    """A nats-py connection to `url` as a role of `home` (default: the suite's submitter)."""
+    import nats as nats_client
+
+    identity = submitter_identity(home) if role == SUBMITTER else role_identity(home, role)
+    return await nats_client.connect(url, **identity.connect_options(), **options)
+
+
 class Server(ServerProcess):
+    async def connect(self, role: str = SUBMITTER, **options):
+        return await connect_as(self.home, self.nats_url, role, **options)
+
     def health(self) -> dict:
         return httpx.get(self.base_url.removesuffix("/v1") + "/health", timeout=10).json()
 
@@ -33,7 +56,9 @@ class Server(ServerProcess):
 
 def start_server(home: Path, *flags: str, heartbeat: float = 0.5) -> Server:
     # A short heartbeat and worker timeout so that a killed worker is noticed within seconds.
-    return Server(**vars(spawn_server(home, "--heartbeat", str(heartbeat), "--worker-timeout", "5", *flags)))
+    submitter_identity(home)
+    return Server(**vars(spawn_server(home, "--heartbeat", str(heartbeat), "--worker-timeout", "5",
+                                      "--checkpoint-interval", "1", *flags)))
 
 
 @pytest.fixture(scope="session")
@@ -84,18 +109,14 @@ def stream_until_broken(client: openai.OpenAI, break_worker) -> tuple[str, str]:
     return str(caught.value), job_id
 
 
-async def wait_for_audit_record(nats_url: str, predicate, timeout_s: float = 60.0):
-    """The first audit record matching `predicate`, once the worker has appended it.
-
-    A worker appends the record just after it sends the final event, so a client can have its answer a
-    moment before the record exists; this watches the audit subject instead of guessing a delay.
+async def wait_for_audit_record(server, predicate, timeout_s: float = 60.0):
+    """The first audit record matching `predicate` in `server`'s audit log (read as the operator: no other
+    role may), once it is there: this watches the audit subject instead of guessing a delay.
     """
-    import nats as nats_client
-
     from pipeline.audit import decode_record
     from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM
 
-    nc = await nats_client.connect(nats_url)
+    nc = await server.connect(OPERATOR)
     try:
         watch = await nc.jetstream().subscribe(f"{AUDIT_PREFIX}.>", stream=AUDIT_STREAM, ordered_consumer=True)
         while True:
@@ -122,11 +143,16 @@ class WorkerProcess:
         return self.process.wait(30)
 
 
-def start_worker(server, nats_url: str, *flags: str) -> WorkerProcess:
-    """A worker for the bundled model (from the session server's store) on `nats_url`, heartbeat 0.5 s."""
+def start_worker(server, broker, *flags: str) -> WorkerProcess:
+    """A worker for the bundled model (from the session server's store) on `broker` (a Server or a Broker),
+    heartbeat 0.5 s, with the worker role's credentials of the broker's home. Its consumer must exist."""
+    from pipeline.access import worker_role
+
+    seed = role_identity(broker.home, worker_role(MODEL)).seed_file
     process = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
-                                str(server.home / "models" / MODEL), "--nats-url", nats_url, "--heartbeat", "0.5",
-                                *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                str(server.home / "models" / MODEL), "--nats-url", broker.nats_url, "--nats-seed", str(seed),
+                                "--heartbeat", "0.5", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     worker = WorkerProcess(process)
 
     def read_lines():
@@ -138,19 +164,59 @@ def start_worker(server, nats_url: str, *flags: str) -> WorkerProcess:
     return worker
 
 
+@dataclass
+class Broker:
+    """An authenticated nats-server started by a test, and the home holding its credentials."""
+
+    home: Path
+    server: object  # pipeline.nats_server.EmbeddedNats
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    nats_url = url
+
+    async def connect(self, role: str = SUBMITTER, **options):
+        return await connect_as(self.home, self.url, role, **options)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_bare_nats(home: Path, port: int | None = None, **options) -> Broker:
+    """An authenticated nats-server of its own in `home` (its roles: operator, the worker of MODEL, the suite's
+    submitter); `prepare_streams` gives it Conclave's streams and MODEL's consumer."""
+    from ops.config import free_port
+    from ops.credentials import write_authorization
+    from pipeline.access import worker_role
+    from pipeline.nats_server import EmbeddedNats
+
+    for role in (OPERATOR, worker_role(MODEL)):
+        role_identity(home, role)
+    submitter_identity(home)
+    server = EmbeddedNats(home / "nats", port=port or free_port(), **options)
+    write_authorization(home, server.store_dir)
+    server.start()
+    return Broker(home, server)
+
+
+async def prepare_streams(nc) -> None:
+    from pipeline.streams import ensure_consumer, ensure_streams
+
+    await ensure_streams(nc.jetstream())
+    await ensure_consumer(nc.jetstream(), MODEL, 2.5)  # 5 heartbeats of start_worker's 0.5 s
+
+
 @pytest.fixture
 async def bare_nats(tmp_path):
-    """A nats-server of the test's own, with Conclave's streams, and a connection to it."""
-    import nats as nats_client
-
-    from ops.config import free_port
-    from pipeline.nats_server import EmbeddedNats
-    from pipeline.streams import ensure_streams
-
-    server = EmbeddedNats(tmp_path / "nats", port=free_port())
-    server.start()
-    nc = await nats_client.connect(server.url)
-    await ensure_streams(nc.jetstream())
+    """A nats-server of the test's own (`start_bare_nats` in tmp_path), and an operator's connection to it."""
+    server = start_bare_nats(tmp_path)
+    nc = await server.connect(OPERATOR)
+    await prepare_streams(nc)
     yield server, nc
     await nc.close()
     server.stop()

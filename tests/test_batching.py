@@ -100,5 +100,5 @@ async def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(server,
         assert other.result() == expected
     asked = story[0]["content"]
     record = await wait_for_audit_record(
-        server.nats_url, lambda r: bool(r.job and r.job.messages and r.job.messages[0].content == asked))
+        server, lambda r: bool(r.job and r.job.messages and r.job.messages[0].content == asked))
     assert record.outcome == "cancelled" and 0 < record.usage.completion_tokens < 4000, record

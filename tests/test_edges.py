@@ -8,14 +8,13 @@ import sys
 import time
 
 import msgspec
-import nats
 
 from ops.config import free_port
-from pipeline.nats_server import EmbeddedNats
 from pipeline.subjects import JOBS_STREAM, job_subject
 from schemas.jobs import Failed, Job
 from schemas.openai import ChatMessage
-from tests.conftest import FRANCE, MODEL, wait_for_audit_record
+from pipeline.access import OPERATOR
+from tests.conftest import FRANCE, MODEL, SUBMITTER, start_bare_nats, wait_for_audit_record
 from tests.test_durability import final_event
 
 
@@ -45,10 +44,10 @@ def test_commands_without_a_deployment_fail_in_one_line_within_seconds(tmp_path)
 
 
 def test_audit_on_a_nats_server_without_an_audit_log_says_so(tmp_path):
-    bare = EmbeddedNats(tmp_path / "nats", port=free_port())
-    bare.start()
+    bare = start_bare_nats(tmp_path)  # no streams made
     try:
-        one_clear_line(conclave("audit", "verify", "--nats-url", bare.url), 2, "there is no audit log")
+        one_clear_line(conclave("--home", str(tmp_path), "audit", "verify", "--nats-url", bare.url), 2,
+                       "there is no audit log")
     finally:
         bare.stop()
 
@@ -77,17 +76,19 @@ def test_serve_help_shows_the_defaults():
 
 
 async def test_a_job_for_a_model_nobody_serves_is_answered_404_and_recorded(server):
-    nc = await nats.connect(server.nats_url)
+    nc = await server.connect()
     try:
-        replies = await nc.subscribe("test.replies.nope")
-        job = Job(id="job-nope", model="nope", reply_subject="test.replies.nope", kind="chat", created=time.time(),
+        replies = await nc.subscribe("conclave.replies.tests.nope")
+        job = Job(id="job-nope", model="nope", reply_subject="conclave.replies.tests.nope", kind="chat", created=time.time(),
                   messages=[ChatMessage(**m) for m in FRANCE])
-        await nc.jetstream().publish(job_subject("nope"), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+        await nc.jetstream().publish(job_subject("nope", SUBMITTER), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
         failed = await final_event(replies)
         assert isinstance(failed, Failed) and (failed.status, failed.error.code) == (404, "model_not_found")
-        record = await wait_for_audit_record(server.nats_url, lambda r: r.job_id == job.id)
+        record = await wait_for_audit_record(server, lambda r: r.job_id == job.id)
         assert (record.outcome, record.model, record.error.code) == ("failed", "nope", "model_not_found")
-        info = await nc.jetstream().stream_info(JOBS_STREAM, subjects_filter=job_subject("nope"))
+        operator = await server.connect(OPERATOR)
+        info = await operator.jetstream().stream_info(JOBS_STREAM, subjects_filter=job_subject("nope", SUBMITTER))
+        await operator.close()
         assert not info.state.subjects  # nothing left waiting for a worker that will never come
     finally:
         await nc.close()

@@ -7,10 +7,10 @@ import signal
 import socket
 
 import httpx
-import nats
 import pytest
 
 from pipeline.audit import decode_record, read_records
+from pipeline.access import OPERATOR
 from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken, wait_for_audit_record
 
 
@@ -26,9 +26,9 @@ async def test_killed_worker_gives_a_clean_error_then_recovers(server, client):
     assert any(p != pid for p in server.worker_pids())
     # The ingress cancelled the job it gave up on, so its redelivery is skipped or stopped: the audit log has
     # exactly one record for it (the killed delivery wrote none), and it says so.
-    record = await wait_for_audit_record(server.nats_url, lambda r: r.job_id == job_id)
+    record = await wait_for_audit_record(server, lambda r: r.job_id == job_id)
     assert record.outcome == "cancelled" and record.attempt >= 2
-    nc = await nats.connect(server.nats_url)
+    nc = await server.connect(OPERATOR)
     try:
         assert [decode_record(raw).job_id async for _, raw in read_records(nc.jetstream())].count(job_id) == 1
     finally:
@@ -56,6 +56,6 @@ async def test_client_disconnect_stops_a_non_streamed_request(server, http):
                                                         "logit_bias": {"2": -100},
                                                         "messages": [{"role": "user", "content": prompt}]})
     record = await wait_for_audit_record(
-        server.nats_url, lambda r: bool(r.job and r.job.messages and r.job.messages[0].content == prompt))
+        server, lambda r: bool(r.job and r.job.messages and r.job.messages[0].content == prompt))
     assert record.outcome == "cancelled" and record.error.code == "cancelled" and record.finish_reason is None
     assert 0 < record.usage.completion_tokens < 8000

@@ -7,13 +7,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
-import nats
 import pytest
 
 from pipeline.subjects import job_subject
 from schemas.jobs import Job, SamplingParams
 from schemas.openai import ChatMessage
-from tests.conftest import FRANCE, MODEL
+from tests.conftest import FRANCE, MODEL, SUBMITTER
 from tests.test_durability import final_event
 
 EOS = 2  # SmolLM2's <|im_end|>: suppressed below, so that the innocent request outlasts the bad one anywhere
@@ -65,13 +64,13 @@ def test_logit_bias_keys_that_are_not_integers_are_a_400(http):
 
 
 async def test_a_nats_job_with_a_negative_top_k_gets_a_400(server):
-    nc = await nats.connect(server.nats_url)
+    nc = await server.connect()
     try:
-        replies = await nc.subscribe("test.replies.topk")
-        job = Job(id="job-topk", model=MODEL, reply_subject="test.replies.topk", kind="chat",
+        replies = await nc.subscribe("conclave.replies.tests.topk")
+        job = Job(id="job-topk", model=MODEL, reply_subject="conclave.replies.tests.topk", kind="chat",
                   messages=[ChatMessage(**m) for m in FRANCE], params=SamplingParams(top_k=-5),
                   created=time.time())
-        await nc.jetstream().publish(job_subject(MODEL), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+        await nc.jetstream().publish(job_subject(MODEL, SUBMITTER), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
         failed = await final_event(replies)
         assert failed.status == 400 and (failed.error.param, failed.error.code) == ("top_k", "invalid_value")
     finally:

@@ -6,14 +6,13 @@ import json
 import time
 
 import msgspec
-import nats
 import pytest
 
 from pipeline.limits import EMBEDDED_MAX_PAYLOAD, PayloadLimits, too_deep
 from pipeline.subjects import job_subject
 from schemas.jobs import Failed, Job
 from schemas.openai import ChatMessage
-from tests.conftest import FRANCE, MODEL, wait_for_audit_record
+from tests.conftest import FRANCE, MODEL, SUBMITTER, wait_for_audit_record
 from tests.test_durability import final_event
 from tests.test_errors import error_of, still_serves
 
@@ -39,7 +38,7 @@ async def test_a_megabyte_request_is_answered_and_recorded_and_the_server_keeps_
     response = http.post("/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
     assert response.status_code == 400 and error_of(response)["code"] == "context_length_exceeded"
     job_id = response.headers["x-request-id"]
-    record = await wait_for_audit_record(server.nats_url, lambda r: r.job_id == job_id)
+    record = await wait_for_audit_record(server, lambda r: r.job_id == job_id)
     assert record.job.prompt == prompt and record.error.code == "context_length_exceeded"
     assert server.health()["nats"] == "connected"
     still_serves(client)
@@ -65,24 +64,24 @@ def test_deeply_nested_json_is_400(http, client):
 
 async def test_nats_jobs_too_large_or_too_deep_are_refused_recorded_and_the_worker_goes_on(server, client):
     pid = server.worker_pid()
-    nc = await nats.connect(server.nats_url)
+    nc = await server.connect()
     try:
         js = nc.jetstream()
-        replies = await nc.subscribe("test.replies.huge")
+        replies = await nc.subscribe("conclave.replies.tests.huge")
         # Fits the server's max_payload, not the job limit: its audit record could not hold it and an output.
-        huge = Job(id="job-huge", model=MODEL, reply_subject="test.replies.huge", kind="chat", created=time.time(),
+        huge = Job(id="job-huge", model=MODEL, reply_subject="conclave.replies.tests.huge", kind="chat", created=time.time(),
                    messages=[ChatMessage(role="user", content="y" * (LIMITS.job_bytes + 10))])
-        await js.publish(job_subject(MODEL), msgspec.json.encode(huge), headers={"Nats-Msg-Id": huge.id})
+        await js.publish(job_subject(MODEL, SUBMITTER), msgspec.json.encode(huge), headers={"Nats-Msg-Id": huge.id})
         failed = await final_event(replies)
         assert isinstance(failed, Failed) and (failed.status, failed.error.code) == (413, "job_too_large")
-        record = await wait_for_audit_record(server.nats_url, lambda r: r.job_id == huge.id)
+        record = await wait_for_audit_record(server, lambda r: r.job_id == huge.id)
         assert record.outcome == "failed" and record.job is None and record.error.code == "job_too_large"
 
         # 100,000 levels deep: once a RecursionError that left the job unsettled, redelivered again and again.
-        deep = '{"id": "job-deep", "reply_subject": "test.replies.deep", "x": %s}' % nested(100_000)
-        await js.publish(job_subject(MODEL), deep.encode(), headers={"Nats-Msg-Id": "job-deep"})
+        deep = '{"id": "job-deep", "reply_subject": "conclave.replies.tests.deep", "x": %s}' % nested(100_000)
+        await js.publish(job_subject(MODEL, SUBMITTER), deep.encode(), headers={"Nats-Msg-Id": "job-deep"})
         record = await wait_for_audit_record(
-            server.nats_url, lambda r: r.error is not None and "nested too deeply" in r.error.message)
+            server, lambda r: r.error is not None and "nested too deeply" in r.error.message)
         assert (record.outcome, record.error.code) == ("failed", "invalid_job")
     finally:
         await nc.close()
@@ -92,16 +91,16 @@ async def test_nats_jobs_too_large_or_too_deep_are_refused_recorded_and_the_work
 
 async def test_a_record_of_several_megabytes_is_kept(server):
     # A prompt far longer than the context: refused before it is tokenised, and recorded whole.
-    nc = await nats.connect(server.nats_url)
+    nc = await server.connect()
     try:
-        replies = await nc.subscribe("test.replies.long")
+        replies = await nc.subscribe("conclave.replies.tests.long")
         text = "z" * (6 * 2**20)
-        job = Job(id="job-long", model=MODEL, reply_subject="test.replies.long", kind="completion", prompt=text,
+        job = Job(id="job-long", model=MODEL, reply_subject="conclave.replies.tests.long", kind="completion", prompt=text,
                   created=time.time())
-        await nc.jetstream().publish(job_subject(MODEL), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+        await nc.jetstream().publish(job_subject(MODEL, SUBMITTER), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
         failed = await final_event(replies)
         assert failed.status == 400 and failed.error.code == "context_length_exceeded"
-        record = await wait_for_audit_record(server.nats_url, lambda r: r.job_id == job.id)
+        record = await wait_for_audit_record(server, lambda r: r.job_id == job.id)
         assert record.job.prompt == text
     finally:
         await nc.close()
@@ -132,7 +131,7 @@ def test_generation_stops_at_the_output_limit(server, tokenizer):
 @pytest.mark.parametrize("max_payload", [2**20, EMBEDDED_MAX_PAYLOAD])
 def test_a_record_of_the_largest_job_and_output_fits_the_payload(max_payload):
     from pipeline.audit import record_for
-    from schemas.audit import record_digest
+    from schemas.audit import stored_bytes
     from schemas.jobs import Done
     from schemas.openai import Usage
 
@@ -143,7 +142,6 @@ def test_a_record_of_the_largest_job_and_output_fits_the_payload(max_payload):
     done = Done(id=job.id, text="o" * limits.output_bytes, finish_reason="length",
                 usage=Usage(prompt_tokens=10**6, completion_tokens=10**6, total_tokens=2 * 10**6), ttft_ms=1.0,
                 duration_ms=1.0, worker="w" * 300)
-    record = record_for(job.id, job, done, model=MODEL, revision="r", worker="w" * 300)
-    record = msgspec.structs.replace(record, hash=record_digest(record), prev_hash="0" * 64)
-    headers = 1024  # Nats-Expected-Last-Sequence, Nats-Expected-Last-Subject-Sequence, and their framing
-    assert len(msgspec.json.encode(record)) + headers < max_payload
+    record = record_for(job.id, job, done, submitter="s" * 63, model=MODEL, revision="r", worker="w" * 300)
+    headers = 1024  # Nats-Expected-Last-Subject-Sequence and its framing
+    assert len(stored_bytes(record)) + headers < max_payload

@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import nats
 import openai
 import pytest
 
 from pipeline.audit import decode_record, read_records
 from pipeline.subjects import JOBS_STREAM, worker_durable
+from pipeline.access import OPERATOR
 from tests.conftest import FRANCE, MODEL, start_server, wait_for_audit_record
 
 EOS = 2  # <|im_end|>, suppressed so that a job runs for exactly its max_tokens
@@ -58,8 +58,8 @@ def client_of(srv) -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=300)
 
 
-async def records_by_job(nats_url: str) -> dict[str, int]:
-    nc = await nats.connect(nats_url)
+async def records_by_job(srv) -> dict[str, int]:
+    nc = await srv.connect(OPERATOR)
     try:
         counts: dict[str, int] = {}
         async for _, raw in read_records(nc.jetstream()):
@@ -70,8 +70,8 @@ async def records_by_job(nats_url: str) -> dict[str, int]:
         await nc.close()
 
 
-async def queued_jobs(nats_url: str) -> int:
-    nc = await nats.connect(nats_url)
+async def queued_jobs(srv) -> int:
+    nc = await srv.connect(OPERATOR)
     try:
         return (await nc.jetstream().consumer_info(JOBS_STREAM, worker_durable(MODEL))).num_pending
     finally:
@@ -88,7 +88,7 @@ async def test_a_killed_nats_server_is_restarted_and_the_jobs_it_held_are_answer
                    what="the first job running")
         queued = pool.submit(client.chat.completions.create, model=MODEL, messages=FRANCE, temperature=0,
                              max_tokens=12)
-        while await queued_jobs(deployment.nats_url) < 1:
+        while await queued_jobs(deployment) < 1:
             await asyncio.sleep(0.1)
         pid = nats_server_pid(deployment.home)
         os.kill(pid, signal.SIGKILL)
@@ -105,8 +105,8 @@ async def test_a_killed_nats_server_is_restarted_and_the_jobs_it_held_are_answer
     assert f"nats-server (pid {pid}) exited with signal SIGKILL; restarting it on the same store" in log
     assert "Traceback" not in log
     for job_id in ids:
-        await wait_for_audit_record(deployment.nats_url, lambda r: r.job_id == job_id)
-    counts = await records_by_job(deployment.nats_url)
+        await wait_for_audit_record(deployment, lambda r: r.job_id == job_id)
+    counts = await records_by_job(deployment)
     assert [counts[job_id] for job_id in ids] == [1] * len(ids)
 
 
@@ -144,7 +144,7 @@ async def test_a_request_answered_503_because_nats_did_not_answer_never_runs(dep
     assert response.status_code == 503 and response.json()["error"]["code"] == "queue_unavailable"
     job_id = response.headers["x-request-id"]
     # Its publish may still have reached the queue: a worker settles it with the 503 its client got, unrun.
-    record = await wait_for_audit_record(deployment.nats_url, lambda r: r.job_id == job_id)
+    record = await wait_for_audit_record(deployment, lambda r: r.job_id == job_id)
     assert (record.outcome, record.error.code) == ("failed", "queue_unavailable")
     still = client_of(deployment).chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8)
     assert "Paris" in still.choices[0].message.content

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from ingress.errors import validation_error
-from pipeline.subjects import job_subject, subject_token
+from pipeline.subjects import job_subject, name_of_token, parse_job_subject, subject_token
 from schemas.openai import ChatCompletionRequest
 from workers.stops import StopMatcher
 
@@ -63,9 +63,34 @@ def test_subject_names_are_single_tokens_one_to_one():
     assert subject_token("org/Model-1.5B v2") == "org%2FModel-1%2E5B%20v2"
     assert subject_token("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
     # Two models (or job ids) never share a subject or a consumer: a lossy mapping made `a.b` and `a_b` one.
-    assert job_subject("a.b") == "conclave.jobs.a%2Eb" != job_subject("a_b") == "conclave.jobs.a_b"
+    assert job_subject("a.b", "s") == "conclave.jobs.a%2Eb.s" != job_subject("a_b", "s") == "conclave.jobs.a_b.s"
     assert subject_token("a%2Eb") == "a%252Eb" != subject_token("a.b")
     assert subject_token("é") == "%C3%A9"
+    # and back: who sent a job is read from its subject, the model by inverting the token
+    for name in ("org/Model-1.5B v2", "a%2Eb", "é"):
+        assert name_of_token(subject_token(name)) == name
+        assert parse_job_subject(job_subject(name, "billing")) == (subject_token(name), "billing")
+    assert parse_job_subject("conclave.jobs.m") is None  # the form before submitters were authenticated
+
+
+def test_a_reply_subject_must_lie_under_its_submitters_own_prefix():
+    from pipeline.intake import open_delivery
+    from pipeline.limits import PayloadLimits
+
+    def reply_of(reply: str, subject: str = "conclave.jobs.m.tests"):
+        job = b'{"id":"j","model":"m","kind":"completion","prompt":"x","reply_subject":"%s"}' % reply.encode()
+        delivery, error, status = open_delivery(subject, job, 1, PayloadLimits(2**20))
+        return delivery, (status, error.code if error else None)
+
+    delivery, outcome = reply_of("conclave.replies.tests.mine")
+    assert (delivery.submitter, delivery.model, delivery.reply_subject, outcome) == (
+        "tests", "m", "conclave.replies.tests.mine", (0, None))
+    for forged in ("conclave.replies.ingress.chatcmpl-1", "conclave.audit.m.ingress.x", "conclave.replies.tests.*",
+                   "conclave.replies.tests", "conclave.replies.testsX.a", "_INBOX.abc"):
+        delivery, outcome = reply_of(forged)
+        assert outcome == (400, "invalid_job") and delivery.reply_subject is None, forged
+    delivery, outcome = reply_of("conclave.replies.tests.a", subject="conclave.jobs.m")
+    assert delivery.submitter == "unauthenticated" and delivery.reply_subject is None
 
 
 SMOLLM = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "intermediate_size": 1536,

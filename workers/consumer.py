@@ -31,9 +31,8 @@ from pipeline.connection import persist
 from pipeline.intake import open_delivery
 from pipeline.limits import LARGE_MESSAGE, PayloadLimits
 from pipeline.settle import Delivery, Settler
-from pipeline.streams import MAX_DELIVER, worker_consumer_config
-from pipeline.subjects import (CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject, job_subject,
-                               worker_durable)
+from pipeline.streams import MAX_DELIVER
+from pipeline.subjects import CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject, worker_durable
 from schemas.jobs import Accepted, Cancel, Chunk, Done, Failed, Heartbeat
 from schemas.openai import ErrorDetail
 from workers.generation import Generation, Halted
@@ -88,9 +87,11 @@ class JobConsumer:
         room = asyncio.Event()  # a task ended: room to fetch another
         sub = None
         try:
-            sub = await persist(lambda: self.js.pull_subscribe(
-                job_subject(self.model_id), durable=worker_durable(self.model_id), stream=JOBS_STREAM,
-                config=worker_consumer_config(self.model_id, self.ack_wait_s)), self.ack_wait_s * 10)
+            # The consumer is the operator's to make (`conclave serve`, before it starts workers): a worker
+            # may only read through it, never create or change one (pipeline/access.py).
+            await persist(lambda: self.js.consumer_info(JOBS_STREAM, worker_durable(self.model_id)),
+                          self.ack_wait_s * 10)
+            sub = await self.js.pull_subscribe_bind(durable=worker_durable(self.model_id), stream=JOBS_STREAM)
             while not stopping.is_set():
                 if len(tasks) >= self.max_batch:
                     room.clear()
@@ -121,9 +122,10 @@ class JobConsumer:
     async def take(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered if msg.metadata else 1
         if len(msg.data) > LARGE_MESSAGE:
-            delivery, error, status = await asyncio.to_thread(open_delivery, msg.data, attempt, self.limits)
+            delivery, error, status = await asyncio.to_thread(open_delivery, msg.subject, msg.data, attempt,
+                                                              self.limits)
         else:
-            delivery, error, status = open_delivery(msg.data, attempt, self.limits)
+            delivery, error, status = open_delivery(msg.subject, msg.data, attempt, self.limits)
         delivery.msg = msg
         running = self.active.get(delivery.job_id) if delivery.job is not None else None
         if running is not None:
@@ -151,7 +153,7 @@ class JobConsumer:
             await self.fail(delivery, status, error)
             return
         job = delivery.job
-        stored = await self.settler.stored(job.id)
+        stored = await self.settler.stored(delivery)
         if stored is not None:  # settled before (its ack was lost, or the same id was published again)
             log.info("job %s was settled before; answering with its stored result", job.id)
             await self.settler.settle(delivery, stored)
@@ -187,11 +189,12 @@ class JobConsumer:
             cancelled.set()
 
         # Listen first, then look for a cancel stored earlier, so one published in between is not missed.
-        cancels = await self.nc.subscribe(cancel_subject(job.id), cb=on_cancel)
+        cancels = await self.nc.subscribe(cancel_subject(delivery.submitter, job.id), cb=on_cancel)
         try:
             try:
                 stored = read_cancel((await persist(
-                    lambda: self.js.get_last_msg(CANCELS_STREAM, cancel_subject(job.id)), self.ack_wait_s)).data)
+                    lambda: self.js.get_last_msg(CANCELS_STREAM, cancel_subject(delivery.submitter, job.id),
+                                                 direct=True), self.ack_wait_s)).data)
                 cancelled.set()
                 if stored.refused:
                     refused.append(stored)
@@ -233,7 +236,7 @@ class JobConsumer:
             return
         log.info("job %s started: %d prompt tokens, up to %d new, attempt %d, caller %s", job.id, len(prompt),
                  max_tokens, delivery.attempt, job.caller or "-")
-        await self.nc.publish(job.reply_subject, encode(
+        await self.nc.publish(delivery.reply_subject, encode(
             Accepted(id=job.id, prompt_tokens=len(prompt), worker=self.name, attempt=delivery.attempt)))
         events: asyncio.Queue = asyncio.Queue()
         shard = self.loaded.shard
@@ -247,7 +250,7 @@ class JobConsumer:
                 event = await events.get()
                 if isinstance(event, Chunk):
                     if job.stream:
-                        await self.nc.publish(job.reply_subject, encode(event))
+                        await self.nc.publish(delivery.reply_subject, encode(event))
                 elif isinstance(event, Halted):
                     # Stopped by shutdown: hand the job back for another worker rather than ending it short.
                     with contextlib.suppress(nats.errors.Error):

@@ -36,10 +36,10 @@ from pathlib import Path
 import mlx.core as mx
 import nats
 
+from pipeline.access import Identity, worker_role
 from pipeline.connection import connect
 from pipeline.limits import PayloadLimits
-from pipeline.settle import Settler, persist
-from pipeline.streams import ensure_streams
+from pipeline.settle import Settler
 from pipeline.subjects import group_wake_subject, status_subject
 from schemas.jobs import WorkerStatus
 from schemas.openai import ErrorDetail
@@ -84,11 +84,12 @@ class Worker:
             jobs_done=consumer.jobs_done if consumer else 0, layout=self.rank.layout, ranks=self.ranks,
             active=len(consumer.active) if consumer else 0, max_batch=self.args.max_batch,
             job_s=consumer.times.job_s if consumer else 0.0, prefill_s=consumer.times.prefill_s if consumer else 0.0,
+            problem=f"audit log: {consumer.settler.audit_failure}" if consumer and consumer.settler.audit_failure
+            else "",
         )
 
     async def run(self, stopping: asyncio.Event) -> None:
         args, loop = self.args, self.loop
-        await persist(lambda: ensure_streams(self.nc.jetstream()), 60.0)
         status = asyncio.create_task(report_status(self.nc, self.status, args.heartbeat, stopping))
         self.loaded = await loop.run_in_executor(
             self.executor, open_model, args.model_id, Path(args.model_dir), self.rank.layout, self.group,
@@ -99,7 +100,8 @@ class Worker:
             self.executor, BatchEngine, self.loaded.shard, args.max_batch, int(args.prefix_cache_gb * 2**30))
         self.scheduler = BatchScheduler(engine, args.heartbeat)
         # Settling retries for ten ack-waits while NATS is unreachable (a restart, JetStream recovering its store).
-        settler = Settler(self.nc, args.model_id, self.name, self.ranks, self.loaded.revision, 50 * args.heartbeat)
+        settler = Settler(self.nc, args.model_id, self.name, self.ranks, self.loaded.revision, 50 * args.heartbeat,
+                          stopping)
         self.consumer = JobConsumer(
             self.nc, args.model_id, self.loaded, self.scheduler, settler, self.name, args.heartbeat, args.queue_ttl,
             args.max_batch, args.default_max_tokens, PayloadLimits(self.nc.max_payload))
@@ -206,7 +208,8 @@ async def main_async(args) -> int:
             stopping.set()
 
     group = await loop.run_in_executor(executor, join_group, rank)
-    nc = await connect(args.nats_url, f"conclave-worker:{args.model_id}", on_closed=nats_closed)
+    identity = Identity(worker_role(args.model_id), Path(args.nats_seed))
+    nc = await connect(args.nats_url, f"conclave-worker:{args.model_id}", identity, on_closed=nats_closed)
     try:
         if group is None or group.rank() == 0:
             await Worker(nc, args, executor, rank, group, loop).run(stopping)
@@ -230,6 +233,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model-id", required=True)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--nats-url", required=True)
+    parser.add_argument("--nats-seed", required=True, help="file holding the nkey seed of this model's worker role "
+                        "(pipeline/access.py; `conclave serve` makes it in <home>/credentials/roles)")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between status/progress messages")
     parser.add_argument("--queue-ttl", type=float, default=600.0, help="drop jobs that waited longer than this")
     add_rank_arguments(parser)

@@ -1,0 +1,111 @@
+"""The deployment's NATS credentials, kept in `<home>/credentials/` with owner-only permissions.
+
+    credentials/            0700
+      roles/<role>.nk       0600  the nkey seed of a role a Conclave process connects as (operator,
+                                  ingress, worker-<model>), made at first need
+      submitters/<name>.pub       the public key of an internal system's submitter; its seed was handed
+                                  over once by `conclave credentials issue` (or never existed here, when
+                                  the system made its own key pair and gave only the public key)
+      audit-signing.key     0600  the operator's key for the audit log's checkpoints (pipeline/checkpoints.py)
+
+The nats-server's `authorization` block is made from these files (pipeline/access.py) whenever it
+starts, and again, with a reload signal, when a submitter is issued or revoked while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import nkeys
+
+from pipeline.access import AccessError, Identity, authorization_block, check_submitter_name
+
+AUTHORIZATION_FILE = "authorization.conf"  # next to nats-server.conf, which includes it
+
+
+def credentials_dir(home: Path) -> Path:
+    folder = Path(home) / "credentials"
+    for path in (folder, folder / "roles", folder / "submitters"):
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o700)
+    return folder
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret: created with mode 0600, never readable by others even for a moment."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+    path.chmod(0o600)
+
+
+def new_seed() -> bytes:
+    return nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+
+
+def public_key_of_seed(seed: bytes) -> str:
+    return nkeys.from_seed(bytearray(seed.strip())).public_key.decode()
+
+
+def role_identity(home: Path, role: str) -> Identity:
+    """The identity a Conclave process connects as; the role's seed is made on first use."""
+    path = credentials_dir(home) / "roles" / f"{role}.nk"
+    if not path.exists():
+        write_private(path, new_seed())
+    return Identity(role, path)
+
+
+def issue_submitter(home: Path, name: str, public_key: str | None = None) -> bytes | None:
+    """Register submitter `name`. With `public_key` (a system that made its own key pair: best, the secret
+    never leaves it) only that is kept; otherwise a new seed is made and returned, for the caller to hand
+    over once. Reissuing a name replaces its key (the old one stops working at the reload)."""
+    check_submitter_name(name)
+    seed = None
+    if public_key is None:
+        seed = new_seed()
+        public_key = public_key_of_seed(seed)
+    elif not re.fullmatch(r"U[A-Z2-7]{55}", public_key):
+        raise AccessError(f"{public_key!r} is not an nkey user public key (U...)")
+    (credentials_dir(home) / "submitters" / f"{name}.pub").write_text(public_key + "\n")
+    return seed
+
+
+def revoke_submitter(home: Path, name: str) -> bool:
+    path = credentials_dir(home) / "submitters" / f"{check_submitter_name(name)}.pub"
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed
+
+
+def public_keys(home: Path) -> dict[str, str]:
+    """Every role and submitter of this home -> its public key."""
+    folder = credentials_dir(home)
+    keys = {path.stem: public_key_of_seed(path.read_bytes()) for path in sorted((folder / "roles").glob("*.nk"))}
+    keys.update({path.stem: path.read_text().strip() for path in sorted((folder / "submitters").glob("*.pub"))})
+    return keys
+
+
+def server_authorization(home: Path) -> str:
+    return authorization_block(public_keys(home))
+
+
+def write_authorization(home: Path, nats_dir: Path) -> Path:
+    """The embedded nats-server's authorization file, from the credentials now in `home`."""
+    nats_dir.mkdir(parents=True, exist_ok=True)
+    path = nats_dir / AUTHORIZATION_FILE
+    write_private(path.with_suffix(".tmp"), server_authorization(home).encode())
+    path.with_suffix(".tmp").replace(path)
+    return path
+
+
+def reload_embedded(nats_dir: Path) -> bool:
+    """Ask a running embedded nats-server to re-read its configuration (SIGHUP); False if none runs."""
+    try:
+        pid = int((nats_dir / "nats-server.pid").read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+        return True
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
