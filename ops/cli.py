@@ -122,12 +122,15 @@ def cmd_audit(args) -> None:
 
 def cmd_credentials(args) -> None:
     from pipeline.access import AccessError
-    from ops.credentials import (issue_submitter, public_keys, reload_embedded, revoke_submitter,
+    from ops.credentials import (issue_submitter, public_keys, reload_embedded, revoke_submitter, role_identity,
                                  server_authorization, write_authorization, write_private)
-    from pipeline.access import inbox_prefix
+    from pipeline.access import INGRESS, OPERATOR, inbox_prefix, worker_role
     from pipeline.subjects import JOBS_PREFIX, reply_prefix
 
     if args.action == "server-config":
+        # The roles a deployment of these models connects as, made now if no `conclave serve` made them yet.
+        for role in (OPERATOR, INGRESS, *(worker_role(model) for model in args.model or [DEFAULT_MODEL])):
+            role_identity(args.home, role)
         print(server_authorization(args.home), end="")
         return
     if args.action == "list":
@@ -267,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["issue", "revoke", "list", "server-config"])
     c.add_argument("name", nargs="?", help="issue, revoke: the submitter's name (a-z, 0-9, _ and -)")
     c.add_argument("--out", default=None, help="issue: where to write its seed (default ./NAME.nk)")
+    c.add_argument("--model", action="append", metavar="ID", help="server-config: a model the deployment serves "
+                   "(its worker role); repeat for several (default: the bundled model)")
     c.add_argument("--public-key", default=None, help="issue: register this nkey public key (U...) that the "
                    "system made itself, instead of making a seed here")
     c.set_defaults(func=cmd_credentials)

@@ -29,7 +29,7 @@ from ops.supervise import GroupSupervisor, keep_broker_running
 from pipeline.access import INGRESS, OPERATOR, Identity, worker_role
 from pipeline.checkpoints import (keep_checkpointing, load_signing_key, public_key_text, sign_new_entries,
                                   signing_key_path)
-from pipeline.connection import Link, persist, redacted
+from pipeline.connection import Link, NatsUnreachable, connect_once, persist, redacted
 from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats
 from pipeline.streams import ensure_consumer, ensure_streams
 from pipeline.unrouted import keep_sweeping
@@ -112,6 +112,14 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         broker = asyncio.create_task(keep_broker_running(nats_server, stopping))
     # The operator's own connection: it makes the streams and the model's consumer (no other role may),
     # answers jobs nobody will take, and signs the audit log's checkpoints.
+    try:  # once, without retrying: a server that refuses this home's keys would be retried forever below
+        await (await connect_once(nats_url, "conclave-serve", operator)).close()
+    except NatsUnreachable as exc:
+        if "authorization" not in str(exc).lower():
+            raise
+        raise DeploymentError(f"the NATS server at {redacted(nats_url)} does not know this home's operator key: "
+                              f"install the output of `conclave --home {home} credentials server-config --model "
+                              f"{model.id}` in its configuration and reload it (see README, Trust)") from None
     control = Link(nats_url, "conclave-operator", operator)
     await control.open()
     await persist(lambda: ensure_streams(control.nc.jetstream()), 30.0)

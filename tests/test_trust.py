@@ -10,18 +10,22 @@ import time
 
 import msgspec
 import nats
+import openai
 import pytest
 from nats.js.api import StreamConfig
 
+from ops.config import free_port
 from ops.credentials import role_identity
 from pipeline.access import INGRESS, OPERATOR, worker_role
 from pipeline.connection import redacted
+from pipeline.nats_server import EmbeddedNats
 from pipeline.streams import ensure_streams
 from pipeline.subjects import (AUDIT_STREAM, JOBS_STREAM, RESULTS_STREAM, audit_subject, job_subject,
                                reply_subject, result_subject, status_subject)
 from schemas.jobs import Done, Event, Failed, Job, SamplingParams, WorkerStatus
 from schemas.openai import ChatMessage
-from tests.conftest import FRANCE, MODEL, SUBMITTER, start_worker, wait_for_audit_record
+from tests.conftest import (FRANCE, MODEL, SUBMITTER, start_bare_nats, start_server, start_worker,
+                            wait_for_audit_record)
 
 decode_event = msgspec.json.Decoder(Event).decode
 PERMISSION = "permissions violation"
@@ -277,3 +281,33 @@ async def test_a_worker_that_cannot_append_its_record_acks_nothing_and_says_so(b
         assert status.problem.startswith("audit log")
     finally:
         assert worker.stop() == 0
+
+
+def test_a_deployment_on_an_existing_nats_server_with_the_documented_configuration(server, tmp_path):
+    home, model = tmp_path / "home", str(server.home / "models" / MODEL)
+    printed = conclave(home, "credentials", "server-config", "--model", MODEL)
+    assert printed.returncode == 0 and printed.stdout.startswith("authorization {")
+    # The operator's own server, configured with the printed block (here: a nats-server whose configuration
+    # includes it; pipeline/nats_server.py writes the rest).
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "authorization.conf").write_text(printed.stdout)
+    theirs = EmbeddedNats(tmp_path / "theirs", port=free_port())
+    theirs.start()
+    try:
+        srv = start_server(home, "--model", model, "--nats-url", theirs.url)
+        try:
+            reply = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=300).completions.create(
+                model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=3)
+            assert "Paris" in reply.choices[0].text
+        finally:
+            assert srv.stop() == 0
+        # A server that does not know this home's keys: one clear line, not a retry loop.
+        other = start_bare_nats(tmp_path / "other")
+        try:
+            with pytest.raises(RuntimeError) as refused:
+                start_server(tmp_path / "third", "--model", model, "--nats-url", other.url)
+            assert "credentials server-config" in str(refused.value)
+        finally:
+            other.stop()
+    finally:
+        theirs.stop()
