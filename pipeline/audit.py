@@ -58,7 +58,8 @@ def audit_stream_config() -> StreamConfig:
 
 
 def record_for(job_id: str, job: Job | None, final: Done | Failed, partial: Done | None = None, *, submitter: str,
-               model: str, revision: str, worker: str, ranks: int = 1, attempt: int = 1) -> AuditRecord:
+               model: str, revision: str, worker: str, ranks: int = 1, attempt: int = 1,
+               job_seq: int = 0) -> AuditRecord:
     """The audit record of a job that `submitter` (its authenticated NATS identity) published and that ended
     with `final`. `partial` is what a cancelled job had generated. Only an attesting submitter's `caller`
     and `source` are believed; any other's are kept as claims next to `nats:<submitter>`."""
@@ -77,17 +78,20 @@ def record_for(job_id: str, job: Job | None, final: Done | Failed, partial: Done
         output=done.text if done else "", finish_reason=done.finish_reason if outcome == "done" else None,
         usage=done.usage if done else None, ttft_ms=done.ttft_ms if done else 0.0,
         duration_ms=done.duration_ms if done else 0.0, worker=worker, ranks=ranks, attempt=attempt, error=error,
+        job_seq=job_seq,
     )
 
 
 async def append_record(js: JetStreamContext, record: AuditRecord) -> bool:
-    """Append `record`: True when appended, False when its job already had one (JetStream refused a second).
-    Any other failure raises: the caller retries, and does not ack a job whose record is not stored.
-    A record of a malformed job without an id is not fenced (those share one subject)."""
-    fence = {"Nats-Expected-Last-Subject-Sequence": "0"} if record.job_id else None
+    """Append `record`: True when appended, False when its job message already had one (JetStream refused a
+    second). Any other failure raises: the caller retries, and does not ack a job whose record is not stored.
+    The fence is per queued message (its stream sequence), not per job id: results expire, so an id published
+    again a day later runs again and must get a record of its own. A record without a sequence (written
+    outside a queue) is fenced by its job id, and one without either is not fenced."""
+    fence = {"Nats-Expected-Last-Subject-Sequence": "0"} if record.job_id or record.job_seq else None
     try:
-        await js.publish(audit_subject(record.model, record.submitter, record.job_id), stored_bytes(record),
-                         stream=AUDIT_STREAM, headers=fence)
+        await js.publish(audit_subject(record.model, record.submitter, record.job_id, record.job_seq),
+                         stored_bytes(record), stream=AUDIT_STREAM, headers=fence)
     except APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:
             return False

@@ -61,6 +61,7 @@ class Delivery:
     reply_subject: str | None  # where its events go (None: nowhere valid)
     attempt: int = 1  # JetStream's delivery count of the delivery that runs it
     model: str = ""  # the model its subject names
+    seq: int = 0  # its sequence in the jobs stream: the same for every redelivery of it
     submitter: str = ""  # who published it: the last token of its subject (pipeline/intake.py: sender)
     msg: Msg | None = None  # the newest delivery: a redelivery to the same worker replaces it
     stream_seq: int | None = None
@@ -134,7 +135,7 @@ class Settler:
         # what the job itself named is in the record's job.
         record = record_for(delivery.job_id, delivery.job, final, partial, submitter=delivery.submitter,
                             model=self.model_of(delivery), revision=self.revision, worker=self.worker,
-                            ranks=self.ranks, attempt=delivery.attempt)
+                            ranks=self.ranks, attempt=delivery.attempt, job_seq=delivery.seq)
         started, pause = time.monotonic(), 0.2
         while True:
             try:

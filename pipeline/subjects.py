@@ -108,7 +108,8 @@ def result_subject(model: str, submitter: str, job_id: str) -> str:
     return f"{RESULTS_PREFIX}.{subject_token(model)}.{submitter}.{subject_token(job_id)}"
 
 
-def audit_subject(model: str, submitter: str, job_id: str) -> str:
-    """A job's audit record: one subject per job, so that a second record for a job can be refused.
-    Records of malformed jobs without an id share the token `%` (one no id encodes to)."""
-    return f"{AUDIT_PREFIX}.{subject_token(model)}.{submitter}.{subject_token(job_id) or '%'}"
+def audit_subject(model: str, submitter: str, job_id: str, job_seq: int = 0) -> str:
+    """A job message's audit record: one subject per queued message (`job_seq`, its sequence in the jobs stream),
+    so that a second record for it can be refused. An id that is empty becomes `%` (a token no id encodes to)."""
+    subject = f"{AUDIT_PREFIX}.{subject_token(model)}.{submitter}.{subject_token(job_id) or '%'}"
+    return f"{subject}.{job_seq}" if job_seq else subject

@@ -59,7 +59,7 @@ async def sweep(settler: Settler) -> int:
             if msg.time is not None and (now - msg.time).total_seconds() < GRACE_S:
                 break  # this one and the later ones: next sweep
             delivery, error, status = await asyncio.to_thread(open_delivery, subject, msg.data, 1, limits)
-            delivery.stream_seq = msg.seq
+            delivery.stream_seq = delivery.seq = msg.seq
             if not authenticated:
                 status, error = 403, ErrorDetail(
                     message=f"The job was published on {subject}, which names no submitter (the form used before "

@@ -52,6 +52,9 @@ class AuditRecord(Struct, kw_only=True):
     worker: str = ""  # host:pid of the worker, or of the leader of its group
     ranks: int = 1
     attempt: int = 1  # JetStream delivery count
+    # The job message's sequence in CONCLAVE_JOBS: one record per queued message (its redeliveries share it; the
+    # same id published again later is another message and gets its own record). 0: before this field.
+    job_seq: int = 0
     error: Union[ErrorDetail, None] = None
     # Legacy: a record written before version 0.5 carried its position, the previous record's hash and its
     # own (schemas-independent check: pipeline/audit.py, legacy_digest). New records omit all three.

@@ -6,7 +6,7 @@ if it was settled before, validate it on the tokenizing thread, hand it to the m
 its events to the requester, settle it. Every job ends settled, handed back (`nak`, when the worker
 stops) or unacked (NATS unreachable, or a bug: JetStream redelivers it after its ack-wait).
 
-A job id runs once per worker: a redelivery of a job this worker is still running (its ack-wait
+A job message runs once per worker: a redelivery of a job this worker is still running (its ack-wait
 passed during a NATS outage, or while the process was stopped) does not start a second run; the
 running one adopts the newer delivery, whose ack is the one that counts. Two workers that both run
 a job (the first was away past the ack-wait) are reconciled by settling: the first result stands,
@@ -73,7 +73,7 @@ class JobConsumer:
         self.limits = limits
         # The job is kept alive every heartbeat; missing five in a row means this worker is gone.
         self.ack_wait_s = 5 * heartbeat_s
-        self.active: dict[str, Delivery] = {}  # jobs taken and not yet settled, by id
+        self.active: dict[int, Delivery] = {}  # jobs taken and not yet settled, by stream sequence
         self.jobs_done = 0
         self.times = ServiceTimes()
         # Templating and tokenising off the event loop, on one thread: a Hugging Face fast tokenizer can
@@ -127,21 +127,25 @@ class JobConsumer:
         else:
             delivery, error, status = open_delivery(msg.subject, msg.data, attempt, self.limits)
         delivery.msg = msg
-        running = self.active.get(delivery.job_id) if delivery.job is not None else None
+        delivery.seq = msg.metadata.sequence.stream if msg.metadata else 0
+        # Keyed by the message (its stream sequence, which a redelivery keeps), not the job id: two submitters may
+        # use one id, and an id may be published again; each message is run, settled and recorded on its own.
+        key = delivery.seq
+        running = self.active.get(key) if delivery.job is not None else None
         if running is not None:
             log.warning("job %s: delivery %d arrived while delivery %d still runs here; the run goes on",
                         delivery.job_id, attempt, running.attempt)
             running.msg = msg  # acks and progress now go to the newest delivery
             return
         if delivery.job is not None:
-            self.active[delivery.job_id] = delivery
+            self.active[key] = delivery
         try:
             await self.handle(delivery, error, status)
         except Exception:  # NATS unreachable past the settle deadline, or a bug: JetStream redelivers it
             log.exception("job %s: not settled; it will be redelivered", delivery.job_id)
         finally:
-            if self.active.get(delivery.job_id) is delivery:
-                del self.active[delivery.job_id]
+            if self.active.get(key) is delivery:
+                del self.active[key]
 
     async def fail(self, delivery: Delivery, status: int, error: ErrorDetail, partial: Done | None = None) -> None:
         await self.settler.settle(delivery, Failed(id=delivery.job_id, status=status, error=error,
