@@ -1,8 +1,8 @@
 """The Starlette application: OpenAI routes in, jobs onto JetStream, events back out as JSON or SSE.
 
 The routes are plain functions (ingress/handlers.py); what they share lives in one `Ingress` object,
-made here and kept in `app.state.ingress`: the configuration, the NATS link, the live workers and
-admission control, and the sweep that answers jobs for models nobody serves.
+made here and kept in `app.state.ingress`: the configuration, the NATS link (as the `ingress` role:
+pipeline/access.py), the live workers and admission control.
 """
 
 from __future__ import annotations

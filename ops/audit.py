@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 from nats.js.errors import NotFoundError
 
+from ops.credentials import open_private
 from ops.deployment import DeploymentError
 from pipeline.access import OPERATOR
 from pipeline.audit import Entry, decode_record, read_entries, stream_facts
@@ -126,7 +127,9 @@ def pinned_key(args) -> tuple[str | None, str]:
     return None, "none"
 
 
-def report(verdict, pinned: str | None, origin: str) -> int:
+def report(verdict, args, pinned: str | None, origin: str) -> int:
+    if args.expect_seq is not None:
+        verdict.expect_seq(args.expect_seq)
     if pinned:
         print(f"pinned key: {pinned} ({origin})")
     for line in verdict.lines():
@@ -149,7 +152,7 @@ async def run_audit(args) -> int:
             data = Path(args.file).read_bytes()
         except OSError as exc:
             raise DeploymentError(f"cannot read {args.file}: {exc.strerror}") from None
-        return report(verify_export(data, pinned=pinned), pinned, origin)
+        return report(verify_export(data, pinned=pinned), args, pinned, origin)
     if args.action == "export" and (args.since or args.until or args.model or args.caller
                                     or getattr(args, "submitter", None)):
         raise DeploymentError("export writes the whole log (a filtered copy could not be verified); filter "
@@ -171,17 +174,15 @@ def show(args, log: Log) -> int:
         pinned, origin = pinned_key(args)
         verdict = verify_log(log.entries, log.checkpoints, log.stream, stream_missing=log.stream is None,
                              pinned=pinned)
-        return report(verdict, pinned, origin)
+        return report(verdict, args, pinned, origin)
     if args.action == "export":
-        out = open(args.output, "wb") if args.output else sys.stdout.buffer
-        try:
-            for line in export_lines(log.stream, log.entries, log.checkpoints, stream_missing=log.stream is None):
-                out.write(line)
-        finally:
-            if args.output:
-                out.close()
-            else:
-                out.flush()
+        lines = export_lines(log.stream, log.entries, log.checkpoints, stream_missing=log.stream is None)
+        if args.output:  # every prompt and answer: owner-only, as a secret is (an existing file is made so first)
+            with open_private(Path(args.output)) as out:
+                out.writelines(lines)
+        else:
+            sys.stdout.buffer.writelines(lines)
+            sys.stdout.buffer.flush()
         return 0
     matches = record_filter(args)
     records = [(entry, record) for entry, record in records_of(log.entries) if matches(record)]

@@ -121,10 +121,9 @@ def cmd_audit(args) -> None:
 
 
 def cmd_credentials(args) -> None:
-    from pipeline.access import AccessError
     from ops.credentials import (issue_submitter, public_keys, reload_embedded, revoke_submitter, role_identity,
                                  server_authorization, write_authorization, write_private)
-    from pipeline.access import INGRESS, OPERATOR, inbox_prefix, worker_role
+    from pipeline.access import INGRESS, OPERATOR, AccessError, inbox_prefix, worker_role
     from pipeline.subjects import JOBS_PREFIX, reply_prefix
 
     if args.action == "server-config":
@@ -246,7 +245,9 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=DEFAULTS, description="verify exits 0 when every entry is vouched for by "
                        "checkpoints signed with the pinned key, 1 when it finds the log altered or cut, 2 when "
                        "there is nothing to check, 3 when nothing is wrong but some entries are not vouched for "
-                       "(see docs/audit.md)")
+                       "(see docs/audit.md). A log or export cut before its last checkpoints reads like an older "
+                       "complete one: verify prints the last checkpoint it found, to compare with one you kept, "
+                       "and --expect-seq makes it fail when the log does not reach that far")
     a.add_argument("action", choices=["list", "show", "export", "verify", "replay", "key"])
     a.add_argument("job_id", nargs="?", help="show: the job (request) id")
     a.add_argument("--nats-url", default=None, help="the deployment's NATS (default: that of the conclave serve "
@@ -259,10 +260,14 @@ def parser() -> argparse.ArgumentParser:
                    "submitter's name")
     a.add_argument("--limit", type=int, default=50, help="list, replay: the newest N matching records")
     a.add_argument("--timeout", type=float, default=600.0, help="replay: seconds to wait for each request")
-    a.add_argument("--output", help="export: a JSONL file (default: standard output)")
+    a.add_argument("--output", help="export: a JSONL file, written owner-only (mode 0600: it holds every prompt "
+                   "and answer); default: standard output")
     a.add_argument("--file", help="verify: a JSONL export instead of the live stream")
     a.add_argument("--public-key", default=None, metavar="KEY", help="verify: trust only checkpoints signed by "
                    "this key (ed25519:..., from `conclave audit key`); live verify defaults to this home's key")
+    a.add_argument("--expect-seq", type=int, default=None, metavar="N", help="verify: BROKEN (exit 1) unless a "
+                   "trusted checkpoint reaches seq N, e.g. the last checkpoint's seq of an earlier verify or export: "
+                   "without it, a log cut before its last checkpoints cannot be told from an older complete one")
     a.set_defaults(func=cmd_audit)
 
     c = sub.add_parser("credentials", help="NATS credentials: issue or revoke a submitter (an internal system "

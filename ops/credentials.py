@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import nkeys
@@ -34,12 +35,17 @@ def credentials_dir(home: Path) -> Path:
     return folder
 
 
+def open_private(path: Path):
+    """A file to write a secret to, owner-only before a byte is written: created with mode 0600, or an existing
+    one truncated and made 0600 first; never through a symbolic link (one planted there could redirect it)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    os.fchmod(descriptor, 0o600)
+    return os.fdopen(descriptor, "wb")
+
+
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret: created with mode 0600, never readable by others even for a moment."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
+    with open_private(path) as file:
         file.write(data)
-    path.chmod(0o600)
 
 
 def new_seed() -> bytes:
@@ -102,10 +108,15 @@ def write_authorization(home: Path, nats_dir: Path) -> Path:
 
 
 def reload_embedded(nats_dir: Path) -> bool:
-    """Ask a running embedded nats-server to re-read its configuration (SIGHUP); False if none runs."""
+    """Ask a running embedded nats-server to re-read its configuration (SIGHUP); False if none runs. The pid
+    file of a server that was killed may name another process by now (for which SIGHUP could be fatal):
+    only a nats-server is signalled."""
     try:
         pid = int((nats_dir / "nats-server.pid").read_text().strip())
+        command = subprocess.run(["ps", "-p", str(pid), "-o", "comm="], capture_output=True, text=True).stdout
+        if "nats-server" not in command:
+            return False
         os.kill(pid, signal.SIGHUP)
         return True
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
         return False

@@ -35,6 +35,9 @@ from pipeline.subjects import (AUDIT_PREFIX, CANCELS_PREFIX, CANCELS_STREAM, DEA
 OPERATOR = "operator"
 INGRESS = "ingress"
 UNAUTHENTICATED = "unauthenticated"  # the submitter of a job on a subject without one (sent before version 0.5)
+# Submitters whose job's `caller` is believed: the ingress states which API key made an HTTP request, the
+# operator's `conclave audit replay` which record it replays. Any other submitter's claim is kept as a claim.
+ATTESTING_SUBMITTERS = frozenset({INGRESS, OPERATOR})
 _RESERVED = {OPERATOR, INGRESS, UNAUTHENTICATED}
 _SUBMITTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -93,8 +96,8 @@ def worker_permissions(model: str) -> Permissions:
                  f"$JS.ACK.{JOBS_STREAM}.{consumer}.>", _direct_get(RESULTS_STREAM, f"{RESULTS_PREFIX}.{token}.>"),
                  _direct_get(CANCELS_STREAM, f"{CANCELS_PREFIX}.>"), f"{RESULTS_PREFIX}.{token}.>",
                  f"{AUDIT_PREFIX}.{token}.>", f"{DEAD_PREFIX}.{token}", f"{STATUS_PREFIX}.{token}",
-                 "conclave.replies.>", f"{GROUPS_PREFIX}.>"),
-        subscribe=(f"{reply_prefix(worker_role(model))}.>", f"{CANCELS_PREFIX}.>", f"{GROUPS_PREFIX}.>"),
+                 "conclave.replies.>", f"{GROUPS_PREFIX}.{token}.>"),
+        subscribe=(f"{reply_prefix(worker_role(model))}.>", f"{CANCELS_PREFIX}.>", f"{GROUPS_PREFIX}.{token}.>"),
     )
 
 

@@ -1,11 +1,11 @@
 """The audit log: a JetStream stream of job outcomes (schemas/audit.py), chained by the stream's own order.
 
-Writers never read the log (only the operator role may): a record is published on its job's own subject
-(`conclave.audit.<model>.<submitter>.<job id>`) with `Nats-Expected-Last-Subject-Sequence: 0`, so a job
-has at most one record: a second delivery of a job that was already settled (a redelivery after an
-outage, two workers that both ran it) is refused by JetStream and writes nothing. There is no tail to read
-and chain onto, so nothing another message did to the tail (retention emptied the stream, a foreign message
-on an audit subject) can stop an append.
+Writers never read the log (only the operator role may): a record is published on its job message's own
+subject (`conclave.audit.<model>.<submitter>.<job id>.<job seq>`, the message's sequence in the jobs stream)
+with `Nats-Expected-Last-Subject-Sequence: 0`, so a queued message has at most one record: a second delivery
+of one that was already settled (a redelivery after an outage, two workers that both ran it) is refused by
+JetStream and writes nothing. There is no tail to read and chain onto, so nothing another message did to the
+tail (retention emptied the stream, a foreign message on an audit subject) can stop an append.
 
 The chain is defined over the stream instead (docs/audit.md): d_s = SHA-256(stored bytes of entry s),
 c_s = SHA-256(c_{s-1} || d_s), c_0 = 32 zero bytes, over every message in sequence order, records or
@@ -25,17 +25,17 @@ from typing import Any, AsyncIterator, Iterable
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import RawStreamMsg, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from pipeline.subjects import ATTESTING_SUBMITTERS, AUDIT_PREFIX, AUDIT_STREAM, audit_subject
-from schemas.audit import GENESIS, AuditRecord, StreamFacts, stored_bytes
+from pipeline.access import ATTESTING_SUBMITTERS
+from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, audit_subject
+from schemas.audit import GENESIS, AuditRecord, StreamFacts, sorted_json, stored_bytes
 from schemas.jobs import Done, Failed, Job
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed Nats-Expected-Last-(Subject-)Sequence
 
 _decode = msgspec.json.Decoder(AuditRecord).decode
-_sorted = msgspec.json.Encoder(order="sorted")
 
 
 class Entry(msgspec.Struct):
@@ -44,6 +44,13 @@ class Entry(msgspec.Struct):
     seq: int
     subject: str
     data: bytes
+
+
+def describe_age(max_age_s: float | None) -> str:
+    """A stream's retention for a reader: "forever" (0 or unset), days, or seconds under a day."""
+    if not max_age_s:
+        return "forever"
+    return f"{max_age_s / 86400:g} days" if max_age_s >= 86400 else f"{max_age_s:g} s"
 
 
 def audit_stream_config() -> StreamConfig:
@@ -130,7 +137,7 @@ def chain(before: str, entries: Iterable[bytes]) -> str:
 def legacy_digest(value: dict[str, Any]) -> str:
     """A pre-0.5 record's own hash, recomputed from its stored JSON (decoded generically, so that no schema
     change can alter it): SHA-256 of msgspec's sorted-key encoding with `hash` set to ""."""
-    return hashlib.sha256(_sorted.encode({**value, "hash": ""})).hexdigest()
+    return hashlib.sha256(sorted_json({**value, "hash": ""})).hexdigest()
 
 
 def legacy_problems(entries: list[Entry]) -> list[tuple[int, str]]:
@@ -199,19 +206,29 @@ async def stream_facts(js: JetStreamContext) -> StreamFacts:
                        time=now)
 
 
+async def stored_messages(js: JetStreamContext, stream: str, first: int | None = None, last: int | None = None,
+                          newest_first: bool = False) -> AsyncIterator[RawStreamMsg]:
+    """Every message `stream` stores in first..last (default: all it holds), in sequence order or newest first.
+    One gone meanwhile (aged out, deleted) is skipped: the caller sees the gap. Raises NotFoundError when
+    there is no such stream."""
+    if first is None or last is None:
+        info = await js.stream_info(stream)
+        first = info.state.first_seq if first is None else first
+        last = info.state.last_seq if last is None else last
+    seqs = range(max(first, 1), last + 1)
+    for seq in reversed(seqs) if newest_first else seqs:
+        try:
+            msg = await js.get_msg(stream, seq)
+        except NotFoundError:
+            continue
+        yield msg
+
+
 async def read_entries(js: JetStreamContext, first: int | None = None, last: int | None = None
                        ) -> AsyncIterator[Entry]:
     """Every stored message in first..last (default: the whole stream), in sequence order."""
-    if first is None or last is None:
-        info = await js.stream_info(AUDIT_STREAM)
-        first = info.state.first_seq if first is None else first
-        last = info.state.last_seq if last is None else last
-    for seq in range(max(first, 1), last + 1):
-        try:
-            msg = await js.get_msg(AUDIT_STREAM, seq)
-        except NotFoundError:  # aged out meanwhile, or deleted: verification sees the gap
-            continue
-        yield Entry(seq=seq, subject=msg.subject or "", data=msg.data or b"")
+    async for msg in stored_messages(js, AUDIT_STREAM, first, last):
+        yield Entry(seq=msg.seq or 0, subject=msg.subject or "", data=msg.data or b"")
 
 
 async def read_records(js: JetStreamContext) -> AsyncIterator[tuple[int, bytes]]:

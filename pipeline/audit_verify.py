@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from pipeline.audit import Entry, chain, decode_record, legacy_problems
+from pipeline.audit import Entry, chain, decode_record, describe_age, legacy_problems
 from pipeline.checkpoints import config_digest, read_signed, signature_ok
 from schemas.audit import GENESIS, Checkpoint, StreamFacts
 
@@ -45,9 +45,22 @@ class Verdict:
     signers: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     first_unvouched: Finding | None = None
+    # The trusted checkpoint that reaches furthest. Nothing in a log (or export) cut before its last
+    # checkpoints tells it from an older complete one: only a checkpoint kept elsewhere, or --expect-seq, does.
+    last_checkpoint: Checkpoint | None = None
+    expected_seq: int | None = None
 
     def add(self, level: str, text: str, seq: int | None = None) -> None:
         self.findings.append(Finding(level, text, seq))
+
+    def expect_seq(self, seq: int) -> None:
+        """BROKEN unless a trusted checkpoint reaches `seq` (the auditor knows the log went at least that far)."""
+        self.expected_seq = seq
+        reached = self.last_checkpoint.to_seq if self.last_checkpoint is not None else 0
+        if reached < seq:
+            self.add(BROKEN, f"expected the log to reach seq {seq}, but its last trusted checkpoint ends at seq "
+                             f"{reached}: entries and checkpoints were cut off its end, or this is an older copy",
+                     reached + 1)
 
     @property
     def broken(self) -> bool:
@@ -64,7 +77,7 @@ class Verdict:
         out = [f"{self.entries} entries ({self.records} audit records); {self.checkpoints} trusted checkpoints"
                + (f", signed by {', '.join(self.signers)}" if self.signers else "")
                + (" (pinned)" if self.pinned and self.signers else ""),
-               f"vouched for: {self.vouched} of {self.entries} entries"]
+               f"vouched for: {self.vouched} of {self.entries} entries", self.last_checkpoint_line()]
         for level in (BROKEN, UNVOUCHED, NOTE):
             found = [f for f in self.findings if f.level == level]
             out += [f"{level}: {f.text}" for f in found[:SHOWN]]
@@ -83,13 +96,19 @@ class Verdict:
             out.append(f"result: nothing found wrong, but {why}; this proves nothing about them")
         return out
 
+    def last_checkpoint_line(self) -> str:
+        cp = self.last_checkpoint
+        if cp is None:
+            return "last checkpoint: none trusted"
+        line = f"last checkpoint: ends at seq {cp.to_seq}, signed {iso(cp.time)}, chain value {cp.chain_after}"
+        if self.expected_seq is None:
+            line += (" (compare it with a checkpoint you kept, or pass --expect-seq: a log cut before its last "
+                     "checkpoints looks like an older complete one)")
+        return line
+
 
 def iso(moment: float) -> str:
     return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def describe_age(seconds: float) -> str:
-    return "forever" if not seconds else f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} s"
 
 
 def config_change(old: dict, new: dict) -> str:
@@ -161,6 +180,7 @@ class _Check:
                 if cp.signer not in self.v.signers:
                     self.v.signers.append(cp.signer)
         self.v.checkpoints = len(self.trusted)
+        self.v.last_checkpoint = max((cp for _, cp in self.trusted), key=lambda cp: (cp.to_seq, cp.time), default=None)
         for signer, count in ignored.items():
             self.v.add(NOTE, f"{count} checkpoints signed by {signer}, not the pinned key: not trusted")
         if self.trusted and not self.pinned:

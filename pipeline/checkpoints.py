@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import stat
-import time
 from pathlib import Path
 
 import msgspec
@@ -35,7 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from pipeline.audit import WRONG_LAST_SEQUENCE, chain, read_entries, stream_facts
+from pipeline.audit import WRONG_LAST_SEQUENCE, chain, read_entries, stored_messages, stream_facts
 from pipeline.subjects import AUDIT_STREAM, CHECKPOINTS_STREAM, CHECKPOINTS_SUBJECT
 from schemas.audit import GENESIS, Checkpoint, StreamFacts, canonical
 
@@ -180,24 +179,17 @@ def make_checkpoint(facts: StreamFacts, start: int, before: str, new_segment: bo
 
 async def read_checkpoint_messages(js: JetStreamContext) -> list[tuple[int, bytes]]:
     """Every stored checkpoint message, as (sequence, bytes). Raises NotFoundError without the stream."""
-    info = await js.stream_info(CHECKPOINTS_STREAM)
-    found = []
-    for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
-        try:
-            found.append((seq, (await js.get_msg(CHECKPOINTS_STREAM, seq)).data or b""))
-        except NotFoundError:
-            continue
-    return found
+    return [(msg.seq or 0, msg.data or b"") async for msg in stored_messages(js, CHECKPOINTS_STREAM)]
 
 
 async def latest_own(js: JetStreamContext, signer: str) -> tuple[int, Checkpoint | None]:
     """(the checkpoint stream's last sequence, the newest valid checkpoint `signer` signed in it)."""
     info = await js.stream_info(CHECKPOINTS_STREAM)
     last = info.state.last_seq
-    for seq in range(last, max(info.state.first_seq, 1) - 1, -1):
+    async for msg in stored_messages(js, CHECKPOINTS_STREAM, info.state.first_seq, last, newest_first=True):
         try:
-            signed = read_signed((await js.get_msg(CHECKPOINTS_STREAM, seq)).data or b"")
-        except (NotFoundError, ValueError):
+            signed = read_signed(msg.data or b"")
+        except ValueError:
             continue
         if signed.checkpoint.signer == signer and signature_ok(signed):
             return last, signed.checkpoint
@@ -264,7 +256,3 @@ async def keep_checkpointing(connection, key: Ed25519PrivateKey, interval_s: flo
             await asyncio.wait_for(stopping.wait(), interval_s)
         except asyncio.TimeoutError:
             pass
-
-
-def signed_at(checkpoint: Checkpoint) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(checkpoint.time))

@@ -37,6 +37,8 @@ def job_problem(job: Job, submitter: str) -> str | None:
     """What makes a decoded job unusable as a message (its id and reply subject), or None."""
     if not _JOB_ID.fullmatch(job.id):
         return "'id' must be 1 to 200 printable ASCII characters without spaces"
+    if len(job.caller) > 256 or len(job.source) > 32:  # kept in its record: the record's size is budgeted
+        return "'caller' must be at most 256 characters and 'source' at most 32"
     if not is_reply_subject_of(job.reply_subject, submitter):
         return (f"'reply_subject' must be a NATS subject under {reply_prefix(submitter)}. (this submitter's own), "
                 f"without wildcards or spaces, at most 256 characters")

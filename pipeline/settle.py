@@ -11,7 +11,10 @@ a redelivery of a job already finished, the sweep of jobs nobody serves), in thi
 4. only then is the message acked. If storing or recording fails for longer than `deadline_s` (NATS
    unreachable, the audit stream refusing), nothing is acked and JetStream redelivers the job: the
    redelivery finds the stored result (if step 1 got through) and settles from it without running the
-   job again. The record comes before the answer: no requester is told an outcome the log lacks.
+   job again. The record comes before the final event on the reply subject, so no answer is sent that
+   the log lacks. The stored result (step 1) can be read by its submitter a moment earlier, or while the
+   audit log refuses records; its record then follows, since the job stays queued until it is written
+   (results first, so that of two deliveries that both ran, the record describes the result that stands).
 
 Each `Delivery` carries a lock and the event it was settled with, so settling it twice is harmless:
 the second call waits for the first and does nothing.
@@ -70,7 +73,7 @@ class Delivery:
 
 
 class Settler:
-    """Settles the deliveries of one process (a worker, or the ingress's sweep of unserved jobs)."""
+    """Settles the deliveries of one process (a worker, or the operator's sweep of jobs nobody will take)."""
 
     def __init__(self, nc, model: str, worker: str, ranks: int = 1, revision: str = "", deadline_s: float = 60.0,
                  stopping: asyncio.Event | None = None):

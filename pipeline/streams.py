@@ -10,7 +10,7 @@ from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy
                          StreamConfig)
 from nats.js.errors import BadRequestError
 
-from pipeline.audit import audit_stream_config
+from pipeline.audit import audit_stream_config, describe_age
 from pipeline.checkpoints import checkpoints_stream_config
 from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM,
                                RESULTS_PREFIX, RESULTS_STREAM, job_subject, worker_durable)
@@ -115,16 +115,9 @@ async def ensure_streams(js: JetStreamContext) -> None:
                             config.name, describe_age(existing.max_age), describe_age(config.max_age))
 
 
-def describe_age(max_age_s: float | None) -> str:
-    return f"{max_age_s / DAY:g} days" if max_age_s else "forever"
-
-
 async def ensure_consumer(js: JetStreamContext, model: str, ack_wait_s: float) -> None:
     """The durable consumer every worker of `model` takes jobs from; made by the operator before any worker
     starts (a worker may read through it, not make or change it)."""
-    config = worker_consumer_config(model, ack_wait_s)
-    try:
-        await js.add_consumer(JOBS_STREAM, config)
-    except BadRequestError:  # exists with another config (an earlier version's filter, another ack-wait)
-        await js.delete_consumer(JOBS_STREAM, config.durable_name)
-        await js.add_consumer(JOBS_STREAM, config)
+    # Create, or update in place (a new ack-wait, an earlier version's filter): JetStream keeps the consumer's
+    # deliveries and acks. Never deleted here: that would redeliver the jobs its workers are running.
+    await js.add_consumer(JOBS_STREAM, worker_consumer_config(model, ack_wait_s))

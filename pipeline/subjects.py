@@ -17,12 +17,9 @@ RESULTS_STREAM = "CONCLAVE_RESULTS"
 RESULTS_PREFIX = "conclave.results"
 DEAD_PREFIX = "conclave.dead"
 AUDIT_STREAM = "CONCLAVE_AUDIT"
-AUDIT_PREFIX = "conclave.audit"  # one subject per job: conclave.audit.<model>.<submitter>.<job id>
+AUDIT_PREFIX = "conclave.audit"  # one subject per job message: conclave.audit.<model>.<submitter>.<id>.<seq>
 CHECKPOINTS_STREAM = "CONCLAVE_AUDIT_CHECKPOINTS"
 CHECKPOINTS_SUBJECT = "conclave.checkpoints"  # signed checkpoints of the audit log (pipeline/checkpoints.py)
-# Submitters whose job's `caller` is believed: the ingress states which API key made an HTTP request, the
-# operator's `conclave audit replay` which record it replays. Any other submitter's claim is kept as a claim.
-ATTESTING_SUBMITTERS = frozenset({"ingress", "operator"})
 
 _KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # A subject a message may be published to: dot-separated tokens, none empty, no wildcard, no whitespace.
@@ -59,9 +56,15 @@ def job_subject(model: str, submitter: str) -> str:
 
 def parse_job_subject(subject: str) -> tuple[str, str] | None:
     """(model token, submitter) of a job subject, or None for one of another form (published before jobs
-    carried their submitter)."""
+    carried their submitter). The token is as published: it may not be canonical (`%41bc` for `Abc`), and then
+    no consumer takes it (see `is_canonical_token`)."""
     parts = subject.split(".")
     return (parts[2], parts[3]) if len(parts) == 4 and subject.startswith(JOBS_PREFIX + ".") else None
+
+
+def is_canonical_token(token: str) -> bool:
+    """Whether `token` is what `subject_token` makes of some name: only those are any consumer's subject."""
+    return subject_token(name_of_token(token)) == token
 
 
 def reply_prefix(submitter: str) -> str:
@@ -92,9 +95,10 @@ def worker_durable(model: str) -> str:
     return f"workers-{subject_token(model)}"
 
 
-def group_wake_subject(group_id: str) -> str:
-    """Core NATS: the leader of a worker group wakes its followers here before each job."""
-    return f"{GROUPS_PREFIX}.{subject_token(group_id)}.wake"
+def group_wake_subject(model: str, group_id: str) -> str:
+    """Core NATS: the leader of a worker group wakes its followers here before each job. Under the model, so
+    that a worker role reaches only its own model's groups (a stray wake runs a batch without its leader)."""
+    return f"{GROUPS_PREFIX}.{subject_token(model)}.{subject_token(group_id)}.wake"
 
 
 def dead_subject(model: str) -> str:

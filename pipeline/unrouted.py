@@ -22,7 +22,8 @@ from nats.js.errors import NotFoundError
 from pipeline.intake import open_delivery
 from pipeline.limits import PayloadLimits
 from pipeline.settle import Settler
-from pipeline.subjects import JOBS_PREFIX, JOBS_STREAM, name_of_token, parse_job_subject, worker_durable
+from pipeline.subjects import (JOBS_PREFIX, JOBS_STREAM, is_canonical_token, name_of_token, parse_job_subject,
+                               worker_durable)
 from schemas.jobs import Failed
 from schemas.openai import ErrorDetail
 
@@ -46,8 +47,10 @@ async def sweep(settler: Settler) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     settled = 0
     for subject in info.state.subjects or {}:
-        authenticated = parse_job_subject(subject) is not None
-        if authenticated and await has_consumer(js, name_of_token(parse_job_subject(subject)[0])):
+        parsed = parse_job_subject(subject)
+        authenticated, token = parsed is not None, parsed[0] if parsed else ""
+        # A token that is not canonical (`%41bc`) names a model no consumer's filter matches: unserved.
+        if authenticated and is_canonical_token(token) and await has_consumer(js, name_of_token(token)):
             continue
         seq = 1
         while True:

@@ -100,7 +100,9 @@ class Checkpoint(Struct, kw_only=True):
     signer: str  # "ed25519:<base64 of the 32-byte public key>"
 
 
-_sorted = msgspec.json.Encoder(order="sorted")
+# msgspec's sorted-key encoding, without whitespace: what a record that is not I-JSON is stored as, and what
+# a pre-0.5 record's own hash is over (pipeline/audit.py: legacy_digest).
+sorted_json = msgspec.json.Encoder(order="sorted").encode
 
 
 def canonical(value: Any) -> bytes:
@@ -108,7 +110,7 @@ def canonical(value: Any) -> bytes:
     try:
         return rfc8785.dumps(value)
     except rfc8785.CanonicalizationError:  # an integer beyond ±2**53, a NaN, a lone surrogate
-        return _sorted.encode(value)
+        return sorted_json(value)
 
 
 def stored_bytes(record: AuditRecord) -> bytes:

@@ -1,4 +1,5 @@
-"""The audit log: one record per job outcome, chained and vouched for by signed checkpoints (docs/audit.md);\nverify finds edits and cuts."""
+"""The audit log: one record per job outcome, chained and vouched for by signed checkpoints (docs/audit.md);
+verify finds edits and cuts."""
 
 from __future__ import annotations
 

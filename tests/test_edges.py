@@ -78,17 +78,25 @@ def test_serve_help_shows_the_defaults():
 async def test_a_job_for_a_model_nobody_serves_is_answered_404_and_recorded(server):
     nc = await server.connect()
     try:
-        replies = await nc.subscribe("conclave.replies.tests.nope")
-        job = Job(id="job-nope", model="nope", reply_subject="conclave.replies.tests.nope", kind="chat", created=time.time(),
-                  messages=[ChatMessage(**m) for m in FRANCE])
-        await nc.jetstream().publish(job_subject("nope", SUBMITTER), msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
-        failed = await final_event(replies)
-        assert isinstance(failed, Failed) and (failed.status, failed.error.code) == (404, "model_not_found")
-        record = await wait_for_audit_record(server, lambda r: r.job_id == job.id)
+        # A model nobody serves, and the served model under a token that is not its canonical one (`%53` is
+        # "S"): no consumer's filter matches that subject either.
+        odd_subject = f"conclave.jobs.%53{MODEL[1:]}.{SUBMITTER}"
+        jobs = {"nope": (job_subject("nope", SUBMITTER), "nope"), "odd": (odd_subject, MODEL)}
+        replies = {}
+        for name, (subject, model) in jobs.items():
+            replies[name] = await nc.subscribe(f"conclave.replies.tests.{name}")
+            job = Job(id=f"job-{name}", model=model, reply_subject=f"conclave.replies.tests.{name}", kind="chat",
+                      created=time.time(), messages=[ChatMessage(**m) for m in FRANCE])
+            await nc.jetstream().publish(subject, msgspec.json.encode(job), headers={"Nats-Msg-Id": job.id})
+        for name in jobs:
+            failed = await final_event(replies[name])
+            assert isinstance(failed, Failed) and (failed.status, failed.error.code) == (404, "model_not_found")
+        record = await wait_for_audit_record(server, lambda r: r.job_id == "job-nope")
         assert (record.outcome, record.model, record.error.code) == ("failed", "nope", "model_not_found")
         operator = await server.connect(OPERATOR)
-        info = await operator.jetstream().stream_info(JOBS_STREAM, subjects_filter=job_subject("nope", SUBMITTER))
+        for subject, _ in jobs.values():
+            info = await operator.jetstream().stream_info(JOBS_STREAM, subjects_filter=subject)
+            assert not info.state.subjects  # nothing left waiting for a worker that will never come
         await operator.close()
-        assert not info.state.subjects  # nothing left waiting for a worker that will never come
     finally:
         await nc.close()

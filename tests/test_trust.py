@@ -20,8 +20,8 @@ from pipeline.access import INGRESS, OPERATOR, worker_role
 from pipeline.connection import redacted
 from pipeline.nats_server import EmbeddedNats
 from pipeline.streams import ensure_streams
-from pipeline.subjects import (AUDIT_STREAM, JOBS_STREAM, RESULTS_STREAM, audit_subject, job_subject,
-                               reply_subject, result_subject, status_subject)
+from pipeline.subjects import (AUDIT_STREAM, JOBS_STREAM, RESULTS_STREAM, audit_subject, cancel_subject,
+                               group_wake_subject, job_subject, reply_subject, result_subject, status_subject)
 from schemas.jobs import Done, Event, Failed, Job, SamplingParams, WorkerStatus
 from schemas.openai import ChatMessage
 from tests.conftest import (FRANCE, MODEL, SUBMITTER, start_bare_nats, start_server, start_worker,
@@ -45,9 +45,9 @@ class Watched:
         self.nc = await srv.connect(role, error_cb=keep, allow_reconnect=False)
         return self
 
-    async def refused(self, action) -> str:
-        """Run `action`; the server must refuse it with a permissions violation (which nats-py reports to
-        the error callback; a request also times out or fails)."""
+    async def refused(self, action, subject: str) -> None:
+        """Run `action`; the server must refuse it with a permissions violation naming `subject` (which nats-py
+        reports to the error callback; a request also times out or fails)."""
         seen = len(self.errors)
         try:  # a refused request gets no answer: its refusal is the error below, no need to wait it out
             await asyncio.wait_for(action(), 0.5)
@@ -57,10 +57,11 @@ class Watched:
         # as a task of its own: wait for it, up to a deadline.
         await self.nc.flush(timeout=5)
         deadline = time.monotonic() + 5
-        while not (refusals := [e for e in self.errors[seen:] if PERMISSION in e]):
-            assert time.monotonic() < deadline, f"not refused; errors: {self.errors[seen:]}"
+        expected = f'{PERMISSION} for {"subscription" if subject.startswith("sub ") else "publish"} to ' \
+                   f'"{subject.removeprefix("sub ").lower()}"'
+        while not any(expected in error for error in self.errors[seen:]):
+            assert time.monotonic() < deadline, f"not refused ({expected}); errors: {self.errors[seen:]}"
             await asyncio.sleep(0.01)
-        return refusals[0]
 
 
 async def as_role(srv, role: str) -> Watched:
@@ -93,30 +94,37 @@ async def test_each_role_is_refused_what_it_may_not_do(server):
     try:
         for role in (worker, submitter, ingress):
             js = role.nc.jetstream()
-            await role.refused(lambda: js.update_stream(shorter))  # the retention that erased the log
-            await role.refused(lambda: js.delete_stream(AUDIT_STREAM))
-            await role.refused(lambda: js.delete_stream(JOBS_STREAM))
-            await role.refused(lambda: js.get_msg(AUDIT_STREAM, 1))  # only the operator reads the audit log
-            await role.refused(lambda: js.stream_info(AUDIT_STREAM))
-            await role.refused(lambda: role.nc.subscribe(f"{job_subject(MODEL, '*')}"))  # nobody else's prompts
+            await role.refused(lambda: js.update_stream(shorter), f"$JS.API.STREAM.UPDATE.{AUDIT_STREAM}")
+            await role.refused(lambda: js.delete_stream(AUDIT_STREAM), f"$JS.API.STREAM.DELETE.{AUDIT_STREAM}")
+            await role.refused(lambda: js.delete_stream(JOBS_STREAM), f"$JS.API.STREAM.DELETE.{JOBS_STREAM}")
+            # Only the operator reads the audit log, and nobody else sees others' prompts.
+            await role.refused(lambda: js.get_msg(AUDIT_STREAM, 1), f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}")
+            await role.refused(lambda: js.stream_info(AUDIT_STREAM), f"$JS.API.STREAM.INFO.{AUDIT_STREAM}")
+            await role.refused(lambda: role.nc.subscribe(job_subject(MODEL, "*")), f"sub {job_subject(MODEL, '*')}")
         js = worker.nc.jetstream()
         # A worker writes its model's results and records only, and reads no other model's jobs.
-        await worker.refused(lambda: js.publish(audit_subject("other", SUBMITTER, "x"), b"{}"))
-        await worker.refused(lambda: js.publish(result_subject("other", SUBMITTER, "x"), b"{}"))
-        await worker.refused(lambda: js.consumer_info(JOBS_STREAM, "workers-other"))
-        await worker.refused(lambda: js.add_consumer(JOBS_STREAM, durable_name="mine", filter_subject="conclave.jobs.>"))
-        # A submitter publishes jobs in its own name only and hears only its own replies.
-        js = submitter.nc.jetstream()
-        await submitter.refused(lambda: js.publish(job_subject(MODEL, INGRESS), b"{}"))
-        await submitter.refused(lambda: submitter.nc.subscribe("_INBOX.>"))
-        await submitter.refused(lambda: submitter.nc.subscribe("conclave.replies.>"))
-        await submitter.refused(lambda: submitter.nc.subscribe(f"conclave.replies.{INGRESS}.>"))
-        await submitter.refused(lambda: submitter.nc.publish(audit_subject(MODEL, SUBMITTER, "forged"), b"{}"))
-        await submitter.refused(lambda: submitter.nc.publish(reply_subject(INGRESS, "victim"), b"{}"))
-        await submitter.refused(lambda: js.get_last_msg(RESULTS_STREAM, result_subject(MODEL, INGRESS, "x"),
-                                                        direct=True))
+        for subject in (audit_subject("other", SUBMITTER, "x"), result_subject("other", SUBMITTER, "x")):
+            await worker.refused(lambda: js.publish(subject, b"{}"), subject)
+        await worker.refused(lambda: js.consumer_info(JOBS_STREAM, "workers-other"),
+                             f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.workers-other")
+        await worker.refused(lambda: js.add_consumer(JOBS_STREAM, durable_name="mine", filter_subject="conclave.jobs.>"),
+                             f"$JS.API.CONSUMER.DURABLE.CREATE.{JOBS_STREAM}.mine")
+        await worker.refused(lambda: worker.nc.publish(group_wake_subject("other", "g"), b""),
+                             group_wake_subject("other", "g"))
+        # A submitter publishes jobs and cancels in its own name only and hears only its own replies.
+        js, nc = submitter.nc.jetstream(), submitter.nc
+        await submitter.refused(lambda: js.publish(job_subject(MODEL, INGRESS), b"{}"), job_subject(MODEL, INGRESS))
+        await submitter.refused(lambda: nc.publish(cancel_subject(INGRESS, "x"), b"{}"), cancel_subject(INGRESS, "x"))
+        for pattern in ("_INBOX.>", "conclave.replies.>", f"conclave.replies.{INGRESS}.>"):
+            await submitter.refused(lambda: nc.subscribe(pattern), f"sub {pattern}")
+        for subject in (audit_subject(MODEL, SUBMITTER, "forged"), reply_subject(INGRESS, "victim")):
+            await submitter.refused(lambda: nc.publish(subject, b"{}"), subject)
+        theirs = result_subject(MODEL, INGRESS, "x")
+        await submitter.refused(lambda: js.get_last_msg(RESULTS_STREAM, theirs, direct=True),
+                                f"$JS.API.DIRECT.GET.{RESULTS_STREAM}.{theirs}")
         # The ingress submits in its own name too.
-        await ingress.refused(lambda: ingress.nc.jetstream().publish(job_subject(MODEL, SUBMITTER), b"{}"))
+        await ingress.refused(lambda: ingress.nc.jetstream().publish(job_subject(MODEL, SUBMITTER), b"{}"),
+                              job_subject(MODEL, SUBMITTER))
     finally:
         for role in (worker, submitter, ingress):
             await role.nc.close()
@@ -150,7 +158,6 @@ async def test_a_reply_subject_outside_the_submitters_prefix_is_a_schema_error_a
     submitter = await server.connect()
     try:
         overheard = await operator.subscribe(victim)
-        audit_tail = await operator.subscribe("conclave.audit.>")  # a record published as a reply would land here
         js = submitter.jetstream()
         for job_id, reply in [("job-inject", victim), ("job-poison", audit_subject(MODEL, INGRESS, "x")),
                               ("job-wild", "conclave.replies.tests.*"), ("job-space", "conclave.replies.tests.a b")]:
@@ -162,8 +169,13 @@ async def test_a_reply_subject_outside_the_submitters_prefix_is_a_schema_error_a
             # Settled, not left to be redelivered: its submitter can read the error by its job id.
             result = await stored_result_of(submitter, job_id)
             assert isinstance(result, Failed) and result.status == 400
-        # Every job above was settled (record, then its final event if any, then the ack, in that order on one
-        # connection), so an injected answer would already be here.
+        # Every job above was settled: its record, its final event (if any), then its ack, in that order on the
+        # worker's one connection. Once all are acked, an injected answer would already have reached us.
+        subject = job_subject(MODEL, SUBMITTER)
+        deadline = time.monotonic() + 60
+        while (await operator.jetstream().stream_info(JOBS_STREAM, subjects_filter=subject)).state.subjects:
+            assert time.monotonic() < deadline, "the refused jobs were never acked"
+            await asyncio.sleep(0.05)
         await operator.flush(timeout=5)
         assert overheard.pending_msgs == 0
         # The audit log goes on: a proper job is answered and recorded after all of them.
@@ -173,7 +185,6 @@ async def test_a_reply_subject_outside_the_submitters_prefix_is_a_schema_error_a
         done = await final_of(replies)
         assert isinstance(done, Done) and "Paris" in done.text
         await wait_for_audit_record(server, lambda r: r.job_id == good.id)
-        await audit_tail.unsubscribe()
     finally:
         await submitter.close()
         await operator.close()

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from ingress.errors import validation_error
-from pipeline.subjects import job_subject, name_of_token, parse_job_subject, subject_token
+from pipeline.subjects import is_canonical_token, job_subject, name_of_token, parse_job_subject, subject_token
 from schemas.openai import ChatCompletionRequest
 from workers.stops import StopMatcher
 
@@ -71,6 +71,7 @@ def test_subject_names_are_single_tokens_one_to_one():
         assert name_of_token(subject_token(name)) == name
         assert parse_job_subject(job_subject(name, "billing")) == (subject_token(name), "billing")
     assert parse_job_subject("conclave.jobs.m") is None  # the form before submitters were authenticated
+    assert is_canonical_token(subject_token("Qwen2.5 7B")) and not is_canonical_token("%41bc")
 
 
 def test_a_reply_subject_must_lie_under_its_submitters_own_prefix():

@@ -123,7 +123,7 @@ class Worker:
     def wake_followers(self) -> None:
         """On the model's thread, as a batch starts: followers wait on NATS between batches."""
         if self.ranks > 1:
-            asyncio.run_coroutine_threadsafe(self.nc.publish(group_wake_subject(self.rank.group_id), b""),
+            asyncio.run_coroutine_threadsafe(self.nc.publish(group_wake_subject(self.args.model_id, self.rank.group_id), b""),
                                              self.loop).result()
 
     def batch_failed(self, exc: Exception, rows: list) -> bool:
@@ -173,7 +173,7 @@ async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: 
                  stopping: asyncio.Event) -> None:
     """A follower rank: load this rank's shard, then run each batch the leader wakes us for."""
     loop = asyncio.get_running_loop()
-    wake = await nc.subscribe(group_wake_subject(rank.group_id))
+    wake = await nc.subscribe(group_wake_subject(args.model_id, rank.group_id))
     loaded = await loop.run_in_executor(
         executor, open_model, args.model_id, Path(args.model_dir), rank.layout, group, rank.split)
     await loop.run_in_executor(executor, barrier, group)
