@@ -159,6 +159,32 @@ def cmd_credentials(args) -> None:
               "server, install `conclave credentials server-config` and reload it")
 
 
+def cmd_place(args) -> None:
+    """Preview a placement: on this machine's facts, or on the nodes of a file (planning hardware)."""
+    import msgspec
+
+    from ops.deployment import DeploymentError
+    from ops.model_facts import local_node, model_facts
+    from ops.placement import describe, place
+    from schemas.cluster import ClusterFacts, PlacementRequest
+
+    model = ModelStore(args.home / "models").resolve(args.model)
+    if args.nodes:
+        try:
+            cluster = msgspec.json.decode(Path(args.nodes).read_bytes(), type=ClusterFacts)
+        except (OSError, msgspec.MsgspecError) as exc:
+            raise DeploymentError(f"{args.nodes}: not a file of nodes and links (schemas/cluster.py): {exc}") from None
+    else:
+        limit = int(args.memory_limit * 1e9) if args.memory_limit else None
+        cluster = ClusterFacts(nodes=[local_node(args.home, limit)])
+    request = PlacementRequest(context=args.context, sequences=args.sequences, nodes=args.pin or [],
+                               layout=args.layout, split=args.split or [])
+    result = place(model_facts(model.id, model.path), cluster.nodes, cluster.links, request)
+    print(msgspec.json.encode(result).decode() if args.json else describe(result))
+    if not hasattr(result, "ranks"):
+        sys.exit(1)
+
+
 def cmd_schemas(args) -> None:
     from ops.schemas import write_schemas
 
@@ -280,6 +306,23 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--public-key", default=None, help="issue: register this nkey public key (U...) that the "
                    "system made itself, instead of making a seed here")
     c.set_defaults(func=cmd_credentials)
+
+    pl = sub.add_parser("place", help="preview where a model would run, with the memory of each rank",
+                        formatter_class=DEFAULTS)
+    pl.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="store id, model directory, .gguf or repo id")
+    pl.add_argument("--nodes", default=None, metavar="FILE", help="JSON {nodes: [NodeFacts], links: [Link]} "
+                    "(schemas/cluster.py) instead of this machine")
+    pl.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                    help="this machine: offer at most this much memory")
+    pl.add_argument("--context", type=int, default=8192, help="tokens of context per sequence")
+    pl.add_argument("--sequences", type=int, default=4, help="sequences decoded at once")
+    pl.add_argument("--pin", type=lambda text: text.split(","), default=None, metavar="A,B,..",
+                    help="use exactly these nodes, in this order")
+    pl.add_argument("--layout", choices=["whole", "tensor", "pipeline"], default=None)
+    pl.add_argument("--split", type=lambda text: [int(n) for n in text.split(",")], default=None, metavar="A,B,..",
+                    help="pipeline: layers per pinned node")
+    pl.add_argument("--json", action="store_true", help="the plan or refusal as JSON")
+    pl.set_defaults(func=cmd_place)
 
     j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema",
                        formatter_class=DEFAULTS)

@@ -1,0 +1,102 @@
+"""What placement reads and writes: the facts of nodes and models, a request, and a plan or a refusal.
+
+Declared once, plain typed structs: node agents will publish `NodeFacts`, the controller and `conclave
+place` read them, and `ops/placement.py` is a pure function from these inputs to a `Plan` or a `Refusal`,
+so it is table-tested without a network. Sizes are bytes. A figure a platform cannot give is None, never 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from msgspec import Struct
+
+Backend = Literal["metal", "cuda", "cpu"]
+LinkKind = Literal["rdma", "thunderbolt", "ethernet", "wifi"]
+
+
+class NodeFacts(Struct, kw_only=True):
+    id: str
+    host: str = ""
+    backend: Backend = "cpu"
+    memory_total: int
+    memory_available: int  # free for a new instance now (psutil's `available`), after a memory limit if set
+    # Metal's recommended working set (`mx.device_info()`): what the GPU may use, well under total RAM.
+    working_set: Union[int, None] = None
+    models: list[str] = []  # model ids whose files are on this node's disk
+
+
+class Link(Struct, kw_only=True):
+    """A link between two nodes, either direction."""
+
+    a: str
+    b: str
+    kind: LinkKind
+
+
+class ModelFacts(Struct, kw_only=True):
+    """What placement needs to know of a model, read from its directory (ops/model_facts.py)."""
+
+    id: str
+    layers: int
+    layer_bytes: list[int]  # weights of each decoder layer, as stored
+    embedding_bytes: int  # weights the first pipeline stage holds besides its layers (embeddings)
+    head_bytes: int  # weights the last stage holds besides its layers (final norm, output head)
+    tied_embeddings: bool = False  # the head is the embedding matrix: the last stage holds it too
+    kv_bytes_per_token: int  # KV cache of one token in one layer, all its KV heads (fp16)
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    tensor_sizes: list[int]  # group sizes that split its heads and MLP evenly (workers/split.py)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.embedding_bytes + self.head_bytes
+
+
+class PlacementRequest(Struct, kw_only=True):
+    context: int = 8192  # tokens of context each sequence may hold
+    sequences: int = 4  # sequences decoded at once (the batch)
+    nodes: list[str] = []  # pin: use exactly these nodes, in this order
+    layout: Union[Literal["whole", "tensor", "pipeline"], None] = None  # pin a layout
+    split: list[int] = []  # pin: pipeline layers per node, in `nodes` order
+
+
+class RankMemory(Struct, kw_only=True):
+    weights: int
+    kv_cache: int
+    activations: int
+    reserve: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.reserve
+
+
+class RankPlan(Struct, kw_only=True):
+    node: str
+    layers: tuple[int, int]  # [start, end) of the model's layers (all of them for tensor ranks)
+    memory: RankMemory
+    budget: int  # what the node offers: its working set, else its available memory
+
+
+class Plan(Struct, kw_only=True, tag="plan"):
+    model: str
+    layout: Literal["whole", "tensor", "pipeline"]
+    backend: Literal["none", "ring", "jaccl"]  # the mx.distributed backend between its ranks
+    ranks: list[RankPlan]
+    why: str  # the rule that chose it, in one line
+
+
+class Refusal(Struct, kw_only=True, tag="refusal"):
+    model: str
+    reason: str  # with the numbers: what it needs, what the nodes have
+    needed: int  # bytes for weights, KV cache, activations and reserve on one whole copy
+    available: int  # bytes the considered nodes offer together
+
+
+class ClusterFacts(Struct, kw_only=True):
+    """Nodes and their links: what `conclave place --nodes FILE` reads (and, later, the agents' state)."""
+
+    nodes: list[NodeFacts]
+    links: list[Link] = []

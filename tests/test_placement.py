@@ -1,0 +1,169 @@
+"""Placement as a table: nodes and a model in, a plan or a refusal with its numbers out (ops/placement.py)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import msgspec
+
+from ops.model_facts import model_facts
+from ops.placement import RESERVE, budget, place
+from schemas.cluster import Link, ModelFacts, NodeFacts, Plan, PlacementRequest, Refusal
+from tests.conftest import MODEL
+
+GB = 10**9
+
+
+def model(id: str, layers: int, weight_gb: float, kv_per_token: int, heads: int, hidden: int = 8192,
+          intermediate: int = 28672, vocab: int = 128256) -> ModelFacts:
+    edge = int(weight_gb * GB * 0.02)  # embeddings and head: a few percent of a large model
+    per_layer = (int(weight_gb * GB) - 2 * edge) // layers
+    return ModelFacts(id=id, layers=layers, layer_bytes=[per_layer] * layers, embedding_bytes=edge, head_bytes=edge,
+                      kv_bytes_per_token=kv_per_token, hidden_size=hidden, intermediate_size=intermediate,
+                      vocab_size=vocab, tensor_sizes=[n for n in range(1, 65) if heads % n == 0])
+
+
+# Kimi K2 at 4 bits: 61 layers, about 578 GB; multi-head latent attention caches (512 + 64) x 2 bytes a token.
+K2 = model("kimi-k2-4bit", 61, 578, (512 + 64) * 2, heads=64, hidden=7168, intermediate=18432, vocab=163840)
+# A 70B llama at 4 bits: 80 layers, about 40 GB; 8 KV heads of 128: 2 x 8 x 128 x 2 bytes a token and layer.
+LLAMA70 = model("llama-70b-4bit", 80, 40, 2 * 8 * 128 * 2, heads=64)
+
+
+def node(id: str, available_gb: float, working_set_gb: float | None = None, backend: str = "metal",
+         models: tuple[str, ...] = ()) -> NodeFacts:
+    return NodeFacts(id=id, backend=backend, memory_total=int(available_gb * 1.1 * GB),
+                     memory_available=int(available_gb * GB),
+                     working_set=int(working_set_gb * GB) if working_set_gb is not None else None,
+                     models=list(models))
+
+
+def mesh(ids, kind="rdma") -> list[Link]:
+    return [Link(a=a, b=b, kind=kind) for a, b in itertools.combinations(ids, 2)]
+
+
+def check(plan: Plan, model: ModelFacts) -> None:
+    """What every plan must hold: no rank over its budget, every layer placed once, at least one per stage."""
+    assert all(r.memory.total <= r.budget for r in plan.ranks), plan
+    if plan.layout == "pipeline":
+        assert plan.ranks[0].layers[0] == 0 and plan.ranks[-1].layers[1] == model.layers
+        assert all(a.layers[1] == b.layers[0] for a, b in zip(plan.ranks, plan.ranks[1:]))
+        assert all(r.layers[1] - r.layers[0] >= 1 for r in plan.ranks)
+
+
+def test_a_1t_model_on_four_512_gb_macs_with_an_rdma_mesh_is_tensor_parallel_over_all_four():
+    studios = [node(f"studio-{i}", 500, working_set_gb=400) for i in range(4)]
+    plan = place(K2, studios, mesh([n.id for n in studios]), PlacementRequest(context=8192, sequences=4))
+    assert isinstance(plan, Plan) and (plan.layout, plan.backend, len(plan.ranks)) == ("tensor", "jaccl", 4)
+    check(plan, K2)
+    # Budgeted by the working set, not the RAM: each holds a quarter of the layers and the whole embeddings.
+    assert all(r.budget == 400 * GB for r in plan.ranks)
+    # Over Ethernet the same machines make the fewest-node pipeline instead.
+    plan = place(K2, studios, mesh([n.id for n in studios], "ethernet"), PlacementRequest())
+    assert isinstance(plan, Plan) and (plan.layout, plan.backend, len(plan.ranks)) == ("pipeline", "ring", 2)
+    check(plan, K2)
+
+
+def test_a_70b_model_on_uneven_nodes_is_a_pipeline_split_by_memory():
+    nodes = [node("big", 64), node("mid", 48), node("small", 16)]
+    plan = place(LLAMA70, nodes, [], PlacementRequest(context=32768, sequences=4))  # 43 GB of KV cache
+    assert isinstance(plan, Plan) and plan.layout == "pipeline" and [r.node for r in plan.ranks] == ["big", "mid"]
+    check(plan, LLAMA70)
+    big, mid = (r.layers[1] - r.layers[0] for r in plan.ranks)
+    assert big > mid  # more layers where there is more memory
+    # A longer context needs one more node, and a longer one still fits nowhere: a refusal with its numbers.
+    plan = place(LLAMA70, nodes, [], PlacementRequest(context=98304, sequences=2))
+    assert isinstance(plan, Plan) and len(plan.ranks) == 3
+    check(plan, LLAMA70)
+    refused = place(LLAMA70, nodes, [], PlacementRequest(context=131072, sequences=4))
+    assert isinstance(refused, Refusal) and refused.needed > refused.available
+    assert "for weights" in refused.reason and "128k context x 4 sequences" in refused.reason
+    assert "3 nodes offer" in refused.reason and f"{refused.available / GB:.1f} GB" in refused.reason
+
+
+def test_a_model_that_fits_nowhere_is_refused_with_the_numbers():
+    refused = place(K2, [node("a", 128), node("b", 128), node("c", 64)], [], PlacementRequest())
+    assert isinstance(refused, Refusal)
+    assert refused.reason.startswith("kimi-k2-4bit needs ") and "578.0 GB for weights" in refused.reason
+    assert refused.available == int(128 * GB * (1 - RESERVE)) * 2 + int(64 * GB * (1 - RESERVE))
+
+
+def test_one_node_when_it_fits_preferring_the_node_that_holds_the_files():
+    nodes = [node("large", 256), node("holder", 64, models=("llama-70b-4bit",))]
+    plan = place(LLAMA70, nodes, [], PlacementRequest(context=8192, sequences=1))
+    assert isinstance(plan, Plan) and (plan.layout, [r.node for r in plan.ranks]) == ("whole", ["holder"])
+    # When it does not fit the holder, the largest node.
+    plan = place(LLAMA70, nodes, [], PlacementRequest(context=65536, sequences=2))
+    assert isinstance(plan, Plan) and [r.node for r in plan.ranks] == ["large"]
+
+
+def test_the_budget_is_the_working_set_or_available_memory_never_total_ram():
+    assert budget(node("m", 500, working_set_gb=400)) == 400 * GB
+    assert budget(node("m", 300, working_set_gb=400)) == 300 * GB
+    assert budget(node("c", 100, backend="cpu")) == 100 * GB
+
+
+def test_pins_are_followed_or_refused_with_the_rank_that_overflows():
+    nodes = [node("a", 64), node("b", 48), node("c", 16)]
+    plan = place(LLAMA70, nodes, [], PlacementRequest(nodes=["c", "a"], split=[10, 70], context=4096, sequences=1))
+    assert isinstance(plan, Plan) and [(r.node, r.layers) for r in plan.ranks] == [("c", (0, 10)), ("a", (10, 80))]
+    refused = place(LLAMA70, nodes, [], PlacementRequest(nodes=["c", "a"], split=[70, 10], context=4096, sequences=1))
+    assert isinstance(refused, Refusal) and refused.reason.startswith("node c would need ")
+    assert "layers 0..69" in refused.reason and "offers 16.0 GB" in refused.reason
+    assert "no such node: z" in place(LLAMA70, nodes, [], PlacementRequest(nodes=["a", "z"])).reason
+    assert "add up to" in place(LLAMA70, nodes, [], PlacementRequest(nodes=["a", "b"], split=[1, 2])).reason
+    tensor = place(LLAMA70, nodes, [], PlacementRequest(nodes=["a", "b", "c"], layout="tensor"))
+    assert isinstance(tensor, Refusal) and "splits over 1, 2, 4, 8" in tensor.reason
+
+
+def test_no_pipeline_rank_is_ever_over_its_budget_after_rounding():
+    rng = random.Random(7)
+    placed = 0
+    for _ in range(300):
+        nodes = [node(f"n{i}", rng.uniform(4, 80)) for i in range(rng.randint(1, 8))]
+        request = PlacementRequest(context=rng.choice([2048, 8192, 32768]), sequences=rng.randint(1, 8))
+        plan = place(LLAMA70, nodes, [], request)
+        if isinstance(plan, Plan):
+            check(plan, LLAMA70)
+            placed += 1
+        else:  # refused only when the nodes together really lack the room, or no split could fit them
+            assert plan.needed > 0 and plan.available > 0
+    assert placed > 100
+
+
+def test_the_bundled_models_facts_come_from_its_files(server):
+    directory = server.home / "models" / MODEL
+    facts = model_facts(MODEL, directory)
+    stored = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    assert facts.layers == 30 and len(set(facts.layer_bytes)) == 1  # 30 identical llama layers
+    assert 0.99 * stored < facts.weight_bytes <= stored  # the files hold the tensors and a small header
+    assert facts.kv_bytes_per_token == 2 * 3 * 64 * 2  # 3 KV heads of 64, keys and values, float16
+    assert facts.tied_embeddings and facts.tensor_sizes == [1, 3]
+    # Split over three small nodes, the tied head costs the last stage a copy of the embeddings.
+    nodes = [node(f"n{i}", 0.08) for i in range(3)]
+    plan = place(facts, nodes, [], PlacementRequest(context=2048, sequences=1))
+    assert isinstance(plan, Plan) and plan.layout == "pipeline"
+    check(plan, facts)
+    assert plan.ranks[-1].memory.weights > facts.embedding_bytes
+
+
+def test_conclave_place_previews_a_plan_or_says_why_not(server, tmp_path):
+    import subprocess
+    import sys
+
+    from schemas.cluster import ClusterFacts
+
+    def place_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ops.cli", "--home", str(server.home), "place", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    nodes = tmp_path / "nodes.json"
+    nodes.write_bytes(msgspec.json.encode(ClusterFacts(nodes=[node("a", 0.09), node("b", 0.09), node("c", 0.06)])))
+    shown = place_cli("--nodes", str(nodes), "--context", "2048", "--sequences", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"{MODEL}: pipeline over 3 nodes") and shown.stdout.count("\tlayers ") == 3
+    plan = msgspec.json.decode(place_cli("--nodes", str(nodes), "--context", "2048", "--sequences", "1",
+                                         "--json").stdout, type=Plan)
+    assert sum(r.layers[1] - r.layers[0] for r in plan.ranks) == 30
+    refused = place_cli("--nodes", str(nodes), "--pin", "c,a", "--split", "20,10", "--context", "2048")
+    assert refused.returncode == 1 and refused.stdout.startswith(f"cannot place {MODEL}: node c would need ")
