@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -12,6 +14,7 @@ from ingress.requests import chat_job, completion_job
 from ingress.respond import respond
 from ingress.shapes import CHAT, COMPLETION
 from pipeline.limits import PayloadLimits
+from pipeline.nodes import read_nodes, state_of
 from schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
 
 encode = msgspec.json.Encoder().encode
@@ -50,6 +53,18 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     ingress = request.app.state.ingress
     return Response(encode(ingress.require_model(request.path_params["model"])), media_type="application/json")
+
+
+async def cluster(request: Request) -> Response:
+    """The nodes as their agents last reported them (a lost one is listed as lost, not dropped), and the
+    instances: each served model's live workers."""
+    ingress = request.app.state.ingress
+    now = time.time()
+    nodes = [{**msgspec.to_builtins(status), "state": state_of(status, now), "last_seen_s": round(now - status.time, 3)}
+             for status in await read_nodes(ingress.link.nc.jetstream())]
+    instances = [{"model": model, "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]}
+                 for model in ingress.models]
+    return JSONResponse({"object": "cluster", "nodes": nodes, "links": [], "instances": instances})
 
 
 async def health(request: Request) -> Response:

@@ -164,7 +164,8 @@ def cmd_place(args) -> None:
     import msgspec
 
     from ops.deployment import DeploymentError
-    from ops.model_facts import local_node, model_facts
+    from ops.agent import local_node
+    from ops.model_facts import model_facts
     from ops.placement import describe, place
     from schemas.cluster import ClusterFacts, PlacementRequest
 
@@ -183,6 +184,21 @@ def cmd_place(args) -> None:
     print(msgspec.json.encode(result).decode() if args.json else describe(result))
     if not hasattr(result, "ranks"):
         sys.exit(1)
+
+
+def cmd_nodes(args) -> None:
+    from ops.agent import nodes_table
+    from ops.deployment import operator_connection
+    from pipeline.nodes import read_nodes
+
+    async def show() -> None:
+        nc = await operator_connection(args.home, args.nats_url, "conclave-nodes")
+        try:
+            print(nodes_table(await read_nodes(nc.jetstream())))
+        finally:
+            await nc.close()
+
+    asyncio.run(show())
 
 
 def cmd_schemas(args) -> None:
@@ -323,6 +339,12 @@ def parser() -> argparse.ArgumentParser:
                     help="pipeline: layers per pinned node")
     pl.add_argument("--json", action="store_true", help="the plan or refusal as JSON")
     pl.set_defaults(func=cmd_place)
+
+    n = sub.add_parser("nodes", help="the cluster's nodes: memory, CPU, disk, models, ranks, last seen",
+                       formatter_class=DEFAULTS)
+    n.add_argument("--nats-url", default=None, help="the deployment's NATS (default: that of the conclave serve "
+                   "running in --home)")
+    n.set_defaults(func=cmd_nodes)
 
     j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema",
                        formatter_class=DEFAULTS)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from schemas.cluster import ModelFacts, NodeFacts
+from schemas.cluster import ModelFacts
 from workers.split import tensor_parallel_sizes
 
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
@@ -63,21 +63,3 @@ def model_facts(model_id: str, model_dir: Path) -> ModelFacts:
                       intermediate_size=config.get("intermediate_size") or config.get("moe_intermediate_size", 0),
                       vocab_size=config["vocab_size"], tensor_sizes=tensor_parallel_sizes(config))
 
-
-def local_node(home: Path, memory_limit: int | None = None) -> NodeFacts:
-    """This machine's facts, as a node agent will publish them: psutil's memory and, on Metal, MLX's
-    recommended working set; `memory_limit` caps what it offers (an operator's reserve, or a test's)."""
-    import socket
-
-    import mlx.core as mx
-    import psutil
-
-    from workers.store import ModelStore
-
-    backend = "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else "cpu"
-    working_set = mx.device_info().get("max_recommended_working_set_size") if backend == "metal" else None
-    memory = psutil.virtual_memory()
-    available = memory.available if memory_limit is None else min(memory.available, memory_limit)
-    return NodeFacts(id=socket.gethostname(), host=socket.gethostname(), backend=backend, memory_total=memory.total,
-                     memory_available=available, working_set=working_set,
-                     models=[m.id for m in ModelStore(Path(home) / "models").list()])

@@ -22,6 +22,7 @@ from typing import Callable
 import uvicorn
 
 from ingress.app import IngressConfig, create_app
+from ops.agent import keep_reporting
 from ops.credentials import role_identity, write_authorization
 from ops.deployment import Deployment, DeploymentError, claim_home, forget_deployment, record_deployment
 from ops.group import GroupSpec, GroupSpecError, plan_group, python_command, rank_arguments
@@ -126,14 +127,15 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     await persist(lambda: ensure_consumer(control.nc.jetstream(), model.id, 5 * settings.heartbeat_s), 30.0)
     log.info("audit checkpoints are signed with %s (give it to your auditors: conclave audit verify "
              "--public-key)", public_key_text(signing_key))
+    shutil.rmtree(home / "groups", ignore_errors=True)  # folders of groups an earlier serve left behind
+    supervisor = GroupSupervisor(group, worker_command(model, group, nats_url, worker, settings), home / "groups",
+                                 settings.heartbeat_s)
     background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}")),
+                  asyncio.create_task(keep_reporting(control, home, supervisor.running, stopping)),
                   asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).
     record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url))
-    shutil.rmtree(home / "groups", ignore_errors=True)  # folders of groups an earlier serve left behind
-    supervisor = GroupSupervisor(group, worker_command(model, group, nats_url, worker, settings), home / "groups",
-                                 settings.heartbeat_s)
     card = ModelCard(id=model.id, created=model.created, context_length=model_context_length(model.path))
     app = create_app(IngressConfig(nats_url=nats_url, identity=ingress, models=[card], queue_timeout_s=settings.queue_ttl_s,
                                    worker_timeout_s=worker_timeout_s, api_keys=api_keys,

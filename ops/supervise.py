@@ -98,6 +98,10 @@ class GroupSupervisor:
         # `stop` runs on another thread than `run`: never let a group start after (or while) it stops.
         self.lock = threading.Lock()
 
+    def running(self) -> int:
+        """Rank processes of the group alive now (a node's status reports it)."""
+        return sum(process.poll() is None for process in list(self.processes))
+
     def start(self) -> bool:
         with self.lock:
             if self.stopping:

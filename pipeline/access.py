@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.subjects import (AUDIT_PREFIX, CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
-                               JOBS_STREAM, RESULTS_PREFIX, RESULTS_STREAM, STATUS_PREFIX, name_of_token, reply_prefix,
+                               JOBS_STREAM, NODES_PREFIX, NODES_STREAM, RESULTS_PREFIX, RESULTS_STREAM, STATUS_PREFIX,
+                               name_of_token, reply_prefix,
                                subject_token, worker_durable)
 
 OPERATOR = "operator"
@@ -85,7 +86,9 @@ def submitter_permissions(name: str) -> Permissions:
 
 def ingress_permissions() -> Permissions:
     own = submitter_permissions(INGRESS)
-    return Permissions(publish=(*own.publish, f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*"),
+    # Besides: the consumers' state (admission), and the nodes' statuses (/v1/cluster).
+    return Permissions(publish=(*own.publish, f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*",
+                                f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>")),
                        subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>"))
 
 

@@ -12,6 +12,7 @@ from nats.js.errors import BadRequestError
 
 from pipeline.audit import audit_stream_config, describe_age
 from pipeline.checkpoints import checkpoints_stream_config
+from pipeline.nodes import nodes_bucket_config
 from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM,
                                RESULTS_PREFIX, RESULTS_STREAM, job_subject, worker_durable)
 
@@ -104,6 +105,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
+    await js.create_key_value(nodes_bucket_config())  # create, or update to this config
     for config in (audit_stream_config(), checkpoints_stream_config()):
         try:
             await js.add_stream(config)

@@ -18,6 +18,9 @@ RESULTS_PREFIX = "conclave.results"
 DEAD_PREFIX = "conclave.dead"
 AUDIT_STREAM = "CONCLAVE_AUDIT"
 AUDIT_PREFIX = "conclave.audit"  # one subject per job message: conclave.audit.<model>.<submitter>.<id>.<seq>
+NODES_BUCKET = "CONCLAVE_NODES"  # key-value bucket: each node's latest status, by node id (pipeline/nodes.py)
+NODES_STREAM = f"KV_{NODES_BUCKET}"
+NODES_PREFIX = f"$KV.{NODES_BUCKET}"
 CHECKPOINTS_STREAM = "CONCLAVE_AUDIT_CHECKPOINTS"
 CHECKPOINTS_SUBJECT = "conclave.checkpoints"  # signed checkpoints of the audit log (pipeline/checkpoints.py)
 

@@ -100,3 +100,18 @@ class ClusterFacts(Struct, kw_only=True):
 
     nodes: list[NodeFacts]
     links: list[Link] = []
+
+
+class NodeStatus(Struct, kw_only=True):
+    """What a node's agent publishes every second (pipeline/nodes.py), and `conclave nodes` and `/v1/cluster`
+    show. A figure this platform does not measure (yet) is None, never a made-up 0."""
+
+    facts: NodeFacts
+    memory_used: int
+    cpu_percent: Union[float, None] = None
+    gpu_percent: Union[float, None] = None
+    temperature_c: Union[float, None] = None
+    power_w: Union[float, None] = None
+    disk_free: Union[int, None] = None  # bytes free where its home (models) lives
+    ranks: int = 0  # worker rank processes running on it
+    time: float  # unix seconds when measured

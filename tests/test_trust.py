@@ -20,7 +20,7 @@ from pipeline.access import INGRESS, OPERATOR, worker_role
 from pipeline.connection import redacted
 from pipeline.nats_server import EmbeddedNats
 from pipeline.streams import ensure_streams
-from pipeline.subjects import (AUDIT_STREAM, JOBS_STREAM, RESULTS_STREAM, audit_subject, cancel_subject,
+from pipeline.subjects import (AUDIT_STREAM, JOBS_STREAM, NODES_STREAM, RESULTS_STREAM, audit_subject, cancel_subject,
                                group_wake_subject, job_subject, reply_subject, result_subject, status_subject)
 from schemas.jobs import Done, Event, Failed, Job, SamplingParams, WorkerStatus
 from schemas.openai import ChatMessage
@@ -119,6 +119,7 @@ async def test_each_role_is_refused_what_it_may_not_do(server):
             await submitter.refused(lambda: nc.subscribe(pattern), f"sub {pattern}")
         for subject in (audit_subject(MODEL, SUBMITTER, "forged"), reply_subject(INGRESS, "victim")):
             await submitter.refused(lambda: nc.publish(subject, b"{}"), subject)
+        await submitter.refused(lambda: js.stream_info(NODES_STREAM), f"$JS.API.STREAM.INFO.{NODES_STREAM}")
         theirs = result_subject(MODEL, INGRESS, "x")
         await submitter.refused(lambda: js.get_last_msg(RESULTS_STREAM, theirs, direct=True),
                                 f"$JS.API.DIRECT.GET.{RESULTS_STREAM}.{theirs}")

@@ -1,0 +1,60 @@
+"""The node this deployment runs on, as its agent reports it: `conclave nodes` and `GET /v1/cluster`."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+
+from ops.agent import nodes_table
+from pipeline.nodes import LOST_AFTER_S, state_of
+from schemas.cluster import NodeFacts, NodeStatus
+from tests.conftest import MODEL
+
+
+def reported(http, deadline_s: float = 30.0) -> dict:
+    """/v1/cluster once the agent has reported (it does every second from the start)."""
+    deadline = time.monotonic() + deadline_s
+    while not (body := http.get("/cluster").json())["nodes"]:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    return body
+
+
+def test_the_cluster_lists_this_node_with_real_figures_and_its_instance(server, http):
+    body = reported(http)
+    (node,) = body["nodes"]
+    facts = node["facts"]
+    assert facts["id"] == (server.home / "node-id").read_text().strip() and facts["host"] == socket.gethostname()
+    assert facts["backend"] == "cpu" and facts["memory_total"] == psutil.virtual_memory().total
+    assert 0 < facts["memory_available"] <= facts["memory_total"] and MODEL in facts["models"]
+    assert node["state"] == "up" and node["last_seen_s"] < LOST_AFTER_S and node["ranks"] == 1
+    assert 0 <= node["cpu_percent"] <= 100 and node["disk_free"] > 0
+    # What this machine cannot measure is null, never a made-up zero.
+    assert node["gpu_percent"] is None and node["temperature_c"] is None and node["power_w"] is None
+    (instance,) = body["instances"]
+    assert instance["model"] == MODEL and len(instance["workers"]) == 1
+
+
+def test_conclave_nodes_prints_the_table(server, http):
+    reported(http)
+    shown = subprocess.run([sys.executable, "-m", "ops.cli", "--home", str(server.home), "nodes"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    header, row = shown.stdout.splitlines()
+    assert header.split()[:3] == ["NODE", "HOST", "BACKEND"]
+    node_id = (server.home / "node-id").read_text().strip()
+    assert row.split()[:3] == [node_id, socket.gethostname(), "cpu"] and MODEL in row and "ago" in row
+    assert "LOST" not in row
+
+
+def test_a_node_that_stopped_reporting_is_shown_lost_not_dropped():
+    facts = NodeFacts(id="n1", host="h", memory_total=8 * 10**9, memory_available=4 * 10**9)
+    status = NodeStatus(facts=facts, memory_used=4 * 10**9, time=1000.0)
+    assert state_of(status, now=1000.0 + LOST_AFTER_S - 0.1) == "up"
+    assert state_of(status, now=1000.0 + LOST_AFTER_S + 0.1) == "lost"
+    table = nodes_table([status], now=1012.0).splitlines()
+    assert len(table) == 2 and table[1].endswith("12.0s ago (LOST)") and " - " in table[1]  # unmeasured: "-"
