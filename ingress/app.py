@@ -21,6 +21,7 @@ from ingress import handlers
 from ingress.admission import Admission, WorkerTable
 from ingress.errors import APIError, error_response
 from ingress.keys import ANONYMOUS, KeyRing, bearer_token
+from ingress.metrics import Metrics
 from pipeline.access import Identity
 from pipeline.connection import Link
 from pipeline.subjects import STATUS_PREFIX
@@ -53,6 +54,7 @@ class Ingress:
         self.models = {m.id: m for m in config.models}
         self.workers = WorkerTable(config.status_ttl_s)
         self.admission = Admission(self.workers, config.max_queue_wait_s)
+        self.metrics = Metrics()
         self.link = Link(config.nats_url, "conclave-ingress", config.identity, on_open=self.on_open)
 
     async def on_open(self, nc) -> None:
@@ -156,6 +158,7 @@ def create_app(config: IngressConfig) -> Starlette:
         Route("/v1/models", guarded(handlers.list_models, keys), methods=["GET"]),
         Route("/v1/models/{model:path}", guarded(handlers.get_model, keys), methods=["GET"]),
         Route("/v1/cluster", guarded(handlers.cluster, keys), methods=["GET"]),
+        Route("/metrics", guarded(handlers.metrics, keys), methods=["GET"]),
         # Up/down for anyone (a load balancer's probe has no key); hosts, pids and jobs only with a key.
         Route("/health", guarded(handlers.health, keys, open_to_all=True), methods=["GET"]),
     ]

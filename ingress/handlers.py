@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -65,6 +66,12 @@ async def cluster(request: Request) -> Response:
     instances = [{"model": model, "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]}
                  for model in ingress.models]
     return JSONResponse({"object": "cluster", "nodes": nodes, "links": [], "instances": instances})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus's text format; behind the API key like the /v1 routes (Prometheus sends it as a bearer token)."""
+    ingress = request.app.state.ingress
+    return Response(await ingress.metrics.render(ingress), media_type=CONTENT_TYPE_LATEST)
 
 
 async def health(request: Request) -> Response:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import anyio
 import msgspec
@@ -75,10 +75,10 @@ async def publish_job(nc, job: Job, submitter: str) -> None:
                        code="queue_unavailable")
 
 
-async def submit(nc, job: Job, submitter: str, queue_timeout_s: float,
-                 worker_timeout_s: float) -> AsyncIterator[Event | Waiting]:
+async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_timeout_s: float,
+                 on_final: Callable[[Done | Failed], None] | None = None) -> AsyncIterator[Event | Waiting]:
     """Publish the job as `submitter` and yield its events until Done or Failed (and `Waiting` while it is
-    queued)."""
+    queued); `on_final` sees the final event first (the ingress's metrics)."""
     # Subscribe before publishing so no event can arrive before anyone listens.
     sub = await nc.subscribe(job.reply_subject)
     try:
@@ -106,6 +106,8 @@ async def submit(nc, job: Job, submitter: str, queue_timeout_s: float,
                     result = await stored_result(nc.jetstream(), job.model, submitter, job.id)
                 if result is not None:
                     finished = True  # its final event was sent while we could not hear it
+                    if on_final is not None:
+                        on_final(result)
                     yield result
                     return
                 if not taken:
@@ -125,6 +127,8 @@ async def submit(nc, job: Job, submitter: str, queue_timeout_s: float,
             # Set before yielding: a caller that stops reading at the final event never resumes us, and the
             # job must not then be "cancelled" after it finished.
             finished = isinstance(event, (Done, Failed))
+            if finished and on_final is not None:
+                on_final(event)
             yield event
             if finished:
                 return

@@ -11,6 +11,7 @@ a long prefill; a refusal after that point arrives as an error event, as any fai
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import AsyncIterator
 
 import anyio
@@ -164,8 +165,9 @@ async def respond(request: Request, ingress, job: Job, stream: bool, include_usa
 async def answer(request: Request, ingress, job: Job, stream: bool, include_usage: bool, shape: Shape, release,
                  headers: dict) -> Response:
     nc, config = ingress.link.nc, ingress.config
+    observe = functools.partial(ingress.metrics.observe, job.model)
     if stream:
-        events = submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s)
+        events = submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s, observe)
         try:
             first = await first_answer(events, stream=True)
         except BaseException:
@@ -178,7 +180,8 @@ async def answer(request: Request, ingress, job: Job, stream: bool, include_usag
                                  headers={"Cache-Control": "no-cache", **headers})
 
     async def whole() -> Done:
-        async with contextlib.aclosing(submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s)) as events:
+        async with contextlib.aclosing(submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s,
+                                              observe)) as events:
             await first_answer(events, stream=False)
             return await final_result(events)
 

@@ -7,12 +7,13 @@ import subprocess
 import sys
 import time
 
+import httpx
 import psutil
 
 from ops.agent import nodes_table
 from pipeline.nodes import LOST_AFTER_S, state_of
 from schemas.cluster import NodeFacts, NodeStatus
-from tests.conftest import MODEL
+from tests.conftest import FRANCE, MODEL
 
 
 def reported(http, deadline_s: float = 30.0) -> dict:
@@ -58,3 +59,29 @@ def test_a_node_that_stopped_reporting_is_shown_lost_not_dropped():
     assert state_of(status, now=1000.0 + LOST_AFTER_S + 0.1) == "lost"
     table = nodes_table([status], now=1012.0).splitlines()
     assert len(table) == 2 and table[1].endswith("12.0s ago (LOST)") and " - " in table[1]  # unmeasured: "-"
+
+
+def test_prometheus_metrics_count_answers_and_show_queues_and_nodes(server, client, http):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(server.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    reported(http)
+    model = (("model", MODEL),)
+    before = scrape()
+    client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8)
+    for _ in client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8, stream=True):
+        pass
+    after = scrape()
+    done = (("model", MODEL), ("outcome", "done"))
+    assert after[("conclave_requests_total", done)] == before.get(("conclave_requests_total", done), 0) + 2
+    assert after[("conclave_ttft_seconds_count", model)] == before.get(("conclave_ttft_seconds_count", model), 0) + 2
+    assert after[("conclave_decode_tokens_per_second_count", model)] >= 2
+    assert ("conclave_queue_jobs", model) in after
+    node = (("host", socket.gethostname()), ("node", (server.home / "node-id").read_text().strip()))
+    assert after[("conclave_node_up", node)] == 1
+    assert after[("conclave_node_memory_total_bytes", node)] == psutil.virtual_memory().total
+    assert ("conclave_node_gpu_percent", node) not in after  # not measured here: absent, not 0
