@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ingress.errors import APIError
 from ingress.reading import read_request
 from ingress.requests import chat_job, completion_job
 from ingress.respond import respond
@@ -61,8 +62,13 @@ async def cluster(request: Request) -> Response:
     instances: each served model's live workers."""
     ingress = request.app.state.ingress
     now = time.time()
+    try:
+        statuses = await read_nodes(ingress.link.nc.jetstream())
+    except Exception as exc:  # NATS away (or reconnecting)
+        raise APIError(503, f"The cluster's state cannot be read right now ({type(exc).__name__}).",
+                       type="server_error", code="nats_unavailable") from None
     nodes = [{**msgspec.to_builtins(status), "state": state_of(status, now), "last_seen_s": round(now - status.time, 3)}
-             for status in await read_nodes(ingress.link.nc.jetstream())]
+             for status in statuses]
     instances = [{"model": model, "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]}
                  for model in ingress.models]
     return JSONResponse({"object": "cluster", "nodes": nodes, "links": [], "instances": instances})

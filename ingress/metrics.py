@@ -8,6 +8,8 @@ not report (GPU, temperature, power on this platform) is left out, never exporte
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -17,6 +19,7 @@ from schemas.jobs import Done, Failed
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DECODE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0)
+log = logging.getLogger("conclave.metrics")
 NODE_FIGURES = [  # (metric, help, value of a status)
     ("conclave_node_memory_total_bytes", "Memory of the node", lambda s: s.facts.memory_total),
     ("conclave_node_memory_available_bytes", "Memory the node offers", lambda s: s.facts.memory_available),
@@ -49,8 +52,8 @@ class Scraped:
         yield up
         for name, text, value in NODE_FIGURES:
             family = GaugeMetricFamily(name, text, labels=["node", "host"])
-            for status in self.nodes:
-                if (figure := value(status)) is not None:
+            for status in self.nodes:  # a lost node's last figures are not current: only its conclave_node_up
+                if state_of(status) == "up" and (figure := value(status)) is not None:
                     family.add_metric([status.facts.id, status.facts.host], figure)
             yield family
 
@@ -72,13 +75,18 @@ class Metrics:
             self.requests.labels(model, "cancelled" if final.error.code == "cancelled" else "failed").inc()
             return
         self.requests.labels(model, "done").inc()
+        if final.usage.completion_tokens == 0:  # ended before a first token (cancelled while queued): no TTFT
+            return
         self.ttft.labels(model).observe(final.ttft_ms / 1000)
         decoding_s = (final.duration_ms - final.ttft_ms) / 1000
         if final.usage.completion_tokens > 1 and decoding_s > 0:
             self.decode.labels(model).observe((final.usage.completion_tokens - 1) / decoding_s)
 
     async def render(self, ingress) -> bytes:
-        js = ingress.link.nc.jetstream()
-        self.scraped.nodes = await read_nodes(js)
-        self.scraped.queued = {model: await ingress.admission.queued(js, model) for model in ingress.models}
+        try:  # NATS away: the counters still come, with the gauges of the last scrape that read them
+            js = ingress.link.nc.jetstream()
+            self.scraped.nodes = await read_nodes(js)
+            self.scraped.queued = {model: await ingress.admission.queued(js, model) for model in ingress.models}
+        except Exception as exc:
+            log.warning("metrics: could not read the nodes and queues (%s); serving the last ones read", exc)
         return generate_latest(self.registry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 import uuid
@@ -26,8 +27,14 @@ REPORT_S = 1.0
 def node_id(home: Path) -> str:
     """Made once per home and kept: a node's identity survives restarts and renames of its host."""
     path = Path(home) / "node-id"
-    if not path.exists():
-        path.write_text(uuid.uuid4().hex[:12] + "\n")
+    try:  # made whole or not at all: two commands starting on a fresh home agree on one id
+        temporary = path.with_name(f"node-id.{uuid.uuid4().hex}")
+        temporary.write_text(uuid.uuid4().hex[:12] + "\n")
+        os.link(temporary, path)  # fails if another made it first
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink(missing_ok=True)
     return path.read_text().strip()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from ops.config import default_home, env_float
 
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
-from workers.store import DEFAULT_MODEL, ModelStore
+from workers.store import DEFAULT_MODEL, ModelStore, StoreError
 
 
 def group_from_args(args):
@@ -169,7 +169,13 @@ def cmd_place(args) -> None:
     from ops.placement import describe, place
     from schemas.cluster import ClusterFacts, PlacementRequest
 
-    model = ModelStore(args.home / "models").resolve(args.model)
+    store = ModelStore(args.home / "models")
+    # A preview reads only config.json and the weights' headers: it never pulls or imports (a 600 GB download).
+    local = args.model == DEFAULT_MODEL or Path(args.model).expanduser().is_dir() or store.get(args.model)
+    if not local:
+        raise StoreError(f"{args.model} is neither in the store nor a model directory: `conclave models pull` or "
+                         f"`import` it first (place only previews)")
+    model = store.resolve(args.model)
     if args.nodes:
         try:
             cluster = msgspec.json.decode(Path(args.nodes).read_bytes(), type=ClusterFacts)

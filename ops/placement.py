@@ -53,33 +53,48 @@ def kv_cache(model: ModelFacts, layers: int, request: PlacementRequest) -> int:
     return layers * model.kv_bytes_per_token * request.context * request.sequences
 
 
-def whole_memory(model: ModelFacts, node: NodeFacts, request: PlacementRequest) -> RankMemory:
-    return RankMemory(weights=model.weight_bytes, kv_cache=kv_cache(model, model.layers, request),
-                      activations=activations(model, request), reserve=int(RESERVE * budget(node)))
+def rank_memory(model: ModelFacts, node: NodeFacts, weights: int, kv: int, act: int) -> RankMemory:
+    """A rank's memory on `node`. A CPU worker runs 16-bit float weights and the KV cache in float32
+    (workers/shard.py): there they take twice their stored size."""
+    if node.backend == "cpu":
+        weights += weights * model.half_float_bytes // max(1, model.weight_bytes)
+        kv *= 2
+    return RankMemory(weights=weights, kv_cache=kv, activations=act, reserve=int(RESERVE * budget(node)))
 
 
-def tensor_memory(model: ModelFacts, node: NodeFacts, n: int, request: PlacementRequest) -> RankMemory:
-    # mlx-lm's shard() splits attention and MLP weights n ways and keeps embeddings and head whole.
-    return RankMemory(weights=sum(model.layer_bytes) // n + model.embedding_bytes + model.head_bytes,
-                      kv_cache=kv_cache(model, model.layers, request) // n,
-                      activations=activations(model, request, intermediate_share=n),
-                      reserve=int(RESERVE * budget(node)))
+def whole_rank(model: ModelFacts, node: NodeFacts, request: PlacementRequest) -> RankPlan:
+    memory = rank_memory(model, node, model.weight_bytes, kv_cache(model, model.layers, request),
+                         activations(model, request))
+    return RankPlan(node=node.id, layers=(0, model.layers), memory=memory, budget=budget(node))
 
 
-def stage_memory(model: ModelFacts, node: NodeFacts, start: int, end: int, first: bool, last: bool,
-                 request: PlacementRequest) -> RankMemory:
+def tensor_ranks(model: ModelFacts, chosen: list[NodeFacts], request: PlacementRequest) -> list[RankPlan]:
+    # mlx-lm's shard() splits attention and MLP weights n ways and keeps embeddings and head whole; the KV
+    # heads split too, unless the cache is one latent all heads share (multi-head latent attention).
+    n = len(chosen)
+    kv = kv_cache(model, model.layers, request)
+    kv = kv if model.kv_shared_by_heads else kv // n
+    return [RankPlan(node=node.id, layers=(0, model.layers), budget=budget(node), memory=rank_memory(
+                model, node, sum(model.layer_bytes) // n + model.embedding_bytes + model.head_bytes, kv,
+                activations(model, request, intermediate_share=n)))
+            for node in chosen]
+
+
+def stage_rank(model: ModelFacts, chosen: list[NodeFacts], i: int, bounds: tuple[int, int],
+               request: PlacementRequest) -> RankPlan:
+    node, first, last = chosen[i], i == 0, i == len(chosen) - 1
     # A tied head is the embedding matrix: a last stage that is not also the first holds a copy of it.
     embedding = first or (last and model.tied_embeddings)
-    weights = sum(model.layer_bytes[start:end]) + (model.embedding_bytes if embedding else 0) + \
+    weights = sum(model.layer_bytes[bounds[0]:bounds[1]]) + (model.embedding_bytes if embedding else 0) + \
         (model.head_bytes if last else 0)
     # Rank 0 samples: the logits come back to it from the last stage.
-    return RankMemory(weights=weights, kv_cache=kv_cache(model, end - start, request),
-                      activations=activations(model, request, logits=first or last),
-                      reserve=int(RESERVE * budget(node)))
+    memory = rank_memory(model, node, weights, kv_cache(model, bounds[1] - bounds[0], request),
+                         activations(model, request, logits=first or last))
+    return RankPlan(node=node.id, layers=bounds, memory=memory, budget=budget(node))
 
 
-def fits(memory: RankMemory, node: NodeFacts) -> bool:
-    return memory.total <= budget(node)
+def over(rank: RankPlan) -> bool:
+    return rank.memory.total > rank.budget
 
 
 def ranks_of(split: list[int]) -> list[tuple[int, int]]:
@@ -87,32 +102,45 @@ def ranks_of(split: list[int]) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def pipeline_ranks(model: ModelFacts, chosen: list[NodeFacts], request: PlacementRequest,
-                   split: list[int] | None = None) -> list[RankPlan] | RankPlan:
-    """The stages over `chosen` in order, split by what each can hold (or as pinned); or the first rank that
-    does not fit."""
+def stages(model: ModelFacts, chosen: list[NodeFacts], split: list[int], request: PlacementRequest) -> list[RankPlan]:
+    return [stage_rank(model, chosen, i, bounds, request) for i, bounds in enumerate(ranks_of(split))]
+
+
+def pipeline_split_for(model: ModelFacts, chosen: list[NodeFacts], request: PlacementRequest) -> list[int] | None:
+    """Layers per node in order, none over its budget, at least one each; None if no split fits.
+
+    First in proportion to what each node can hold after its fixed costs (an even share of the load),
+    with rounding settled against the real layer sizes; when that fails (uneven layers), a greedy fill in
+    layer order, each node taking what fits while leaving a layer for each node after it."""
     k = len(chosen)
-    if split is None:
-        per_layer = max(1, sum(model.layer_bytes) // model.layers + kv_cache(model, 1, request))
-        capacity = []
-        for i, node in enumerate(chosen):
-            fixed = stage_memory(model, node, 0, 0, i == 0, i == k - 1, request).total
-            capacity.append(max(0, (budget(node) - fixed) // per_layer))
-        if min(capacity) < 1 or sum(capacity) < model.layers:
-            worst = min(range(k), key=lambda i: capacity[i])
-            return plan_rank(model, chosen, worst, (0, min(model.layers, capacity[worst] + 1)), request)
-        split = pipeline_split(model.layers, k, [float(c) for c in capacity])
-        split = settle_rounding(model, chosen, split, request)
-    ranks = [plan_rank(model, chosen, i, bounds, request) for i, bounds in enumerate(ranks_of(split))]
-    over = [r for r in ranks if r.memory.total > r.budget]
-    return over[0] if over else ranks
+    if k > model.layers:
+        return None
+    per_layer = max(1, sum(model.layer_bytes) // model.layers + kv_cache(model, 1, request))
+    capacity = [max(0, (budget(node) - stage_rank(model, chosen, i, (0, 0), request).memory.total) // per_layer)
+                for i, node in enumerate(chosen)]
+    if min(capacity) >= 1 and sum(capacity) >= model.layers:
+        split = settle_rounding(model, chosen, pipeline_split(model.layers, k, [float(c) for c in capacity]), request)
+        if not any(over(r) for r in stages(model, chosen, split, request)):
+            return split
+    split, start = [], 0
+    for i in range(k):  # in a fixed order, taking all that fits leaves the least to the nodes after
+        end = start + 1
+        while end < model.layers - (k - 1 - i) and not over(stage_rank(model, chosen, i, (start, end + 1), request)):
+            end += 1
+        if i == k - 1:
+            end = model.layers
+        split.append(end - start)
+        start = end
+    return split if not any(over(r) for r in stages(model, chosen, split, request)) else None
 
 
-def plan_rank(model: ModelFacts, chosen: list[NodeFacts], i: int, bounds: tuple[int, int],
-              request: PlacementRequest) -> RankPlan:
-    node = chosen[i]
-    memory = stage_memory(model, node, bounds[0], bounds[1], i == 0, i == len(chosen) - 1, request)
-    return RankPlan(node=node.id, layers=bounds, memory=memory, budget=budget(node))
+def pipeline_for(model: ModelFacts, chosen: list[NodeFacts], request: PlacementRequest) -> list[RankPlan] | None:
+    """The stages over these nodes, in their order or the reverse (a small node may fit only the lighter
+    end of uneven layers); None if neither fits."""
+    for order in (chosen, chosen[::-1]):
+        if (split := pipeline_split_for(model, order, request)) is not None:
+            return stages(model, order, split, request)
+    return None
 
 
 def settle_rounding(model: ModelFacts, chosen: list[NodeFacts], split: list[int],
@@ -121,14 +149,14 @@ def settle_rounding(model: ModelFacts, chosen: list[NodeFacts], split: list[int]
     neighbour with room, while that helps."""
     split = list(split)
     for _ in range(model.layers):
-        ranks = [plan_rank(model, chosen, i, b, request) for i, b in enumerate(ranks_of(split))]
-        over = next((i for i, r in enumerate(ranks) if r.memory.total > r.budget), None)
-        if over is None or split[over] <= 1:
+        ranks = stages(model, chosen, split, request)
+        worst = next((i for i, r in enumerate(ranks) if over(r)), None)
+        if worst is None or split[worst] <= 1:
             break
         slack = [r.budget - r.memory.total for r in ranks]
-        neighbours = [j for j in (over - 1, over + 1) if 0 <= j < len(split)]
+        neighbours = [j for j in (worst - 1, worst + 1) if 0 <= j < len(split)]
         j = max(neighbours, key=lambda j: slack[j])
-        split[over] -= 1
+        split[worst] -= 1
         split[j] += 1
     return split
 
@@ -138,15 +166,18 @@ def rdma_mesh(chosen: list[NodeFacts], links: list[Link]) -> bool:
     return all(frozenset((a.id, b.id)) in rdma for a, b in itertools.combinations(chosen, 2))
 
 
-def tensor_plan(model: ModelFacts, chosen: list[NodeFacts], links: list[Link], request: PlacementRequest,
-                why: str) -> Plan | None:
-    k = len(chosen)
-    if k not in model.tensor_sizes or not rdma_mesh(chosen, links):
-        return None
-    ranks = [RankPlan(node=n.id, layers=(0, model.layers), memory=tensor_memory(model, n, k, request),
-                      budget=budget(n)) for n in chosen]
-    return Plan(model=model.id, layout="tensor", backend="jaccl", ranks=ranks, why=why) \
-        if all(r.memory.total <= r.budget for r in ranks) else None
+def rdma_clique(nodes: list[NodeFacts], links: list[Link]) -> list[NodeFacts]:
+    """The largest set of nodes all RDMA-linked to each other that a greedy pass finds from each node with an
+    RDMA link (a largest clique is a hard problem; a Thunderbolt cluster is a full mesh or close to it)."""
+    linked = {i for link in links if link.kind == "rdma" for i in (link.a, link.b)}
+    best: list[NodeFacts] = []
+    for seed in (n for n in nodes if n.id in linked):
+        clique = [seed]
+        for node in nodes:
+            if node is not seed and rdma_mesh([*clique, node], links):
+                clique.append(node)
+        best = clique if len(clique) > len(best) else best
+    return best
 
 
 def ordered(model: ModelFacts, nodes: list[NodeFacts]) -> list[NodeFacts]:
@@ -162,37 +193,53 @@ def candidate_sets(model: ModelFacts, nodes: list[NodeFacts], k: int) -> list[li
 
 
 def place(model: ModelFacts, nodes: list[NodeFacts], links: list[Link], request: PlacementRequest) -> Plan | Refusal:
-    if request.nodes or request.layout or request.split:
+    if (problem := input_problem(nodes, request)) is not None:
+        return Refusal(model=model.id, needed=0, available=0, reason=problem)
+    if request.nodes or request.split or request.layout == "whole" and len(nodes) == 1:
         return place_pinned(model, nodes, links, request)
-    for node in ordered(model, nodes):
-        memory = whole_memory(model, node, request)
-        if fits(memory, node):
-            return Plan(model=model.id, layout="whole", backend="none", why="fits on one node",
-                        ranks=[RankPlan(node=node.id, layers=(0, model.layers), memory=memory, budget=budget(node))])
-    mesh = rdma_clique(ordered(model, nodes), links)
-    for n in sorted((n for n in model.tensor_sizes if 2 <= n <= len(mesh)), reverse=True):
-        plan = tensor_plan(model, mesh[:n], links, request,
-                           f"too large for one node; {n} nodes on an RDMA mesh: tensor parallel over jaccl")
-        if plan is not None:
-            return plan
-    for k in range(2, min(len(nodes), model.layers) + 1):
-        for chosen in candidate_sets(model, nodes, k):
-            ranks = pipeline_ranks(model, chosen, request)
-            if isinstance(ranks, list):
-                return Plan(model=model.id, layout="pipeline", backend="ring", ranks=ranks,
-                            why=f"too large for one node; {k} nodes, no RDMA mesh (or heads that divide): pipeline "
-                                f"by memory")
+    layouts = (request.layout,) if request.layout else ("whole", "tensor", "pipeline")
+    if "whole" in layouts:
+        for node in ordered(model, nodes):
+            if not over(rank := whole_rank(model, node, request)):
+                return Plan(model=model.id, layout="whole", backend="none", ranks=[rank], why="fits on one node")
+    if "tensor" in layouts:
+        mesh = rdma_clique(ordered(model, nodes), links)
+        for n in sorted((n for n in model.tensor_sizes if 2 <= n <= len(mesh)), reverse=True):
+            ranks = tensor_ranks(model, mesh[:n], request)
+            if not any(over(r) for r in ranks):
+                return Plan(model=model.id, layout="tensor", backend="jaccl", ranks=ranks,
+                            why=f"too large for one node; {n} nodes on an RDMA mesh: tensor parallel over jaccl")
+        if request.layout == "tensor":  # asked for: over the fewest nodes its heads divide by, on any links
+            for n in (n for n in model.tensor_sizes if 2 <= n <= len(nodes)):
+                for chosen in candidate_sets(model, nodes, n):
+                    ranks = tensor_ranks(model, chosen, request)
+                    if not any(over(r) for r in ranks):
+                        return Plan(model=model.id, layout="tensor", ranks=ranks, why="layout pinned",
+                                    backend="jaccl" if rdma_mesh(chosen, links) else "ring")
+    if "pipeline" in layouts:
+        for k in range(2, min(len(nodes), model.layers) + 1):
+            for chosen in candidate_sets(model, nodes, k):
+                if (ranks := pipeline_for(model, chosen, request)) is not None:
+                    return Plan(model=model.id, layout="pipeline", backend="ring", ranks=ranks,
+                                why=f"too large for one node; {k} nodes, no RDMA mesh (or heads that divide): "
+                                    f"pipeline by memory")
     return refusal(model, nodes, request)
 
 
-def rdma_clique(nodes: list[NodeFacts], links: list[Link]) -> list[NodeFacts]:
-    """Nodes that are all RDMA-linked to each other, picked greedily in the given order (a largest clique is
-    a hard problem; a Thunderbolt cluster is a full mesh or close to it)."""
-    clique: list[NodeFacts] = []
-    for node in nodes:
-        if rdma_mesh([*clique, node], links):
-            clique.append(node)
-    return clique
+def input_problem(nodes: list[NodeFacts], request: PlacementRequest) -> str | None:
+    ids = [n.id for n in nodes]
+    if not nodes:
+        return "no nodes to place it on"
+    if (twice := sorted({i for i in ids if ids.count(i) > 1})):
+        return (f"two nodes report the id {', '.join(twice)}: a copied home (its node-id file); remove "
+                f"<home>/node-id on one of them and restart it")
+    if len(set(request.nodes)) != len(request.nodes):
+        return "a node is pinned twice"
+    if request.context < 1 or request.sequences < 1:
+        return "context and sequences must be at least 1"
+    if request.split and request.layout not in (None, "pipeline"):
+        return f"a split pins a pipeline; layout {request.layout} takes none"
+    return None
 
 
 def refusal(model: ModelFacts, nodes: list[NodeFacts], request: PlacementRequest) -> Refusal:
@@ -200,12 +247,14 @@ def refusal(model: ModelFacts, nodes: list[NodeFacts], request: PlacementRequest
     needed = model.weight_bytes + kv + activations(model, request)
     usable = sum(int(budget(n) * (1 - RESERVE)) for n in nodes)
     context = f"{request.context // 1024}k" if request.context % 1024 == 0 else str(request.context)
+    layout = f" as {request.layout}" if request.layout else ""
     return Refusal(model=model.id, needed=needed, available=usable, reason=(
         f"{model.id} needs {gb(needed)}: {gb(model.weight_bytes)} for weights and {gb(kv)} of KV cache for a "
         f"{context} context x {request.sequences} sequences, plus activations; "
         f"{'1 node offers' if len(nodes) == 1 else f'{len(nodes)} nodes offer'} {gb(usable)} after a {RESERVE:.0%} "
-        f"reserve each"
-        + (" (and no split of its layers fits them)" if usable >= needed else "")))
+        f"reserve each" + (" (as stored; more on CPU nodes, which run 16-bit weights in float32)"
+                           if any(n.backend == "cpu" for n in nodes) else "")
+        + (f", and no placement{layout} of its layers fits them" if usable >= needed else "")))
 
 
 def place_pinned(model: ModelFacts, nodes: list[NodeFacts], links: list[Link], request: PlacementRequest) -> Plan | Refusal:
@@ -216,35 +265,38 @@ def place_pinned(model: ModelFacts, nodes: list[NodeFacts], links: list[Link], r
     chosen = [known[n] for n in request.nodes] if request.nodes else ordered(model, nodes)[:max(1, len(request.split))]
     layout = request.layout or ("pipeline" if request.split else "whole" if len(chosen) == 1 else None)
     if layout is None:
-        plan = tensor_plan(model, chosen, links, request, "pinned nodes; an RDMA mesh: tensor parallel")
-        layout = "tensor" if plan is not None else "pipeline"
+        layout = "tensor" if len(chosen) in model.tensor_sizes and rdma_mesh(chosen, links) else "pipeline"
     if layout == "whole":
         if len(chosen) != 1:
             return Refusal(model=model.id, needed=0, available=0, reason="layout whole takes exactly one node")
-        memory = whole_memory(model, chosen[0], request)
-        rank = RankPlan(node=chosen[0].id, layers=(0, model.layers), memory=memory, budget=budget(chosen[0]))
-        return Plan(model=model.id, layout="whole", backend="none", ranks=[rank], why="pinned") if fits(
-            memory, chosen[0]) else over_budget(model, rank)
+        rank = whole_rank(model, chosen[0], request)
+        return over_budget(model, rank) if over(rank) else Plan(model=model.id, layout="whole", backend="none",
+                                                                ranks=[rank], why="pinned")
     if layout == "tensor":
         if len(chosen) not in model.tensor_sizes:
             return Refusal(model=model.id, needed=0, available=0, reason=(
                 f"tensor parallel over {len(chosen)} nodes does not divide {model.id}'s heads and MLP; it splits "
                 f"over {', '.join(map(str, model.tensor_sizes))}"))
-        ranks = [RankPlan(node=n.id, layers=(0, model.layers), memory=tensor_memory(model, n, len(chosen), request),
-                          budget=budget(n)) for n in chosen]
-        over = [r for r in ranks if r.memory.total > r.budget]
-        backend = "jaccl" if rdma_mesh(chosen, links) else "ring"
-        return over_budget(model, over[0]) if over else Plan(model=model.id, layout="tensor", backend=backend,
-                                                            ranks=ranks, why="pinned")
+        ranks = tensor_ranks(model, chosen, request)
+        overflowing = [r for r in ranks if over(r)]
+        return over_budget(model, overflowing[0]) if overflowing else Plan(
+            model=model.id, layout="tensor", backend="jaccl" if rdma_mesh(chosen, links) else "ring", ranks=ranks,
+            why="pinned")
+    if len(chosen) > model.layers:
+        return Refusal(model=model.id, needed=0, available=0,
+                       reason=f"a pipeline over {len(chosen)} nodes needs {len(chosen)} layers; it has {model.layers}")
     if request.split:
         try:
             check_pipeline_split(request.split, model.layers, len(chosen))
         except ShardError as exc:
             return Refusal(model=model.id, needed=0, available=0, reason=str(exc))
-    ranks = pipeline_ranks(model, chosen, request, request.split or None)
-    if isinstance(ranks, RankPlan):
-        return over_budget(model, ranks)
-    return Plan(model=model.id, layout="pipeline", backend="ring", ranks=ranks, why="pinned")
+    split = request.split or pipeline_split_for(model, chosen, request)
+    if split is None:
+        return refusal(model, chosen, request)
+    ranks = stages(model, chosen, split, request)
+    overflowing = [r for r in ranks if over(r)]
+    return over_budget(model, overflowing[0]) if overflowing else Plan(model=model.id, layout="pipeline",
+                                                                       backend="ring", ranks=ranks, why="pinned")
 
 
 def over_budget(model: ModelFacts, rank: RankPlan) -> Refusal:

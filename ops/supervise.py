@@ -99,8 +99,10 @@ class GroupSupervisor:
         self.lock = threading.Lock()
 
     def running(self) -> int:
-        """Rank processes of the group alive now (a node's status reports it)."""
-        return sum(process.poll() is None for process in list(self.processes))
+        """Rank processes of the group alive on this machine (a node's status reports it; a remote rank's
+        process here is its ssh client, not the rank)."""
+        hosts = self.spec.placements()
+        return sum(process.poll() is None and host.is_local for process, host in zip(list(self.processes), hosts))
 
     def start(self) -> bool:
         with self.lock:

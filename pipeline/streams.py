@@ -105,7 +105,10 @@ async def ensure_streams(js: JetStreamContext) -> None:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
-    await js.create_key_value(nodes_bucket_config())  # create, or update to this config
+    try:
+        await js.create_key_value(nodes_bucket_config())
+    except BadRequestError:  # made by another version with another TTL: it still works as it is
+        log.warning("the key-value bucket of node statuses exists with another configuration; left as it is")
     for config in (audit_stream_config(), checkpoints_stream_config()):
         try:
             await js.add_stream(config)

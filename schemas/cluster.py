@@ -44,6 +44,8 @@ class ModelFacts(Struct, kw_only=True):
     head_bytes: int  # weights the last stage holds besides its layers (final norm, output head)
     tied_embeddings: bool = False  # the head is the embedding matrix: the last stage holds it too
     kv_bytes_per_token: int  # KV cache of one token in one layer, all its KV heads (fp16)
+    kv_shared_by_heads: bool = False  # a cached latent (MLA): every tensor-parallel rank holds all of it
+    half_float_bytes: int = 0  # of the weights, those stored as 16-bit floats (a CPU worker runs them in float32)
     hidden_size: int
     intermediate_size: int
     vocab_size: int

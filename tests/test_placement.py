@@ -25,7 +25,8 @@ def model(id: str, layers: int, weight_gb: float, kv_per_token: int, heads: int,
 
 
 # Kimi K2 at 4 bits: 61 layers, about 578 GB; multi-head latent attention caches (512 + 64) x 2 bytes a token.
-K2 = model("kimi-k2-4bit", 61, 578, (512 + 64) * 2, heads=64, hidden=7168, intermediate=18432, vocab=163840)
+K2 = msgspec.structs.replace(model("kimi-k2-4bit", 61, 578, (512 + 64) * 2, heads=64, hidden=7168,
+                                   intermediate=18432, vocab=163840), kv_shared_by_heads=True)
 # A 70B llama at 4 bits: 80 layers, about 40 GB; 8 KV heads of 128: 2 x 8 x 128 x 2 bytes a token and layer.
 LLAMA70 = model("llama-70b-4bit", 80, 40, 2 * 8 * 128 * 2, heads=64)
 
@@ -114,6 +115,81 @@ def test_pins_are_followed_or_refused_with_the_rank_that_overflows():
     assert "add up to" in place(LLAMA70, nodes, [], PlacementRequest(nodes=["a", "b"], split=[1, 2])).reason
     tensor = place(LLAMA70, nodes, [], PlacementRequest(nodes=["a", "b", "c"], layout="tensor"))
     assert isinstance(tensor, Refusal) and "splits over 1, 2, 4, 8" in tensor.reason
+
+
+def test_inputs_that_cannot_be_placed_are_refused_not_crashed():
+    nodes = [node("a", 64), node("b", 48)]
+    reasons = [place(LLAMA70, nodes, [], request).reason for request in (
+        PlacementRequest(nodes=["a", "a"]), PlacementRequest(context=-1), PlacementRequest(sequences=0),
+        PlacementRequest(layout="tensor", split=[40, 40]))]
+    assert reasons == ["a node is pinned twice", "context and sequences must be at least 1",
+                       "context and sequences must be at least 1", "a split pins a pipeline; layout tensor takes none"]
+    assert place(LLAMA70, [], [], PlacementRequest()).reason == "no nodes to place it on"
+    copied = place(LLAMA70, [node("a", 30), node("a", 30)], [], PlacementRequest())
+    assert isinstance(copied, Refusal) and "two nodes report the id a" in copied.reason
+    tiny = model("tiny", 2, 1, 1024, heads=8, hidden=64, intermediate=128, vocab=100)
+    three = [node(n, 0.4) for n in "xyz"]
+    assert "needs 3 layers; it has 2" in place(tiny, three, [], PlacementRequest(nodes=["x", "y", "z"],
+                                                                                layout="pipeline")).reason
+
+
+def test_a_layout_pinned_alone_is_searched_within_that_layout():
+    nodes = [node("a", 30), node("b", 30)]
+    plan = place(LLAMA70, nodes, [], PlacementRequest(layout="pipeline", context=4096, sequences=1))
+    assert isinstance(plan, Plan) and plan.layout == "pipeline" and len(plan.ranks) == 2
+    plan = place(LLAMA70, nodes, [], PlacementRequest(layout="tensor", context=4096, sequences=1))
+    assert isinstance(plan, Plan) and (plan.layout, plan.backend, len(plan.ranks)) == ("tensor", "ring", 2)
+
+
+def test_a_latent_kv_cache_is_not_divided_by_tensor_parallel():
+    studios = [node(f"s{i}", 260, working_set_gb=250) for i in range(4)]
+    long = PlacementRequest(context=131072, sequences=8)  # 74 GB of latent KV cache
+    # Every tensor rank would hold the whole latent (578/4 GB of weights + 74 GB + reserve > 250 GB): a pipeline,
+    # where each stage holds only its layers' share of the cache.
+    plan = place(K2, studios, mesh([n.id for n in studios]), long)
+    assert isinstance(plan, Plan) and plan.layout == "pipeline"
+    check(plan, K2)
+    split_heads = msgspec.structs.replace(K2, kv_shared_by_heads=False)  # were it split by heads, tensor fits
+    assert place(split_heads, studios, mesh([n.id for n in studios]), long).layout == "tensor"
+
+
+def test_cpu_nodes_count_16_bit_weights_and_the_kv_cache_in_float32():
+    half = msgspec.structs.replace(LLAMA70, half_float_bytes=LLAMA70.weight_bytes)  # all float16, say
+    metal, cpu = node("m", 200), node("c", 200, backend="cpu")
+    on_metal = place(half, [metal], [], PlacementRequest(context=4096, sequences=1)).ranks[0].memory
+    on_cpu = place(half, [cpu], [], PlacementRequest(context=4096, sequences=1)).ranks[0].memory
+    assert on_cpu.weights == 2 * on_metal.weights and on_cpu.kv_cache == 2 * on_metal.kv_cache
+
+
+def test_an_rdma_mesh_is_found_even_when_the_node_with_the_files_has_no_rdma():
+    nodes = [node("holder", 64, models=("kimi-k2-4bit",))] + [node(f"s{i}", 400) for i in range(4)]
+    plan = place(K2, nodes, mesh([f"s{i}" for i in range(4)]), PlacementRequest())
+    assert isinstance(plan, Plan) and (plan.layout, len(plan.ranks)) == ("tensor", 4)
+
+
+def test_uneven_layers_are_split_whenever_some_split_fits():
+    """Against every split (brute force): placement finds one whenever one exists, never over a budget."""
+    rng = random.Random(11)
+    for _ in range(300):
+        layers = rng.randint(2, 7)
+        sizes = [rng.randint(1, 4) * GB for _ in range(layers)]
+        uneven = ModelFacts(id="u", layers=layers, layer_bytes=sizes, embedding_bytes=0, head_bytes=0,
+                            kv_bytes_per_token=0, hidden_size=64, intermediate_size=128, vocab_size=100,
+                            tensor_sizes=[1])
+        nodes = [node("n0", rng.uniform(3, 12)), node("n1", rng.uniform(3, 12))]
+        request = PlacementRequest(context=1, sequences=1)
+        fits_whole = any(sum(sizes) * 1.0 + 0 <= budget(n) * (1 - RESERVE) - 10**6 for n in nodes)
+        if fits_whole:
+            continue
+        some = any(all(sum(part) <= budget(n) * (1 - RESERVE) - 10**6 for part, n in
+                       zip((sizes[:cut], sizes[cut:]), (nodes[0], nodes[1]))) for cut in range(1, layers))
+        some |= any(all(sum(part) <= budget(n) * (1 - RESERVE) - 10**6 for part, n in
+                        zip((sizes[:cut], sizes[cut:]), (nodes[1], nodes[0]))) for cut in range(1, layers))
+        plan = place(uneven, nodes, [], request)
+        if isinstance(plan, Plan):
+            check(plan, uneven)
+        else:
+            assert not some, (sizes, [budget(n) for n in nodes], plan.reason)
 
 
 def test_no_pipeline_rank_is_ever_over_its_budget_after_rounding():
