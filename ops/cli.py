@@ -207,6 +207,16 @@ def cmd_nodes(args) -> None:
     asyncio.run(show())
 
 
+def cmd_service(args) -> None:
+    import shlex
+
+    from ops.service import install
+
+    platform = args.platform if args.platform != "auto" else "launchd" if sys.platform == "darwin" else "systemd"
+    path, enable = install(args.home, shlex.split(args.serve_flags), platform, Path(args.dir) if args.dir else None)
+    print(f"wrote {path}\nenable it with: {enable}")
+
+
 def cmd_schemas(args) -> None:
     from ops.schemas import write_schemas
 
@@ -351,6 +361,16 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--nats-url", default=None, help="the deployment's NATS (default: that of the conclave serve "
                    "running in --home)")
     n.set_defaults(func=cmd_nodes)
+
+    sv = sub.add_parser("service", help="write a systemd unit (Linux) or launchd agent (macOS) that runs "
+                        "`conclave serve` at boot and restarts it", formatter_class=DEFAULTS)
+    sv.add_argument("action", choices=["install"])
+    sv.add_argument("--platform", choices=["auto", "systemd", "launchd"], default="auto")
+    sv.add_argument("--dir", default=None, help="where to write it (default: the user's systemd or LaunchAgents "
+                    "folder)")
+    sv.add_argument("--serve-flags", default="", metavar="'FLAGS'",
+                    help="the flags for `conclave serve`, as one quoted string, e.g. '--port 8100'")
+    sv.set_defaults(func=cmd_service)
 
     j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema",
                        formatter_class=DEFAULTS)
