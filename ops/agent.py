@@ -27,6 +27,8 @@ REPORT_S = 1.0
 def node_id(home: Path) -> str:
     """Made once per home and kept: a node's identity survives restarts and renames of its host."""
     path = Path(home) / "node-id"
+    if path.exists():  # every report asks: no temporary file each second
+        return path.read_text().strip()
     try:  # made whole or not at all: two commands starting on a fresh home agree on one id
         temporary = path.with_name(f"node-id.{uuid.uuid4().hex}")
         temporary.write_text(uuid.uuid4().hex[:12] + "\n")
@@ -38,9 +40,9 @@ def node_id(home: Path) -> str:
     return path.read_text().strip()
 
 
-def local_node(home: Path, memory_limit: int | None = None) -> NodeFacts:
-    """This machine's facts: psutil's memory and, on Metal, MLX's recommended working set; `memory_limit`
-    caps what it offers (an operator's reserve, or a test's)."""
+def local_node(home: Path, memory_limit: int | None = None, memory=None) -> NodeFacts:
+    """This machine's facts: psutil's memory (or the sample `memory`) and, on Metal, MLX's recommended
+    working set; `memory_limit` caps what it offers (an operator's reserve, or a test's)."""
     import mlx.core as mx
     import psutil
 
@@ -48,7 +50,7 @@ def local_node(home: Path, memory_limit: int | None = None) -> NodeFacts:
 
     backend = "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else "cpu"
     working_set = mx.device_info().get("max_recommended_working_set_size") if backend == "metal" else None
-    memory = psutil.virtual_memory()
+    memory = memory or psutil.virtual_memory()
     available = memory.available if memory_limit is None else min(memory.available, memory_limit)
     return NodeFacts(id=node_id(home), host=socket.gethostname(), backend=backend, memory_total=memory.total,
                      memory_available=available, working_set=working_set,
@@ -58,8 +60,8 @@ def local_node(home: Path, memory_limit: int | None = None) -> NodeFacts:
 def node_status(home: Path, ranks: int, memory_limit: int | None = None) -> NodeStatus:
     import psutil
 
-    facts = local_node(home, memory_limit)
-    memory = psutil.virtual_memory()
+    memory = psutil.virtual_memory()  # one sample: used and available agree
+    facts = local_node(home, memory_limit, memory)
     return NodeStatus(facts=facts, memory_used=memory.total - memory.available,
                       cpu_percent=psutil.cpu_percent(interval=None), disk_free=psutil.disk_usage(str(home)).free,
                       ranks=ranks, time=time.time())
