@@ -7,6 +7,7 @@ pipeline/access.py), the live workers and admission control.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ingress.keys import ANONYMOUS, KeyRing, bearer_token
 from ingress.metrics import Metrics
 from pipeline.access import Identity
 from pipeline.connection import Link
+from pipeline.nodes import read_instances
 from pipeline.subjects import STATUS_PREFIX
 from schemas.jobs import WorkerStatus
 from schemas.openai import ErrorDetail, ModelCard
@@ -44,6 +46,9 @@ class IngressConfig:
     api_keys: dict[str, str] = field(default_factory=dict)
     status_ttl_s: float = 10.0  # a worker not heard from for this long is not counted as live
     max_queue_wait_s: float = 60.0  # a request expected to wait longer for a batch is answered 429
+
+
+INSTANCES_REFRESH_S = 2.0
 
 
 class Ingress:
@@ -68,9 +73,21 @@ class Ingress:
 
     async def start(self) -> None:
         await self.link.open()
+        self.following = asyncio.create_task(self.follow_instances())
 
     async def stop(self) -> None:
+        self.following.cancel()
         await self.link.close()
+
+    async def follow_instances(self) -> None:
+        """The models it answers for: those it was started with, and every one the cluster's controller has
+        placed (the instances bucket), so an ingress on any node serves what the cluster serves."""
+        while True:
+            with contextlib.suppress(Exception):  # NATS away a moment: keep the list it has
+                cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length)
+                         for i in await read_instances(self.link.nc.jetstream())]
+                self.models = {**{m.id: m for m in self.config.models}, **{c.id: c for c in cards}}
+            await asyncio.sleep(INSTANCES_REFRESH_S)
 
     def require_model(self, name: str) -> ModelCard:
         if name not in self.models:

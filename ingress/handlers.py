@@ -16,7 +16,7 @@ from ingress.requests import chat_job, completion_job
 from ingress.respond import respond
 from ingress.shapes import CHAT, COMPLETION
 from pipeline.limits import PayloadLimits
-from pipeline.nodes import read_nodes, state_of
+from pipeline.nodes import read_instances, read_nodes, state_of
 from schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
 
 encode = msgspec.json.Encoder().encode
@@ -64,13 +64,14 @@ async def cluster(request: Request) -> Response:
     now = time.time()
     try:
         statuses = await read_nodes(ingress.link.nc.jetstream())
+        placed = {i.model: i for i in await read_instances(ingress.link.nc.jetstream())}
     except Exception as exc:  # NATS away (or reconnecting)
         raise APIError(503, f"The cluster's state cannot be read right now ({type(exc).__name__}).",
                        type="server_error", code="nats_unavailable") from None
     nodes = [{**msgspec.to_builtins(status), "state": state_of(status, now), "last_seen_s": round(now - status.time, 3)}
              for status in statuses]
-    instances = [{"model": model, "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]}
-                 for model in ingress.models]
+    instances = [{**(msgspec.to_builtins(placed[model]) if model in placed else {"model": model}),
+                  "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]} for model in ingress.models]
     return JSONResponse({"object": "cluster", "nodes": nodes, "links": [], "instances": instances})
 
 

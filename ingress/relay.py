@@ -9,7 +9,9 @@ the 503 its client got and never runs it.
 Events: every event carries the delivery attempt that produced it. When a job is redelivered (its
 worker died or was away past its ack-wait) and a later attempt is accepted, chunks and heartbeats of
 the earlier attempt are ignored; a final event is taken whichever attempt sends it (settling stores
-one final event per job and every attempt answers with that one: pipeline/settle.py).
+one final event per job and every attempt answers with that one: pipeline/settle.py). A job whose worker group
+lost a rank comes back `Requeued`: it waits again as a queued job (a streamed response that already sent text
+ends with an error when another attempt's text would follow: ingress/respond.py).
 
 Silence: while no worker has taken the job the relay yields `Waiting` every WAITING_TICK_S (a
 streamed response sends a keep-alive comment), up to `queue_timeout_s`; once taken, a worker is
@@ -35,7 +37,7 @@ from pipeline.limits import PayloadLimits
 from pipeline.settle import stored_result
 from pipeline.streams import max_queued
 from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
-from schemas.jobs import Accepted, Cancel, Chunk, Done, Event, Failed, Heartbeat, Job
+from schemas.jobs import Accepted, Cancel, Chunk, Done, Event, Failed, Heartbeat, Job, Requeued
 
 decode_event = msgspec.json.Decoder(Event).decode
 encode = msgspec.json.Encoder().encode
@@ -119,10 +121,14 @@ async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_ti
                 event = decode_event(msg.data)
             except msgspec.MsgspecError:
                 continue  # not one of ours
-            if isinstance(event, (Accepted, Chunk, Heartbeat)):
+            if isinstance(event, (Accepted, Chunk, Heartbeat, Requeued)):
                 if event.attempt < attempt:
                     continue  # a superseded delivery of this job, still running somewhere
                 attempt = max(attempt, event.attempt)
+            if isinstance(event, Requeued):  # its group lost a rank: queued again, as if just published
+                taken, queued_until = False, time.monotonic() + queue_timeout_s
+                yield event
+                continue
             taken = True
             # Set before yielding: a caller that stops reading at the final event never resumes us, and the
             # job must not then be "cancelled" after it finished.

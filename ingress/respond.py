@@ -24,7 +24,7 @@ from ingress.errors import APIError
 from ingress.relay import Waiting, submit
 from ingress.shapes import Shape
 from pipeline.access import INGRESS
-from schemas.jobs import Accepted, Chunk, Done, Event, Failed, Heartbeat, Job
+from schemas.jobs import Accepted, Chunk, Done, Event, Failed, Heartbeat, Job, Requeued
 
 encode = msgspec.json.Encoder().encode
 WAITING_COMMENT = b": waiting for a worker\n\n"
@@ -75,6 +75,12 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
                 yield WAITING_COMMENT
             elif isinstance(event, Heartbeat):
                 yield KEEPALIVE_COMMENT
+            elif isinstance(event, Requeued):
+                if sent_text:  # the next group would start the answer over: what was sent cannot be continued
+                    raise APIError(503, f"The worker group serving this model lost a rank while generating "
+                                   f"({event.reason}); the partial answer cannot be resumed. Retry the request.",
+                                   code="worker_lost")
+                yield WAITING_COMMENT  # nothing sent yet: it waits in the queue for the next group
             elif isinstance(event, Accepted):
                 if attempt is not None and event.attempt != attempt and sent_text:
                     raise APIError(503, "The worker serving this request failed mid-generation; the partial "

@@ -1,9 +1,10 @@
 """This machine as a node of the cluster: its identity, its facts, and the agent loop that reports them.
 
-For now the agent runs inside `conclave serve` and reports with its operator connection; `conclave join`
-(a node without a broker, with its own role) is the next piece. The facts come from psutil (memory, CPU,
-disk) and MLX (the backend, Metal's recommended working set). GPU utilisation, temperature and power are
-None here: they need macmon (macOS) or NVML (NVIDIA), which this version does not read yet.
+The agent runs inside `conclave serve` (reporting with its operator connection) and `conclave join` (as the
+node's own `node-<id>` role, ops/node.py). The facts come from psutil (memory, CPU,
+disk) and MLX (the backend, Metal's recommended working set); GPU utilisation, temperature and power, the
+network interfaces and RDMA devices from ops/telemetry.py (macmon on macOS, NVML on NVIDIA; None where
+neither measures).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +24,7 @@ from schemas.cluster import NodeFacts, NodeStatus
 
 log = logging.getLogger("conclave.agent")
 REPORT_S = 1.0
+NET_KINDS = [("ethernet", "eth"), ("thunderbolt", "tb"), ("wifi", "wifi")]  # `conclave nodes`' NET column
 
 
 def node_id(home: Path) -> str:
@@ -40,7 +43,16 @@ def node_id(home: Path) -> str:
     return path.read_text().strip()
 
 
-def local_node(home: Path, memory_limit: int | None = None, memory=None) -> NodeFacts:
+@dataclass(frozen=True)
+class Offer:
+    """What an agent says of its node besides what it measures."""
+
+    memory_limit: int | None = None  # caps the memory it offers (an operator's reserve, or a test's)
+    address: str = ""  # where other nodes' ranks reach it
+    session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this start of the agent
+
+
+def local_node(home: Path, memory_limit: int | None = None, memory=None, offer: Offer | None = None) -> NodeFacts:
     """This machine's facts: psutil's memory (or the sample `memory`) and, on Metal, MLX's recommended
     working set; `memory_limit` caps what it offers (an operator's reserve, or a test's)."""
     import mlx.core as mx
@@ -54,21 +66,28 @@ def local_node(home: Path, memory_limit: int | None = None, memory=None) -> Node
     available = memory.available if memory_limit is None else min(memory.available, memory_limit)
     return NodeFacts(id=node_id(home), host=socket.gethostname(), backend=backend, memory_total=memory.total,
                      memory_available=available, working_set=working_set,
-                     models=[m.id for m in ModelStore(Path(home) / "models").list()])
+                     models=[m.id for m in ModelStore(Path(home) / "models").list()],
+                     address=offer.address if offer else "", session=offer.session if offer else "")
 
 
-def node_status(home: Path, ranks: int, memory_limit: int | None = None) -> NodeStatus:
+def node_status(home: Path, ranks: int, offer: Offer) -> NodeStatus:
+    """Blocks for a GPU sample on macOS (ops/telemetry.py: MACMON_SAMPLE_MS): run it in a thread."""
     import psutil
 
+    from ops.telemetry import gpu_reading, network_facts
+
     memory = psutil.virtual_memory()  # one sample: used and available agree
-    facts = local_node(home, memory_limit, memory)
+    facts = local_node(home, offer.memory_limit, memory, offer)
+    gpu = gpu_reading()
+    interfaces, rdma = network_facts()  # found again every NETWORK_REFRESH_S, not every report
     return NodeStatus(facts=facts, memory_used=memory.total - memory.available,
-                      cpu_percent=psutil.cpu_percent(interval=None), disk_free=psutil.disk_usage(str(home)).free,
-                      ranks=ranks, time=time.time())
+                      cpu_percent=psutil.cpu_percent(interval=None), gpu_percent=gpu.gpu_percent,
+                      temperature_c=gpu.temperature_c, power_w=gpu.power_w,
+                      disk_free=psutil.disk_usage(str(home)).free, ranks=ranks, interfaces=interfaces,
+                      rdma_devices=rdma, time=time.time())
 
 
-async def keep_reporting(link, home: Path, ranks: Callable[[], int], stopping: asyncio.Event,
-                         memory_limit: int | None = None) -> None:
+async def keep_reporting(link, home: Path, ranks: Callable[[], int], stopping: asyncio.Event, offer: Offer) -> None:
     """Put this node's status every REPORT_S until `stopping`; one log line when reporting fails, one when it
     works again."""
     import psutil
@@ -77,7 +96,7 @@ async def keep_reporting(link, home: Path, ranks: Callable[[], int], stopping: a
     failing = False
     while not stopping.is_set():
         try:
-            status = await asyncio.to_thread(node_status, home, ranks(), memory_limit)
+            status = await asyncio.to_thread(node_status, home, ranks(), offer)
             await put_status(link.nc.jetstream(), status)
             if failing:
                 log.info("node status reported again")
@@ -102,14 +121,21 @@ def nodes_table(statuses: list[NodeStatus], now: float | None = None) -> str:
     def value(x, form="{}") -> str:
         return "-" if x is None else form.format(x)
 
+    def network(status: NodeStatus) -> str:  # "eth:1,tb:2,rdma:2": interfaces up by kind, RDMA devices
+        up = [i.kind for i in status.interfaces if i.up]
+        counts = [f"{short}:{up.count(kind)}" for kind, short in NET_KINDS if kind in up]
+        counts += [f"rdma:{len(status.rdma_devices)}"] if status.rdma_devices else []
+        return ",".join(counts) or "-"
+
     rows = [["NODE", "HOST", "BACKEND", "MEMORY USED/AVAILABLE/TOTAL", "BUDGET", "GPU", "CPU", "TEMP", "POWER",
-             "DISK FREE", "MODELS", "RANKS", "LAST SEEN"]]
+             "DISK FREE", "NET", "MODELS", "RANKS", "LAST SEEN"]]
     for status in statuses:
         f, ago = status.facts, now - status.time
         rows.append([f.id, f.host, f.backend, f"{gb(status.memory_used)}/{gb(f.memory_available)}/{gb(f.memory_total)}",
                      gb(budget(f)), value(status.gpu_percent, "{:.0f}%"), value(status.cpu_percent, "{:.0f}%"),
                      value(status.temperature_c, "{:.0f} C"), value(status.power_w, "{:.0f} W"),
-                     value(status.disk_free and gb(status.disk_free)), ",".join(f.models) or "-", str(status.ranks),
+                     value(status.disk_free and gb(status.disk_free)), network(status), ",".join(f.models) or "-",
+                     str(status.ranks),
                      f"{ago:.1f}s ago" + (" (LOST)" if state_of(status, now) == "lost" else "")])
     if len(rows) == 1:
         return "no node has reported (is `conclave serve` running?)"

@@ -31,6 +31,13 @@ def group_from_args(args):
     return local_group("pipeline", args.pipeline_parallel, args.split)
 
 
+def add_node_flags(g) -> None:
+    g.add_argument("--advertise", default=None, metavar="ADDRESS", help="the address other machines reach this one "
+                   "on (default: serve: its first non-loopback IPv4; join: its address on the way to the broker)")
+    g.add_argument("--memory-limit", type=float, default=None, metavar="GB", help="offer placement at most this "
+                   "much memory on this machine (keep the rest for other work; tests use it to force a split)")
+
+
 def add_group_flags(p: argparse.ArgumentParser) -> None:
     from workers.rank import parse_split
 
@@ -56,7 +63,7 @@ class RemovedApiKeyFlag(argparse.Action):
 
 def cmd_serve(args) -> None:
     from ingress.keys import ENV_KEYS, load_api_keys
-    from ops.serve import WorkerSettings, serve
+    from ops.serve import ClusterSettings, WorkerSettings, serve
 
     # Before anything starts: a bad key file is a one-line error, not a server that answers 401 to everyone.
     api_keys = load_api_keys(args.api_key_file, os.environ.get(ENV_KEYS))
@@ -66,9 +73,34 @@ def cmd_serve(args) -> None:
     settings = WorkerSettings(heartbeat_s=args.heartbeat, queue_ttl_s=args.queue_timeout,
                               step_timeout_s=args.step_timeout, max_batch=args.max_batch,
                               prefix_cache_gb=args.prefix_cache_gb, default_max_tokens=args.default_max_tokens)
+    cluster = None
+    if args.cluster:
+        # The cluster's placement takes --split for the pinned nodes; the local group flags do not apply.
+        cluster = ClusterSettings(listen=args.cluster_listen, address=args.advertise, mdns=not args.no_mdns,
+                                  memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
+                                  request=placement_request(args),
+                                  **({"name": args.cluster_name} if args.cluster_name else {}))
+        args.split = None
+    elif args.pin or args.layout:
+        raise SystemExit("--pin and --layout place a model on a cluster's nodes: they need --cluster")
     asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, api_keys,
                       args.worker_timeout, args.max_queue_wait, group_from_args(args), settings,
-                      args.checkpoint_interval))
+                      args.checkpoint_interval, cluster))
+
+
+def placement_request(args):
+    from schemas.cluster import PlacementRequest
+
+    return PlacementRequest(context=args.context, sequences=args.sequences, nodes=args.pin or [], layout=args.layout,
+                            split=args.split or [])
+
+
+def add_placement_flags(p) -> None:
+    p.add_argument("--context", type=int, default=8192, help="placement: tokens of context per sequence")
+    p.add_argument("--sequences", type=int, default=4, help="placement: sequences decoded at once")
+    p.add_argument("--pin", type=lambda text: text.split(","), default=None, metavar="A,B,..",
+                   help="placement: use exactly these nodes, in this order (with --split: layers per node)")
+    p.add_argument("--layout", choices=["whole", "tensor", "pipeline"], default=None, help="placement: this layout")
 
 
 def cmd_generate(args) -> None:
@@ -102,7 +134,11 @@ def parse_levels(text: str) -> list[int]:
 def cmd_bench(args) -> None:
     from ops.bench import run_bench, run_concurrency_bench, run_group_bench
 
-    if args.concurrency:
+    if args.cluster:
+        from ops.bench_cluster import run_cluster_bench
+
+        report = run_cluster_bench(args)
+    elif args.concurrency:
         report = run_concurrency_bench(args)
     elif args.tensor_parallel > 1 or args.pipeline_parallel > 1:
         report = run_group_bench(args)
@@ -167,7 +203,7 @@ def cmd_place(args) -> None:
     from ops.agent import local_node
     from ops.model_facts import model_facts
     from ops.placement import describe, place
-    from schemas.cluster import ClusterFacts, PlacementRequest
+    from schemas.cluster import ClusterFacts
 
     store = ModelStore(args.home / "models")
     # A preview reads only config.json and the weights' headers: it never pulls or imports (a 600 GB download).
@@ -184,8 +220,7 @@ def cmd_place(args) -> None:
     else:
         limit = int(args.memory_limit * 1e9) if args.memory_limit else None
         cluster = ClusterFacts(nodes=[local_node(args.home, limit)])
-    request = PlacementRequest(context=args.context, sequences=args.sequences, nodes=args.pin or [],
-                               layout=args.layout, split=args.split or [])
+    request = placement_request(args)
     result = place(model_facts(model.id, model.path), cluster.nodes, cluster.links, request)
     print(msgspec.json.encode(result).decode() if args.json else describe(result))
     if not hasattr(result, "ranks"):
@@ -194,8 +229,18 @@ def cmd_place(args) -> None:
 
 def cmd_nodes(args) -> None:
     from ops.agent import nodes_table
+    from ops.credentials import reload_embedded, remove_node, write_authorization
     from ops.deployment import operator_connection
     from pipeline.nodes import read_nodes
+
+    if args.action == "remove":
+        if not args.node or not remove_node(args.home, args.node):
+            raise SystemExit(f"no joined node {args.node!r} in {args.home} (see `conclave nodes`)")
+        write_authorization(args.home, args.home / "nats")
+        reloaded = reload_embedded(args.home / "nats")
+        print(f"removed node {args.node}: its keys are revoked{' now' if reloaded else ' at the next start'}; it "
+              f"can join again only with a join token")
+        return
 
     async def show() -> None:
         nc = await operator_connection(args.home, args.nats_url, "conclave-nodes")
@@ -207,13 +252,45 @@ def cmd_nodes(args) -> None:
     asyncio.run(show())
 
 
+def cmd_join(args) -> None:
+    from ingress.keys import ENV_KEYS, load_api_keys
+    from ops.node import run_node
+
+    api_keys = load_api_keys(args.api_key_file, os.environ.get(ENV_KEYS))
+    limit = int(args.memory_limit * 1e9) if args.memory_limit else None
+    asyncio.run(run_node(args.home, args.address, args.token, limit, args.advertise,
+                         (args.host, args.port) if args.port else None, api_keys))
+
+
+def cmd_join_token(args) -> None:
+    from ops.cluster_tls import fingerprint, tls_dir
+    from ops.credentials import new_seed, reload_embedded, role_identity, write_authorization, write_private
+    from ops.join import make_token
+    from pipeline.access import JOINER
+
+    ca = tls_dir(args.home) / "ca.pem"
+    if not ca.exists():
+        raise SystemExit(f"{args.home} has no cluster: start it with `conclave serve --cluster` first")
+    if args.rotate:
+        write_private(role_identity(args.home, JOINER).seed_file, new_seed())
+        write_authorization(args.home, args.home / "nats")
+        reload_embedded(args.home / "nats")
+    print(make_token(args.home, fingerprint(ca.read_bytes())))
+
+
 def cmd_service(args) -> None:
     import shlex
 
     from ops.service import install
 
     platform = args.platform if args.platform != "auto" else "launchd" if sys.platform == "darwin" else "systemd"
-    path, enable = install(args.home, shlex.split(args.serve_flags), platform, Path(args.dir) if args.dir else None)
+    if args.join_flags is not None and args.serve_flags:
+        raise SystemExit("give --serve-flags (the first machine) or --join-flags (a node), not both")
+    command, flags = ("join", args.join_flags) if args.join_flags is not None else ("serve", args.serve_flags)
+    if command == "join" and "--token" in flags:
+        raise SystemExit("leave --token out of --join-flags: a joined node rejoins with what it kept in its home, "
+                         "and the unit file would show the token to every local user")
+    path, enable = install(args.home, shlex.split(flags), platform, Path(args.dir) if args.dir else None, command)
     print(f"wrote {path}\nenable it with: {enable}")
 
 
@@ -265,6 +342,16 @@ def parser() -> argparse.ArgumentParser:
                         "Retry-After")
     s.add_argument("--checkpoint-interval", type=float, default=env_float("CONCLAVE_CHECKPOINT_INTERVAL", 60.0),
                    help="seconds between signed checkpoints of the audit log's new records (docs/audit.md)")
+    c = s.add_argument_group("cluster (other machines join this one; see README, Cluster)")
+    c.add_argument("--cluster", action="store_true", help="open the broker to other machines: TLS from a private CA "
+                   "made here, nkey authentication, joining by token; prints the `conclave join` line")
+    c.add_argument("--cluster-listen", default="0.0.0.0", metavar="ADDRESS", help="the broker's listening address")
+    add_node_flags(c)
+    c.add_argument("--cluster-name", default=None, help="the name `conclave join` shows when it finds the cluster on "
+                   "the LAN (default: this host's name)")
+    c.add_argument("--no-mdns", action="store_true", help="do not advertise the cluster by mDNS (nodes then join by "
+                   "address)")
+    add_placement_flags(c)
     add_group_flags(s)
     s.set_defaults(func=cmd_serve)
 
@@ -297,6 +384,8 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: compare one process, a pipeline-parallel group of N and --tensor-parallel")
     b.add_argument("--concurrency", type=parse_levels, default=None, metavar="N,M,..",
                    help="instead: the served path with N, then M, ... requests in flight (continuous batching)")
+    b.add_argument("--cluster", action="store_true", help="instead: placement time on a synthetic 100-node cluster, "
+                   "and on three local nodes the time to detect a lost node and to serve again")
     b.set_defaults(func=cmd_bench)
 
     a = sub.add_parser("audit", help="read, export, verify and replay the audit log; print its signing key",
@@ -346,11 +435,7 @@ def parser() -> argparse.ArgumentParser:
                     "(schemas/cluster.py) instead of this machine")
     pl.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                     help="this machine: offer at most this much memory")
-    pl.add_argument("--context", type=int, default=8192, help="tokens of context per sequence")
-    pl.add_argument("--sequences", type=int, default=4, help="sequences decoded at once")
-    pl.add_argument("--pin", type=lambda text: text.split(","), default=None, metavar="A,B,..",
-                    help="use exactly these nodes, in this order")
-    pl.add_argument("--layout", choices=["whole", "tensor", "pipeline"], default=None)
+    add_placement_flags(pl)
     pl.add_argument("--split", type=lambda text: [int(n) for n in text.split(",")], default=None, metavar="A,B,..",
                     help="pipeline: layers per pinned node")
     pl.add_argument("--json", action="store_true", help="the plan or refusal as JSON")
@@ -358,18 +443,42 @@ def parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("nodes", help="the cluster's nodes: memory, CPU, disk, models, ranks, last seen",
                        formatter_class=DEFAULTS)
+    n.add_argument("action", nargs="?", choices=["list", "remove"], default="list",
+                   help="list: the table; remove NODE: revoke a joined node's credentials")
+    n.add_argument("node", nargs="?", help="the node id to remove")
     n.add_argument("--nats-url", default=None, help="the deployment's NATS (default: that of the conclave serve "
                    "running in --home)")
     n.set_defaults(func=cmd_nodes)
 
+    jn = sub.add_parser("join", help="run this machine as a node of a cluster (`conclave serve --cluster` printed "
+                        "the line)", formatter_class=DEFAULTS)
+    jn.add_argument("address", nargs="?", default=None, help="the first machine's address[:port] (default: find "
+                    "the cluster on the LAN by mDNS)")
+    jn.add_argument("--token", default=os.environ.get("CONCLAVE_JOIN_TOKEN"), help="the join token "
+                    "($CONCLAVE_JOIN_TOKEN); not needed again once joined")
+    jn.add_argument("--port", type=int, default=None, help="also serve the OpenAI API on this HTTP port")
+    jn.add_argument("--host", default="127.0.0.1", help="HTTP listener address (with --port)")
+    jn.add_argument("--api-key-file", type=Path, default=os.environ.get("CONCLAVE_API_KEY_FILE") or None,
+                    metavar="PATH", help="API keys of the HTTP port, as for serve")
+    add_node_flags(jn)
+    jn.set_defaults(func=cmd_join)
+
+    jt = sub.add_parser("join-token", help="print the token other machines join this cluster with", formatter_class=DEFAULTS)
+    jt.add_argument("--rotate", action="store_true", help="replace it: the old one stops working; joined nodes "
+                    "are not affected")
+    jt.set_defaults(func=cmd_join_token)
+
     sv = sub.add_parser("service", help="write a systemd unit (Linux) or launchd agent (macOS) that runs "
-                        "`conclave serve` at boot and restarts it", formatter_class=DEFAULTS)
+                        "`conclave serve` (or `join`) at boot and restarts it", formatter_class=DEFAULTS)
     sv.add_argument("action", choices=["install"])
     sv.add_argument("--platform", choices=["auto", "systemd", "launchd"], default="auto")
     sv.add_argument("--dir", default=None, help="where to write it (default: the user's systemd or LaunchAgents "
                     "folder)")
     sv.add_argument("--serve-flags", default="", metavar="'FLAGS'",
                     help="the flags for `conclave serve`, as one quoted string, e.g. '--port 8100'")
+    sv.add_argument("--join-flags", default=None, metavar="'FLAGS'",
+                    help="a node instead: the flags for `conclave join` (after it joined once), e.g. '10.0.0.1 "
+                    "--port 8000'")
     sv.set_defaults(func=cmd_service)
 
     j = sub.add_parser("schemas", help="write the job and event message types as JSON Schema",
@@ -383,11 +492,16 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    from pipeline.connection import quiet_tls_eof_warning
+
+    quiet_tls_eof_warning()
     p = parser()
     args = p.parse_args(argv)
     from ingress.keys import APIKeyError
     from ops.deployment import DeploymentError
+    from ops.discovery import DiscoveryError
     from ops.group import GroupSpecError
+    from ops.join import JoinError
     from pipeline.access import AccessError
     from pipeline.connection import NatsUnreachable
     from workers.shard import ShardError
@@ -397,7 +511,7 @@ def main(argv=None) -> None:
         args.func(args)
     except (GroupSpecError, ShardError, StoreError, DeploymentError, APIKeyError, AccessError) as exc:
         p.exit(2, f"conclave: error: {exc}\n")
-    except NatsUnreachable as exc:
+    except (NatsUnreachable, JoinError, DiscoveryError) as exc:
         p.exit(1, f"conclave: error: {exc}\n")
 
 

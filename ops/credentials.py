@@ -3,6 +3,8 @@
     credentials/            0700
       roles/<role>.nk       0600  the nkey seed of a role a Conclave process connects as (operator,
                                   ingress, worker-<model>), made at first need
+      nodes/<id>.json             the public keys of a node that joined this cluster (schemas/membership.py)
+      cluster/                    the cluster's CA and the broker's certificate (ops/cluster_tls.py)
       submitters/<name>.pub       the public key of an internal system's submitter; its seed was handed
                                   over once by `conclave credentials issue` (or never existed here, when
                                   the system made its own key pair and gave only the public key)
@@ -22,14 +24,16 @@ from pathlib import Path
 
 import nkeys
 
-from pipeline.access import AccessError, Identity, authorization_block, check_submitter_name
+from pipeline.access import (CA_READER, CA_READER_SEED, JOINER, NODE_ID, AccessError, Identity, authorization_block,
+                             check_submitter_name, node_role)
+from schemas.membership import JoinRequest
 
 AUTHORIZATION_FILE = "authorization.conf"  # next to nats-server.conf, which includes it
 
 
 def credentials_dir(home: Path) -> Path:
     folder = Path(home) / "credentials"
-    for path in (folder, folder / "roles", folder / "submitters"):
+    for path in (folder, folder / "roles", folder / "submitters", folder / "nodes"):
         path.mkdir(parents=True, exist_ok=True)
         path.chmod(0o700)
     return folder
@@ -91,7 +95,57 @@ def public_keys(home: Path) -> dict[str, str]:
     folder = credentials_dir(home)
     keys = {path.stem: public_key_of_seed(path.read_bytes()) for path in sorted((folder / "roles").glob("*.nk"))}
     keys.update({path.stem: path.read_text().strip() for path in sorted((folder / "submitters").glob("*.pub"))})
+    if JOINER in keys:  # a cluster: joining nodes first fetch the CA as the public ca-reader (pipeline/access.py)
+        keys[CA_READER] = public_key_of_seed(CA_READER_SEED.encode())
+    for node in joined_nodes(home):
+        keys.update({node_role(node.node_id): node.agent_key, f"{node_role(node.node_id)}-ingress": node.ingress_key,
+                     f"{node_role(node.node_id)}-worker": node.worker_key})
     return keys
+
+
+def joined_nodes(home: Path) -> list[JoinRequest]:
+    import msgspec
+
+    return [msgspec.json.decode(path.read_bytes(), type=JoinRequest)
+            for path in sorted((credentials_dir(home) / "nodes").glob("*.json"))]
+
+
+def admit_node(home: Path, request: JoinRequest, own_node_id: str) -> str | None:
+    """Register a joining node's keys; the reason it is refused, else None. A node id is one machine: the same
+    id with other keys is a copied home (a cloned disk or VM image), which EXO's users met as two machines
+    fighting over one identity (EXO #1599); it is refused, with the way out."""
+    import msgspec
+
+    keys = (request.agent_key, request.ingress_key, request.worker_key)
+    if not NODE_ID.fullmatch(request.node_id):
+        return f"{request.node_id!r} is not a node id (8 to 32 hex digits)"
+    if not all(re.fullmatch(r"U[A-Z2-7]{55}", key) for key in keys) or len(set(keys)) != 3:
+        return "the request must carry three different nkey user public keys (U...)"
+    own = {node_role(request.node_id), f"{node_role(request.node_id)}-ingress", f"{node_role(request.node_id)}-worker"}
+    if any(key in keys for role, key in public_keys(home).items() if role not in own):
+        return "a key of the request already belongs to another user of this cluster: make new keys (remove " \
+               "<home>/credentials/node on the joining machine) and join again"
+    fix = ("a copy of another machine's Conclave home (a cloned disk or VM image)? On the joining machine remove "
+           "<home>/node-id and <home>/credentials, then join again; or, if this machine replaces the old one, "
+           f"`conclave nodes remove {request.node_id}` on the first machine first")
+    if request.node_id == own_node_id:
+        return f"node id {request.node_id} is the first machine's own: {fix}"
+    path = credentials_dir(home) / "nodes" / f"{request.node_id}.json"
+    if path.exists():
+        known = msgspec.json.decode(path.read_bytes(), type=JoinRequest)
+        if (known.agent_key, known.ingress_key, known.worker_key) != keys:
+            return f"node id {request.node_id} already belongs to a member ({known.host}) with other keys: {fix}"
+    path.write_bytes(msgspec.json.encode(request))
+    return None
+
+
+def remove_node(home: Path, node_id: str) -> bool:
+    if not NODE_ID.fullmatch(node_id):
+        raise AccessError(f"{node_id!r} is not a node id")
+    path = credentials_dir(home) / "nodes" / f"{node_id}.json"
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed
 
 
 def server_authorization(home: Path) -> str:

@@ -10,6 +10,7 @@ processes off one home (they would share the model store, the JetStream store an
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import msgspec
@@ -87,4 +88,8 @@ async def operator_connection(home: Path, nats_url: str | None, name: str):
     from pipeline.access import OPERATOR
     from pipeline.connection import connect_once
 
-    return await connect_once(nats_url_of(home, nats_url), name, role_identity(home, OPERATOR))
+    url = nats_url_of(home, nats_url)
+    identity = role_identity(home, OPERATOR)
+    if url.startswith("tls://"):  # a cluster's broker: TLS with the cluster CA made in this home (ops/cluster_tls.py)
+        identity = replace(identity, ca_file=Path(home) / "credentials" / "cluster" / "ca.pem")
+    return await connect_once(url, name, identity)

@@ -33,7 +33,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import msgspec
 
@@ -56,10 +56,11 @@ class HostSpec(msgspec.Struct, forbid_unknown_fields=True):
     ranks: int = 1
     memory_gb: float | None = None
     rdma: list[str] | None = None  # "" at its own position (TOML has no null)
+    node: str | None = None  # a cluster node whose agent starts this host's ranks (ops/controller.py), not ssh
 
     @property
     def is_local(self) -> bool:
-        return self.ssh in LOCAL
+        return self.ssh in LOCAL and self.node is None
 
 
 class GroupSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -130,15 +131,16 @@ class RankLaunch:
     files: dict[str, str] = field(default_factory=dict)  # variable -> file content; the launcher writes it
 
 
-def rank_launches(spec: GroupSpec) -> list[RankLaunch]:
+def rank_launches(spec: GroupSpec, launchers: Callable[[HostSpec], "Launcher"] = None) -> list[RankLaunch]:
     """What every rank needs in its environment for `mx.distributed.init(backend=spec.backend)`."""
+    launchers = launchers or launcher_for
     hosts = spec.placements()
     if spec.size == 1:
         return [RankLaunch(0, hosts[0], {})]
     if spec.backend == "ring":
-        # Local ranks get fresh free ports (a restarted group never waits on a port in TIME_WAIT);
-        # remote ranks use consecutive ports from spec.port, as mlx.launch does.
-        ports = [free_port(h.ip) if h.is_local else spec.port + r for r, h in enumerate(hosts)]
+        # Each host's launcher says the port: local ranks and node agents find a free one (a restarted group
+        # never waits on a port in TIME_WAIT); over ssh, consecutive ports from spec.port, as mlx.launch does.
+        ports = [launchers(h).ring_port(h, spec.port + r) for r, h in enumerate(hosts)]
         hostfile = json.dumps([[f"{h.ip}:{port}"] for h, port in zip(hosts, ports)])
         return [RankLaunch(r, h, {"MLX_RANK": str(r)}, {"MLX_HOSTFILE": hostfile}) for r, h in enumerate(hosts)]
     if spec.backend == "jaccl":
@@ -153,11 +155,16 @@ def rank_launches(spec: GroupSpec) -> list[RankLaunch]:
 
 
 class Launcher(Protocol):
+    def ring_port(self, host: HostSpec, suggested: int) -> int: ...
+
     def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> subprocess.Popen: ...
 
 
 class LocalLauncher:
     """Ranks on this machine: plain subprocesses in their own process group (see child_preexec)."""
+
+    def ring_port(self, host: HostSpec, suggested: int) -> int:
+        return free_port(host.ip)
 
     def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> subprocess.Popen:
         env = {**os.environ, **launch.env}
@@ -174,6 +181,9 @@ class SshLauncher:
     The command runs under `exec` in the remote shell, so closing the ssh session (the supervisor
     stopping the local ssh process) hangs up the rank.
     """
+
+    def ring_port(self, host: HostSpec, suggested: int) -> int:
+        return suggested  # consecutive from the group file's `port`, as mlx.launch does
 
     def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> subprocess.Popen:
         script = "set -e; "
@@ -198,15 +208,18 @@ def mpirun_command(spec: GroupSpec, argv: list[str]) -> list[str]:
     return ["mpirun", "-np", str(spec.size), "--host", hosts, *forwarded, *argv]
 
 
-def start_group(spec: GroupSpec, argv: list[str], workdir: Path) -> list[subprocess.Popen]:
-    """Start every rank of `spec` running `argv` (rank 0 first); returns their processes."""
+def start_group(spec: GroupSpec, argv: list[str], workdir: Path,
+                launchers: Callable[[HostSpec], Launcher] = None) -> list[subprocess.Popen]:
+    """Start every rank of `spec` running `argv` (rank 0 first) through each host's launcher (default: local
+    or ssh); returns their processes (a node agent's rank is a stand-in with the same methods)."""
+    launchers = launchers or launcher_for
     workdir.mkdir(parents=True, exist_ok=True)
     if spec.backend == "mpi" and spec.size > 1:
         return [subprocess.Popen(mpirun_command(spec, argv), preexec_fn=child_preexec)]
     started: list[subprocess.Popen] = []
     try:
-        for launch in rank_launches(spec):
-            started.append(launcher_for(launch.host).start(launch, argv, workdir))
+        for launch in rank_launches(spec, launchers):
+            started.append(launchers(launch.host).start(launch, argv, workdir))
     except BaseException:
         for process in started:  # no half-started group left behind
             process.kill()

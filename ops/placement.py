@@ -169,13 +169,18 @@ def rdma_mesh(chosen: list[NodeFacts], links: list[Link]) -> bool:
 def rdma_clique(nodes: list[NodeFacts], links: list[Link]) -> list[NodeFacts]:
     """The largest set of nodes all RDMA-linked to each other that a greedy pass finds from each node with an
     RDMA link (a largest clique is a hard problem; a Thunderbolt cluster is a full mesh or close to it)."""
-    linked = {i for link in links if link.kind == "rdma" for i in (link.a, link.b)}
+    neighbours: dict[str, set[str]] = {}
+    for link in links:
+        if link.kind == "rdma" and link.a != link.b:
+            neighbours.setdefault(link.a, set()).add(link.b)
+            neighbours.setdefault(link.b, set()).add(link.a)
     best: list[NodeFacts] = []
-    for seed in (n for n in nodes if n.id in linked):
-        clique = [seed]
+    for seed in (n for n in nodes if n.id in neighbours):
+        clique, common = [seed], set(neighbours[seed.id])  # linked to every member so far
         for node in nodes:
-            if node is not seed and rdma_mesh([*clique, node], links):
+            if node.id in common:
                 clique.append(node)
+                common &= neighbours[node.id]
         best = clique if len(clique) > len(best) else best
     return best
 

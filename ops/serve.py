@@ -15,25 +15,33 @@ import os
 import shutil
 import signal
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import uvicorn
 
 from ingress.app import IngressConfig, create_app
-from ops.agent import keep_reporting
+from ops.agent import Offer, keep_reporting, node_id
+from ops.controller import Controller
+from ops.discovery import default_cluster_name
+from ops.cluster_tls import ensure_cluster_tls, fingerprint
+from ops.join import DEFAULT_BROKER_PORT, answer_joins, make_token
 from ops.credentials import role_identity, write_authorization
 from ops.deployment import Deployment, DeploymentError, claim_home, forget_deployment, record_deployment
 from ops.group import GroupSpec, GroupSpecError, plan_group, python_command, rank_arguments
 from ops.supervise import GroupSupervisor, keep_broker_running
-from pipeline.access import INGRESS, OPERATOR, Identity, worker_role
+from pipeline.access import INGRESS, JOINER, OPERATOR, Identity, worker_role
 from pipeline.checkpoints import (keep_checkpointing, load_signing_key, public_key_text, sign_new_entries,
                                   signing_key_path)
 from pipeline.connection import Link, NatsUnreachable, connect_once, persist, redacted
+from pipeline.nodes import put_instance
 from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats
 from pipeline.streams import ensure_consumer, ensure_streams
 from pipeline.unrouted import keep_sweeping
+from schemas.cluster import PlacementRequest
+from schemas.membership import Instance, WorkerSettings
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
 
@@ -41,7 +49,7 @@ log = logging.getLogger("conclave.serve")
 READY_LINE = "Conclave is serving"  # printed once the worker is ready; launchers wait for it
 
 
-class _Server(uvicorn.Server):
+class SignalFreeServer(uvicorn.Server):
     """uvicorn without its own signal handling: `serve` owns the signals so it can stop the children too."""
 
     @contextlib.contextmanager
@@ -50,20 +58,46 @@ class _Server(uvicorn.Server):
 
 
 @dataclass
-class WorkerSettings:
-    """What every worker process (every rank of a group alike) is started with; see workers/worker.py."""
+class ClusterSettings:
+    """`conclave serve --cluster`: the broker listens on the LAN (TLS from the first byte, ops/cluster_tls.py)."""
 
-    heartbeat_s: float = 2.0
-    queue_ttl_s: float = 600.0
-    step_timeout_s: float = 60.0
-    max_batch: int = 16
-    prefix_cache_gb: float = 4.0
-    default_max_tokens: int = 2048
+    listen: str = "0.0.0.0"  # the broker's address on this machine
+    name: str = field(default_factory=default_cluster_name)
+    address: str | None = None  # what other machines dial; default: this machine's first non-loopback IPv4
+    memory_limit: int | None = None  # bytes this node offers placement at most
+    mdns: bool = True  # advertise the cluster on the LAN (ops/discovery.py)
+    request: PlacementRequest = field(default_factory=PlacementRequest)  # context, batch and pins to place for
 
-    def arguments(self) -> list[str]:
-        return ["--heartbeat", str(self.heartbeat_s), "--queue-ttl", str(self.queue_ttl_s), "--step-timeout",
-                str(self.step_timeout_s), "--max-batch", str(self.max_batch), "--prefix-cache-gb",
-                str(self.prefix_cache_gb), "--default-max-tokens", str(self.default_max_tokens)]
+    def advertised_host(self) -> str:
+        return self.address or first_lan_address() or socket.gethostname()
+
+    def advertised(self, port: int) -> str:
+        return self.advertised_host() if port == DEFAULT_BROKER_PORT else f"{self.advertised_host()}:{port}"
+
+
+async def advertise_cluster(cluster: ClusterSettings, ca: str, nats_port: int, http_port: int):
+    """The cluster on the LAN by mDNS, for `conclave join` without an address; a convenience only: a network that
+    drops multicast is said in one line, and joining by address always works."""
+    from ops.discovery import Advert, advertise_async
+
+    if not cluster.mdns:
+        return None
+    try:
+        return await advertise_async(Advert(name=cluster.name, cluster_id=ca[:16], port=nats_port, ca=ca,
+                                            addresses=(cluster.advertised_host(),), http_port=http_port))
+    except Exception as exc:
+        log.warning("could not advertise the cluster by mDNS (%s): nodes must join by address", exc)
+        return None
+
+
+def first_lan_address() -> str | None:
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
 
 
 def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity: Identity,
@@ -73,14 +107,15 @@ def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity:
     def command(group_id: str, folder: Path) -> list[str]:
         return python_command("workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
                               "--nats-url", nats_url, "--nats-seed", str(identity.seed_file), "--group-id",
-                              group_id, "--alive-dir", str(folder), *settings.arguments(), *rank_arguments(spec))
+                              group_id, "--alive-dir", str(folder), *settings.arguments(), *rank_arguments(spec),
+                              *(["--nats-ca", str(identity.ca_file)] if identity.ca_file else []))
 
     return command
 
 
 async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str | None, nats_port: int,
                 api_keys: dict[str, str], worker_timeout_s: float, max_queue_wait_s: float, group: GroupSpec,
-                settings: WorkerSettings, checkpoint_interval_s: float = 60.0) -> None:
+                settings: WorkerSettings, checkpoint_interval_s: float = 60.0, cluster: ClusterSettings | None = None) -> None:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     claim_home(home)
@@ -104,9 +139,20 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     operator, ingress = role_identity(home, OPERATOR), role_identity(home, INGRESS)
     worker = role_identity(home, worker_role(model.id))
     signing_key = load_signing_key(signing_key_path(home), create=True)
-    nats_server = broker = None
+    nats_server = broker = tls = None
+    if cluster is not None:
+        if nats_url is not None:
+            raise DeploymentError("--cluster opens the embedded broker to the LAN; with --nats-url, your own NATS "
+                                  "server is the cluster's broker (see README, Cluster)")
+        if group.size > 1:
+            raise DeploymentError("--cluster places the model on the cluster's nodes itself; preview it with "
+                                  "`conclave place`, and leave out --tensor-parallel, --pipeline-parallel and --group")
+        tls = ensure_cluster_tls(home)
+        role_identity(home, JOINER)  # the join token's key, in the authorization before the server starts
+        operator, ingress, worker = (replace(i, ca_file=tls / "ca.pem") for i in (operator, ingress, worker))
     if nats_url is None:
-        nats_server = EmbeddedNats(home / "nats", port=nats_port, encryption_key=os.environ.get(KEY_VARIABLE))
+        nats_server = EmbeddedNats(home / "nats", port=nats_port, encryption_key=os.environ.get(KEY_VARIABLE),
+                                   host=cluster.listen if cluster else "127.0.0.1", tls_dir=tls)
         write_authorization(home, nats_server.store_dir)
         await asyncio.to_thread(nats_server.start)
         nats_url = nats_server.url
@@ -128,19 +174,45 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     log.info("audit checkpoints are signed with %s (give it to your auditors: conclave audit verify "
              "--public-key)", public_key_text(signing_key))
     shutil.rmtree(home / "groups", ignore_errors=True)  # folders of groups an earlier serve left behind
-    supervisor = GroupSupervisor(group, worker_command(model, group, nats_url, worker, settings), home / "groups",
-                                 settings.heartbeat_s)
+    own = node_id(home)
+    offer = Offer(memory_limit=cluster.memory_limit if cluster else None,
+                  address=cluster.advertised_host() if cluster else "127.0.0.1")
+    context_length = model_context_length(model.path)
+
+    async def publish(instance: Instance) -> None:
+        await put_instance(control.nc.jetstream(), instance)
+
+    def command(spec: GroupSpec) -> Callable[[str, Path], list[str]]:
+        return worker_command(model, spec, nats_url, worker, settings)
+
+    advertising = None
+    if cluster is not None:
+        # The model is placed on the cluster's nodes (this one included) by the controller, not by flags.
+        controller = Controller(control.nc, model, own, settings, cluster.request, command, home / "groups",
+                                publish, context_length)
+        running, workers = controller.running, asyncio.create_task(controller.run(stopping))
+        await answer_joins(control.nc, home, own, cluster.name)
+        ca = fingerprint((tls / "ca.pem").read_bytes())
+        advertising = await advertise_cluster(cluster, ca, nats_port, port)
+        print(f"Other machines join this cluster with:\n  conclave join {cluster.advertised(nats_port)} --token "
+              f"{make_token(home, ca)}", flush=True)
+    else:
+        supervisor = GroupSupervisor(group, command(group), home / "groups", settings.heartbeat_s)
+        running, workers = supervisor.running, asyncio.create_task(supervisor.run())
+        await persist(lambda: publish(Instance(model=model.id, created=model.created, context_length=context_length,
+                                               state="serving", nodes=[own], layout=group.layout,
+                                               why="this machine (serve without --cluster)", time=time.time())), 30.0)
     background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}")),
-                  asyncio.create_task(keep_reporting(control, home, supervisor.running, stopping)),
+                  asyncio.create_task(keep_reporting(control, home, running, stopping, offer)),
                   asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).
     record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url))
-    card = ModelCard(id=model.id, created=model.created, context_length=model_context_length(model.path))
+    card = ModelCard(id=model.id, created=model.created, context_length=context_length)
     app = create_app(IngressConfig(nats_url=nats_url, identity=ingress, models=[card], queue_timeout_s=settings.queue_ttl_s,
                                    worker_timeout_s=worker_timeout_s, api_keys=api_keys,
                                    status_ttl_s=4 * settings.heartbeat_s, max_queue_wait_s=max_queue_wait_s))
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = SignalFreeServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,15 +224,19 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         await app.state.ingress.workers.wait_live(model.id)
         print(f"{READY_LINE} {model.id} at {http_url} (NATS {redacted(nats_url)})", flush=True)
 
-    workers = asyncio.create_task(supervisor.run())
     ready = asyncio.create_task(announce_when_ready())
     try:
         await server.serve()
     finally:
         stopping.set()
         ready.cancel()
-        await asyncio.to_thread(supervisor.stop)
-        workers.cancel()
+        if cluster is None:
+            await asyncio.to_thread(supervisor.stop)
+            workers.cancel()
+        else:  # the controller stops its group itself once `stopping` is set
+            await asyncio.gather(workers, return_exceptions=True)
+        if advertising is not None:
+            await advertising.close()
         for task in background:
             task.cancel()
         try:  # the workers are stopped: a last checkpoint vouches for every record they wrote

@@ -1,5 +1,5 @@
-"""Starting `conclave serve` as a child process on free loopback ports: the test suite's and `conclave
-bench`'s way to get a real deployment."""
+"""Starting `conclave serve` (or `conclave join`) as a child process on free loopback ports: the test suite's
+and `conclave bench`'s way to get a real deployment."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,31 +31,109 @@ class ServerProcess:
         return self.process.wait(timeout_s)
 
 
-def spawn_server(home: Path, *flags: str, timeout_s: float = 180.0) -> ServerProcess:
-    """Start `conclave serve` and return once it printed READY_LINE."""
-    port, nats_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "--home", str(home), "serve", "--port", str(port),
-         "--nats-port", str(nats_port), *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+def wait_for_line(output: list[str], text: str, timeout_s: float) -> str:
+    """The first line of a child's output holding `text`, once it is there (its reader thread appends lines)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in list(output):
+            if text in line:
+                return line
+        time.sleep(0.05)
+    raise TimeoutError(f"no {text!r} within {timeout_s}s:\n" + "".join(output[-50:]))
+
+
+def spawn(argv: list[str], ready: str, timeout_s: float, prefix: list[str] | None = None) -> tuple[subprocess.Popen, list[str]]:
+    """Start `conclave ARGV...` (under `prefix`, e.g. `ip netns exec NS`) and return once a line holds `ready`;
+    its output is kept line by line."""
+    process = subprocess.Popen([*(prefix or []), sys.executable, "-m", "ops.cli", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # One thread reads every line (a full pipe would block the server) and keeps them for failure reports.
     # Waiting on the pipe with select() instead would miss lines already read into the file's buffer: two
     # ranks logging in the same millisecond arrive in one read.
     output: list[str] = []
-    ready = threading.Event()
+    seen = threading.Event()
 
     def read_lines():
         for line in process.stdout:
             output.append(line)
-            if READY_LINE in line:
-                ready.set()
-        ready.set()  # end of output: the server exited
+            if ready in line:
+                seen.set()
+        seen.set()  # end of output: it exited
 
     threading.Thread(target=read_lines, daemon=True).start()
-    if not ready.wait(timeout_s):
+    if not seen.wait(timeout_s):
         process.kill()
-        raise TimeoutError(f"no {READY_LINE!r} within {timeout_s}s:\n" + "".join(output))
-    if not any(READY_LINE in line for line in output):
-        raise RuntimeError("the server exited before it was ready:\n" + "".join(output))
-    return ServerProcess(process, f"http://127.0.0.1:{port}/v1", f"nats://127.0.0.1:{nats_port}", home, output)
+        raise TimeoutError(f"no {ready!r} within {timeout_s}s:\n" + "".join(output))
+    if not any(ready in line for line in output):
+        raise RuntimeError(f"it exited before {ready!r}:\n" + "".join(output))
+    return process, output
+
+
+def spawn_server(home: Path, *flags: str, timeout_s: float = 180.0, ready: str = READY_LINE,
+                 prefix: list[str] | None = None) -> ServerProcess:
+    """Start `conclave serve` and return once it printed `ready` (by default: it serves)."""
+    port, nats_port = free_port(), free_port()
+    process, output = spawn(["--home", str(home), "serve", "--port", str(port), "--nats-port", str(nats_port), *flags],
+                            ready, timeout_s, prefix)
+    scheme = "tls" if "--cluster" in flags else "nats"
+    return ServerProcess(process, f"http://127.0.0.1:{port}/v1", f"{scheme}://127.0.0.1:{nats_port}", home, output)
+
+
+@dataclass
+class NodeProcess:
+    """A `conclave join` started as a child process; with an HTTP port when `http` was asked."""
+
+    process: subprocess.Popen
+    home: Path
+    output: list[str]
+    base_url: str | None
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the agent and every process it started (its ranks), as a power cut would."""
+        import psutil
+
+        agent = psutil.Process(self.process.pid)
+        for process in [*agent.children(recursive=True), agent]:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait(30)
+
+
+def spawn_node(home: Path, *flags: str, http: bool = False, timeout_s: float = 120.0,
+               prefix: list[str] | None = None) -> NodeProcess:
+    """Start `conclave join FLAGS...` and return once its agent reports (ops/node.py: READY_LINE)."""
+    from ops.node import READY_LINE as NODE_READY
+
+    port = free_port() if http else None
+    process, output = spawn(["--home", str(home), "join", *flags, *(["--port", str(port)] if port else [])],
+                            NODE_READY, timeout_s, prefix)
+    return NodeProcess(process, home, output, f"http://127.0.0.1:{port}/v1" if port else None)
+
+
+def spawn_cluster(first_home: Path, node_homes: list[Path], memory_limit_gb: str,
+                  timeout_s: float = 240.0) -> tuple[ServerProcess, list[NodeProcess], str]:
+    """A cluster on loopback: `serve --cluster` and a `join` per home (each with an HTTP port), every machine
+    offering `memory_limit_gb`; returns once the model is served, with the join token. The tests' and
+    `conclave bench --cluster`'s."""
+    import re
+
+    first = spawn_server(first_home, "--cluster", "--advertise", "127.0.0.1", "--no-mdns", "--memory-limit",
+                         memory_limit_gb, "--heartbeat", "0.5", "--worker-timeout", "5", ready="--token")
+    token = re.search(r"cj1\.\S+", "".join(first.output)).group(0)
+    nodes: list[NodeProcess] = []
+    try:
+        for home in node_homes:
+            nodes.append(spawn_node(home, first.nats_url.removeprefix("tls://"), "--token", token, "--memory-limit",
+                                    memory_limit_gb, http=True))
+        wait_for_line(first.output, READY_LINE, timeout_s)
+    except BaseException:
+        for process in (*nodes, first):
+            process.process.kill()
+        raise
+    return first, nodes, token

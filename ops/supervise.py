@@ -12,6 +12,7 @@ event loop hangs neither exits nor answers, and would otherwise hold its jobs fo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import shutil
@@ -22,11 +23,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ops.group import GroupSpec, start_group
+from ops.group import GroupSpec, HostSpec, Launcher, start_group
 from pipeline.nats_server import EmbeddedNats, stop_process
 from workers.status import alive_file, sleep_unless
 
 log = logging.getLogger("conclave.serve")
+# A group id names its wake-up subject and its ranks' folders: never the same twice in one process, also when a
+# controller replaces the supervisor after re-placing a model (ops/controller.py).
+GROUP_NUMBERS = itertools.count(1)
 STALE_HEARTBEATS = 20  # a liveness file this many heartbeats old (and at least 10 s) means a hung rank
 
 
@@ -86,15 +90,16 @@ class GroupSupervisor:
     """
 
     def __init__(self, spec: GroupSpec, command: Callable[[str, Path], list[str]], workdir: Path,
-                 heartbeat_s: float):
+                 heartbeat_s: float, launchers: Callable[[HostSpec], Launcher] | None = None):
         self.spec = spec
+        self.launchers = launchers  # None: local or ssh by host (ops/group.py: launcher_for)
         self.command = command  # (group id, its folder) -> the argv every rank runs
         self.workdir = workdir
         self.stale_s = max(STALE_HEARTBEATS * heartbeat_s, 10.0)
         self.processes: list[subprocess.Popen] = []
         self.folder: Path | None = None  # the current group's: rank files and liveness files
         self.stopping = False
-        self.starts = 0
+        self.starts = 0  # of this supervisor's group (group ids are numbered across supervisors: one per start)
         # `stop` runs on another thread than `run`: never let a group start after (or while) it stops.
         self.lock = threading.Lock()
 
@@ -109,11 +114,12 @@ class GroupSupervisor:
             if self.stopping:
                 return False
             self.starts += 1
-            group_id = f"{os.getpid()}-{self.starts}"
+            group_id = f"{os.getpid()}-{next(GROUP_NUMBERS)}"
             self.folder = self.workdir / group_id
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                self.processes = start_group(self.spec, self.command(group_id, self.folder), self.folder)
+                self.processes = start_group(self.spec, self.command(group_id, self.folder), self.folder,
+                                             self.launchers)
             except OSError as exc:  # e.g. no ssh, or a host's launcher failed: retried with backoff
                 log.error("could not start worker group %s: %s", group_id, exc)
                 self.processes = []

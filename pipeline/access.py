@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.subjects import (AUDIT_PREFIX, CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
+from pipeline.subjects import (AUDIT_PREFIX, CANCELS_PREFIX, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
                                JOBS_STREAM, NODES_PREFIX, NODES_STREAM, RESULTS_PREFIX, RESULTS_STREAM, STATUS_PREFIX,
                                name_of_token, reply_prefix,
                                subject_token, worker_durable)
@@ -39,8 +40,19 @@ UNAUTHENTICATED = "unauthenticated"  # the submitter of a job on a subject witho
 # Submitters whose job's `caller` is believed: the ingress states which API key made an HTTP request, the
 # operator's `conclave audit replay` which record it replays. Any other submitter's claim is kept as a claim.
 ATTESTING_SUBMITTERS = frozenset({INGRESS, OPERATOR})
-_RESERVED = {OPERATOR, INGRESS, UNAUTHENTICATED}
+JOINER = "joiner"  # whoever holds the cluster's join token, before it is a node (ops/join.py)
+# The CA certificate is public: a joining node fetches it before it trusts the broker, as this well-known user
+# whose seed is in the code. It may ask for the certificate and nothing else, so a man in the middle that relays
+# its signature gains nothing; the join token's own key is used only once the broker is verified (ops/join.py).
+CA_READER = "ca-reader"
+CA_READER_SEED = "SUAHCE3VMZUGMR56OFPRVX4P3GEBPDRP73DLTPP62DR2IYNHSTGFVC3BWQ"
+_RESERVED = {OPERATOR, INGRESS, UNAUTHENTICATED, JOINER, CA_READER}
 _SUBMITTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+NODE_ID = re.compile(r"[0-9a-f]{8,32}")  # ops/agent.py makes 12; hex only: no '-', no `ingress` or `worker`
+# The subjects of cluster membership and of the controller's orders to node agents (ops/join.py, ops/controller.py, ops/ranks.py).
+JOIN_SUBJECT = "conclave.cluster.join"
+CA_SUBJECT = "conclave.cluster.ca"
+AGENTS_PREFIX = "conclave.agents"
 
 
 class AccessError(ValueError):
@@ -52,9 +64,9 @@ def worker_role(model: str) -> str:
 
 
 def check_submitter_name(name: str) -> str:
-    if not _SUBMITTER_NAME.fullmatch(name) or name in _RESERVED or name.startswith("worker-"):
+    if not _SUBMITTER_NAME.fullmatch(name) or name in _RESERVED or name.startswith(("worker-", "node-")):
         raise AccessError(f"{name!r} cannot name a submitter: use 1 to 63 of a-z, 0-9, '_' and '-', starting with "
-                          f"a letter or digit, and none of {sorted(_RESERVED)} or worker-*")
+                          f"a letter or digit, and none of {sorted(_RESERVED)}, worker-* or node-*")
     return name
 
 
@@ -68,6 +80,7 @@ def inbox_prefix(role: str) -> str:
 class Permissions:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    responses: bool = False  # may answer requests it received (nats-server's allow_responses)
 
 
 def _direct_get(stream: str, subjects: str) -> str:
@@ -86,9 +99,11 @@ def submitter_permissions(name: str) -> Permissions:
 
 def ingress_permissions() -> Permissions:
     own = submitter_permissions(INGRESS)
-    # Besides: the consumers' state (admission), and the nodes' statuses (/v1/cluster).
+    # Besides: the consumers' state (admission), the nodes' statuses and the instances (/v1/cluster, /v1/models).
     return Permissions(publish=(*own.publish, f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*",
-                                f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>")),
+                                f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
+                                f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
+                                _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>")),
                        subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>"))
 
 
@@ -104,12 +119,49 @@ def worker_permissions(model: str) -> Permissions:
     )
 
 
-def permissions_of(role: str) -> Permissions | None:
-    """The role's permissions; None for the operator (everything)."""
+def ca_reader_permissions() -> Permissions:
+    return Permissions(publish=(CA_SUBJECT,), subscribe=(f"{reply_prefix(CA_READER)}.>",))
+
+
+def joiner_permissions() -> Permissions:
+    """The join token's holder: it may fetch the CA certificate and ask to join, and hear the answers."""
+    return Permissions(publish=(CA_SUBJECT, JOIN_SUBJECT), subscribe=(f"{reply_prefix(JOINER)}.>",))
+
+
+def node_role(node_id: str) -> str:
+    return f"node-{node_id}"
+
+
+def agent_permissions(node_id: str) -> Permissions:
+    """A node's agent: it reports its own status (only under its own key of the nodes bucket), takes the
+    controller's orders for itself, and answers them (`allow_responses`: only to requests it received)."""
+    return Permissions(publish=(f"{NODES_PREFIX}.{node_id}", f"{AGENTS_PREFIX}.{node_id}.events",
+                                _direct_get(NODES_STREAM, f"{NODES_PREFIX}.{node_id}")),
+                       subscribe=(f"{reply_prefix(node_role(node_id))}.>", f"{AGENTS_PREFIX}.{node_id}.orders.>"),
+                       responses=True)
+
+
+def union(*permissions: Permissions) -> Permissions:
+    return Permissions(publish=tuple(dict.fromkeys(s for p in permissions for s in p.publish)),
+                       subscribe=tuple(dict.fromkeys(s for p in permissions for s in p.subscribe)))
+
+
+def permissions_of(role: str, models: list[str] = ()) -> Permissions | None:
+    """The role's permissions; None for the operator (everything). A joined node has three users: its agent
+    (`node-<id>`), its ingress (`node-<id>-ingress`, an ingress's rights) and its worker ranks
+    (`node-<id>-worker`: a worker's rights for each of `models`, the models this cluster serves)."""
     if role == OPERATOR:
         return None
-    if role == INGRESS:
+    if role == INGRESS or (role.startswith("node-") and role.endswith("-ingress")):
         return ingress_permissions()
+    if role.startswith("node-") and role.endswith("-worker"):
+        return union(*(worker_permissions(model) for model in models)) if models else Permissions((), ())
+    if role.startswith("node-"):
+        return agent_permissions(role.removeprefix("node-"))
+    if role == JOINER:
+        return joiner_permissions()
+    if role == CA_READER:
+        return ca_reader_permissions()
     if role.startswith("worker-"):
         return worker_permissions(name_of_token(role.removeprefix("worker-")))
     return submitter_permissions(role)
@@ -118,23 +170,48 @@ def permissions_of(role: str) -> Permissions | None:
 def authorization_block(public_keys: dict[str, str]) -> str:
     """nats-server's `authorization` block for these roles (role -> nkey public key). No user without a
     key exists, so an anonymous connection is refused."""
+    models = sorted(name_of_token(role.removeprefix("worker-")) for role in public_keys if role.startswith("worker-"))
     users = []
     for role, key in sorted(public_keys.items()):
-        permissions = permissions_of(role)
+        permissions = permissions_of(role, models)
         entry = f"    # {role}\n    {{nkey: {key}"
         if permissions is not None:
-            entry += (f", permissions: {{publish: {{allow: {json.dumps(list(permissions.publish))}}}, "
-                      f"subscribe: {{allow: {json.dumps(list(permissions.subscribe))}}}}}")
+            entry += (f", permissions: {{publish: {{allow: {json.dumps(list(permissions.publish) or ['_NONE_'])}}}, "
+                      f"subscribe: {{allow: {json.dumps(list(permissions.subscribe) or ['_NONE_'])}}}"
+                      + (", allow_responses: {max: 1, expires: \"30s\"}" if permissions.responses else "") + "}")
         users.append(entry + "}")
     return "authorization {\n  users: [\n" + ",\n".join(users) + "\n  ]\n}\n"
 
 
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A client's TLS context for a cluster's broker (ops/cluster_tls.py): the chain must lead to `ca_file`, the
+    cluster's private CA; host names are not checked (a node may reach the broker by an address the certificate
+    does not name, and only this cluster's CA signs what it accepts). With None it verifies nothing: only for
+    fetching the CA certificate, whose hash the caller then compares with its join token."""
+    # A bare context, not create_default_context(): that one also trusts the system's public CAs, and with host
+    # names unchecked any publicly issued certificate would pass. Only the cluster's CA is loaded.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    if ca_file is None:
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
 @dataclass(frozen=True)
 class Identity:
-    """What a process connects to NATS as: its role and the file holding the role's nkey seed."""
+    """What a process connects to NATS as: its role, the file holding its nkey seed, and, on a cluster's broker,
+    the cluster CA it trusts (TLS from the first byte)."""
 
     role: str
     seed_file: Path
+    ca_file: Path | None = None
 
     def connect_options(self) -> dict:
-        return {"nkeys_seed": str(self.seed_file), "inbox_prefix": inbox_prefix(self.role)}
+        options = {"nkeys_seed": str(self.seed_file), "inbox_prefix": inbox_prefix(self.role)}
+        if self.ca_file is not None:
+            options.update(tls=tls_context(self.ca_file), tls_handshake_first=True)
+        return options

@@ -56,6 +56,12 @@ async def persist(operation: Callable[[], Awaitable[T]], deadline_s: float) -> T
         pause = min(pause * 2, 2.0)
 
 
+def quiet_tls_eof_warning() -> None:
+    """asyncio warns at every TLS connection's end that nats-py's transport asks to stay half-open (TLS cannot):
+    harmless, and one line per connection on a cluster's broker would drown the real ones. Only that is muted."""
+    logging.getLogger("asyncio").addFilter(lambda record: "eof_received()" not in record.getMessage())
+
+
 def redacted(url: str) -> str:
     """`url` without a user name or password in it, for logs and messages (a NATS URL may carry them)."""
     parts = urllib.parse.urlsplit(url)

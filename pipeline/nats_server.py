@@ -71,23 +71,32 @@ class EmbeddedNats:
     command line.
     """
 
-    def __init__(self, store_dir: Path, port: int = 4222, host: str = "127.0.0.1", encryption_key: str | None = None):
+    def __init__(self, store_dir: Path, port: int = 4222, host: str = "127.0.0.1", encryption_key: str | None = None,
+                 tls_dir: Path | None = None):
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
         self.encryption_key = encryption_key
+        # A cluster's broker (ops/cluster_tls.py): TLS before the first byte, with the cluster CA's certificate.
+        self.tls_dir = Path(tls_dir) if tls_dir is not None else None
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        """Where the processes of this machine reach it."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"{'tls' if self.tls_dir else 'nats'}://{host}:{self.port}"
 
     def config_text(self) -> str:
         jetstream = f'  store_dir: "{self.store_dir}"\n'
         if self.encryption_key:
             jetstream += f"  cipher: chachapoly\n  key: ${KEY_VARIABLE}\n"
+        tls = ""
+        if self.tls_dir:
+            tls = (f'tls {{\n  cert_file: "{self.tls_dir / "server.pem"}"\n  key_file: "{self.tls_dir / "server.key"}"\n'
+                   f"  handshake_first: true\n  timeout: 5\n}}\n")
         return (f'listen: "{self.host}:{self.port}"\nserver_name: conclave\nmax_payload: {EMBEDDED_MAX_PAYLOAD}\n'
-                f'pid_file: "{self.store_dir / "nats-server.pid"}"\ninclude "authorization.conf"\n'
+                f'pid_file: "{self.store_dir / "nats-server.pid"}"\ninclude "authorization.conf"\n{tls}'
                 f"jetstream {{\n{jetstream}}}\n")
 
     def start(self, timeout_s: float = 120.0) -> None:
@@ -116,13 +125,19 @@ class EmbeddedNats:
                     f"nats-server exited with {self.process.returncode}; see {self.store_dir / 'nats-server.log'}"
                 )
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+                with socket.create_connection(self._address(), timeout=0.5) as sock:
+                    if self.tls_dir:  # it says INFO only after the TLS handshake; a listener is all this waits for
+                        return
                     if sock.recv(4).startswith(b"INFO"):
                         return
             except OSError:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"nats-server did not listen on {self.url} within {timeout_s}s")
                 time.sleep(0.05)
+
+    def _address(self) -> tuple[str, int]:
+        host, port = self.url.split("://")[1].rsplit(":", 1)
+        return host, int(port)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         stop_process(self.process, timeout_s)

@@ -1,4 +1,6 @@
-"""The cluster's nodes as their agents report them: a JetStream key-value bucket, one key per node id.
+"""The cluster's nodes as their agents report them, and the models it serves: JetStream key-value buckets.
+
+Nodes: one key per node id.
 
 Each agent puts its status (schemas/cluster.py: NodeStatus) every second; the bucket keeps one value per
 key for NODES_TTL_S, so a node that stopped reporting is first shown as lost (its status older than
@@ -14,12 +16,15 @@ import msgspec
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import NotFoundError
 
-from pipeline.subjects import NODES_BUCKET, NODES_PREFIX, NODES_STREAM
+from pipeline.subjects import (INSTANCES_BUCKET, INSTANCES_PREFIX, INSTANCES_STREAM, NODES_BUCKET, NODES_PREFIX,
+                               NODES_STREAM, subject_token)
 from schemas.cluster import NodeStatus
+from schemas.membership import Instance
 
 NODES_TTL_S = 60.0
-LOST_AFTER_S = 5.0
+LOST_AFTER_S = 3.0  # three reports missed: a node gone is seen within 4 s by a reader polling every second
 decode_status = msgspec.json.Decoder(NodeStatus).decode
+decode_instance = msgspec.json.Decoder(Instance).decode
 encode = msgspec.json.Encoder().encode
 
 
@@ -36,18 +41,56 @@ async def put_status(js, status: NodeStatus) -> None:
 
 
 async def read_nodes(js) -> list[NodeStatus]:
-    """Every node's latest status, by node id; empty when none reported (or the bucket does not exist)."""
+    """Every node's latest status, by node id; empty when none reported (or the bucket does not exist).
+
+    A status counts only under its own node's key (an agent may write only there, pipeline/access.py, so one
+    claiming another node's id is a forgery), and its time is when the broker stored it: lost or not is judged on
+    the broker's clock, never on a node's, which may be off by any amount."""
+    statuses = []
+    for msg in await _read_bucket(js, NODES_STREAM, NODES_PREFIX):
+        try:
+            status = decode_status(msg.data)
+        except msgspec.MsgspecError:
+            continue
+        if msg.subject == node_subject(status.facts.id):
+            statuses.append(msgspec.structs.replace(status, time=msg.time.timestamp() if msg.time else status.time))
+    return statuses
+
+
+def instances_bucket_config() -> KeyValueConfig:
+    # One value per model, rewritten by the controller at every change; memory, like the nodes: a restarted
+    # controller places again and says so.
+    return KeyValueConfig(bucket=INSTANCES_BUCKET, history=1, storage=StorageType.MEMORY, direct=True)
+
+
+async def put_instance(js, instance: Instance) -> None:
+    await js.publish(f"{INSTANCES_PREFIX}.{subject_token(instance.model)}", encode(instance), stream=INSTANCES_STREAM)
+
+
+async def read_instances(js) -> list[Instance]:
+    instances = []
+    for msg in await _read_bucket(js, INSTANCES_STREAM, INSTANCES_PREFIX):
+        try:
+            instances.append(decode_instance(msg.data))
+        except msgspec.MsgspecError:
+            continue
+    return instances
+
+
+async def _read_bucket(js, stream: str, prefix: str) -> list:
+    """Every key's latest message; empty when there is none (or the bucket does not exist). Keys are listed from
+    the stream's subjects and read by direct get, which a permission can limit to this bucket."""
     try:
-        info = await js.stream_info(NODES_STREAM, subjects_filter=f"{NODES_PREFIX}.>")
+        info = await js.stream_info(stream, subjects_filter=f"{prefix}.>")
     except NotFoundError:
         return []
-    statuses = []
+    messages = []
     for subject in sorted(info.state.subjects or {}):
         try:
-            statuses.append(decode_status((await js.get_last_msg(NODES_STREAM, subject, direct=True)).data))
-        except (NotFoundError, msgspec.MsgspecError):  # expired meanwhile, or not a status
+            messages.append(await js.get_last_msg(stream, subject, direct=True))
+        except NotFoundError:  # expired or deleted meanwhile
             continue
-    return statuses
+    return messages
 
 
 def state_of(status: NodeStatus, now: float | None = None) -> str:

@@ -12,7 +12,7 @@ from nats.js.errors import BadRequestError
 
 from pipeline.audit import audit_stream_config, describe_age
 from pipeline.checkpoints import checkpoints_stream_config
-from pipeline.nodes import nodes_bucket_config
+from pipeline.nodes import instances_bucket_config, nodes_bucket_config
 from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM,
                                RESULTS_PREFIX, RESULTS_STREAM, job_subject, worker_durable)
 
@@ -105,10 +105,16 @@ async def ensure_streams(js: JetStreamContext) -> None:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
-    try:
-        await js.create_key_value(nodes_bucket_config())
-    except BadRequestError:  # made by another version with another TTL: it still works as it is
-        log.warning("the key-value bucket of node statuses exists with another configuration; left as it is")
+    for bucket in (nodes_bucket_config(), instances_bucket_config()):
+        try:
+            await js.create_key_value(bucket)
+        except BadRequestError:  # made by another version with another TTL: it still works as it is
+            log.warning("the key-value bucket %s exists with another configuration; left as it is", bucket.bucket)
+        # No rollups: a node may write its own key, and a `Nats-Rollup: all` there would wipe every other node's.
+        config = (await js.stream_info(f"KV_{bucket.bucket}")).config
+        if config.allow_rollup_hdrs:
+            config.allow_rollup_hdrs = False
+            await js.update_stream(config)
     for config in (audit_stream_config(), checkpoints_stream_config()):
         try:
             await js.add_stream(config)

@@ -21,6 +21,9 @@ AUDIT_PREFIX = "conclave.audit"  # one subject per job message: conclave.audit.<
 NODES_BUCKET = "CONCLAVE_NODES"  # key-value bucket: each node's latest status, by node id (pipeline/nodes.py)
 NODES_STREAM = f"KV_{NODES_BUCKET}"
 NODES_PREFIX = f"$KV.{NODES_BUCKET}"
+INSTANCES_BUCKET = "CONCLAVE_INSTANCES"  # key-value bucket: each served model's placement (ops/controller.py)
+INSTANCES_STREAM = f"KV_{INSTANCES_BUCKET}"
+INSTANCES_PREFIX = f"$KV.{INSTANCES_BUCKET}"
 CHECKPOINTS_STREAM = "CONCLAVE_AUDIT_CHECKPOINTS"
 CHECKPOINTS_SUBJECT = "conclave.checkpoints"  # signed checkpoints of the audit log (pipeline/checkpoints.py)
 

@@ -13,6 +13,7 @@ from msgspec import Struct
 
 Backend = Literal["metal", "cuda", "cpu"]
 LinkKind = Literal["rdma", "thunderbolt", "ethernet", "wifi"]
+InterfaceKind = Literal["thunderbolt", "ethernet", "wifi", "loopback", "other"]
 
 
 class NodeFacts(Struct, kw_only=True):
@@ -24,6 +25,8 @@ class NodeFacts(Struct, kw_only=True):
     # Metal's recommended working set (`mx.device_info()`): what the GPU may use, well under total RAM.
     working_set: Union[int, None] = None
     models: list[str] = []  # model ids whose files are on this node's disk
+    address: str = ""  # where the ranks of other nodes reach this one (mx.distributed's ring, jaccl's coordinator)
+    session: str = ""  # new at every start of its agent: two live agents with one node id are told apart
 
 
 class Link(Struct, kw_only=True):
@@ -104,6 +107,16 @@ class ClusterFacts(Struct, kw_only=True):
     links: list[Link] = []
 
 
+class Interface(Struct, kw_only=True):
+    """One of a node's network interfaces, as its agent found it (ops/telemetry.py)."""
+
+    name: str  # the system's: "en0", "bridge0", "eth0", "thunderbolt0"
+    kind: InterfaceKind = "other"
+    addresses: list[str] = []  # IPv4 and IPv6, without link-local ones
+    speed_mbps: Union[int, None] = None  # None where the platform does not say
+    up: bool = False
+
+
 class NodeStatus(Struct, kw_only=True):
     """What a node's agent publishes every second (pipeline/nodes.py), and `conclave nodes` and `/v1/cluster`
     show. A figure this platform does not measure (yet) is None, never a made-up 0."""
@@ -111,9 +124,11 @@ class NodeStatus(Struct, kw_only=True):
     facts: NodeFacts
     memory_used: int
     cpu_percent: Union[float, None] = None
-    gpu_percent: Union[float, None] = None
-    temperature_c: Union[float, None] = None
-    power_w: Union[float, None] = None
+    gpu_percent: Union[float, None] = None  # the GPUs' mean busy share (macmon on macOS, NVML on NVIDIA)
+    temperature_c: Union[float, None] = None  # the hottest GPU's
+    power_w: Union[float, None] = None  # macOS: the whole system's (else CPU + GPU + ANE); NVIDIA: its GPUs'
     disk_free: Union[int, None] = None  # bytes free where its home (models) lives
     ranks: int = 0  # worker rank processes running on it
+    interfaces: list[Interface] = []  # refreshed every 30 s or so
+    rdma_devices: list[str] = []  # what `ibv_devices` lists
     time: float  # unix seconds when measured

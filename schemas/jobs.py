@@ -106,7 +106,16 @@ class Failed(Struct, tag="failed"):
     attempt: int = 1
 
 
-Event = Union[Accepted, Chunk, Heartbeat, Done, Failed]
+class Requeued(Struct, tag="requeued"):
+    """The worker group running the job lost a rank (a node gone): the job is back in the queue, unsettled, and
+    the next group (re-placed elsewhere) runs it again; until one takes it, the requester waits as for a queued job."""
+
+    id: str
+    reason: str
+    attempt: int = 1
+
+
+Event = Union[Accepted, Chunk, Heartbeat, Done, Failed, Requeued]
 
 
 class WorkerStatus(Struct):

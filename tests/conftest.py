@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,8 @@ async def connect_as(home: Path, url: str, role: str = SUBMITTER, **options):
     import nats as nats_client
 
     identity = submitter_identity(home) if role == SUBMITTER else role_identity(home, role)
+    if url.startswith("tls://"):  # a cluster's broker (serve --cluster): TLS with the CA made in that home
+        identity = replace(identity, ca_file=Path(home) / "credentials" / "cluster" / "ca.pem")
     return await nats_client.connect(url, **identity.connect_options(), **options)
 
 

@@ -30,3 +30,20 @@ def test_a_systemd_unit_and_a_launchd_agent_run_serve_with_the_flags(tmp_path):
     agent = plistlib.loads((tmp_path / "launchd" / "org.conclave.serve.plist").read_bytes())
     assert agent["ProgramArguments"][-len(flags) - 1:] == ["serve", *flags]
     assert agent["RunAtLoad"] and agent["KeepAlive"] and "launchctl bootstrap" in done.stdout
+
+
+def test_a_node_gets_a_join_unit_without_its_token(tmp_path):
+    def join_unit(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ops.cli", "--home", str(tmp_path / "home"), "service", "install",
+                               "--platform", "systemd", "--dir", str(tmp_path / "units"), "--join-flags",
+                               shlex.join(flags)], capture_output=True, text=True, timeout=60)
+
+    done = join_unit("10.0.0.1", "--port", "8000")
+    assert done.returncode == 0, done.stderr
+    unit = (tmp_path / "units" / "conclave-join.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert shlex.split(exec_start.removeprefix("ExecStart="))[-4:] == ["join", "10.0.0.1", "--port", "8000"]
+    assert "enable --now conclave-join" in done.stdout
+    refused = join_unit("10.0.0.1", "--token", "cj1.secret")
+    assert refused.returncode != 0 and "leave --token out" in refused.stderr
+    assert "cj1.secret" not in (tmp_path / "units" / "conclave-join.service").read_text()

@@ -33,7 +33,7 @@ from pipeline.limits import LARGE_MESSAGE, PayloadLimits
 from pipeline.settle import Delivery, Settler
 from pipeline.streams import MAX_DELIVER
 from pipeline.subjects import CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject, worker_durable
-from schemas.jobs import Accepted, Cancel, Chunk, Done, Failed, Heartbeat
+from schemas.jobs import Accepted, Cancel, Chunk, Done, Failed, Heartbeat, Requeued
 from schemas.openai import ErrorDetail
 from workers.generation import Generation, Halted
 from workers.prepare import JobError, LoadedModel, prepare
@@ -295,6 +295,20 @@ class JobConsumer:
                     Heartbeat(id=delivery.job_id, tokens=generation.generated, attempt=delivery.attempt)))
             except nats.errors.Error:  # NATS reconnecting: try again at the next beat
                 pass
+
+    async def requeue_all(self, reason: str) -> None:
+        """Give every job taken and not yet settled back to JetStream, unsettled (a group that lost a rank: the jobs
+        are not at fault, and the group placed after it runs them). Each is redelivered at once; a job that keeps
+        breaking groups is dead-lettered at its last delivery (pipeline/streams.py: MAX_DELIVER), as any other."""
+        for delivery in list(self.active.values()):
+            try:
+                if delivery.reply_subject:
+                    await self.nc.publish(delivery.reply_subject, encode(
+                        Requeued(id=delivery.job_id, reason=reason, attempt=delivery.attempt)))
+                if delivery.msg is not None:
+                    await delivery.msg.nak()
+            except Exception as exc:  # it comes back after its ack wait instead
+                log.error("job %s: could not be handed back (%s); it will be redelivered", delivery.job_id, exc)
 
     async def fail_all(self, status: int, error: ErrorDetail) -> None:
         """Settle every job taken and not yet settled with this error (a group that lost a rank, a hung

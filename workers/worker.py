@@ -37,7 +37,7 @@ import mlx.core as mx
 import nats
 
 from pipeline.access import Identity, worker_role
-from pipeline.connection import connect
+from pipeline.connection import connect, quiet_tls_eof_warning
 from pipeline.limits import PayloadLimits
 from pipeline.settle import Settler
 from pipeline.subjects import group_wake_subject, status_subject
@@ -149,7 +149,8 @@ class Worker:
                 await self.lose(f"no step for {stalled:.1f}s; {what}")
 
     async def lose(self, reason: str) -> None:
-        """Answer every requester, settle every job, and exit so that the supervisor restarts us.
+        """Deal with every job taken and exit so that the supervisor restarts us: a group that lost a rank hands
+        its jobs back to the queue for the next group; a single worker whose model thread hung fails them (503).
 
         The model's thread is in an unknown state (a group's followers too), so no further job may use it.
         """
@@ -158,12 +159,15 @@ class Worker:
         self.lost_reason = reason
         log.error("%s: %s (%d jobs); exiting so that it restarts", self.rank.group_id or "worker", reason,
                   len(self.consumer.active))
-        what = "worker group serving this model lost a rank" if self.ranks > 1 else \
-            "worker serving this model stopped making progress"
         try:
-            await asyncio.wait_for(self.consumer.fail_all(503, ErrorDetail(
-                message=f"The {what} while generating; it is restarting. Retry the request.", type="server_error",
-                code="worker_lost")), timeout=10 * self.args.heartbeat)
+            if self.ranks > 1:  # the jobs are not at fault: the group placed next runs them
+                await asyncio.wait_for(self.consumer.requeue_all(f"the worker group lost a rank: {reason}"),
+                                       timeout=10 * self.args.heartbeat)
+            else:
+                await asyncio.wait_for(self.consumer.fail_all(503, ErrorDetail(
+                    message="The worker serving this model stopped making progress while generating; it is "
+                            "restarting. Retry the request.", type="server_error", code="worker_lost")),
+                    timeout=10 * self.args.heartbeat)
             await self.nc.flush(timeout=self.args.heartbeat)
         finally:  # even if NATS is unreachable: a process that stays would hold the group hung for good
             os._exit(LOST)
@@ -208,7 +212,7 @@ async def main_async(args) -> int:
             stopping.set()
 
     group = await loop.run_in_executor(executor, join_group, rank)
-    identity = Identity(worker_role(args.model_id), Path(args.nats_seed))
+    identity = Identity(worker_role(args.model_id), Path(args.nats_seed), Path(args.nats_ca) if args.nats_ca else None)
     nc = await connect(args.nats_url, f"conclave-worker:{args.model_id}", identity, on_closed=nats_closed)
     try:
         if group is None or group.rank() == 0:
@@ -235,6 +239,8 @@ def main(argv=None) -> None:
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--nats-seed", required=True, help="file holding the nkey seed of this model's worker role "
                         "(pipeline/access.py; `conclave serve` makes it in <home>/credentials/roles)")
+    parser.add_argument("--nats-ca", default=None, help="a cluster's broker: the CA certificate its TLS must lead to "
+                        "(ops/cluster_tls.py)")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between status/progress messages")
     parser.add_argument("--queue-ttl", type=float, default=600.0, help="drop jobs that waited longer than this")
     add_rank_arguments(parser)
@@ -251,6 +257,7 @@ def main(argv=None) -> None:
     # mpirun starts ranks without MLX_RANK; Open MPI names the rank itself.
     rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[rank {rank} pid {os.getpid()}] %(levelname)s %(message)s")
+    quiet_tls_eof_warning()
     code = asyncio.run(main_async(args))
     # Everything is settled: NATS flushed and closed, MLX synchronized, its thread joined. Skip the C++
     # static destructors: tearing down MLX's internal threads at interpreter exit occasionally aborts

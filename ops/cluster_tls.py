@@ -1,0 +1,104 @@
+"""The cluster's private certificate authority: TLS for the broker's LAN port from its first byte.
+
+`conclave serve --cluster` opens the broker to other machines. Before it listens, it makes (once) a CA and a
+server certificate signed by it, in `<home>/credentials/cluster/`:
+
+    ca.pem          the CA certificate: public; every node keeps a copy and trusts only it
+    ca.key   0600   the CA's private key: never leaves this machine
+    server.pem      the broker's certificate (its host name, localhost and every address of this machine)
+    server.key 0600
+
+The broker speaks TLS before anything else (`handshake_first`), so not even the NATS greeting crosses the LAN
+in clear. Clients verify the chain against `ca.pem` but not the host name: a node may reach the broker by an
+address that was not this machine's when the certificate was made (DHCP, a Thunderbolt bridge), and only this
+cluster's CA, whose key stays here, signs certificates a node accepts. A joining node gets `ca.pem` through the
+join token: the token names the CA by the SHA-256 of its certificate (`fingerprint`), and the node accepts
+the broker only after the certificate it received hashes to that (ops/join.py), the way kubeadm's
+`--discovery-token-ca-cert-hash` works.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import socket
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ops.credentials import credentials_dir, write_private
+
+VALID_DAYS = 3650  # a private CA: rotating it means every node re-joins, so it is made to outlive the hardware
+
+
+def tls_dir(home: Path) -> Path:
+    folder = credentials_dir(home) / "cluster"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o700)
+    return folder
+
+
+def fingerprint(pem: bytes) -> str:
+    """SHA-256 of the certificate's DER form, hex: what a join token carries to name its CA."""
+    return hashlib.sha256(x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _local_addresses() -> list[str]:
+    import psutil
+
+    return sorted({a.address.split("%")[0] for addresses in psutil.net_if_addrs().values() for a in addresses
+                   if a.family in (socket.AF_INET, socket.AF_INET6)})
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _certificate(subject: x509.Name, public_key, issuer: x509.Name, signing_key, ca: bool, names: list[str]):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                                      content_commitment=False, key_encipherment=False,
+                                                      data_encipherment=False, key_agreement=False,
+                                                      encipher_only=False, decipher_only=False), critical=True)
+    else:
+        alternatives = []
+        for name in names:
+            try:
+                alternatives.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alternatives.append(x509.DNSName(name))
+        builder = (builder.add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def ensure_cluster_tls(home: Path) -> Path:
+    """Make the CA (once) and a server certificate for this machine's current names; returns the folder."""
+    folder = tls_dir(home)
+    if not (folder / "ca.key").exists():
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Conclave cluster CA ({socket.gethostname()})")])
+        write_private(folder / "ca.key", _key_pem(ca_key))
+        (folder / "ca.pem").write_bytes(_certificate(name, ca_key.public_key(), name, ca_key, True, [])
+                                        .public_bytes(serialization.Encoding.PEM))
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    # Re-issued at every start: the machine's addresses may have changed since the last one.
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    names = [socket.gethostname(), "localhost", *_local_addresses()]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, socket.gethostname())])
+    server = _certificate(subject, server_key.public_key(), ca_cert.subject, ca_key, False, names)
+    write_private(folder / "server.key", _key_pem(server_key))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    return folder

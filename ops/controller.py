@@ -1,0 +1,277 @@
+"""The controller: places a model on the cluster's nodes, starts its ranks through their agents, re-places it
+when a node is lost.
+
+It runs in `conclave serve --cluster` on the first machine (the one with the broker and the operator's key).
+Its loop, per model:
+
+1. read the nodes' statuses (pipeline/nodes.py) and place the model on those that are up (ops/placement.py,
+   a pure function); while no placement fits, say why in the instances bucket and wait for nodes;
+2. turn the plan into a worker group (ops/group.py: one host per rank, this machine's ranks local, every other
+   node's through its agent) and keep it running with the same supervisor a single machine uses
+   (ops/supervise.py): a rank that exits or hangs restarts the group where it is;
+3. when a node of the plan is lost (no status for LOST_AFTER_S), stop the group and go back to 1 with the nodes
+   left. Jobs queued meanwhile wait in JetStream (their consumer outlives every group) and are served by the
+   re-placed group; a job a lost rank was running is redelivered after its ack wait (workers/consumer.py).
+
+A node agent's rank looks to the supervisor like a local process (`RemoteRank`): the agent reports its end on
+`conclave.agents.<id>.events`, and a rank on a node that is lost is taken for dead. Orders go by NATS
+request/reply to the one agent they name (ops/ranks.py is the other side); each carries this controller's
+session, so agents drop what an earlier controller started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+
+from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, plan_group
+from ops.model_facts import model_facts
+from ops.placement import place
+from ops.supervise import GroupSupervisor
+from pipeline.access import AGENTS_PREFIX
+from pipeline.nodes import read_nodes, state_of
+from schemas.cluster import NodeStatus, Plan, PlacementRequest
+from schemas.membership import Instance, OrderReply, PortOrder, RankExit, StartOrder, StopOrder, WorkerSettings
+from workers.store import StoredModel
+
+log = logging.getLogger("conclave.controller")
+ORDER_TIMEOUT_S = 10.0
+encode = msgspec.json.Encoder().encode
+
+
+class Orders:
+    """Requests to node agents, from the supervisor's threads or the event loop; and the ranks they run."""
+
+    def __init__(self, nc, loop: asyncio.AbstractEventLoop, session: str):
+        self.nc, self.loop, self.session = nc, loop, session
+        self.ranks: dict[tuple[str, str, int], RemoteRank] = {}  # (node, group, rank)
+        self.lost: set[str] = set()
+
+    async def _request(self, node: str, kind: str, order) -> OrderReply:
+        msg = await self.nc.request(f"{AGENTS_PREFIX}.{node}.orders.{kind}", encode(order), timeout=ORDER_TIMEOUT_S)
+        return msgspec.json.decode(msg.data, type=OrderReply)
+
+    def request(self, node: str, kind: str, order) -> OrderReply:
+        """From a thread: the agent's answer; OSError when there is none (the supervisor retries with backoff)."""
+        try:
+            reply = asyncio.run_coroutine_threadsafe(self._request(node, kind, order), self.loop).result(
+                ORDER_TIMEOUT_S + 5)
+        except Exception as exc:
+            raise OSError(f"node {node} did not answer a {kind} order ({type(exc).__name__}: {exc})") from None
+        if not reply.ok:
+            raise OSError(f"node {node} refused a {kind} order: {reply.error}")
+        return reply
+
+    def tell(self, node: str, kind: str, order) -> None:
+        """Fire and forget, from a thread."""
+        asyncio.run_coroutine_threadsafe(self.nc.publish(f"{AGENTS_PREFIX}.{node}.orders.{kind}", encode(order)),
+                                         self.loop)
+
+    async def on_event(self, msg) -> None:
+        try:
+            event = msgspec.json.decode(msg.data, type=RankExit)
+        except msgspec.MsgspecError:
+            return
+        if msg.subject != f"{AGENTS_PREFIX}.{event.node_id}.events":  # an agent speaks for itself only
+            return
+        rank = self.ranks.get((event.node_id, event.group_id, event.rank))
+        if rank is not None:
+            rank.ended(event.code)
+
+    def node_lost(self, node: str) -> None:
+        self.lost.add(node)
+        for (where, _, _), rank in list(self.ranks.items()):
+            if where == node:
+                rank.ended(-signal.SIGKILL)
+
+
+class RemoteRank:
+    """A rank a node agent runs, with the methods the supervisor uses on a local process."""
+
+    def __init__(self, orders: Orders, node: str, group_id: str, rank: int, pid: int):
+        self.orders, self.node, self.group_id, self.rank, self.pid = orders, node, group_id, rank, pid
+        self.returncode: int | None = None
+        self._ended = threading.Event()
+
+    def ended(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+        self._ended.set()
+        self.orders.ranks.pop((self.node, self.group_id, self.rank), None)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def _stop(self, how: str) -> None:
+        if self.returncode is None:
+            self.orders.tell(self.node, "stop", StopOrder(controller=self.orders.session, group_id=self.group_id,
+                                                          rank=self.rank, signal=how))
+
+    def send_signal(self, sig: int) -> None:
+        self._stop("TERM" if sig == signal.SIGTERM else "KILL")
+
+    def kill(self) -> None:
+        self._stop("KILL")
+
+    def wait(self, timeout: float | None = None) -> int:
+        # Without a timeout (after kill): an agent that cannot answer any more has lost the rank with it.
+        if not self._ended.wait(timeout if timeout is not None else ORDER_TIMEOUT_S):
+            if timeout is not None:
+                raise subprocess.TimeoutExpired(f"rank {self.rank} on {self.node}", timeout)
+            log.warning("node %s did not report the end of rank %d; taken for dead", self.node, self.rank)
+            self.ended(-signal.SIGKILL)
+        return self.returncode
+
+
+class AgentLauncher:
+    """Starts a rank through the agent of `node` (ops/group.py: Launcher)."""
+
+    def __init__(self, orders: Orders, node: str, model: StoredModel, spec: GroupSpec, settings: WorkerSettings):
+        self.orders, self.node, self.model, self.spec, self.settings = orders, node, model, spec, settings
+
+    def ring_port(self, host: HostSpec, suggested: int) -> int:
+        return self.orders.request(self.node, "port", PortOrder(controller=self.orders.session)).port
+
+    def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> RemoteRank:
+        group_id = workdir.name  # the supervisor's group folder is named by the group id
+        order = StartOrder(controller=self.orders.session, group_id=group_id, rank=launch.rank, model_id=self.model.id,
+                           layout=self.spec.layout, backend="jaccl" if self.spec.backend == "jaccl" else "ring",
+                           split=list(self.spec.split or []), env=launch.env, files=launch.files,
+                           settings=self.settings)
+        # Known before the order goes: its end may be reported before the answer arrives.
+        rank = RemoteRank(self.orders, self.node, group_id, launch.rank, 0)
+        self.orders.ranks[(self.node, group_id, launch.rank)] = rank
+        try:
+            rank.pid = self.orders.request(self.node, "start", order).pid or 0
+        except OSError:
+            rank.kill()  # an answer lost, not an order: a rank that did start must not hold its memory for nothing
+            rank.ended(-signal.SIGKILL)
+            raise
+        return rank
+
+
+def group_of(plan: Plan, nodes: dict[str, NodeStatus], own_id: str) -> GroupSpec:
+    """The worker group a plan describes: one host per rank, in rank order."""
+    hosts = [HostSpec(ssh="localhost", ip=nodes[r.node].facts.address or "127.0.0.1", node=None if r.node == own_id
+                      else r.node) for r in plan.ranks]
+    split = [r.layers[1] - r.layers[0] for r in plan.ranks] if plan.layout == "pipeline" else None
+    backend = "jaccl" if plan.backend == "jaccl" else "ring"
+    return GroupSpec(layout=plan.layout, backend=backend, split=split, hosts=hosts)
+
+
+class Controller:
+    """Keeps one model placed and running on the cluster."""
+
+    def __init__(self, nc, model: StoredModel, own_id: str, settings: WorkerSettings, request: PlacementRequest,
+                 command: Callable[[GroupSpec], Callable[[str, Path], list[str]]], workdir: Path,
+                 publish: Callable[[Instance], object], context_length: int | None = None):
+        self.nc, self.model, self.own_id, self.settings, self.request = nc, model, own_id, settings, request
+        self.command, self.workdir, self.publish = command, workdir, publish
+        self.session = uuid.uuid4().hex[:12]
+        self.facts = model_facts(model.id, model.path)
+        self.supervisor: GroupSupervisor | None = None
+        self.instance = Instance(model=model.id, created=model.created, context_length=context_length)
+
+    def running(self) -> int:
+        """This machine's ranks (its node's status reports them)."""
+        return self.supervisor.running() if self.supervisor is not None else 0
+
+    async def _say(self, **changes) -> None:
+        self.instance = msgspec.structs.replace(self.instance, time=time.time(), **changes)
+        try:
+            await self.publish(self.instance)
+        except Exception as exc:
+            log.warning("could not publish the state of %s: %s", self.model.id, exc)
+
+    async def _plan(self, stopping: asyncio.Event, after: float) -> tuple[Plan, dict[str, NodeStatus]] | None:
+        """A placement on the nodes up now (statuses measured after `after`), once one fits."""
+        said = None
+        while not stopping.is_set():
+            statuses = {s.facts.id: s for s in await read_nodes(self.nc.jetstream())
+                        if state_of(s) == "up" and s.time > after}
+            result = place(self.facts, [s.facts for s in statuses.values()], [], self.request) if statuses else None
+            if isinstance(result, Plan):
+                return result, statuses
+            reason = (result.reason if result is not None else "no node has reported yet" if not after else
+                      "waiting for the nodes' first reports since the last group stopped")
+            if reason != said:
+                log.warning("%s is not placed: %s; waiting for nodes", self.model.id, reason)
+                await self._say(state="placing", nodes=[], layout="", why=reason)
+                said = reason
+            try:
+                await asyncio.wait_for(stopping.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        orders = Orders(self.nc, asyncio.get_running_loop(), self.session)
+        events = await self.nc.subscribe(f"{AGENTS_PREFIX}.*.events", cb=orders.on_event)
+        after = 0.0
+        try:
+            while not stopping.is_set():
+                try:
+                    placed = await self._plan(stopping, after)
+                    if placed is None:
+                        return
+                    plan, statuses = placed
+                    spec = plan_group(group_of(plan, statuses, self.own_id), self.model.path)
+                except Exception as exc:  # NATS away a moment, or a plan the model's files refuse: try again
+                    log.error("could not place %s: %s; trying again", self.model.id, exc)
+                    try:
+                        await asyncio.wait_for(stopping.wait(), 2.0)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                nodes = [r.node for r in plan.ranks]
+                log.info("placing %s: %s over %s (%s)", self.model.id, plan.layout, ", ".join(nodes), plan.why)
+                orders.lost.clear()
+
+                def launchers(host: HostSpec, spec=spec):
+                    if host.node is None:
+                        return LocalLauncher()
+                    return AgentLauncher(orders, host.node, self.model, spec, self.settings)
+
+                self.supervisor = GroupSupervisor(spec, self.command(spec), self.workdir, self.settings.heartbeat_s,
+                                                  launchers)
+                await self._say(state="serving", nodes=nodes, layout=plan.layout, why=plan.why)
+                supervising = asyncio.create_task(self.supervisor.run())
+                lost = await self._watch(nodes, stopping)
+                if lost:
+                    log.warning("node(s) %s lost: stopping %s's group and placing it again", ", ".join(lost),
+                                self.model.id)
+                    for node in lost:
+                        orders.node_lost(node)
+                await asyncio.to_thread(self.supervisor.stop)
+                supervising.cancel()
+                after = time.time()  # place on statuses measured once this group's ranks are gone
+        finally:
+            if self.supervisor is not None:
+                await asyncio.to_thread(self.supervisor.stop)
+            await events.unsubscribe()
+
+    async def _watch(self, nodes: list[str], stopping: asyncio.Event) -> list[str]:
+        """Until a node of the plan is lost (returns them) or `stopping` (returns [])."""
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            try:
+                statuses = {s.facts.id: s for s in await read_nodes(self.nc.jetstream())}
+            except Exception as exc:  # NATS away a moment: judge nothing on no news
+                log.warning("could not read the nodes' statuses: %s", exc)
+                continue
+            lost = [n for n in nodes if n != self.own_id and (n not in statuses or state_of(statuses[n]) == "lost")]
+            if lost:
+                return lost
+        return []

@@ -1,0 +1,116 @@
+"""Cluster membership on the wire: a node's request to join, the answer, and what a member keeps.
+
+A joining node makes its own three nkey pairs (agent, ingress, worker ranks) and sends only their public keys,
+so no secret crosses the network even once; the join token it holds is itself an nkey seed that lets it ask
+nothing but this (pipeline/access.py: joiner_permissions).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from msgspec import Struct, field
+
+NKEY_USER = r"^U[A-Z2-7]{55}$"
+
+
+class JoinRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    node_id: str
+    host: str
+    agent_key: str  # nkey public keys (U...)
+    ingress_key: str
+    worker_key: str
+
+
+class JoinReply(Struct, kw_only=True):
+    accepted: bool
+    reason: Union[str, None] = None  # why not, for the operator of the joining machine
+    cluster: str = ""  # the cluster's name (the first machine's host name unless set)
+
+
+class Membership(Struct, kw_only=True):
+    """`<home>/cluster.json` on a joined node: where its broker is and which CA it trusts."""
+
+    broker: str  # tls://address:port
+    node_id: str
+    ca_fingerprint: str
+    cluster: str = ""
+
+
+class WorkerSettings(Struct, kw_only=True):
+    """What every worker process (every rank of a group alike) is started with; see workers/worker.py. It travels
+    in a rank order, so a node's ranks run with the controller's settings."""
+
+    heartbeat_s: float = 2.0
+    queue_ttl_s: float = 600.0
+    step_timeout_s: float = 60.0
+    max_batch: int = 16
+    prefix_cache_gb: float = 4.0
+    default_max_tokens: int = 2048
+
+    def arguments(self) -> list[str]:
+        return ["--heartbeat", str(self.heartbeat_s), "--queue-ttl", str(self.queue_ttl_s), "--step-timeout",
+                str(self.step_timeout_s), "--max-batch", str(self.max_batch), "--prefix-cache-gb",
+                str(self.prefix_cache_gb), "--default-max-tokens", str(self.default_max_tokens)]
+
+
+# What a rank order may set in the rank's environment (ops/group.py: rank_launches), and nothing else: an order
+# is data, never a command line, so whoever can order an agent cannot make it run anything but a worker rank.
+ORDER_ENV = frozenset({"MLX_RANK", "MLX_JACCL_COORDINATOR"})
+ORDER_FILES = frozenset({"MLX_HOSTFILE", "MLX_IBV_DEVICES"})
+
+
+class PortOrder(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Ask an agent for a free TCP port on its address, for a ring rank to listen on."""
+
+    controller: str
+
+
+class StartOrder(Struct, kw_only=True, forbid_unknown_fields=True):
+    controller: str  # the controller's session: an agent stops ranks an earlier controller started
+    group_id: str
+    rank: int
+    model_id: str
+    layout: Literal["whole", "tensor", "pipeline"] = "whole"
+    backend: Literal["ring", "jaccl"] = "ring"
+    split: list[int] = []
+    env: dict[str, str] = {}
+    files: dict[str, str] = {}
+    settings: WorkerSettings = field(default_factory=WorkerSettings)
+
+
+class StopOrder(Struct, kw_only=True, forbid_unknown_fields=True):
+    controller: str
+    group_id: str
+    rank: int
+    signal: Literal["TERM", "KILL"] = "TERM"
+
+
+class OrderReply(Struct, kw_only=True):
+    ok: bool
+    pid: Union[int, None] = None
+    port: Union[int, None] = None
+    error: Union[str, None] = None
+
+
+class RankExit(Struct, kw_only=True):
+    """An agent's report that a rank it started has ended (on `conclave.agents.<id>.events`)."""
+
+    node_id: str
+    group_id: str
+    rank: int
+    code: int  # the exit code, or minus the signal
+    why: str
+
+
+class Instance(Struct, kw_only=True):
+    """A model the cluster serves, and where (the instances bucket; `/v1/cluster`, and every ingress's model list)."""
+
+    model: str
+    created: int
+    context_length: Union[int, None] = None
+    state: Literal["placing", "starting", "serving"] = "placing"
+    nodes: list[str] = []  # where its ranks run, rank 0 first
+    layout: str = ""
+    why: str = ""  # the placement's reason, or why it is not placed (a refusal's numbers)
+    time: float = 0.0

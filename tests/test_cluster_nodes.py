@@ -1,0 +1,237 @@
+"""Three nodes on one machine: a `conclave serve --cluster` and two `conclave join`, each with its own home and
+ports on loopback, each offering 1.5 GB (--memory-limit) so that the default model (on CPU: float32 weights and
+an 8k x 4 KV cache, about 1.7 GB with its reserve) must be split over two of them.
+
+What is checked is what an operator relies on: placement splits the model by itself and any node's ingress
+answers; a node lost while requests are queued is seen within seconds, its share is placed again, and every
+accepted request is answered once; a wrong token, a wrong cluster, a copied node id and a copied home are each
+refused with the way out; a node's credentials can do a node's work and nothing else; a removed node is locked
+out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import nats
+import openai
+import pytest
+
+from ops.agent import node_id, nodes_table
+from ops.credentials import new_seed
+from ops.join import node_identities
+from ops.spawn import NodeProcess, ServerProcess, spawn_cluster
+from pipeline.access import OPERATOR, node_role, worker_role
+from pipeline.nodes import read_nodes, state_of
+from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, NODES_PREFIX, name_of_token
+from tests.conftest import FRANCE, MODEL, connect_as
+from tests.test_trust import PERMISSION, Watched
+
+LIMIT_GB = "1.5"
+
+
+@dataclass
+class Cluster:
+    first: ServerProcess
+    nodes: list[NodeProcess]
+    token: str
+
+    @property
+    def address(self) -> str:
+        return self.first.nats_url.removeprefix("tls://")
+
+    def instance(self) -> dict:
+        (instance,) = httpx.get(self.first.base_url + "/cluster", timeout=30).json()["instances"]
+        return instance
+
+    async def operator(self):
+        return await connect_as(self.first.home, self.first.nats_url, OPERATOR)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    first, nodes, token = spawn_cluster(tmp_path_factory.mktemp("node-a"), [tmp_path_factory.mktemp("node-b"),
+                                                                           tmp_path_factory.mktemp("node-c")], LIMIT_GB)
+    try:
+        yield Cluster(first, nodes, token)
+    finally:
+        for process in (*nodes, first):
+            if process.process.poll() is None:
+                process.stop()
+        sys.stdout.write("".join(first.output[-100:]))
+
+
+def test_placement_splits_the_model_over_two_nodes_and_the_third_node_answers(cluster):
+    instance = cluster.instance()
+    assert instance["state"] == "serving" and instance["layout"] == "pipeline", instance
+    assert len(instance["nodes"]) == 2 and node_id(cluster.first.home) in instance["nodes"], instance
+    (outside,) = [n for n in cluster.nodes if node_id(n.home) not in instance["nodes"]]
+    client = openai.OpenAI(base_url=outside.base_url, api_key="none", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
+    assert "Paris" in answer.choices[0].message.content
+    cluster_view = httpx.get(outside.base_url + "/cluster", timeout=30).json()
+    assert {n["facts"]["id"] for n in cluster_view["nodes"]} == {node_id(h) for h in
+                                                                 (cluster.first.home, *(n.home for n in cluster.nodes))}
+
+
+def conclave(home: Path, *args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ops.cli", "--home", str(home), *args], capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
+def test_a_wrong_token_or_cluster_is_refused_and_nothing_joins(cluster, tmp_path):
+    _, fingerprint, seed = cluster.token.split(".")
+    stranger = f"cj1.{fingerprint}.{new_seed().decode()}"
+    refused = conclave(tmp_path / "stranger", "join", cluster.address, "--token", stranger)
+    assert refused.returncode == 1 and "refused the token" in refused.stderr, refused.stderr
+    elsewhere = f"cj1.{'0' * 64}.{seed}"
+    refused = conclave(tmp_path / "elsewhere", "join", cluster.address, "--token", elsewhere)
+    assert refused.returncode == 1 and "is not the token's" in refused.stderr and "nothing was sent" in refused.stderr
+    assert not (tmp_path / "elsewhere" / "cluster.json").exists()
+    garbled = conclave(tmp_path / "garbled", "join", cluster.address, "--token", "hunter2")
+    assert garbled.returncode == 1 and "not a Conclave join token" in garbled.stderr
+
+
+def test_a_copied_node_id_is_refused_with_the_way_out(cluster, tmp_path):
+    member = cluster.nodes[0].home
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(member / "node-id", copy / "node-id")  # the id, not its keys: a half-copied home
+    refused = conclave(copy, "join", cluster.address, "--token", cluster.token)
+    assert refused.returncode == 1, refused.stderr
+    assert f"node id {node_id(member)} already belongs to a member" in refused.stderr
+    assert "remove <home>/node-id" in refused.stderr
+    # A whole copy (a cloned disk: same id, same keys) gets in, but its agent stops while the original reports.
+    twin = tmp_path / "twin"
+    shutil.copytree(member, twin, ignore=shutil.ignore_patterns("models", "groups"))
+    refused = conclave(twin, "join")
+    assert refused.returncode == 2 and f"node id {node_id(member)} is reporting from" in refused.stderr, refused.stderr
+
+
+def test_a_cluster_connection_trusts_the_cluster_ca_alone(cluster):
+    from pipeline.access import tls_context
+
+    context = tls_context(cluster.first.home / "credentials" / "cluster" / "ca.pem")
+    assert context.cert_store_stats()["x509_ca"] == 1  # not the system's public CAs besides
+
+
+async def test_a_nodes_credentials_do_a_nodes_work_and_nothing_else(cluster):
+    member = cluster.nodes[0].home
+    own, other = node_id(member), node_id(cluster.first.home)
+    identities = node_identities(member, own)
+    agent = Watched()
+
+    async def keep(exc):
+        agent.errors.append(str(exc).lower())
+
+    agent.nc = await nats.connect(cluster.first.nats_url, error_cb=keep, allow_reconnect=False,
+                                  **identities["agent"].connect_options())
+    worker_identity = identities["worker"].__class__(worker_role(MODEL), identities["worker"].seed_file,
+                                                     identities["worker"].ca_file)
+    worker = Watched()
+
+    async def keep_worker(exc):
+        worker.errors.append(str(exc).lower())
+
+    worker.nc = await nats.connect(cluster.first.nats_url, error_cb=keep_worker, allow_reconnect=False,
+                                   **worker_identity.connect_options())
+    try:
+        for role in (agent, worker):
+            js = role.nc.jetstream()
+            await role.refused(lambda: js.delete_stream(JOBS_STREAM), f"$JS.API.STREAM.DELETE.{JOBS_STREAM}")
+            await role.refused(lambda: js.purge_stream(AUDIT_STREAM), f"$JS.API.STREAM.PURGE.{AUDIT_STREAM}")
+            await role.refused(lambda: role.nc.subscribe("conclave.replies.tests.>"), "sub conclave.replies.tests.>")
+            await role.refused(lambda: role.nc.subscribe("conclave.replies.ingress.>"),
+                               "sub conclave.replies.ingress.>")
+        # An agent speaks for its own node only, and hears only its own orders.
+        await agent.refused(lambda: agent.nc.publish(f"{NODES_PREFIX}.{other}", b"{}"), f"{NODES_PREFIX}.{other}")
+        await agent.refused(lambda: agent.nc.subscribe(f"conclave.agents.{other}.orders.>"),
+                            f"sub conclave.agents.{other}.orders.>")
+        await agent.refused(lambda: agent.nc.publish(f"conclave.agents.{other}.events", b"{}"),
+                            f"conclave.agents.{other}.events")
+        # Nor can it wipe the others' statuses from its own key with a rollup.
+        with pytest.raises(nats.js.errors.APIError):
+            await agent.nc.jetstream().publish(f"{NODES_PREFIX}.{own}", b"{}", headers={"Nats-Rollup": "all"})
+        operator = await cluster.operator()
+        try:
+            assert other in {s.facts.id for s in await read_nodes(operator.jetstream())}
+        finally:
+            await operator.close()
+        assert not [e for e in agent.errors if PERMISSION not in e], agent.errors
+    finally:
+        await agent.nc.close()
+        await worker.nc.close()
+
+
+async def test_a_lost_node_is_seen_its_share_placed_again_and_every_request_answered_once(cluster):
+    instance = cluster.instance()
+    (lost,) = [n for n in cluster.nodes if node_id(n.home) in instance["nodes"]]
+    (spare,) = [n for n in cluster.nodes if n is not lost]
+    client = openai.OpenAI(base_url=spare.base_url, api_key="none", max_retries=0, timeout=300)
+    nc = await cluster.operator()
+    js = nc.jetstream()
+    try:
+        before = (await js.stream_info(JOBS_STREAM)).state.last_seq
+        questions = [[{"role": "user", "content": f"Question {i}: what is the capital of France?"}] for i in range(6)]
+        with ThreadPoolExecutor(len(questions)) as pool:
+            futures = [pool.submit(client.chat.completions.create, model=MODEL, messages=q, temperature=0,
+                                   max_tokens=16) for q in questions]
+            deadline = time.monotonic() + 60
+            while (await js.stream_info(JOBS_STREAM)).state.last_seq < before + len(questions):  # all accepted
+                assert time.monotonic() < deadline, "the requests never reached the queue"
+                await asyncio.sleep(0.05)
+            lost.kill()
+            killed = time.monotonic()
+            gone = node_id(lost.home)
+            while not any(s.facts.id == gone and state_of(s) == "lost" for s in await read_nodes(js)):
+                assert time.monotonic() - killed < 60, "the killed node was never shown as lost"
+                await asyncio.sleep(0.1)
+            seen_after = time.monotonic() - killed
+            assert "(LOST)" in nodes_table(await read_nodes(js))
+            answers = [future.result() for future in futures]
+        assert seen_after < 5.0, f"the lost node was shown as lost only after {seen_after:.1f}s"
+        assert all("Paris" in a.choices[0].message.content for a in answers), [a.choices[0].message.content
+                                                                                for a in answers]
+        replaced = cluster.instance()
+        assert replaced["state"] == "serving" and gone not in replaced["nodes"], replaced
+        assert node_id(spare.home) in replaced["nodes"]
+        # One audit record per job: the records' subjects end in <job id>.<jobs stream sequence>.
+        info = await js.stream_info(AUDIT_STREAM, subjects_filter=f"{AUDIT_PREFIX}.>")
+        per_job: dict[str, int] = {}
+        for subject in info.state.subjects or {}:
+            job = name_of_token(subject.split(".")[-2])
+            per_job[job] = per_job.get(job, 0) + 1
+        assert all(per_job.get(a.id) == 1 for a in answers), {a.id: per_job.get(a.id) for a in answers}
+    finally:
+        await nc.close()
+
+
+def test_a_removed_node_is_locked_out(cluster):
+    member = cluster.nodes[-1]
+    own = node_id(member.home)
+    removed = conclave(cluster.first.home, "nodes", "remove", own)
+    assert removed.returncode == 0 and "revoked now" in removed.stdout, removed.stderr
+
+    async def connect():
+        identity = node_identities(member.home, own)["agent"]
+        assert identity.role == node_role(own)
+        return await nats.connect(cluster.first.nats_url, allow_reconnect=False, connect_timeout=5,
+                                  **identity.connect_options())
+
+    deadline = time.monotonic() + 30
+    while True:  # the reload takes effect within moments; until then the old key still opens a connection
+        try:
+            nc = asyncio.run(connect())
+        except nats.errors.Error as exc:
+            assert "authorization" in str(exc).lower()
+            break
+        asyncio.run(nc.close())
+        assert time.monotonic() < deadline, "the removed node's key still works"
