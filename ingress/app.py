@@ -175,6 +175,7 @@ def create_app(config: IngressConfig) -> Starlette:
         Route("/v1/models", guarded(handlers.list_models, keys), methods=["GET"]),
         Route("/v1/models/{model:path}", guarded(handlers.get_model, keys), methods=["GET"]),
         Route("/v1/cluster", guarded(handlers.cluster, keys), methods=["GET"]),
+        Route("/v1/cluster/placement", guarded(handlers.placement, keys), methods=["POST"]),
         Route("/metrics", guarded(handlers.metrics, keys), methods=["GET"]),
         # Up/down for anyone (a load balancer's probe has no key); hosts, pids and jobs only with a key.
         Route("/health", guarded(handlers.health, keys, open_to_all=True), methods=["GET"]),

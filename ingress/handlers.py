@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import msgspec
+import nats.errors
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,8 +16,10 @@ from ingress.reading import read_request
 from ingress.requests import chat_job, completion_job
 from ingress.respond import respond
 from ingress.shapes import CHAT, COMPLETION
+from pipeline.access import PLACE_SUBJECT
 from pipeline.limits import PayloadLimits
 from pipeline.nodes import read_instances, read_nodes, state_of
+from schemas.membership import PlacementPreview
 from schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
 
 encode = msgspec.json.Encoder().encode
@@ -73,6 +76,25 @@ async def cluster(request: Request) -> Response:
     instances = [{**(msgspec.to_builtins(placed[model]) if model in placed else {"model": model}),
                   "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]} for model in ingress.models]
     return JSONResponse({"object": "cluster", "nodes": nodes, "links": [], "instances": instances})
+
+
+async def placement(request: Request) -> Response:
+    """A placement preview: where a model would run on the nodes up now, with each rank's memory, or why it cannot
+    run (the controller answers, ops/controller.py); nothing starts. Only on a cluster (`serve --cluster`)."""
+    ingress = request.app.state.ingress
+    asked = await read_request(request, PlacementPreview, 65536)
+    try:
+        msg = await ingress.link.nc.request(PLACE_SUBJECT, msgspec.json.encode(asked), timeout=30)
+    except nats.errors.NoRespondersError:
+        raise APIError(404, "This deployment is not a cluster: placement previews need `conclave serve --cluster` "
+                       "(on one machine, use `conclave place`).", code="not_a_cluster") from None
+    except Exception as exc:  # NATS away, or the controller busy
+        raise APIError(503, f"The controller did not answer ({type(exc).__name__}).",
+                       code="controller_unavailable") from None
+    answer = msgspec.json.decode(msg.data)
+    if answer.get("type") == "error":
+        raise APIError(400, answer["message"], param="model", code="model_not_found")
+    return JSONResponse(answer)
 
 
 async def metrics(request: Request) -> Response:

@@ -85,7 +85,7 @@ def cmd_serve(args) -> None:
         raise SystemExit("--pin and --layout place a model on a cluster's nodes: they need --cluster")
     asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, api_keys,
                       args.worker_timeout, args.max_queue_wait, group_from_args(args), settings,
-                      args.checkpoint_interval, cluster))
+                      args.checkpoint_interval, cluster, args.replicas))
 
 
 def placement_request(args):
@@ -314,6 +314,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="HTTP listener port")
     s.add_argument("--nats-url", default=None, help="use this NATS server/cluster instead of starting one")
     s.add_argument("--nats-port", type=int, default=4222, help="port of the embedded nats-server")
+    s.add_argument("--replicas", type=int, default=1, help="copies JetStream keeps of every stream (jobs, results, "
+                   "the audit log): 3 on a 3-server NATS cluster (--nats-url a,b,c), so that losing any one loses "
+                   "nothing")
     s.add_argument("--api-key-file", type=Path, default=os.environ.get("CONCLAVE_API_KEY_FILE") or None,
                    metavar="PATH", help="`NAME KEY` lines ($CONCLAVE_API_KEY_FILE); with $CONCLAVE_API_KEYS "
                    "(`NAME:KEY,...`), /v1 routes need `Authorization: Bearer KEY`")

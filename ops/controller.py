@@ -37,11 +37,12 @@ from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, plan_group
 from ops.model_facts import model_facts
 from ops.placement import place
 from ops.supervise import GroupSupervisor
-from pipeline.access import AGENTS_PREFIX
+from pipeline.access import AGENTS_PREFIX, PLACE_SUBJECT
 from pipeline.nodes import read_nodes, state_of
 from schemas.cluster import NodeStatus, Plan, PlacementRequest
-from schemas.membership import Instance, OrderReply, PortOrder, RankExit, StartOrder, StopOrder, WorkerSettings
-from workers.store import StoredModel
+from schemas.membership import (Instance, OrderReply, PlacementPreview, PortOrder, RankExit, StartOrder, StopOrder,
+                                WorkerSettings)
+from workers.store import ModelStore, StoredModel
 
 log = logging.getLogger("conclave.controller")
 ORDER_TIMEOUT_S = 10.0
@@ -275,3 +276,23 @@ class Controller:
             if lost:
                 return lost
         return []
+
+
+async def answer_previews(nc, store: ModelStore):
+    """Placement previews (`POST /v1/cluster/placement`): `place` on the nodes up now, for any model in this
+    machine's store; a Plan or a Refusal, nothing started. Returns the subscription."""
+    async def preview(msg):
+        try:
+            asked = msgspec.json.decode(msg.data, type=PlacementPreview)
+            model = store.get(asked.model)
+            if model is None:
+                raise ValueError(f"{asked.model} is not in the first machine's model store (`conclave models pull` or "
+                                 f"`import` it there first; a preview never downloads)")
+            statuses = [s.facts for s in await read_nodes(nc.jetstream()) if state_of(s) == "up"]
+            facts = await asyncio.to_thread(model_facts, model.id, model.path)
+            answer = msgspec.json.encode(place(facts, statuses, [], asked.request()))
+        except (msgspec.MsgspecError, ValueError, OSError) as exc:
+            answer = msgspec.json.encode({"type": "error", "message": str(exc)})
+        await msg.respond(answer)
+
+    return await nc.subscribe(PLACE_SUBJECT, cb=preview)

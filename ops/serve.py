@@ -24,7 +24,7 @@ import uvicorn
 
 from ingress.app import IngressConfig, create_app
 from ops.agent import Offer, keep_reporting, node_id
-from ops.controller import Controller
+from ops.controller import Controller, answer_previews
 from ops.discovery import default_cluster_name
 from ops.cluster_tls import ensure_cluster_tls, fingerprint
 from ops.join import DEFAULT_BROKER_PORT, answer_joins, make_token
@@ -115,7 +115,8 @@ def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity:
 
 async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str | None, nats_port: int,
                 api_keys: dict[str, str], worker_timeout_s: float, max_queue_wait_s: float, group: GroupSpec,
-                settings: WorkerSettings, checkpoint_interval_s: float = 60.0, cluster: ClusterSettings | None = None) -> None:
+                settings: WorkerSettings, checkpoint_interval_s: float = 60.0, cluster: ClusterSettings | None = None,
+                replicas: int = 1) -> None:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     claim_home(home)
@@ -169,7 +170,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                               f"{model.id}` in its configuration and reload it (see README, Trust)") from None
     control = Link(nats_url, "conclave-operator", operator)
     await control.open()
-    await persist(lambda: ensure_streams(control.nc.jetstream()), 30.0)
+    await persist(lambda: ensure_streams(control.nc.jetstream(), replicas), 30.0)
     await persist(lambda: ensure_consumer(control.nc.jetstream(), model.id, 5 * settings.heartbeat_s), 30.0)
     log.info("audit checkpoints are signed with %s (give it to your auditors: conclave audit verify "
              "--public-key)", public_key_text(signing_key))
@@ -192,6 +193,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                                 publish, context_length)
         running, workers = controller.running, asyncio.create_task(controller.run(stopping))
         await answer_joins(control.nc, home, own, cluster.name)
+        await answer_previews(control.nc, ModelStore(home / "models"))
         ca = fingerprint((tls / "ca.pem").read_bytes())
         advertising = await advertise_cluster(cluster, ca, nats_port, port)
         print(f"Other machines join this cluster with:\n  conclave join {cluster.advertised(nats_port)} --token "

@@ -52,6 +52,7 @@ NODE_ID = re.compile(r"[0-9a-f]{8,32}")  # ops/agent.py makes 12; hex only: no '
 # The subjects of cluster membership and of the controller's orders to node agents (ops/join.py, ops/controller.py, ops/ranks.py).
 JOIN_SUBJECT = "conclave.cluster.join"
 CA_SUBJECT = "conclave.cluster.ca"
+PLACE_SUBJECT = "conclave.cluster.place"  # placement previews, answered by the controller
 AGENTS_PREFIX = "conclave.agents"
 
 
@@ -99,11 +100,12 @@ def submitter_permissions(name: str) -> Permissions:
 
 def ingress_permissions() -> Permissions:
     own = submitter_permissions(INGRESS)
-    # Besides: the consumers' state (admission), the nodes' statuses and the instances (/v1/cluster, /v1/models).
+    # Besides: the consumers' state (admission), the nodes' statuses and the instances (/v1/cluster, /v1/models),
+    # and placement previews (/v1/cluster/placement).
     return Permissions(publish=(*own.publish, f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*",
                                 f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
                                 f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
-                                _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>")),
+                                _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), PLACE_SUBJECT),
                        subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>"))
 
 

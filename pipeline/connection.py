@@ -62,6 +62,12 @@ def quiet_tls_eof_warning() -> None:
     logging.getLogger("asyncio").addFilter(lambda record: "eof_received()" not in record.getMessage())
 
 
+def servers(url: str) -> list[str]:
+    """`nats://a:4222,nats://b:4222`: every server of a NATS cluster, for nats-py's pool (it fails over between
+    them, and learns the rest of the cluster from the servers themselves)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 def redacted(url: str) -> str:
     """`url` without a user name or password in it, for logs and messages (a NATS URL may carry them)."""
     parts = urllib.parse.urlsplit(url)
@@ -95,7 +101,7 @@ async def connect(url: str, name: str, identity: Identity, on_closed: Callable[[
         if on_closed is not None:
             await on_closed()
 
-    await nc.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, error_cb=error,
+    await nc.connect(servers(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, error_cb=error,
                      disconnected_cb=disconnected, reconnected_cb=reconnected, closed_cb=closed,
                      **identity.connect_options(), **options)
     return nc
@@ -112,7 +118,7 @@ async def connect_once(url: str, name: str, identity: Identity, timeout_s: float
         pass
 
     try:
-        return await asyncio.wait_for(nats.connect(url, name=name, connect_timeout=2, allow_reconnect=False,
+        return await asyncio.wait_for(nats.connect(servers(url), name=name, connect_timeout=2, allow_reconnect=False,
                                                    error_cb=quiet, **identity.connect_options()), timeout_s)
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
         raise NatsUnreachable(f"cannot reach NATS at {redacted(url)} as {identity.role} ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})") from None

@@ -28,7 +28,8 @@ def nats_server_binary() -> str:
 
 def _die_with_parent() -> None:
     """Linux only: the kernel kills the child if its parent dies, even by SIGKILL, so no orphan
-    nats-server outlives `conclave serve`. macOS has no such call; there the orderly shutdown path
+    nats-server outlives `conclave serve`. "Parent" is the thread that started it: start children from a thread
+    that lives as long as they should (not a pool's worker thread). macOS has no such call; there the orderly shutdown path
     in ops/serve.py is what stops it."""
     if sys.platform.startswith("linux"):
         import ctypes
@@ -72,13 +73,20 @@ class EmbeddedNats:
     """
 
     def __init__(self, store_dir: Path, port: int = 4222, host: str = "127.0.0.1", encryption_key: str | None = None,
-                 tls_dir: Path | None = None):
+                 tls_dir: Path | None = None, name: str = "conclave", cluster_port: int | None = None,
+                 routes: list[str] = ()):
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
         self.encryption_key = encryption_key
         # A cluster's broker (ops/cluster_tls.py): TLS before the first byte, with the cluster CA's certificate.
         self.tls_dir = Path(tls_dir) if tls_dir is not None else None
+        # One of several servers of a NATS cluster (host:port of every server's route listener, itself included):
+        # JetStream then keeps each stream on as many of them as its replicas say. Its routes carry no
+        # authentication yet, so it is refused anywhere but on loopback (tests; see README, Cluster).
+        self.name, self.cluster_port, self.routes = name, cluster_port, list(routes)
+        if cluster_port is not None and not (host.startswith("127.") or host == "localhost"):
+            raise ValueError("routes between embedded servers are unauthenticated: loopback only")
         self.process: subprocess.Popen | None = None
 
     @property
@@ -95,8 +103,13 @@ class EmbeddedNats:
         if self.tls_dir:
             tls = (f'tls {{\n  cert_file: "{self.tls_dir / "server.pem"}"\n  key_file: "{self.tls_dir / "server.key"}"\n'
                    f"  handshake_first: true\n  timeout: 5\n}}\n")
-        return (f'listen: "{self.host}:{self.port}"\nserver_name: conclave\nmax_payload: {EMBEDDED_MAX_PAYLOAD}\n'
-                f'pid_file: "{self.store_dir / "nats-server.pid"}"\ninclude "authorization.conf"\n{tls}'
+        cluster = ""
+        if self.cluster_port is not None:
+            routes = ", ".join(f'"nats-route://{route}"' for route in self.routes)
+            cluster = (f'cluster {{\n  name: conclave\n  listen: "{self.host}:{self.cluster_port}"\n  routes: [{routes}]\n'
+                       f"}}\n")
+        return (f'listen: "{self.host}:{self.port}"\nserver_name: {self.name}\nmax_payload: {EMBEDDED_MAX_PAYLOAD}\n'
+                f'pid_file: "{self.store_dir / "nats-server.pid"}"\ninclude "authorization.conf"\n{tls}{cluster}'
                 f"jetstream {{\n{jetstream}}}\n")
 
     def start(self, timeout_s: float = 120.0) -> None:

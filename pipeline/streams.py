@@ -91,9 +91,10 @@ def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Create the streams, or update them to this config: the operator's job (`conclave serve` at start), the
-    only role allowed to (pipeline/access.py).
+    only role allowed to (pipeline/access.py). `replicas`: the copies JetStream keeps of each, on as many servers
+    of a NATS cluster (3 on three servers: any one may be lost), the audit log's included.
 
     The audit log and its checkpoints are made once and never changed here: a shorter retention set by a
     later start (or a typo in CONCLAVE_AUDIT_RETENTION_DAYS) would silently drop records. A difference is
@@ -101,25 +102,31 @@ async def ensure_streams(js: JetStreamContext) -> None:
     """
     for config in (jobs_stream_config(), cancels_stream_config(), dead_letter_stream_config(),
                    results_stream_config()):
+        config.num_replicas = replicas
         try:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
     for bucket in (nodes_bucket_config(), instances_bucket_config()):
+        bucket.replicas = replicas
         try:
             await js.create_key_value(bucket)
         except BadRequestError:  # made by another version with another TTL: it still works as it is
             log.warning("the key-value bucket %s exists with another configuration; left as it is", bucket.bucket)
         # No rollups: a node may write its own key, and a `Nats-Rollup: all` there would wipe every other node's.
         config = (await js.stream_info(f"KV_{bucket.bucket}")).config
-        if config.allow_rollup_hdrs:
-            config.allow_rollup_hdrs = False
+        if config.allow_rollup_hdrs or config.num_replicas != replicas:
+            config.allow_rollup_hdrs, config.num_replicas = False, replicas
             await js.update_stream(config)
     for config in (audit_stream_config(), checkpoints_stream_config()):
+        config.num_replicas = replicas
         try:
             await js.add_stream(config)
         except BadRequestError:
             existing = (await js.stream_info(config.name)).config
+            if existing.num_replicas != replicas:  # more (or fewer) copies: nothing of the log changes
+                existing.num_replicas = replicas
+                await js.update_stream(existing)
             if existing.max_age != config.max_age:
                 log.warning("%s keeps its retention of %s; this start asked for %s and was not applied (change "
                             "it deliberately with the NATS tools, and expect `conclave audit verify` to report it)",

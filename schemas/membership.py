@@ -11,6 +11,8 @@ from typing import Literal, Union
 
 from msgspec import Struct, field
 
+from schemas.cluster import PlacementRequest
+
 NKEY_USER = r"^U[A-Z2-7]{55}$"
 
 
@@ -114,3 +116,19 @@ class Instance(Struct, kw_only=True):
     layout: str = ""
     why: str = ""  # the placement's reason, or why it is not placed (a refusal's numbers)
     time: float = 0.0
+
+
+class PlacementPreview(Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /v1/cluster/placement`: where `model` would run on the nodes up now, with `request`'s context, batch and
+    pins; answered with a Plan or a Refusal (schemas/cluster.py), nothing started."""
+
+    model: str
+    context: int = 8192
+    sequences: int = 4
+    nodes: list[str] = []
+    layout: Union[Literal["whole", "tensor", "pipeline"], None] = None
+    split: list[int] = []
+
+    def request(self) -> PlacementRequest:
+        return PlacementRequest(context=self.context, sequences=self.sequences, nodes=self.nodes, layout=self.layout,
+                                split=self.split)

@@ -82,6 +82,27 @@ def test_placement_splits_the_model_over_two_nodes_and_the_third_node_answers(cl
                                                                  (cluster.first.home, *(n.home for n in cluster.nodes))}
 
 
+def test_a_placement_preview_from_any_node_starts_nothing(cluster, server):
+    outside = cluster.nodes[-1].base_url
+    ids = [node_id(h) for h in (cluster.first.home, *(n.home for n in cluster.nodes))]
+    plan = httpx.post(outside + "/cluster/placement", json={"model": MODEL}, timeout=60).json()
+    assert plan["type"] == "plan" and plan["layout"] == "pipeline" and len(plan["ranks"]) == 2, plan
+    assert all(r["memory"]["weights"] > 0 and r["memory"]["kv_cache"] > 0 for r in plan["ranks"])
+    pinned = httpx.post(outside + "/cluster/placement", json={"model": MODEL, "nodes": ids, "split": [10, 10, 10]},
+                        timeout=60).json()
+    assert pinned["type"] == "plan" and [r["node"] for r in pinned["ranks"]] == ids, pinned
+    assert [r["layers"] for r in pinned["ranks"]] == [[0, 10], [10, 20], [20, 30]]
+    refused = httpx.post(outside + "/cluster/placement", json={"model": MODEL, "context": 10**7}, timeout=60).json()
+    assert refused["type"] == "refusal" and "needs" in refused["reason"], refused
+    unknown = httpx.post(outside + "/cluster/placement", json={"model": "no-such-model"}, timeout=60)
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "model_not_found"
+    malformed = httpx.post(outside + "/cluster/placement", json={"model": MODEL, "context": "long"}, timeout=60)
+    assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
+    assert cluster.instance()["nodes"] != ids  # nothing moved
+    alone = httpx.post(server.base_url + "/cluster/placement", json={"model": MODEL}, timeout=60)
+    assert alone.status_code == 404 and alone.json()["error"]["code"] == "not_a_cluster"
+
+
 def conclave(home: Path, *args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ops.cli", "--home", str(home), *args], capture_output=True,
                           text=True, timeout=timeout_s)
