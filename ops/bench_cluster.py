@@ -63,7 +63,8 @@ def placement_times(repeats: int = 20) -> dict:
         times.sort()
         report[name] = {"median_ms": round(statistics.median(times), 2),
                         "p90_ms": round(times[int(0.9 * (len(times) - 1))], 2),
-                        "result": f"{result.layout} over {len(result.ranks)} nodes" if hasattr(result, "ranks")
+                        "result": f"{result.layout} over {len(result.ranks)} node{'s' if len(result.ranks) > 1 else ''}"
+                        if hasattr(result, "ranks")
                         else f"refused: {result.reason}"}
     return {"nodes": len(nodes), "rdma_links": len(links), "repeats": repeats, "cases": report}
 
