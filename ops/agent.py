@@ -70,11 +70,12 @@ def local_node(home: Path, memory_limit: int | None = None, memory=None, offer: 
                      address=offer.address if offer else "", session=offer.session if offer else "")
 
 
-def node_status(home: Path, ranks: int, offer: Offer) -> NodeStatus:
+def node_status(home: Path, ranks: list[Path], offer: Offer) -> NodeStatus:
     """Blocks for a GPU sample on macOS (ops/telemetry.py: MACMON_SAMPLE_MS): run it in a thread."""
     import psutil
 
     from ops.telemetry import gpu_reading, network_facts
+    from workers.status import read_counters
 
     memory = psutil.virtual_memory()  # one sample: used and available agree
     facts = local_node(home, offer.memory_limit, memory, offer)
@@ -83,11 +84,13 @@ def node_status(home: Path, ranks: int, offer: Offer) -> NodeStatus:
     return NodeStatus(facts=facts, memory_used=memory.total - memory.available,
                       cpu_percent=psutil.cpu_percent(interval=None), gpu_percent=gpu.gpu_percent,
                       temperature_c=gpu.temperature_c, power_w=gpu.power_w,
-                      disk_free=psutil.disk_usage(str(home)).free, ranks=ranks, interfaces=interfaces,
+                      disk_free=psutil.disk_usage(str(home)).free, ranks=len(ranks),
+                      rank_memory=[c for c in map(read_counters, ranks) if c is not None], interfaces=interfaces,
                       rdma_devices=rdma, time=time.time())
 
 
-async def keep_reporting(link, home: Path, ranks: Callable[[], int], stopping: asyncio.Event, offer: Offer) -> None:
+async def keep_reporting(link, home: Path, ranks: Callable[[], list[Path]], stopping: asyncio.Event,
+                         offer: Offer) -> None:
     """Put this node's status every REPORT_S until `stopping`; one log line when reporting fails, one when it
     works again."""
     import psutil

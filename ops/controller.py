@@ -182,9 +182,9 @@ class Controller:
         self.supervisor: GroupSupervisor | None = None
         self.instance = Instance(model=model.id, created=model.created, context_length=context_length)
 
-    def running(self) -> int:
-        """This machine's ranks (its node's status reports them)."""
-        return self.supervisor.running() if self.supervisor is not None else 0
+    def running(self) -> list[Path]:
+        """This machine's ranks, by their liveness files (its node's status reports them)."""
+        return self.supervisor.running() if self.supervisor is not None else []
 
     async def _say(self, **changes) -> None:
         self.instance = msgspec.structs.replace(self.instance, time=time.time(), **changes)

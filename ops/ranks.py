@@ -62,9 +62,11 @@ class RankKeeper:
         self.starts = 0  # each start gets a folder of its own: a restarted rank never shares its predecessor's
         self.controller = ""  # the session of the controller whose orders it follows
 
-    def running(self) -> int:
+    def running(self) -> list[Path]:
+        """The liveness files of the ranks running here (the node's status reports their MLX counters)."""
         with self.lock:
-            return sum(rank.process.poll() is None for rank in self.ranks.values())
+            return [alive_file(rank.folder, rank.order.rank) for rank in self.ranks.values()
+                    if rank.process.poll() is None]
 
     def follow(self, controller: str) -> None:
         if controller != self.controller:

@@ -103,11 +103,12 @@ class GroupSupervisor:
         # `stop` runs on another thread than `run`: never let a group start after (or while) it stops.
         self.lock = threading.Lock()
 
-    def running(self) -> int:
-        """Rank processes of the group alive on this machine (a node's status reports it; a remote rank's
-        process here is its ssh client, not the rank)."""
-        hosts = self.spec.placements()
-        return sum(process.poll() is None and host.is_local for process, host in zip(list(self.processes), hosts))
+    def running(self) -> list[Path]:
+        """The liveness files of the group's rank processes alive on this machine (a node's status reports them;
+        a remote rank's process here is its ssh client or an agent's stand-in, not the rank)."""
+        hosts, folder = self.spec.placements(), self.folder
+        return [alive_file(folder, rank) for rank, (process, host) in enumerate(zip(list(self.processes), hosts))
+                if process.poll() is None and host.is_local]
 
     def start(self) -> bool:
         with self.lock:

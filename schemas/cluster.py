@@ -117,6 +117,14 @@ class Interface(Struct, kw_only=True):
     up: bool = False
 
 
+class RankCounters(Struct, kw_only=True):
+    """A worker rank's MLX memory, as it last wrote it to its liveness file (workers/status.py: keep_alive)."""
+
+    pid: int
+    active: int  # bytes MLX holds now (mx.get_active_memory)
+    peak: int  # the most it has held (mx.get_peak_memory)
+
+
 class NodeStatus(Struct, kw_only=True):
     """What a node's agent publishes every second (pipeline/nodes.py), and `conclave nodes` and `/v1/cluster`
     show. A figure this platform does not measure (yet) is None, never a made-up 0."""
@@ -129,6 +137,7 @@ class NodeStatus(Struct, kw_only=True):
     power_w: Union[float, None] = None  # macOS: the whole system's (else CPU + GPU + ANE); NVIDIA: its GPUs'
     disk_free: Union[int, None] = None  # bytes free where its home (models) lives
     ranks: int = 0  # worker rank processes running on it
+    rank_memory: list[RankCounters] = []  # each of those ranks' MLX counters
     interfaces: list[Interface] = []  # refreshed every 30 s or so
     rdma_devices: list[str] = []  # what `ibv_devices` lists
     time: float  # unix seconds when measured

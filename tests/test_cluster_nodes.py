@@ -80,6 +80,11 @@ def test_placement_splits_the_model_over_two_nodes_and_the_third_node_answers(cl
     cluster_view = httpx.get(outside.base_url + "/cluster", timeout=30).json()
     assert {n["facts"]["id"] for n in cluster_view["nodes"]} == {node_id(h) for h in
                                                                  (cluster.first.home, *(n.home for n in cluster.nodes))}
+    # Each node of the plan runs one rank and reports its MLX memory; the third runs none.
+    for node in cluster_view["nodes"]:
+        placed = node["facts"]["id"] in instance["nodes"]
+        assert node["ranks"] == (1 if placed else 0), node
+        assert len(node["rank_memory"]) == node["ranks"] and all(r["active"] > 0 for r in node["rank_memory"])
 
 
 def test_a_placement_preview_from_any_node_starts_nothing(cluster, server):

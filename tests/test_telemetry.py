@@ -145,7 +145,7 @@ def has_nvidia_gpu() -> bool:
 
 
 def test_this_nodes_status_has_its_interfaces_and_no_made_up_gpu_figures(tmp_path):
-    status = node_status(tmp_path, ranks=0, offer=Offer())
+    status = node_status(tmp_path, ranks=[], offer=Offer())
     by_name = {i.name: i for i in status.interfaces}
     assert by_name["lo"].kind == "loopback" and by_name["lo"].up and "127.0.0.1" in by_name["lo"].addresses
     assert all(not a.startswith("fe80") for i in status.interfaces for a in i.addresses)

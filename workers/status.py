@@ -21,11 +21,13 @@ import msgspec
 import nats
 
 from pipeline.subjects import status_subject
+from schemas.cluster import RankCounters
 from schemas.jobs import WorkerStatus
 from workers.generation import Generation
 
 log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
+decode_counters = msgspec.json.Decoder(RankCounters).decode
 
 
 def alive_file(folder: Path, rank: int) -> Path:
@@ -76,16 +78,28 @@ async def report_status(nc, status: Callable[[], WorkerStatus], heartbeat_s: flo
         await sleep_unless(stopping, heartbeat_s)
 
 
+def read_counters(path: Path) -> RankCounters | None:
+    """What a rank last wrote to its liveness file; None while it has written nothing (or mid-write)."""
+    try:
+        return decode_counters(path.read_bytes())
+    except (OSError, msgspec.MsgspecError):
+        return None
+
+
 async def keep_alive(path: Path | None, heartbeat_s: float, stopping: asyncio.Event) -> None:
-    """Touch `path` every heartbeat; stop the process (set `stopping`) once its supervisor is gone, so that
-    no worker lingers as an orphan."""
+    """Write `path` every heartbeat (its time says the rank lives; its content is the rank's MLX memory, which its
+    node's agent reports); stop the process (set `stopping`) once its supervisor is gone, so that no worker
+    lingers as an orphan."""
+    import mlx.core as mx
+
     parent = os.getppid()
     while not stopping.is_set():
         if path is not None:
             try:
-                path.touch()
+                path.write_bytes(encode(RankCounters(pid=os.getpid(), active=mx.get_active_memory(),
+                                                     peak=mx.get_peak_memory())))
             except OSError as exc:
-                log.warning("could not touch %s: %s", path, exc)
+                log.warning("could not write %s: %s", path, exc)
         if os.getppid() != parent:
             log.warning("parent process exited; stopping")
             stopping.set()
