@@ -79,6 +79,13 @@ class Ingress:
         self.following.cancel()
         await self.link.close()
 
+    async def placed_at(self, model: str) -> float:
+        """When the cluster's controller last placed `model` (its instance's time; 0 off a cluster), read now."""
+        for instance in await read_instances(self.link.nc.jetstream()):
+            if instance.model == model:
+                return instance.time
+        return 0.0
+
     async def follow_instances(self) -> None:
         """The models it answers for: those it was started with, and every one the cluster's controller has
         placed (the instances bucket), so an ingress on any node serves what the cluster serves."""

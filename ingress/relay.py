@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
 import msgspec
@@ -77,10 +77,20 @@ async def publish_job(nc, job: Job, submitter: str) -> None:
                        code="queue_unavailable")
 
 
+async def replaced(placement: Callable[[], Awaitable[float]], placed: float | None) -> bool:
+    try:
+        return placed is not None and await placement() != placed
+    except Exception:  # NATS away: no news is not a placement
+        return False
+
+
 async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_timeout_s: float,
-                 on_final: Callable[[Done | Failed], None] | None = None) -> AsyncIterator[Event | Waiting]:
+                 on_final: Callable[[Done | Failed], None] | None = None,
+                 placement: Callable[[], Awaitable[float]] | None = None) -> AsyncIterator[Event | Waiting]:
     """Publish the job as `submitter` and yield its events until Done or Failed (and `Waiting` while it is
-    queued); `on_final` sees the final event first (the ingress's metrics)."""
+    queued); `on_final` sees the final event first (the ingress's metrics). `placement()` says when the model was
+    last placed (on a cluster): a worker silent since a newer placement was lost with its node, and the job, given
+    back to the queue by JetStream after its ack wait, is waited for as a queued one, not answered 503."""
     # Subscribe before publishing so no event can arrive before anyone listens.
     sub = await nc.subscribe(job.reply_subject)
     try:
@@ -91,7 +101,7 @@ async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_ti
     finished = False
     try:
         queued_until = time.monotonic() + queue_timeout_s
-        taken, attempt = False, 0
+        taken, attempt, placed = False, 0, None
         while True:
             reconnects = nc.stats["reconnects"]
             wait = min(WAITING_TICK_S, max(0.0, queued_until - time.monotonic())) if not taken else worker_timeout_s
@@ -103,6 +113,10 @@ async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_ti
                     continue
                 if taken and (not nc.is_connected or nc.stats["reconnects"] != reconnects):
                     continue  # the broker was away, not the worker: give it another worker_timeout_s
+                if taken and placement is not None and await replaced(placement, placed):
+                    taken, queued_until = False, time.monotonic() + queue_timeout_s  # its node is gone: queued again
+                    yield Waiting()
+                    continue
                 result = None
                 with contextlib.suppress(nats.errors.Error):  # NATS away: no stored result to offer
                     result = await stored_result(nc.jetstream(), job.model, submitter, job.id)
@@ -129,6 +143,9 @@ async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_ti
                 taken, queued_until = False, time.monotonic() + queue_timeout_s
                 yield event
                 continue
+            if not taken and placement is not None:
+                with contextlib.suppress(Exception):
+                    placed = await placement()
             taken = True
             # Set before yielding: a caller that stops reading at the final event never resumes us, and the
             # job must not then be "cancelled" after it finished.

@@ -173,7 +173,8 @@ async def answer(request: Request, ingress, job: Job, stream: bool, include_usag
     nc, config = ingress.link.nc, ingress.config
     observe = functools.partial(ingress.metrics.observe, job.model)
     if stream:
-        events = submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s, observe)
+        events = submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s, observe,
+                        functools.partial(ingress.placed_at, job.model))
         try:
             first = await first_answer(events, stream=True)
         except BaseException:
@@ -187,7 +188,7 @@ async def answer(request: Request, ingress, job: Job, stream: bool, include_usag
 
     async def whole() -> Done:
         async with contextlib.aclosing(submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s,
-                                              observe)) as events:
+                                              observe, functools.partial(ingress.placed_at, job.model))) as events:
             await first_answer(events, stream=False)
             return await final_result(events)
 

@@ -32,6 +32,7 @@ def node_id(home: Path) -> str:
     path = Path(home) / "node-id"
     if path.exists():  # every report asks: no temporary file each second
         return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:  # made whole or not at all: two commands starting on a fresh home agree on one id
         temporary = path.with_name(f"node-id.{uuid.uuid4().hex}")
         temporary.write_text(uuid.uuid4().hex[:12] + "\n")

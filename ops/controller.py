@@ -52,13 +52,15 @@ encode = msgspec.json.Encoder().encode
 class Orders:
     """Requests to node agents, from the supervisor's threads or the event loop; and the ranks they run."""
 
-    def __init__(self, nc, loop: asyncio.AbstractEventLoop, session: str):
-        self.nc, self.loop, self.session = nc, loop, session
+    def __init__(self, link, session: str):
+        self.link, self.session = link, session  # link.nc, read at each use: the link may replace its connection
+        self.loop: asyncio.AbstractEventLoop | None = None  # the controller's, set when it runs
         self.ranks: dict[tuple[str, str, int], RemoteRank] = {}  # (node, group, rank)
         self.lost: set[str] = set()
 
     async def _request(self, node: str, kind: str, order) -> OrderReply:
-        msg = await self.nc.request(f"{AGENTS_PREFIX}.{node}.orders.{kind}", encode(order), timeout=ORDER_TIMEOUT_S)
+        msg = await self.link.nc.request(f"{AGENTS_PREFIX}.{node}.orders.{kind}", encode(order),
+                                         timeout=ORDER_TIMEOUT_S)
         return msgspec.json.decode(msg.data, type=OrderReply)
 
     def request(self, node: str, kind: str, order) -> OrderReply:
@@ -74,8 +76,8 @@ class Orders:
 
     def tell(self, node: str, kind: str, order) -> None:
         """Fire and forget, from a thread."""
-        asyncio.run_coroutine_threadsafe(self.nc.publish(f"{AGENTS_PREFIX}.{node}.orders.{kind}", encode(order)),
-                                         self.loop)
+        asyncio.run_coroutine_threadsafe(self.link.nc.publish(f"{AGENTS_PREFIX}.{node}.orders.{kind}",
+                                                              encode(order)), self.loop)
 
     async def on_event(self, msg) -> None:
         try:
@@ -172,12 +174,13 @@ def group_of(plan: Plan, nodes: dict[str, NodeStatus], own_id: str) -> GroupSpec
 class Controller:
     """Keeps one model placed and running on the cluster."""
 
-    def __init__(self, nc, model: StoredModel, own_id: str, settings: WorkerSettings, request: PlacementRequest,
+    def __init__(self, link, model: StoredModel, own_id: str, settings: WorkerSettings, request: PlacementRequest,
                  command: Callable[[GroupSpec], Callable[[str, Path], list[str]]], workdir: Path,
                  publish: Callable[[Instance], object], context_length: int | None = None):
-        self.nc, self.model, self.own_id, self.settings, self.request = nc, model, own_id, settings, request
+        self.link, self.model, self.own_id, self.settings, self.request = link, model, own_id, settings, request
         self.command, self.workdir, self.publish = command, workdir, publish
         self.session = uuid.uuid4().hex[:12]
+        self.orders = Orders(link, self.session)
         self.facts = model_facts(model.id, model.path)
         self.supervisor: GroupSupervisor | None = None
         self.instance = Instance(model=model.id, created=model.created, context_length=context_length)
@@ -197,7 +200,7 @@ class Controller:
         """A placement on the nodes up now (statuses measured after `after`), once one fits."""
         said = None
         while not stopping.is_set():
-            statuses = {s.facts.id: s for s in await read_nodes(self.nc.jetstream())
+            statuses = {s.facts.id: s for s in await read_nodes(self.link.nc.jetstream())
                         if state_of(s) == "up" and s.time > after}
             result = place(self.facts, [s.facts for s in statuses.values()], [], self.request) if statuses else None
             if isinstance(result, Plan):
@@ -215,8 +218,8 @@ class Controller:
         return None
 
     async def run(self, stopping: asyncio.Event) -> None:
-        orders = Orders(self.nc, asyncio.get_running_loop(), self.session)
-        events = await self.nc.subscribe(f"{AGENTS_PREFIX}.*.events", cb=orders.on_event)
+        orders = self.orders
+        orders.loop = asyncio.get_running_loop()
         after = 0.0
         try:
             while not stopping.is_set():
@@ -246,7 +249,7 @@ class Controller:
                                                   launchers)
                 await self._say(state="serving", nodes=nodes, layout=plan.layout, why=plan.why)
                 supervising = asyncio.create_task(self.supervisor.run())
-                lost = await self._watch(nodes, stopping)
+                lost = await self._watch(nodes, {n: statuses[n].facts.session for n in nodes}, stopping)
                 if lost:
                     log.warning("node(s) %s lost: stopping %s's group and placing it again", ", ".join(lost),
                                 self.model.id)
@@ -258,21 +261,27 @@ class Controller:
         finally:
             if self.supervisor is not None:
                 await asyncio.to_thread(self.supervisor.stop)
-            await events.unsubscribe()
 
-    async def _watch(self, nodes: list[str], stopping: asyncio.Event) -> list[str]:
-        """Until a node of the plan is lost (returns them) or `stopping` (returns [])."""
+    async def subscribe(self, nc) -> None:
+        """The agents' reports of ranks that ended (on every connection the link opens)."""
+        await nc.subscribe(f"{AGENTS_PREFIX}.*.events", cb=self.orders.on_event)
+
+    async def _watch(self, nodes: list[str], sessions: dict[str, str], stopping: asyncio.Event) -> list[str]:
+        """Until a node of the plan is lost (returns them) or `stopping` (returns []). An agent that restarted (a new
+        session) took its ranks with it, even if it reports again within seconds: that node counts as lost too
+        (its rank, perhaps the leader, is gone, and the ranks left would wait on it for good)."""
         while not stopping.is_set():
             try:
                 await asyncio.wait_for(stopping.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
             try:
-                statuses = {s.facts.id: s for s in await read_nodes(self.nc.jetstream())}
+                statuses = {s.facts.id: s for s in await read_nodes(self.link.nc.jetstream())}
             except Exception as exc:  # NATS away a moment: judge nothing on no news
                 log.warning("could not read the nodes' statuses: %s", exc)
                 continue
-            lost = [n for n in nodes if n != self.own_id and (n not in statuses or state_of(statuses[n]) == "lost")]
+            lost = [n for n in nodes if n != self.own_id and (n not in statuses or state_of(statuses[n]) == "lost"
+                                                               or statuses[n].facts.session != sessions[n])]
             if lost:
                 return lost
         return []

@@ -15,6 +15,7 @@ not know of keeps running (a rank blocked in a collective with a departed peer w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shutil
@@ -198,6 +199,9 @@ async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: 
     cut_off_since = None
     try:
         while not stopping.is_set():
+            if link.nc is not nc:  # the link replaced a connection the server closed for good: listen on the new one
+                nc = link.nc
+                subscription = await nc.subscribe(f"{prefix}.orders.*", cb=on_order)
             if nc.is_connected:
                 cut_off_since = None
             elif cut_off_since is None:
@@ -208,7 +212,7 @@ async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: 
             for event in keeper.ended():
                 log.warning("rank %d of group %s %s", event.rank, event.group_id, event.why)
                 try:
-                    await nc.publish(f"{prefix}.events", encode(event))
+                    await link.nc.publish(f"{prefix}.events", encode(event))
                 except Exception as exc:  # the controller also learns it from the group's silence
                     log.warning("could not report the end of rank %d: %s", event.rank, exc)
             try:
@@ -216,6 +220,7 @@ async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: 
             except asyncio.TimeoutError:
                 pass
     finally:
-        await subscription.unsubscribe()
+        with contextlib.suppress(Exception):  # its connection may be gone
+            await subscription.unsubscribe()
         await asyncio.to_thread(keeper.stop_all)
 

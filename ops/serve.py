@@ -168,7 +168,13 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         raise DeploymentError(f"the NATS server at {redacted(nats_url)} does not know this home's operator key: "
                               f"install the output of `conclave --home {home} credentials server-config --model "
                               f"{model.id}` in its configuration and reload it (see README, Trust)") from None
-    control = Link(nats_url, "conclave-operator", operator)
+    reopen: list[Callable] = []  # subscriptions made again on every connection the link opens
+
+    async def subscribe(nc) -> None:
+        for made in reopen:
+            await made(nc)
+
+    control = Link(nats_url, "conclave-operator", operator, on_open=subscribe)
     await control.open()
     await persist(lambda: ensure_streams(control.nc.jetstream(), replicas), 30.0)
     await persist(lambda: ensure_consumer(control.nc.jetstream(), model.id, 5 * settings.heartbeat_s), 30.0)
@@ -189,11 +195,13 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     advertising = None
     if cluster is not None:
         # The model is placed on the cluster's nodes (this one included) by the controller, not by flags.
-        controller = Controller(control.nc, model, own, settings, cluster.request, command, home / "groups",
+        controller = Controller(control, model, own, settings, cluster.request, command, home / "groups",
                                 publish, context_length)
+        store = ModelStore(home / "models")
+        reopen.extend([controller.subscribe, lambda nc: answer_joins(nc, home, own, cluster.name),
+                       lambda nc: answer_previews(nc, store)])
+        await subscribe(control.nc)
         running, workers = controller.running, asyncio.create_task(controller.run(stopping))
-        await answer_joins(control.nc, home, own, cluster.name)
-        await answer_previews(control.nc, ModelStore(home / "models"))
         ca = fingerprint((tls / "ca.pem").read_bytes())
         advertising = await advertise_cluster(cluster, ca, nats_port, port)
         print(f"Other machines join this cluster with:\n  conclave join {cluster.advertised(nats_port)} --token "
