@@ -57,6 +57,7 @@ class Ingress:
     def __init__(self, config: IngressConfig):
         self.config = config
         self.models = {m.id: m for m in config.models}
+        self.placements: dict[str, float] = {}  # model -> when the cluster's controller last placed it
         self.workers = WorkerTable(config.status_ttl_s)
         self.admission = Admission(self.workers, config.max_queue_wait_s)
         self.metrics = Metrics()
@@ -79,20 +80,21 @@ class Ingress:
         self.following.cancel()
         await self.link.close()
 
-    async def placed_at(self, model: str) -> float:
-        """When the cluster's controller last placed `model` (its instance's time; 0 off a cluster), read now."""
-        for instance in await read_instances(self.link.nc.jetstream()):
-            if instance.model == model:
-                return instance.time
-        return 0.0
+    async def placed_at(self, model: str, fresh: bool) -> float:
+        """When the controller last placed `model` (its instance's time): read now when `fresh`, else as last followed
+        (no round trip: asked when a worker takes a job, on every request)."""
+        if fresh:
+            self.placements.update({i.model: i.time for i in await read_instances(self.link.nc.jetstream())})
+        return self.placements.get(model, 0.0)
 
     async def follow_instances(self) -> None:
         """The models it answers for: those it was started with, and every one the cluster's controller has
         placed (the instances bucket), so an ingress on any node serves what the cluster serves."""
         while True:
             with contextlib.suppress(Exception):  # NATS away a moment: keep the list it has
-                cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length)
-                         for i in await read_instances(self.link.nc.jetstream())]
+                instances = await read_instances(self.link.nc.jetstream())
+                self.placements.update({i.model: i.time for i in instances})
+                cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length) for i in instances]
                 self.models = {**{m.id: m for m in self.config.models}, **{c.id: c for c in cards}}
             await asyncio.sleep(INSTANCES_REFRESH_S)
 

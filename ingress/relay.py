@@ -77,19 +77,19 @@ async def publish_job(nc, job: Job, submitter: str) -> None:
                        code="queue_unavailable")
 
 
-async def replaced(placement: Callable[[], Awaitable[float]], placed: float | None) -> bool:
+async def replaced(placement: Callable[[bool], Awaitable[float]], placed: float | None) -> bool:
     try:
-        return placed is not None and await placement() != placed
+        return placed is not None and await placement(True) != placed
     except Exception:  # NATS away: no news is not a placement
         return False
 
 
 async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_timeout_s: float,
                  on_final: Callable[[Done | Failed], None] | None = None,
-                 placement: Callable[[], Awaitable[float]] | None = None) -> AsyncIterator[Event | Waiting]:
+                 placement: Callable[[bool], Awaitable[float]] | None = None) -> AsyncIterator[Event | Waiting]:
     """Publish the job as `submitter` and yield its events until Done or Failed (and `Waiting` while it is
-    queued); `on_final` sees the final event first (the ingress's metrics). `placement()` says when the model was
-    last placed (on a cluster): a worker silent since a newer placement was lost with its node, and the job, given
+    queued); `on_final` sees the final event first (the ingress's metrics). `placement(fresh)` says when the model
+    was last placed (on a cluster; as last followed, or read now): a worker silent since a newer placement was lost with its node, and the job, given
     back to the queue by JetStream after its ack wait, is waited for as a queued one, not answered 503."""
     # Subscribe before publishing so no event can arrive before anyone listens.
     sub = await nc.subscribe(job.reply_subject)
@@ -145,7 +145,7 @@ async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_ti
                 continue
             if not taken and placement is not None:
                 with contextlib.suppress(Exception):
-                    placed = await placement()
+                    placed = await placement(False)
             taken = True
             # Set before yielding: a caller that stops reading at the final event never resumes us, and the
             # job must not then be "cancelled" after it finished.

@@ -82,17 +82,10 @@ def first_token_s(base_url: str, model: str, started: float) -> float:
 
 
 async def detection_s(first_home: Path, nats_url: str, node: str, started: float) -> float:
-    import dataclasses
-
-    import nats
-
-    from ops.credentials import role_identity
-    from pipeline.access import OPERATOR
+    from ops.deployment import operator_connection
     from pipeline.nodes import read_nodes, state_of
 
-    identity = dataclasses.replace(role_identity(first_home, OPERATOR),
-                                   ca_file=first_home / "credentials" / "cluster" / "ca.pem")
-    nc = await nats.connect(nats_url, **identity.connect_options())
+    nc = await operator_connection(first_home, nats_url, "conclave-bench")
     try:
         while time.monotonic() - started < 120:
             if any(s.facts.id == node and state_of(s) == "lost" for s in await read_nodes(nc.jetstream())):

@@ -157,8 +157,8 @@ def cmd_audit(args) -> None:
 
 
 def cmd_credentials(args) -> None:
-    from ops.credentials import (issue_submitter, public_keys, reload_embedded, revoke_submitter, role_identity,
-                                 server_authorization, write_authorization, write_private)
+    from ops.credentials import (apply_authorization, issue_submitter, public_keys, revoke_submitter, role_identity,
+                                 server_authorization, write_private)
     from pipeline.access import INGRESS, OPERATOR, AccessError, inbox_prefix, worker_role
     from pipeline.subjects import JOBS_PREFIX, reply_prefix
 
@@ -187,8 +187,7 @@ def cmd_credentials(args) -> None:
         if not revoke_submitter(args.home, args.name):
             raise AccessError(f"no submitter named {args.name}")
         print(f"revoked submitter {args.name}")
-    write_authorization(args.home, args.home / "nats")
-    if reload_embedded(args.home / "nats"):
+    if apply_authorization(args.home):
         print("the running embedded nats-server reloaded its authorization")
     else:
         print("no embedded nats-server runs in this home: it takes effect at its next start; for your own "
@@ -229,15 +228,14 @@ def cmd_place(args) -> None:
 
 def cmd_nodes(args) -> None:
     from ops.agent import nodes_table
-    from ops.credentials import reload_embedded, remove_node, write_authorization
+    from ops.credentials import apply_authorization, remove_node
     from ops.deployment import operator_connection
     from pipeline.nodes import read_nodes
 
     if args.action == "remove":
         if not args.node or not remove_node(args.home, args.node):
             raise SystemExit(f"no joined node {args.node!r} in {args.home} (see `conclave nodes`)")
-        write_authorization(args.home, args.home / "nats")
-        reloaded = reload_embedded(args.home / "nats")
+        reloaded = apply_authorization(args.home)
         print(f"removed node {args.node}: its keys are revoked{' now' if reloaded else ' at the next start'}; it "
               f"can join again only with a join token")
         return
@@ -263,18 +261,17 @@ def cmd_join(args) -> None:
 
 
 def cmd_join_token(args) -> None:
-    from ops.cluster_tls import fingerprint, tls_dir
-    from ops.credentials import new_seed, reload_embedded, role_identity, write_authorization, write_private
+    from ops.cluster_tls import fingerprint
+    from ops.credentials import apply_authorization, cluster_ca, new_seed, role_identity, write_private
     from ops.join import make_token
     from pipeline.access import JOINER
 
-    ca = tls_dir(args.home) / "ca.pem"
+    ca = cluster_ca(args.home)
     if not ca.exists():
         raise SystemExit(f"{args.home} has no cluster: start it with `conclave serve --cluster` first")
     if args.rotate:
         write_private(role_identity(args.home, JOINER).seed_file, new_seed())
-        write_authorization(args.home, args.home / "nats")
-        reload_embedded(args.home / "nats")
+        apply_authorization(args.home)
     print(make_token(args.home, fingerprint(ca.read_bytes())))
 
 

@@ -56,7 +56,6 @@ class Orders:
         self.link, self.session = link, session  # link.nc, read at each use: the link may replace its connection
         self.loop: asyncio.AbstractEventLoop | None = None  # the controller's, set when it runs
         self.ranks: dict[tuple[str, str, int], RemoteRank] = {}  # (node, group, rank)
-        self.lost: set[str] = set()
 
     async def _request(self, node: str, kind: str, order) -> OrderReply:
         msg = await self.link.nc.request(f"{AGENTS_PREFIX}.{node}.orders.{kind}", encode(order),
@@ -91,7 +90,6 @@ class Orders:
             rank.ended(event.code)
 
     def node_lost(self, node: str) -> None:
-        self.lost.add(node)
         for (where, _, _), rank in list(self.ranks.items()):
             if where == node:
                 rank.ended(-signal.SIGKILL)
@@ -147,7 +145,7 @@ class AgentLauncher:
     def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> RemoteRank:
         group_id = workdir.name  # the supervisor's group folder is named by the group id
         order = StartOrder(controller=self.orders.session, group_id=group_id, rank=launch.rank, model_id=self.model.id,
-                           layout=self.spec.layout, backend="jaccl" if self.spec.backend == "jaccl" else "ring",
+                           layout=self.spec.layout, backend=self.spec.backend,
                            split=list(self.spec.split or []), env=launch.env, files=launch.files,
                            settings=self.settings)
         # Known before the order goes: its end may be reported before the answer arrives.
@@ -238,7 +236,6 @@ class Controller:
                     continue
                 nodes = [r.node for r in plan.ranks]
                 log.info("placing %s: %s over %s (%s)", self.model.id, plan.layout, ", ".join(nodes), plan.why)
-                orders.lost.clear()
 
                 def launchers(host: HostSpec, spec=spec):
                     if host.node is None:

@@ -39,6 +39,19 @@ def credentials_dir(home: Path) -> Path:
     return folder
 
 
+def cluster_ca(home: Path) -> Path:
+    """The cluster CA's certificate in `home` (ops/cluster_tls.py makes it on the first machine; a node keeps the
+    copy it joined with)."""
+    return Path(home) / "credentials" / "cluster" / "ca.pem"
+
+
+def apply_authorization(home: Path) -> bool:
+    """Write the embedded nats-server's authorization from the credentials now in `home` and have a running one
+    re-read it; False when none runs (it takes effect at its next start)."""
+    write_authorization(home, Path(home) / "nats")
+    return reload_embedded(Path(home) / "nats")
+
+
 def open_private(path: Path):
     """A file to write a secret to, owner-only before a byte is written: created with mode 0600, or an existing
     one truncated and made 0600 first; never through a symbolic link (one planted there could redirect it)."""

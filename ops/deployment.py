@@ -84,12 +84,12 @@ def nats_url_of(home: Path, given: str | None) -> str:
 
 async def operator_connection(home: Path, nats_url: str | None, name: str):
     """A short-lived connection for an operator's command, as the home's operator role."""
-    from ops.credentials import role_identity
+    from ops.credentials import cluster_ca, role_identity
     from pipeline.access import OPERATOR
     from pipeline.connection import connect_once
 
     url = nats_url_of(home, nats_url)
     identity = role_identity(home, OPERATOR)
     if url.startswith("tls://"):  # a cluster's broker: TLS with the cluster CA made in this home (ops/cluster_tls.py)
-        identity = replace(identity, ca_file=Path(home) / "credentials" / "cluster" / "ca.pem")
+        identity = replace(identity, ca_file=cluster_ca(home))
     return await connect_once(url, name, identity)

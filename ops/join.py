@@ -26,8 +26,8 @@ from pathlib import Path
 import msgspec
 import nats
 
-from ops.credentials import (admit_node, credentials_dir, new_seed, public_key_of_seed, reload_embedded,
-                             role_identity, write_authorization, write_private)
+from ops.credentials import (admit_node, apply_authorization, cluster_ca, credentials_dir, new_seed,
+                             public_key_of_seed, role_identity, write_private)
 from pipeline.access import (CA_READER, CA_READER_SEED, CA_SUBJECT, INGRESS, JOIN_SUBJECT, JOINER, Identity,
                              inbox_prefix, node_role, tls_context)
 from schemas.membership import JoinReply, JoinRequest, Membership
@@ -70,10 +70,6 @@ def read_membership(home: Path) -> Membership | None:
         return None
 
 
-def ca_file(home: Path) -> Path:
-    return credentials_dir(home) / "cluster" / "ca.pem"
-
-
 def node_identities(home: Path, node_id: str) -> dict[str, Identity]:
     """This node's three identities (made on first use): its agent, its ingress, its worker ranks. The worker
     identity's role is a placeholder: a rank connects with its model's worker role name (its inbox) and this key."""
@@ -84,7 +80,7 @@ def node_identities(home: Path, node_id: str) -> dict[str, Identity]:
         seeds[name] = folder / f"{name}.nk"
         if not seeds[name].exists():
             write_private(seeds[name], new_seed())
-    ca = ca_file(home)
+    ca = cluster_ca(home)
     return {"agent": Identity(node_role(node_id), seeds["agent"], ca), "ingress": Identity(INGRESS, seeds["ingress"], ca),
             "worker": Identity("worker", seeds["worker"], ca)}
 
@@ -128,13 +124,14 @@ async def join(home: Path, address: str, token: str, node_id: str) -> Membership
     if got != fingerprint_wanted:
         raise JoinError(f"the broker at {url} presented a CA ({got[:16]}...) that is not the token's "
                         f"({fingerprint_wanted[:16]}...): a wrong address, or someone between; nothing was sent")
-    (tls_dir(home) / "ca.pem").write_bytes(pem)
+    tls_dir(home)  # made owner-only
+    cluster_ca(home).write_bytes(pem)
     # 2. The request, over TLS verified against that CA.
     identities = node_identities(home, node_id)
     keys = {name: public_key_of_seed(identity.seed_file.read_bytes()) for name, identity in identities.items()}
     request = JoinRequest(node_id=node_id, host=socket.gethostname(), agent_key=keys["agent"],
                           ingress_key=keys["ingress"], worker_key=keys["worker"])
-    nc = await _joiner_connection(url, JOINER, seed, ca_file(home))
+    nc = await _joiner_connection(url, JOINER, seed, cluster_ca(home))
     try:
         reply = msgspec.json.decode((await nc.request(JOIN_SUBJECT, msgspec.json.encode(request), timeout=10)).data,
                                     type=JoinReply)
@@ -151,10 +148,8 @@ async def join(home: Path, address: str, token: str, node_id: str) -> Membership
 
 async def answer_joins(nc, home: Path, own_node_id: str, cluster: str) -> list:
     """The first machine's side: hand out the CA certificate and admit nodes. Returns the subscriptions."""
-    nats_dir = Path(home) / "nats"
-
     async def certificate(msg):
-        await msg.respond(ca_file(home).read_bytes())
+        await msg.respond(cluster_ca(home).read_bytes())
 
     async def admit(msg):
         try:
@@ -163,8 +158,7 @@ async def answer_joins(nc, home: Path, own_node_id: str, cluster: str) -> list:
         except msgspec.MsgspecError as exc:
             reason = f"not a join request: {exc}"
         if reason is None:
-            write_authorization(home, nats_dir)
-            reload_embedded(nats_dir)
+            apply_authorization(home)
             log.info("node %s (%s) joined the cluster", request.node_id, request.host)
         else:
             log.warning("refused a join request: %s", reason)

@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 
 from ops.config import free_port
-from ops.group import HostSpec, LocalLauncher, RankLaunch
+from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, python_command, rank_arguments
 from ops.supervise import STALE_HEARTBEATS, describe_exit
 from pipeline.access import AGENTS_PREFIX, Identity
 from pipeline.nats_server import stop_process
@@ -83,13 +83,11 @@ class RankKeeper:
         if model is None:
             raise ValueError(f"model {order.model_id} is not on node {self.node_id} (`conclave models pull` or "
                              f"`import` it there)")
-        from ops.group import python_command
-
+        spec = GroupSpec(layout=order.layout, backend=order.backend, split=order.split or None)
         return python_command(
             "workers.worker", "--model-id", model.id, "--model-dir", str(model.path), "--nats-url", self.nats_url,
             "--nats-seed", str(self.worker.seed_file), "--nats-ca", str(self.worker.ca_file), "--group-id",
-            order.group_id, "--alive-dir", str(folder), *order.settings.arguments(), "--layout", order.layout,
-            "--backend", order.backend, *(["--split", ",".join(map(str, order.split))] if order.split else []))
+            order.group_id, "--alive-dir", str(folder), *order.settings.arguments(), *rank_arguments(spec))
 
     def start(self, order: StartOrder) -> OrderReply:
         self.follow(order.controller)

@@ -25,10 +25,10 @@ import uvicorn
 from ingress.app import IngressConfig, create_app
 from ops.agent import Offer, keep_reporting, node_id
 from ops.controller import Controller, answer_previews
-from ops.discovery import default_cluster_name
+from ops.discovery import default_cluster_name, host_addresses
 from ops.cluster_tls import ensure_cluster_tls, fingerprint
 from ops.join import DEFAULT_BROKER_PORT, answer_joins, make_token
-from ops.credentials import role_identity, write_authorization
+from ops.credentials import cluster_ca, role_identity, write_authorization
 from ops.deployment import Deployment, DeploymentError, claim_home, forget_deployment, record_deployment
 from ops.group import GroupSpec, GroupSpecError, plan_group, python_command, rank_arguments
 from ops.supervise import GroupSupervisor, keep_broker_running
@@ -69,7 +69,7 @@ class ClusterSettings:
     request: PlacementRequest = field(default_factory=PlacementRequest)  # context, batch and pins to place for
 
     def advertised_host(self) -> str:
-        return self.address or first_lan_address() or socket.gethostname()
+        return self.address or next(iter(host_addresses()), None) or socket.gethostname()
 
     def advertised(self, port: int) -> str:
         return self.advertised_host() if port == DEFAULT_BROKER_PORT else f"{self.advertised_host()}:{port}"
@@ -88,16 +88,6 @@ async def advertise_cluster(cluster: ClusterSettings, ca: str, nats_port: int, h
     except Exception as exc:
         log.warning("could not advertise the cluster by mDNS (%s): nodes must join by address", exc)
         return None
-
-
-def first_lan_address() -> str | None:
-    import psutil
-
-    for addresses in psutil.net_if_addrs().values():
-        for a in addresses:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return a.address
-    return None
 
 
 def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity: Identity,
@@ -150,7 +140,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                                   "`conclave place`, and leave out --tensor-parallel, --pipeline-parallel and --group")
         tls = ensure_cluster_tls(home)
         role_identity(home, JOINER)  # the join token's key, in the authorization before the server starts
-        operator, ingress, worker = (replace(i, ca_file=tls / "ca.pem") for i in (operator, ingress, worker))
+        operator, ingress, worker = (replace(i, ca_file=cluster_ca(home)) for i in (operator, ingress, worker))
     if nats_url is None:
         nats_server = EmbeddedNats(home / "nats", port=nats_port, encryption_key=os.environ.get(KEY_VARIABLE),
                                    host=cluster.listen if cluster else "127.0.0.1", tls_dir=tls)
@@ -202,7 +192,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                        lambda nc: answer_previews(nc, store)])
         await subscribe(control.nc)
         running, workers = controller.running, asyncio.create_task(controller.run(stopping))
-        ca = fingerprint((tls / "ca.pem").read_bytes())
+        ca = fingerprint(cluster_ca(home).read_bytes())
         advertising = await advertise_cluster(cluster, ca, nats_port, port)
         print(f"Other machines join this cluster with:\n  conclave join {cluster.advertised(nats_port)} --token "
               f"{make_token(home, ca)}", flush=True)

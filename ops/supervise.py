@@ -99,7 +99,6 @@ class GroupSupervisor:
         self.processes: list[subprocess.Popen] = []
         self.folder: Path | None = None  # the current group's: rank files and liveness files
         self.stopping = False
-        self.starts = 0  # of this supervisor's group (group ids are numbered across supervisors: one per start)
         # `stop` runs on another thread than `run`: never let a group start after (or while) it stops.
         self.lock = threading.Lock()
 
@@ -114,7 +113,6 @@ class GroupSupervisor:
         with self.lock:
             if self.stopping:
                 return False
-            self.starts += 1
             group_id = f"{os.getpid()}-{next(GROUP_NUMBERS)}"
             self.folder = self.workdir / group_id
             try:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from ops.credentials import issue_submitter, role_identity, write_private
+from ops.credentials import cluster_ca, issue_submitter, role_identity, write_private
 from ops.spawn import ServerProcess, spawn_server
 from pipeline.access import OPERATOR, Identity
 
@@ -37,7 +37,7 @@ async def connect_as(home: Path, url: str, role: str = SUBMITTER, **options):
 
     identity = submitter_identity(home) if role == SUBMITTER else role_identity(home, role)
     if url.startswith("tls://"):  # a cluster's broker (serve --cluster): TLS with the CA made in that home
-        identity = replace(identity, ca_file=Path(home) / "credentials" / "cluster" / "ca.pem")
+        identity = replace(identity, ca_file=cluster_ca(home))
     return await nats_client.connect(url, **identity.connect_options(), **options)
 
 

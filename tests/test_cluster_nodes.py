@@ -26,7 +26,7 @@ import openai
 import pytest
 
 from ops.agent import node_id, nodes_table
-from ops.credentials import new_seed
+from ops.credentials import cluster_ca, new_seed
 from ops.join import node_identities
 from ops.spawn import NodeProcess, ServerProcess, spawn_cluster
 from pipeline.access import OPERATOR, node_role, worker_role
@@ -145,7 +145,7 @@ def test_a_copied_node_id_is_refused_with_the_way_out(cluster, tmp_path):
 def test_a_cluster_connection_trusts_the_cluster_ca_alone(cluster):
     from pipeline.access import tls_context
 
-    context = tls_context(cluster.first.home / "credentials" / "cluster" / "ca.pem")
+    context = tls_context(cluster_ca(cluster.first.home))
     assert context.cert_store_stats()["x509_ca"] == 1  # not the system's public CAs besides
 
 
