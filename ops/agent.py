@@ -53,9 +53,9 @@ class Offer:
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this start of the agent
 
 
-def local_node(home: Path, memory_limit: int | None = None, memory=None, offer: Offer | None = None) -> NodeFacts:
+def local_node(home: Path, offer: Offer, memory=None) -> NodeFacts:
     """This machine's facts: psutil's memory (or the sample `memory`) and, on Metal, MLX's recommended
-    working set; `memory_limit` caps what it offers (an operator's reserve, or a test's)."""
+    working set; the offer's memory limit caps what it offers (an operator's reserve, or a test's)."""
     import mlx.core as mx
     import psutil
 
@@ -64,11 +64,12 @@ def local_node(home: Path, memory_limit: int | None = None, memory=None, offer: 
     backend = "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else "cpu"
     working_set = mx.device_info().get("max_recommended_working_set_size") if backend == "metal" else None
     memory = memory or psutil.virtual_memory()
-    available = memory.available if memory_limit is None else min(memory.available, memory_limit)
+    limit = offer.memory_limit
+    available = memory.available if limit is None else min(memory.available, limit)
     return NodeFacts(id=node_id(home), host=socket.gethostname(), backend=backend, memory_total=memory.total,
                      memory_available=available, working_set=working_set,
                      models=[m.id for m in ModelStore(Path(home) / "models").list()],
-                     address=offer.address if offer else "", session=offer.session if offer else "")
+                     address=offer.address, session=offer.session)
 
 
 def node_status(home: Path, ranks: list[Path], offer: Offer) -> NodeStatus:
@@ -79,7 +80,7 @@ def node_status(home: Path, ranks: list[Path], offer: Offer) -> NodeStatus:
     from workers.status import read_counters
 
     memory = psutil.virtual_memory()  # one sample: used and available agree
-    facts = local_node(home, offer.memory_limit, memory, offer)
+    facts = local_node(home, offer, memory)
     gpu = gpu_reading()
     interfaces, rdma = network_facts()  # found again every NETWORK_REFRESH_S, not every report
     return NodeStatus(facts=facts, memory_used=memory.total - memory.available,

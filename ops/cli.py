@@ -199,7 +199,7 @@ def cmd_place(args) -> None:
     import msgspec
 
     from ops.deployment import DeploymentError
-    from ops.agent import local_node
+    from ops.agent import Offer, local_node
     from ops.model_facts import model_facts
     from ops.placement import describe, place
     from schemas.cluster import ClusterFacts
@@ -218,7 +218,7 @@ def cmd_place(args) -> None:
             raise DeploymentError(f"{args.nodes}: not a file of nodes and links (schemas/cluster.py): {exc}") from None
     else:
         limit = int(args.memory_limit * 1e9) if args.memory_limit else None
-        cluster = ClusterFacts(nodes=[local_node(args.home, limit)])
+        cluster = ClusterFacts(nodes=[local_node(args.home, Offer(memory_limit=limit))])
     request = placement_request(args)
     result = place(model_facts(model.id, model.path), cluster.nodes, cluster.links, request)
     print(msgspec.json.encode(result).decode() if args.json else describe(result))

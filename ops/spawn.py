@@ -16,19 +16,23 @@ from ops.serve import READY_LINE
 
 
 @dataclass
-class ServerProcess:
-    """A `conclave serve` started as a child process on free loopback ports."""
-
+class ChildProcess:
     process: subprocess.Popen
-    base_url: str  # ends in /v1
-    nats_url: str
-    home: Path
-    output: list[str]  # its stdout and stderr, line by line
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, as an operator would, and its exit code."""
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout_s)
+
+
+@dataclass
+class ServerProcess(ChildProcess):
+    """A `conclave serve` started as a child process on free loopback ports."""
+
+    base_url: str  # ends in /v1
+    nats_url: str
+    home: Path
+    output: list[str]  # its stdout and stderr, line by line
 
 
 def wait_for_line(output: list[str], text: str, timeout_s: float) -> str:
@@ -80,17 +84,12 @@ def spawn_server(home: Path, *flags: str, timeout_s: float = 180.0, ready: str =
 
 
 @dataclass
-class NodeProcess:
+class NodeProcess(ChildProcess):
     """A `conclave join` started as a child process; with an HTTP port when `http` was asked."""
 
-    process: subprocess.Popen
     home: Path
     output: list[str]
     base_url: str | None
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the agent and every process it started (its ranks), as a power cut would."""

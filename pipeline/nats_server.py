@@ -90,10 +90,13 @@ class EmbeddedNats:
         self.process: subprocess.Popen | None = None
 
     @property
+    def local_host(self) -> str:
+        """The address the processes of this machine dial (a listener on every address is reached on loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+
+    @property
     def url(self) -> str:
-        """Where the processes of this machine reach it."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"{'tls' if self.tls_dir else 'nats'}://{host}:{self.port}"
+        return f"{'tls' if self.tls_dir else 'nats'}://{self.local_host}:{self.port}"
 
     def config_text(self) -> str:
         jetstream = f'  store_dir: "{self.store_dir}"\n'
@@ -138,7 +141,7 @@ class EmbeddedNats:
                     f"nats-server exited with {self.process.returncode}; see {self.store_dir / 'nats-server.log'}"
                 )
             try:
-                with socket.create_connection(self._address(), timeout=0.5) as sock:
+                with socket.create_connection((self.local_host, self.port), timeout=0.5) as sock:
                     if self.tls_dir:  # it says INFO only after the TLS handshake; a listener is all this waits for
                         return
                     if sock.recv(4).startswith(b"INFO"):
@@ -147,10 +150,6 @@ class EmbeddedNats:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"nats-server did not listen on {self.url} within {timeout_s}s")
                 time.sleep(0.05)
-
-    def _address(self) -> tuple[str, int]:
-        host, port = self.url.split("://")[1].rsplit(":", 1)
-        return host, int(port)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         stop_process(self.process, timeout_s)
