@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from ops.config import default_home, env_float
+from ops.config import ROUTE_PORT, default_home, env_float
 
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 from workers.store import DEFAULT_MODEL, ModelStore, StoreError
@@ -78,7 +78,7 @@ def cmd_serve(args) -> None:
         # The cluster's placement takes --split for the pinned nodes; the local group flags do not apply.
         cluster = ClusterSettings(listen=args.cluster_listen, address=args.advertise, mdns=not args.no_mdns,
                                   memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
-                                  request=placement_request(args),
+                                  request=placement_request(args), brokers=args.brokers, route_port=args.route_port,
                                   **({"name": args.cluster_name} if args.cluster_name else {}))
         args.split = None
     elif args.pin or args.layout:
@@ -257,7 +257,8 @@ def cmd_join(args) -> None:
     api_keys = load_api_keys(args.api_key_file, os.environ.get(ENV_KEYS))
     limit = int(args.memory_limit * 1e9) if args.memory_limit else None
     asyncio.run(run_node(args.home, args.address, args.token, limit, args.advertise,
-                         (args.host, args.port) if args.port else None, api_keys))
+                         (args.host, args.port) if args.port else None, api_keys,
+                         (args.nats_port, args.route_port) if args.broker else None))
 
 
 def cmd_join_token(args) -> None:
@@ -351,6 +352,11 @@ def parser() -> argparse.ArgumentParser:
                    "the LAN (default: this host's name)")
     c.add_argument("--no-mdns", action="store_true", help="do not advertise the cluster by mDNS (nodes then join by "
                    "address)")
+    c.add_argument("--brokers", type=int, choices=(1, 3), default=1, help="3: the broker is three nats-servers, this "
+                   "machine's and those of two nodes that join with --broker; streams are kept in three replicas, "
+                   "and the cluster serves once the three are up. Chosen at set-up (see README, Cluster)")
+    c.add_argument("--route-port", type=int, default=ROUTE_PORT, help="with --brokers 3: this broker's port for "
+                   "the other brokers (mutual TLS)")
     add_placement_flags(c)
     add_group_flags(s)
     s.set_defaults(func=cmd_serve)
@@ -461,6 +467,11 @@ def parser() -> argparse.ArgumentParser:
     jn.add_argument("--api-key-file", type=Path, default=os.environ.get("CONCLAVE_API_KEY_FILE") or None,
                     metavar="PATH", help="API keys of the HTTP port, as for serve")
     add_node_flags(jn)
+    jn.add_argument("--broker", action="store_true", help="also run one of the cluster's three brokers (a cluster "
+                    "set up with `serve --cluster --brokers 3`); chosen when joining")
+    jn.add_argument("--nats-port", type=int, default=4222, help="with --broker: its port for clients (TLS)")
+    jn.add_argument("--route-port", type=int, default=ROUTE_PORT, help="with --broker: its port for the other "
+                    "brokers (mutual TLS)")
     jn.set_defaults(func=cmd_join)
 
     jt = sub.add_parser("join-token", help="print the token other machines join this cluster with", formatter_class=DEFAULTS)

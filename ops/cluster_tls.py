@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import re
 import socket
 from pathlib import Path
 
@@ -79,8 +80,23 @@ def _certificate(subject: x509.Name, public_key, issuer: x509.Name, signing_key,
             except ValueError:
                 alternatives.append(x509.DNSName(name))
         builder = (builder.add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+                   # Client too: a broker dials the others' route ports with it (mutual TLS, nats_server.py).
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                         ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
     return builder.sign(signing_key, hashes.SHA256())
+
+
+def _ca(home: Path):
+    folder = tls_dir(home)
+    return (serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None),
+            x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes()))
+
+
+def _server_certificate(home: Path, public_key, host: str, names: list[str]) -> bytes:
+    ca_key, ca_cert = _ca(home)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    return _certificate(subject, public_key, ca_cert.subject, ca_key, False, names).public_bytes(
+        serialization.Encoding.PEM)
 
 
 def ensure_cluster_tls(home: Path) -> Path:
@@ -92,13 +108,34 @@ def ensure_cluster_tls(home: Path) -> Path:
         write_private(folder / "ca.key", _key_pem(ca_key))
         (folder / "ca.pem").write_bytes(_certificate(name, ca_key.public_key(), name, ca_key, True, [])
                                         .public_bytes(serialization.Encoding.PEM))
-    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
     # Re-issued at every start: the machine's addresses may have changed since the last one.
     server_key = ec.generate_private_key(ec.SECP256R1())
-    names = [socket.gethostname(), "localhost", *_local_addresses()]
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, socket.gethostname())])
-    server = _certificate(subject, server_key.public_key(), ca_cert.subject, ca_key, False, names)
+    certificate = _server_certificate(home, server_key.public_key(), socket.gethostname(), machine_names())
     write_private(folder / "server.key", _key_pem(server_key))
-    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(certificate)
     return folder
+
+
+def machine_names() -> list[str]:
+    """What a certificate for this machine names: its host name, localhost and every address it has now."""
+    return [socket.gethostname(), "localhost", *_local_addresses()]
+
+
+def new_broker_key(home: Path) -> str:
+    """A joining broker's side (ops/brokers.py): a new key for its server certificate, kept in its home; returns
+    the public half (PEM) for the first machine to certify. The private half never leaves the machine."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(tls_dir(home) / "server.key", _key_pem(key))
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def certify_broker(home: Path, public_key_pem: str, host: str, names: list[str]) -> str:
+    """The first machine's side: a server certificate, signed by the cluster CA, for a joining broker's key
+    (it serves clients with it and dials the other brokers' routes with it)."""
+    public_key = serialization.load_pem_public_key(public_key_pem.encode())
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise ValueError("a broker's key must be an elliptic-curve key")
+    if not 0 < len(names) <= 64 or not all(re.fullmatch(r"[A-Za-z0-9.:%_-]{1,253}", name) for name in names):
+        raise ValueError("a broker's certificate names 1 to 64 host names or addresses")
+    return _server_certificate(home, public_key, host, names).decode()

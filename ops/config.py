@@ -6,6 +6,8 @@ import os
 import socket
 from pathlib import Path
 
+ROUTE_PORT = 6222  # NATS's usual cluster port: where a cluster's brokers reach each other (ops/brokers.py)
+
 
 def default_home() -> Path:
     """State directory: the model store and the embedded nats-server's JetStream data live under it."""

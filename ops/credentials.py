@@ -48,7 +48,7 @@ def cluster_ca(home: Path) -> Path:
 def apply_authorization(home: Path) -> bool:
     """Write the embedded nats-server's authorization from the credentials now in `home` and have a running one
     re-read it; False when none runs (it takes effect at its next start)."""
-    write_authorization(home, Path(home) / "nats")
+    write_authorization(Path(home) / "nats", public_keys(home))
     return reload_embedded(Path(home) / "nats")
 
 
@@ -165,11 +165,13 @@ def server_authorization(home: Path) -> str:
     return authorization_block(public_keys(home))
 
 
-def write_authorization(home: Path, nats_dir: Path) -> Path:
-    """The embedded nats-server's authorization file, from the credentials now in `home`."""
+def write_authorization(nats_dir: Path, keys: dict[str, str]) -> Path:
+    """An embedded nats-server's authorization file for these users (role -> public key): a home's
+    (`public_keys`), or those a broker node was told of (ops/brokers.py)."""
+    nats_dir = Path(nats_dir)
     nats_dir.mkdir(parents=True, exist_ok=True)
     path = nats_dir / AUTHORIZATION_FILE
-    write_private(path.with_suffix(".tmp"), server_authorization(home).encode())
+    write_private(path.with_suffix(".tmp"), authorization_block(keys).encode())
     path.with_suffix(".tmp").replace(path)
     return path
 

@@ -22,15 +22,18 @@ import logging
 import re
 import socket
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import nats
 
+from ops.brokers import FirstBroker, broker_routes, broker_urls, check_offer, install_grant
+from ops.cluster_tls import certify_broker, fingerprint, tls_dir
 from ops.credentials import (admit_node, apply_authorization, cluster_ca, credentials_dir, new_seed,
-                             public_key_of_seed, role_identity, write_private)
+                             public_key_of_seed, public_keys, role_identity, write_private)
 from pipeline.access import (CA_READER, CA_READER_SEED, CA_SUBJECT, INGRESS, JOIN_SUBJECT, JOINER, Identity,
                              inbox_prefix, node_role, tls_context)
-from schemas.membership import JoinReply, JoinRequest, Membership
+from schemas.membership import BrokerGrant, BrokerOffer, JoinReply, JoinRequest, Membership
 
 log = logging.getLogger("conclave.join")
 MEMBERSHIP_FILE = "cluster.json"
@@ -101,8 +104,10 @@ async def _joiner_connection(url: str, role: str, seed: str, ca: Path | None):
         raise JoinError(f"cannot reach a Conclave broker at {url}: {text}") from None
 
 
-async def join(home: Path, address: str, token: str, node_id: str) -> Membership:
-    """Join the cluster whose broker is at `address`, as `node_id`; returns (and keeps) the membership."""
+async def join(home: Path, address: str, token: str, node_id: str,
+               broker: Callable[[], BrokerOffer] | None = None) -> Membership:
+    """Join the cluster whose broker is at `address`, as `node_id`; returns (and keeps) the membership. With
+    `broker`, this node offers to run one of the cluster's brokers (ops/brokers.py)."""
     fingerprint_wanted, seed = parse_token(token)
     url = broker_url(address)
     # 1. The CA certificate, over TLS that verifies nothing yet, as the public ca-reader (the token's key is not
@@ -115,8 +120,6 @@ async def join(home: Path, address: str, token: str, node_id: str) -> Membership
                         f"cluster started with --cluster?") from None
     finally:
         await nc.close()
-    from ops.cluster_tls import fingerprint, tls_dir
-
     try:
         got = fingerprint(pem)
     except ValueError:
@@ -129,8 +132,9 @@ async def join(home: Path, address: str, token: str, node_id: str) -> Membership
     # 2. The request, over TLS verified against that CA.
     identities = node_identities(home, node_id)
     keys = {name: public_key_of_seed(identity.seed_file.read_bytes()) for name, identity in identities.items()}
+    offer = broker() if broker else None
     request = JoinRequest(node_id=node_id, host=socket.gethostname(), agent_key=keys["agent"],
-                          ingress_key=keys["ingress"], worker_key=keys["worker"])
+                          ingress_key=keys["ingress"], worker_key=keys["worker"], broker=offer)
     nc = await _joiner_connection(url, JOINER, seed, cluster_ca(home))
     try:
         reply = msgspec.json.decode((await nc.request(JOIN_SUBJECT, msgspec.json.encode(request), timeout=10)).data,
@@ -141,27 +145,47 @@ async def join(home: Path, address: str, token: str, node_id: str) -> Membership
         await nc.close()
     if not reply.accepted:
         raise JoinError(f"the cluster refused this node: {reply.reason}")
-    membership = Membership(broker=url, node_id=node_id, ca_fingerprint=fingerprint_wanted, cluster=reply.cluster)
+    membership = Membership(broker=url, node_id=node_id, ca_fingerprint=fingerprint_wanted, cluster=reply.cluster,
+                            brokers=reply.brokers)
+    if offer is not None:
+        if reply.grant is None:
+            raise JoinError("the cluster admitted this node but gave it no broker certificate: is the first machine "
+                            "older than this one?")
+        install_grant(home, reply.grant)
+        membership = msgspec.structs.replace(membership, routes=reply.grant.routes, own_broker=offer)
     (Path(home) / MEMBERSHIP_FILE).write_bytes(msgspec.json.encode(membership))
     return membership
 
 
-async def answer_joins(nc, home: Path, own_node_id: str, cluster: str) -> list:
-    """The first machine's side: hand out the CA certificate and admit nodes. Returns the subscriptions."""
+async def answer_joins(nc, home: Path, own_node_id: str, cluster: str, first: FirstBroker) -> list:
+    """The first machine's side: hand out the CA certificate and admit nodes (and brokers, ops/brokers.py).
+    Returns the subscriptions."""
     async def certificate(msg):
         await msg.respond(cluster_ca(home).read_bytes())
 
     async def admit(msg):
+        granted = None
         try:
             request = msgspec.json.decode(msg.data, type=JoinRequest)
-            reason = admit_node(home, request, own_node_id)
+            reason = check_offer(home, request, first) if request.broker else None
+            # Certified before it is admitted: a key or name that cannot be certified leaves no member behind.
+            certificate = (certify_broker(home, request.broker.public_key, request.host, request.broker.names)
+                           if request.broker and reason is None else None)
+            reason = reason or admit_node(home, request, own_node_id)
         except msgspec.MsgspecError as exc:
             reason = f"not a join request: {exc}"
+        except ValueError as exc:
+            reason = f"cannot certify the broker's key: {exc}"
         if reason is None:
             apply_authorization(home)
-            log.info("node %s (%s) joined the cluster", request.node_id, request.host)
+            if request.broker:
+                granted = BrokerGrant(certificate=certificate, routes=broker_routes(home, first),
+                                      users=public_keys(home))
+            log.info("node %s (%s) joined the cluster%s", request.node_id, request.host,
+                     " as a broker" if granted else "")
         else:
             log.warning("refused a join request: %s", reason)
-        await msg.respond(msgspec.json.encode(JoinReply(accepted=reason is None, reason=reason, cluster=cluster)))
+        await msg.respond(msgspec.json.encode(JoinReply(accepted=reason is None, reason=reason, cluster=cluster,
+                                                        brokers=broker_urls(home, first), grant=granted)))
 
     return [await nc.subscribe(CA_SUBJECT, cb=certificate), await nc.subscribe(JOIN_SUBJECT, cb=admit)]

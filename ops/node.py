@@ -21,7 +21,10 @@ from pathlib import Path
 
 from ops.agent import REPORT_S, Offer, keep_reporting, node_id
 from ops.deployment import DeploymentError
+from ops.brokers import follow_users, offer
 from ops.join import JoinError, broker_url, join, node_identities, parse_token, read_membership
+from ops.supervise import keep_broker_running
+from pipeline.connection import servers
 from ops.ranks import RankKeeper, obey
 from pipeline.connection import Link
 from pipeline.nodes import decode_status, node_subject
@@ -55,10 +58,10 @@ async def find_brokers(token: str) -> list[str]:
 REFUSED_FOR_S = 30.0  # the broker reloads a new node's users within moments; refused this long, it was removed
 
 
-async def open_link(url: str, name: str, identity) -> Link:
+async def open_link(url: str, name: str, identity, on_open=None) -> Link:
     """The agent's connection. Right after joining, the broker may not have reloaded its users yet; after a reboot
     the first machine may still be starting: retried, said once. Refused for REFUSED_FOR_S: removed, said so."""
-    link, pause, said, started = Link(url, name, identity), 0.5, False, time.monotonic()
+    link, pause, said, started = Link(url, name, identity, on_open), 0.5, False, time.monotonic()
     while True:
         try:
             await link.open()
@@ -96,15 +99,20 @@ async def refuse_a_twin(link: Link, own: str, offer: Offer) -> None:
 
 
 async def run_node(home: Path, address: str | None, token: str | None, memory_limit: int | None,
-                   advertise: str | None, http: tuple[str, int] | None, api_keys: dict[str, str]) -> None:
+                   advertise: str | None, http: tuple[str, int] | None, api_keys: dict[str, str],
+                   broker: tuple[int, int] | None = None) -> None:
+    """`broker`: (client port, route port) of the broker this node offers to run when it joins (ops/brokers.py);
+    a broker node runs it at every start after."""
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     own = node_id(home)
     membership = read_membership(home)
     if token:
         for candidate in [address] if address else await find_brokers(token):
+            url = broker_url(candidate)
+            make_offer = (lambda: offer(home, advertise or route_address(url), *broker)) if broker else None
             try:
-                membership = await join(home, broker_url(candidate), token, own)
+                membership = await join(home, url, token, own, make_offer)
                 break
             except JoinError as exc:
                 if address or "refused this node" in str(exc) or "refused the token" in str(exc):
@@ -112,28 +120,62 @@ async def run_node(home: Path, address: str | None, token: str | None, memory_li
                 log.warning("%s; trying the next address", exc)
         else:
             raise JoinError("no address the cluster was advertised at proved to be its broker")
-        print(f"joined cluster {membership.cluster or '?'} at {membership.broker} as node {own}", flush=True)
+        print(f"joined cluster {membership.cluster or '?'} at {membership.broker} as node {own}"
+              + (" and broker" if membership.own_broker else ""), flush=True)
     elif membership is None:
         raise JoinError("this machine is not a member of a cluster yet: conclave join ADDRESS --token TOKEN (the "
                         "line `conclave serve --cluster` printed on the first machine)")
+    elif broker and membership.own_broker is None:
+        raise JoinError("a node offers a broker when it joins: join again with a token and --broker")
     identities = node_identities(home, own)
-    offer = Offer(memory_limit=memory_limit, address=advertise or route_address(membership.broker))
+    offered = Offer(memory_limit=memory_limit, address=advertise or route_address(membership.broker))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    link = await open_link(membership.broker, f"conclave-agent:{own}", identities["agent"])
-    await refuse_a_twin(link, own, offer)
-    keeper = RankKeeper(home, own, offer.address, membership.broker, identities["worker"])
-    tasks = [asyncio.create_task(keep_reporting(link, home, keeper.running, stopping, offer)),
+    async with running_broker(home, own, membership, stopping) as nats_server:
+        await run_agent(home, own, membership, identities, offered, http, api_keys, stopping, nats_server)
+
+
+@contextlib.asynccontextmanager
+async def running_broker(home: Path, own: str, membership, stopping: asyncio.Event):
+    """A broker node's own nats-server (ops/brokers.py), supervised while the node runs and stopped after
+    everything else (the ranks' and the ingress's jobs are settled through it); None on other nodes."""
+    if membership.own_broker is None:
+        yield None
+        return
+    nats_server = broker_server(home, own, membership)
+    await asyncio.to_thread(nats_server.start)
+    supervising = asyncio.create_task(keep_broker_running(nats_server, stopping))
+    try:
+        yield nats_server
+    finally:
+        stopping.set()
+        await asyncio.to_thread(nats_server.stop)
+        await supervising
+
+
+async def run_agent(home: Path, own: str, membership, identities, offered: Offer, http, api_keys,
+                    stopping: asyncio.Event, nats_server) -> None:
+    urls, on_open = membership.urls(), None
+    if nats_server is not None:  # this node's own server first; every other broker after
+        urls = ",".join([nats_server.url, *servers(urls)])
+
+        async def on_open(nc):
+            await follow_users(nc, nats_server.store_dir)
+
+    link = await open_link(urls, f"conclave-agent:{own}", identities["agent"], on_open)
+    await refuse_a_twin(link, own, offered)
+    keeper = RankKeeper(home, own, offered.address, urls, identities["worker"])
+    tasks = [asyncio.create_task(keep_reporting(link, home, keeper.running, stopping, offered)),
              asyncio.create_task(obey(link, keeper, stopping, LOST_BROKER_S))]
     server = None
     if http is not None:
-        server = ingress_server(membership.broker, identities["ingress"], http, api_keys)
+        server = ingress_server(urls, identities["ingress"], http, api_keys)
         tasks.append(asyncio.create_task(server.serve()))
     where = f", OpenAI API at http://{http[0]}:{http[1]}/v1" if http else ""
-    print(f"{READY_LINE} {own} is serving in cluster {membership.cluster or '?'} (broker {membership.broker}, "
-          f"address {offer.address}{where})", flush=True)
+    print(f"{READY_LINE} {own} is serving in cluster {membership.cluster or '?'} (brokers {urls}, "
+          f"address {offered.address}{where})", flush=True)
     failed = None
     try:
         # Until stopped, or until a part of the node fails: a node that reports "up" but obeys nothing would hold
@@ -154,6 +196,21 @@ async def run_node(home: Path, address: str | None, token: str | None, memory_li
     if failed is not None:
         raise DeploymentError(f"a part of this node stopped ({failed.exception() or 'it returned'}); exiting so that "
                               f"it restarts")
+
+
+def broker_server(home: Path, own: str, membership):
+    """This node's nats-server, one of the cluster's brokers (ops/brokers.py): on every address, TLS with the
+    certificate the first machine made for it, routes to the other brokers; its store encrypted like the first
+    machine's when CONCLAVE_JETSTREAM_KEY is set."""
+    import os
+
+    from ops.cluster_tls import tls_dir
+    from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats
+
+    mine = membership.own_broker
+    return EmbeddedNats(home / "nats", port=mine.client_port, host="0.0.0.0", tls_dir=tls_dir(home), name=own,
+                        cluster_port=mine.route_port, routes=membership.routes,
+                        encryption_key=os.environ.get(KEY_VARIABLE))
 
 
 def ingress_server(broker: str, identity, http: tuple[str, int], api_keys: dict[str, str]):

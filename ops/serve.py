@@ -27,8 +27,10 @@ from ops.agent import Offer, keep_reporting, node_id
 from ops.controller import Controller, answer_previews
 from ops.discovery import default_cluster_name, host_addresses
 from ops.cluster_tls import ensure_cluster_tls, fingerprint
-from ops.join import DEFAULT_BROKER_PORT, answer_joins, make_token
-from ops.credentials import cluster_ca, role_identity, write_authorization
+from ops.config import ROUTE_PORT
+from ops.brokers import FirstBroker, broker_routes, keep_announcing_users, make_streams
+from ops.join import DEFAULT_BROKER_PORT, answer_joins, broker_url, make_token
+from ops.credentials import cluster_ca, public_keys, role_identity, write_authorization
 from ops.deployment import Deployment, DeploymentError, claim_home, forget_deployment, record_deployment
 from ops.group import GroupSpec, GroupSpecError, plan_group, python_command, rank_arguments
 from ops.supervise import GroupSupervisor, keep_broker_running
@@ -67,12 +69,18 @@ class ClusterSettings:
     memory_limit: int | None = None  # bytes this node offers placement at most
     mdns: bool = True  # advertise the cluster on the LAN (ops/discovery.py)
     request: PlacementRequest = field(default_factory=PlacementRequest)  # context, batch and pins to place for
+    brokers: int = 1  # 1: this machine's; 3: with two nodes that join with --broker (ops/brokers.py)
+    route_port: int = ROUTE_PORT  # with 3 brokers: this one's route listener
 
     def advertised_host(self) -> str:
         return self.address or next(iter(host_addresses()), None) or socket.gethostname()
 
     def advertised(self, port: int) -> str:
         return self.advertised_host() if port == DEFAULT_BROKER_PORT else f"{self.advertised_host()}:{port}"
+
+    def first_broker(self, port: int) -> FirstBroker:
+        return FirstBroker(url=broker_url(self.advertised(port)),
+                           route=f"{self.advertised_host()}:{self.route_port}" if self.brokers > 1 else None)
 
 
 async def advertise_cluster(cluster: ClusterSettings, ca: str, nats_port: int, http_port: int):
@@ -131,6 +139,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     worker = role_identity(home, worker_role(model.id))
     signing_key = load_signing_key(signing_key_path(home), create=True)
     nats_server = broker = tls = None
+    own = node_id(home)
     if cluster is not None:
         if nats_url is not None:
             raise DeploymentError("--cluster opens the embedded broker to the LAN; with --nats-url, your own NATS "
@@ -141,10 +150,15 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         tls = ensure_cluster_tls(home)
         role_identity(home, JOINER)  # the join token's key, in the authorization before the server starts
         operator, ingress, worker = (replace(i, ca_file=cluster_ca(home)) for i in (operator, ingress, worker))
+        first = cluster.first_broker(nats_port)
+        if first.route is not None:
+            replicas = cluster.brokers
     if nats_url is None:
         nats_server = EmbeddedNats(home / "nats", port=nats_port, encryption_key=os.environ.get(KEY_VARIABLE),
-                                   host=cluster.listen if cluster else "127.0.0.1", tls_dir=tls)
-        write_authorization(home, nats_server.store_dir)
+                                   host=cluster.listen if cluster else "127.0.0.1", tls_dir=tls,
+                                   **({"name": own, "cluster_port": cluster.route_port,
+                                       "routes": broker_routes(home, first)} if cluster and first.route else {}))
+        write_authorization(nats_server.store_dir, public_keys(home))
         await asyncio.to_thread(nats_server.start)
         nats_url = nats_server.url
         broker = asyncio.create_task(keep_broker_running(nats_server, stopping))
@@ -165,13 +179,23 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
             await made(nc)
 
     control = Link(nats_url, "conclave-operator", operator, on_open=subscribe)
+    advertising = None
+    if cluster is not None:  # before the streams: with three brokers, two more machines must join first
+        reopen.append(lambda nc: answer_joins(nc, home, own, cluster.name, first))
     await control.open()
-    await persist(lambda: ensure_streams(control.nc.jetstream(), replicas), 30.0)
+    if cluster is not None:
+        ca = fingerprint(cluster_ca(home).read_bytes())
+        advertising = await advertise_cluster(cluster, ca, nats_port, port)
+        print(f"Other machines join this cluster with:\n  conclave join {cluster.advertised(nats_port)} --token "
+              f"{make_token(home, ca)}" + (" (two of them with --broker)" if first.route else ""), flush=True)
+    if cluster is not None and first.route:
+        await make_streams(control, replicas)
+    else:
+        await persist(lambda: ensure_streams(control.nc.jetstream(), replicas), 30.0)
     await persist(lambda: ensure_consumer(control.nc.jetstream(), model.id, 5 * settings.heartbeat_s), 30.0)
     log.info("audit checkpoints are signed with %s (give it to your auditors: conclave audit verify "
              "--public-key)", public_key_text(signing_key))
     shutil.rmtree(home / "groups", ignore_errors=True)  # folders of groups an earlier serve left behind
-    own = node_id(home)
     offer = Offer(memory_limit=cluster.memory_limit if cluster else None,
                   address=cluster.advertised_host() if cluster else "127.0.0.1")
     context_length = model_context_length(model.path)
@@ -182,20 +206,16 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     def command(spec: GroupSpec) -> Callable[[str, Path], list[str]]:
         return worker_command(model, spec, nats_url, worker, settings)
 
-    advertising = None
     if cluster is not None:
         # The model is placed on the cluster's nodes (this one included) by the controller, not by flags.
         controller = Controller(control, model, own, settings, cluster.request, command, home / "groups",
                                 publish, context_length)
         store = ModelStore(home / "models")
-        reopen.extend([controller.subscribe, lambda nc: answer_joins(nc, home, own, cluster.name),
-                       lambda nc: answer_previews(nc, store)])
-        await subscribe(control.nc)
+        opened = [controller.subscribe, lambda nc: answer_previews(nc, store)]
+        reopen.extend(opened)
+        for made in opened:
+            await made(control.nc)
         running, workers = controller.running, asyncio.create_task(controller.run(stopping))
-        ca = fingerprint(cluster_ca(home).read_bytes())
-        advertising = await advertise_cluster(cluster, ca, nats_port, port)
-        print(f"Other machines join this cluster with:\n  conclave join {cluster.advertised(nats_port)} --token "
-              f"{make_token(home, ca)}", flush=True)
     else:
         supervisor = GroupSupervisor(group, command(group), home / "groups", settings.heartbeat_s)
         running, workers = supervisor.running, asyncio.create_task(supervisor.run())
@@ -205,6 +225,8 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}")),
                   asyncio.create_task(keep_reporting(control, home, running, stopping, offer)),
                   asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]
+    if cluster is not None and first.route:
+        background.append(asyncio.create_task(keep_announcing_users(control, home, stopping)))
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).
     record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url))

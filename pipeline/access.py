@@ -54,6 +54,7 @@ JOIN_SUBJECT = "conclave.cluster.join"
 CA_SUBJECT = "conclave.cluster.ca"
 PLACE_SUBJECT = "conclave.cluster.place"  # placement previews, answered by the controller
 AGENTS_PREFIX = "conclave.agents"
+USERS_SUBJECT = "conclave.cluster.users"  # the users every broker admits, announced by the operator (ops/brokers.py)
 
 
 class AccessError(ValueError):
@@ -139,7 +140,9 @@ def agent_permissions(node_id: str) -> Permissions:
     controller's orders for itself, and answers them (`allow_responses`: only to requests it received)."""
     return Permissions(publish=(f"{NODES_PREFIX}.{node_id}", f"{AGENTS_PREFIX}.{node_id}.events",
                                 _direct_get(NODES_STREAM, f"{NODES_PREFIX}.{node_id}")),
-                       subscribe=(f"{reply_prefix(node_role(node_id))}.>", f"{AGENTS_PREFIX}.{node_id}.orders.>"),
+                       # The users (public keys) every broker admits: a broker node applies them to its server.
+                       subscribe=(f"{reply_prefix(node_role(node_id))}.>", f"{AGENTS_PREFIX}.{node_id}.orders.>",
+                                  USERS_SUBJECT),
                        responses=True)
 
 

@@ -82,11 +82,12 @@ class EmbeddedNats:
         # A cluster's broker (ops/cluster_tls.py): TLS before the first byte, with the cluster CA's certificate.
         self.tls_dir = Path(tls_dir) if tls_dir is not None else None
         # One of several servers of a NATS cluster (host:port of every server's route listener, itself included):
-        # JetStream then keeps each stream on as many of them as its replicas say. Its routes carry no
-        # authentication yet, so it is refused anywhere but on loopback (tests; see README, Cluster).
+        # JetStream then keeps each stream on as many of them as its replicas say. With `tls_dir`, routes are
+        # mutual TLS: each side shows a certificate of the cluster CA and checks the other's (ops/brokers.py).
+        # Without, they carry no authentication, so they are refused anywhere but on loopback (tests).
         self.name, self.cluster_port, self.routes = name, cluster_port, list(routes)
-        if cluster_port is not None and not (host.startswith("127.") or host == "localhost"):
-            raise ValueError("routes between embedded servers are unauthenticated: loopback only")
+        if cluster_port is not None and tls_dir is None and not (host.startswith("127.") or host == "localhost"):
+            raise ValueError("routes without TLS between embedded servers are unauthenticated: loopback only")
         self.process: subprocess.Popen | None = None
 
     @property
@@ -109,8 +110,12 @@ class EmbeddedNats:
         cluster = ""
         if self.cluster_port is not None:
             routes = ", ".join(f'"nats-route://{route}"' for route in self.routes)
+            mutual = ""
+            if self.tls_dir:
+                mutual = (f'  tls {{\n    cert_file: "{self.tls_dir / "server.pem"}"\n    key_file: "{self.tls_dir / "server.key"}"'
+                          f'\n    ca_file: "{self.tls_dir / "ca.pem"}"\n    verify: true\n    timeout: 5\n  }}\n')
             cluster = (f'cluster {{\n  name: conclave\n  listen: "{self.host}:{self.cluster_port}"\n  routes: [{routes}]\n'
-                       f"}}\n")
+                       f"{mutual}}}\n")
         return (f'listen: "{self.host}:{self.port}"\nserver_name: {self.name}\nmax_payload: {EMBEDDED_MAX_PAYLOAD}\n'
                 f'pid_file: "{self.store_dir / "nats-server.pid"}"\ninclude "authorization.conf"\n{tls}{cluster}'
                 f"jetstream {{\n{jetstream}}}\n")

@@ -49,7 +49,7 @@ async def read_nodes(js) -> list[NodeStatus]:
     statuses = []
     for msg in await _read_bucket(js, NODES_STREAM, NODES_PREFIX):
         try:
-            status = decode_status(msg.data)
+            status = decode_status(msg.data or b"")  # a deleted key's marker has no data
         except msgspec.MsgspecError:
             continue
         if msg.subject == node_subject(status.facts.id):

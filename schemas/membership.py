@@ -16,27 +16,62 @@ from schemas.cluster import PlacementRequest
 NKEY_USER = r"^U[A-Z2-7]{55}$"
 
 
+class BrokerOffer(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A joining node that will also run one of the cluster's brokers (`conclave join --broker`, ops/brokers.py)."""
+
+    public_key: str  # PEM: the key its server certificate is to certify (made on the node; it never leaves it)
+    names: list[str]  # the host names and addresses that certificate names
+    address: str  # what the other machines dial it on
+    client_port: int
+    route_port: int
+
+    def client_url(self) -> str:
+        return f"tls://{self.address}:{self.client_port}"
+
+    def route(self) -> str:
+        return f"{self.address}:{self.route_port}"
+
+
 class JoinRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     node_id: str
     host: str
     agent_key: str  # nkey public keys (U...)
     ingress_key: str
     worker_key: str
+    broker: Union[BrokerOffer, None] = None
+
+
+class BrokerGrant(Struct, kw_only=True):
+    """What a joining broker gets: its certificate, where the other brokers are, and the users every broker
+    admits (role -> nkey public key), until the first machine announces a change (ops/brokers.py)."""
+
+    certificate: str  # PEM, signed by the cluster CA
+    routes: list[str]  # host:port of the route listener of every broker known, its own included
+    users: dict[str, str]
 
 
 class JoinReply(Struct, kw_only=True):
     accepted: bool
     reason: Union[str, None] = None  # why not, for the operator of the joining machine
     cluster: str = ""  # the cluster's name (the first machine's host name unless set)
+    brokers: list[str] = []  # tls://address:port of every broker known; a node dials any of them
+    grant: Union[BrokerGrant, None] = None  # to a node that offered a broker
 
 
 class Membership(Struct, kw_only=True):
-    """`<home>/cluster.json` on a joined node: where its broker is and which CA it trusts."""
+    """`<home>/cluster.json` on a joined node: where its brokers are and which CA it trusts."""
 
-    broker: str  # tls://address:port
+    broker: str  # tls://address:port it joined through
     node_id: str
     ca_fingerprint: str
     cluster: str = ""
+    brokers: list[str] = []  # every broker known when it joined (the servers tell it of later ones while it runs)
+    routes: list[str] = []  # a broker node's: the route listeners its own server dials
+    own_broker: Union[BrokerOffer, None] = None  # a broker node's: the broker it runs
+
+    def urls(self) -> str:
+        """Every broker, comma-separated, as a connection dials them (pipeline/connection.py)."""
+        return ",".join(dict.fromkeys([self.broker, *self.brokers]))
 
 
 class WorkerSettings(Struct, kw_only=True):

@@ -193,7 +193,7 @@ def start_bare_nats(home: Path, port: int | None = None, **options) -> Broker:
     """An authenticated nats-server of its own in `home` (its roles: operator, the worker of MODEL, the suite's
     submitter); `prepare_streams` gives it Conclave's streams and MODEL's consumer."""
     from ops.config import free_port
-    from ops.credentials import write_authorization
+    from ops.credentials import public_keys, write_authorization
     from pipeline.access import worker_role
     from pipeline.nats_server import EmbeddedNats
 
@@ -201,7 +201,7 @@ def start_bare_nats(home: Path, port: int | None = None, **options) -> Broker:
         role_identity(home, role)
     submitter_identity(home)
     server = EmbeddedNats(home / "nats", port=port or free_port(), **options)
-    write_authorization(home, server.store_dir)
+    write_authorization(server.store_dir, public_keys(home))
     server.start()
     return Broker(home, server)
 

@@ -1,13 +1,18 @@
-"""A 3-server broker: three nats-servers with routes between them (a NATS cluster, as an operator runs one for
-Conclave with `--nats-url`), every stream kept in three replicas (`serve --replicas 3`). One server killed with
-SIGKILL while jobs are queued loses nothing: every request is answered, and the audit log still verifies.
+"""A broker of three, formed by joining (ops/brokers.py): `conclave serve --cluster --brokers 3` and two
+`conclave join --broker`, each machine with its own home and ports on loopback. The streams are kept in three
+replicas, so one nats-server killed with SIGKILL while jobs are queued loses nothing: every request is answered
+and the audit log still verifies. The routes between the brokers admit only certificates of the cluster's CA,
+and a user the first machine adds is admitted by the other brokers too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,53 +21,100 @@ from concurrent.futures import ThreadPoolExecutor
 import nats
 import openai
 
+from ops.agent import node_id
+from ops.cluster_tls import ensure_cluster_tls, tls_dir
 from ops.config import free_port
-from ops.credentials import role_identity, write_authorization
-from ops.spawn import spawn_server
-from pipeline.access import INGRESS, OPERATOR, worker_role
-from pipeline.nats_server import EmbeddedNats
+from ops.credentials import cluster_ca, role_identity
+from ops.serve import READY_LINE
+from ops.spawn import spawn_node, spawn_server, wait_for_line
+from pipeline.access import OPERATOR, Identity
 from pipeline.subjects import JOBS_STREAM
 from tests.conftest import MODEL
 
 
+def conclave(home, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ops.cli", "--home", str(home), *argv], capture_output=True,
+                          text=True, timeout=60)
+
+
 async def stream_leader(home, url: str, stream: str) -> str:
-    nc = await nats.connect(url.split(","), **role_identity(home, OPERATOR).connect_options())
+    nc = await nats.connect(url.split(","), **Identity(OPERATOR, role_identity(home, OPERATOR).seed_file,
+                                            cluster_ca(home)).connect_options())
     try:
         return (await nc.jetstream().stream_info(stream)).cluster.leader
     finally:
         await nc.close()
 
 
-def test_a_broker_of_three_loses_no_job_and_no_record_when_one_server_dies(tmp_path):
-    home = tmp_path / "home"
-    for role in (OPERATOR, INGRESS, worker_role(MODEL)):
-        role_identity(home, role)
-    ports, routes = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
-    servers = [EmbeddedNats(tmp_path / f"nats-{i}", port=ports[i], name=f"broker-{i}", cluster_port=routes[i],
-                            routes=[f"127.0.0.1:{p}" for p in routes]) for i in range(3)]
-    for server in servers:
-        write_authorization(home, server.store_dir)
-    for server in servers:  # from this thread: a server dies with the thread that started it (PR_SET_PDEATHSIG)
-        server.start()
-    url = ",".join(server.url for server in servers)
-    srv = None
+async def admitted(url: str, identity: Identity) -> bool:
     try:
-        srv = spawn_server(home, "--nats-url", url, "--replicas", "3", "--max-batch", "1", "--heartbeat", "0.5",
-                           "--worker-timeout", "30", "--checkpoint-interval", "1")
-        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=300)
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, **identity.connect_options())
+    except Exception:
+        return False
+    await nc.close()
+    return True
+
+
+def route_greets(port: int, tls) -> bool:
+    """Whether a route listener, which speaks TLS from its first byte, greets a server with this certificate
+    (`tls`: a folder of ops/cluster_tls.py) instead of refusing the handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.load_cert_chain(tls / "server.pem", tls / "server.key")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        try:
+            with context.wrap_socket(sock) as connection:
+                return connection.recv(4096).startswith(b"INFO")
+        except (ssl.SSLError, ConnectionError):  # an alert (unknown CA), or closed without one
+            return False
+
+
+def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
+    homes = [tmp_path / name for name in ("a", "b", "c")]
+    routes = [free_port() for _ in homes]
+    first = spawn_server(homes[0], "--cluster", "--brokers", "3", "--route-port", str(routes[0]), "--advertise",
+                         "127.0.0.1", "--no-mdns", "--max-batch", "1", "--heartbeat", "0.5", "--worker-timeout",
+                         "30", "--checkpoint-interval", "1", ready="--token")
+    processes, nats_ports = [first], [int(first.nats_url.rsplit(":", 1)[1])]
+    try:
+        token = re.search(r"cj1\.\S+", "".join(first.output)).group(0)
+        address = first.nats_url.removeprefix("tls://")
+        # With one broker the cluster has no quorum: nothing is served until the other two join.
+        assert not any(READY_LINE in line for line in first.output)
+        for home, route in zip(homes[1:], routes[1:]):
+            nats_ports.append(free_port())
+            processes.append(spawn_node(home, address, "--token", token, "--broker", "--nats-port",
+                                        str(nats_ports[-1]), "--route-port", str(route)))
+        wait_for_line(first.output, READY_LINE, 240)
+        urls = [f"tls://127.0.0.1:{port}" for port in nats_ports]
+
+        # Each route listener greets a certificate of the cluster's CA, and refuses one of another CA.
+        stranger = ensure_cluster_tls(tmp_path / "stranger")
+        for port in routes:
+            assert route_greets(port, tls_dir(homes[0])) and not route_greets(port, stranger)
+        # A submitter issued on the first machine, while it serves, is admitted by the other brokers too.
+        issued = conclave(homes[0], "credentials", "issue", "audit-robot", "--out", str(tmp_path / "robot.nk"))
+        assert issued.returncode == 0, issued.stderr
+        robot = Identity("audit-robot", tmp_path / "robot.nk", cluster_ca(homes[0]))
+        deadline = time.monotonic() + 30
+        while not asyncio.run(admitted(urls[2], robot)):
+            assert time.monotonic() < deadline, "the third broker never admitted the new submitter"
+            time.sleep(0.2)
+
+        client = openai.OpenAI(base_url=first.base_url, api_key="none", max_retries=0, timeout=300)
         questions = [[{"role": "user", "content": f"Question {i}: what is the capital of France?"}] for i in range(5)]
         with ThreadPoolExecutor(len(questions)) as pool:
             futures = [pool.submit(client.chat.completions.create, model=MODEL, messages=q, temperature=0,
                                    max_tokens=12) for q in questions]
             # One batch slot: while the first is generated the others are queued. The server killed is the one
-            # leading the jobs stream (with one replica, the only one holding the queue).
+            # leading the jobs stream.
             deadline = time.monotonic() + 120
-            while not any("started" in line for line in srv.output):
+            while not any("started" in line for process in processes for line in process.output):
                 assert time.monotonic() < deadline, "no job started"
                 time.sleep(0.05)
-            leader = asyncio.run(stream_leader(home, url, JOBS_STREAM))
-            (victim,) = [s for s in servers if s.name == leader]
-            os.kill(victim.process.pid, signal.SIGKILL)
+            leader = asyncio.run(stream_leader(homes[0], ",".join(urls), JOBS_STREAM))
+            (victim,) = [home for home in homes if node_id(home) == leader]
+            os.kill(int((victim / "nats" / "nats-server.pid").read_text()), signal.SIGKILL)
             answers = [future.result() for future in futures]
         assert all("Paris" in a.choices[0].message.content for a in answers)
         # Every record is there and vouched for: a checkpoint covers them, and verify passes.
@@ -70,10 +122,10 @@ def test_a_broker_of_three_loses_no_job_and_no_record_when_one_server_dies(tmp_p
         deadline = time.monotonic() + 60
         while verify is None or verify.returncode != 0:
             assert time.monotonic() < deadline, verify.stdout + verify.stderr
-            verify = subprocess.run([sys.executable, "-m", "ops.cli", "--home", str(home), "audit", "verify",
-                                     "--expect-seq", str(len(answers))], capture_output=True, text=True, timeout=60)
+            verify = conclave(homes[0], "audit", "verify", "--expect-seq", str(len(answers)))
     finally:
-        if srv is not None:
-            srv.stop()
-        for server in servers:
-            server.stop()
+        for process in reversed(processes):
+            if process.process.poll() is None:
+                process.stop()
+        sys.stdout.write("".join(first.output[-80:]))
+
