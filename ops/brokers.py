@@ -74,11 +74,11 @@ def check_offer(home: Path, request: JoinRequest, first: FirstBroker) -> str | N
     return None
 
 
-def offer(home: Path, address: str, client_port: int, route_port: int) -> BrokerOffer:
+def offer(home: Path, address: str, client_port: int, route_port: int, controller_key: str) -> BrokerOffer:
     """A joining node's offer to run a broker, with a new key for its certificate."""
     names = list(dict.fromkeys([*machine_names(), address]))
     return BrokerOffer(public_key=new_broker_key(home), names=names, address=address, client_port=client_port,
-                       route_port=route_port)
+                       route_port=route_port, controller_key=controller_key)
 
 
 def install_grant(home: Path, granted: BrokerGrant) -> None:

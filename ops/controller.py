@@ -1,13 +1,14 @@
 """The controller: places a model on the cluster's nodes, starts its ranks through their agents, re-places it
 when a node is lost.
 
-It runs in `conclave serve --cluster` on the first machine (the one with the broker and the operator's key).
-Its loop, per model:
+One runs at a time, wherever the controller lease is held (pipeline/lease.py): in `conclave serve --cluster` on
+the first machine, or, with three brokers, on a broker node once the first machine is gone. It follows the plan
+the first machine wrote (`control`). Its loop, per model:
 
 1. read the nodes' statuses (pipeline/nodes.py) and place the model on those that are up (ops/placement.py,
    a pure function); while no placement fits, say why in the instances bucket and wait for nodes;
-2. turn the plan into a worker group (ops/group.py: one host per rank, this machine's ranks local, every other
-   node's through its agent) and keep it running with the same supervisor a single machine uses
+2. turn the plan into a worker group (ops/group.py: one host per rank, each rank started through its node's
+   agent, this machine's too, so that any machine can run the controller) and keep it running with the same supervisor a single machine uses
    (ops/supervise.py): a rank that exits or hangs restarts the group where it is;
 3. when a node of the plan is lost (no status for LOST_AFTER_S), stop the group and go back to 1 with the nodes
    left. Jobs queued meanwhile wait in JetStream (their consumer outlives every group) and are served by the
@@ -22,6 +23,7 @@ session, so agents drop what an earlier controller started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import subprocess
@@ -29,20 +31,20 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 
 import msgspec
 
-from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, plan_group
+from ops.group import GroupSpec, HostSpec, RankLaunch, plan_group
 from ops.model_facts import model_facts
 from ops.placement import place
 from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX, PLACE_SUBJECT
-from pipeline.nodes import read_nodes, state_of
+from pipeline.lease import read_plan
+from pipeline.nodes import put_instance, read_nodes, state_of
 from schemas.cluster import NodeStatus, Plan, PlacementRequest
 from schemas.membership import (Instance, OrderReply, PlacementPreview, PortOrder, RankExit, StartOrder, StopOrder,
                                 WorkerSettings)
-from workers.store import ModelStore, StoredModel
+from workers.store import ModelStore, StoredModel, model_context_length
 
 log = logging.getLogger("conclave.controller")
 ORDER_TIMEOUT_S = 10.0
@@ -160,10 +162,10 @@ class AgentLauncher:
         return rank
 
 
-def group_of(plan: Plan, nodes: dict[str, NodeStatus], own_id: str) -> GroupSpec:
+def group_of(plan: Plan, nodes: dict[str, NodeStatus]) -> GroupSpec:
     """The worker group a plan describes: one host per rank, in rank order."""
-    hosts = [HostSpec(ssh="localhost", ip=nodes[r.node].facts.address or "127.0.0.1", node=None if r.node == own_id
-                      else r.node) for r in plan.ranks]
+    hosts = [HostSpec(ssh="localhost", ip=nodes[r.node].facts.address or "127.0.0.1", node=r.node)
+             for r in plan.ranks]
     split = [r.layers[1] - r.layers[0] for r in plan.ranks] if plan.layout == "pipeline" else None
     backend = "jaccl" if plan.backend == "jaccl" else "ring"
     return GroupSpec(layout=plan.layout, backend=backend, split=split, hosts=hosts)
@@ -172,25 +174,20 @@ def group_of(plan: Plan, nodes: dict[str, NodeStatus], own_id: str) -> GroupSpec
 class Controller:
     """Keeps one model placed and running on the cluster."""
 
-    def __init__(self, link, model: StoredModel, own_id: str, settings: WorkerSettings, request: PlacementRequest,
-                 command: Callable[[GroupSpec], Callable[[str, Path], list[str]]], workdir: Path,
-                 publish: Callable[[Instance], object], context_length: int | None = None):
-        self.link, self.model, self.own_id, self.settings, self.request = link, model, own_id, settings, request
-        self.command, self.workdir, self.publish = command, workdir, publish
+    def __init__(self, link, model: StoredModel, settings: WorkerSettings, request: PlacementRequest, workdir: Path,
+                 context_length: int | None = None):
+        self.link, self.model, self.settings, self.request, self.workdir = link, model, settings, request, workdir
         self.session = uuid.uuid4().hex[:12]
         self.orders = Orders(link, self.session)
         self.facts = model_facts(model.id, model.path)
         self.supervisor: GroupSupervisor | None = None
+        self.events = None  # (connection, subscription) of the agents' reports
         self.instance = Instance(model=model.id, created=model.created, context_length=context_length)
-
-    def running(self) -> list[Path]:
-        """This machine's ranks, by their liveness files (its node's status reports them)."""
-        return self.supervisor.running() if self.supervisor is not None else []
 
     async def _say(self, **changes) -> None:
         self.instance = msgspec.structs.replace(self.instance, time=time.time(), **changes)
         try:
-            await self.publish(self.instance)
+            await put_instance(self.link.nc.jetstream(), self.instance)
         except Exception as exc:
             log.warning("could not publish the state of %s: %s", self.model.id, exc)
 
@@ -222,11 +219,12 @@ class Controller:
         try:
             while not stopping.is_set():
                 try:
+                    await self._listen()
                     placed = await self._plan(stopping, after)
                     if placed is None:
                         return
                     plan, statuses = placed
-                    spec = plan_group(group_of(plan, statuses, self.own_id), self.model.path)
+                    spec = plan_group(group_of(plan, statuses), self.model.path)
                 except Exception as exc:  # NATS away a moment, or a plan the model's files refuse: try again
                     log.error("could not place %s: %s; trying again", self.model.id, exc)
                     try:
@@ -238,12 +236,11 @@ class Controller:
                 log.info("placing %s: %s over %s (%s)", self.model.id, plan.layout, ", ".join(nodes), plan.why)
 
                 def launchers(host: HostSpec, spec=spec):
-                    if host.node is None:
-                        return LocalLauncher()
                     return AgentLauncher(orders, host.node, self.model, spec, self.settings)
 
-                self.supervisor = GroupSupervisor(spec, self.command(spec), self.workdir, self.settings.heartbeat_s,
-                                                  launchers)
+                # No command line: each agent makes its rank's own (ops/ranks.py).
+                self.supervisor = GroupSupervisor(spec, lambda group_id, folder: [], self.workdir,
+                                                  self.settings.heartbeat_s, launchers)
                 await self._say(state="serving", nodes=nodes, layout=plan.layout, why=plan.why)
                 supervising = asyncio.create_task(self.supervisor.run())
                 lost = await self._watch(nodes, {n: statuses[n].facts.session for n in nodes}, stopping)
@@ -258,10 +255,15 @@ class Controller:
         finally:
             if self.supervisor is not None:
                 await asyncio.to_thread(self.supervisor.stop)
+            if self.events is not None:
+                with contextlib.suppress(Exception):
+                    await self.events[1].unsubscribe()
 
-    async def subscribe(self, nc) -> None:
-        """The agents' reports of ranks that ended (on every connection the link opens)."""
-        await nc.subscribe(f"{AGENTS_PREFIX}.*.events", cb=self.orders.on_event)
+    async def _listen(self) -> None:
+        """The agents' reports of ranks that ended, on the link's connection of the moment (it may replace it)."""
+        if self.events is None or self.events[0] is not self.link.nc:
+            self.events = (self.link.nc, await self.link.nc.subscribe(f"{AGENTS_PREFIX}.*.events",
+                                                                      cb=self.orders.on_event))
 
     async def _watch(self, nodes: list[str], sessions: dict[str, str], stopping: asyncio.Event) -> list[str]:
         """Until a node of the plan is lost (returns them) or `stopping` (returns []). An agent that restarted (a new
@@ -273,15 +275,38 @@ class Controller:
             except asyncio.TimeoutError:
                 pass
             try:
+                await self._listen()
                 statuses = {s.facts.id: s for s in await read_nodes(self.link.nc.jetstream())}
             except Exception as exc:  # NATS away a moment: judge nothing on no news
                 log.warning("could not read the nodes' statuses: %s", exc)
                 continue
-            lost = [n for n in nodes if n != self.own_id and (n not in statuses or state_of(statuses[n]) == "lost"
-                                                               or statuses[n].facts.session != sessions[n])]
+            lost = [n for n in nodes if n not in statuses or state_of(statuses[n]) == "lost"
+                    or statuses[n].facts.session != sessions[n]]
             if lost:
                 return lost
         return []
+
+
+async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -> None:
+    """What the holder of the controller lease does (pipeline/lease.py) until `lost`: place and keep running the
+    model of the plan the first machine wrote, from this machine's model store."""
+    plan = None
+    while plan is None and not lost.is_set():
+        try:
+            plan = await read_plan(link.nc.jetstream())
+        except Exception as exc:
+            log.warning("could not read the cluster's plan: %s", exc)
+        if plan is None:
+            try:
+                await asyncio.wait_for(lost.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+    if plan is None:
+        return
+    model = store.resolve(plan.model)
+    controller = Controller(link, model, plan.settings, plan.request, workdir,
+                            await asyncio.to_thread(model_context_length, model.path))
+    await controller.run(lost)
 
 
 async def answer_previews(nc, store: ModelStore):

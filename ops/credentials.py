@@ -113,6 +113,8 @@ def public_keys(home: Path) -> dict[str, str]:
     for node in joined_nodes(home):
         keys.update({node_role(node.node_id): node.agent_key, f"{node_role(node.node_id)}-ingress": node.ingress_key,
                      f"{node_role(node.node_id)}-worker": node.worker_key})
+        if node.broker is not None:
+            keys[f"{node_role(node.node_id)}-controller"] = node.broker.controller_key
     return keys
 
 
@@ -129,12 +131,14 @@ def admit_node(home: Path, request: JoinRequest, own_node_id: str) -> str | None
     fighting over one identity (EXO #1599); it is refused, with the way out."""
     import msgspec
 
-    keys = (request.agent_key, request.ingress_key, request.worker_key)
+    keys = (request.agent_key, request.ingress_key, request.worker_key,
+            *([request.broker.controller_key] if request.broker else []))
     if not NODE_ID.fullmatch(request.node_id):
         return f"{request.node_id!r} is not a node id (8 to 32 hex digits)"
-    if not all(re.fullmatch(r"U[A-Z2-7]{55}", key) for key in keys) or len(set(keys)) != 3:
-        return "the request must carry three different nkey user public keys (U...)"
-    own = {node_role(request.node_id), f"{node_role(request.node_id)}-ingress", f"{node_role(request.node_id)}-worker"}
+    if not all(re.fullmatch(r"U[A-Z2-7]{55}", key) for key in keys) or len(set(keys)) != len(keys):
+        return "the request must carry different nkey user public keys (U...)"
+    own = {node_role(request.node_id), *(f"{node_role(request.node_id)}-{part}" for part in ("ingress", "worker",
+                                                                                             "controller"))}
     if any(key in keys for role, key in public_keys(home).items() if role not in own):
         return "a key of the request already belongs to another user of this cluster: make new keys (remove " \
                "<home>/credentials/node on the joining machine) and join again"
@@ -146,7 +150,7 @@ def admit_node(home: Path, request: JoinRequest, own_node_id: str) -> str | None
     path = credentials_dir(home) / "nodes" / f"{request.node_id}.json"
     if path.exists():
         known = msgspec.json.decode(path.read_bytes(), type=JoinRequest)
-        if (known.agent_key, known.ingress_key, known.worker_key) != keys:
+        if (known.agent_key, known.ingress_key, known.worker_key) != keys[:3]:
             return f"node id {request.node_id} already belongs to a member ({known.host}) with other keys: {fix}"
     path.write_bytes(msgspec.json.encode(request))
     return None

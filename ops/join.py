@@ -74,18 +74,20 @@ def read_membership(home: Path) -> Membership | None:
 
 
 def node_identities(home: Path, node_id: str) -> dict[str, Identity]:
-    """This node's three identities (made on first use): its agent, its ingress, its worker ranks. The worker
-    identity's role is a placeholder: a rank connects with its model's worker role name (its inbox) and this key."""
+    """This node's identities (made on first use): its agent, its ingress, its worker ranks and, on a broker node,
+    its controller (ops/brokers.py). The worker identity's role is a placeholder: a rank connects with its model's
+    worker role name (its inbox) and this key."""
     folder = credentials_dir(home) / "node"
     folder.mkdir(mode=0o700, exist_ok=True)
     seeds = {}
-    for name in ("agent", "ingress", "worker"):
+    for name in ("agent", "ingress", "worker", "controller"):
         seeds[name] = folder / f"{name}.nk"
         if not seeds[name].exists():
             write_private(seeds[name], new_seed())
     ca = cluster_ca(home)
     return {"agent": Identity(node_role(node_id), seeds["agent"], ca), "ingress": Identity(INGRESS, seeds["ingress"], ca),
-            "worker": Identity("worker", seeds["worker"], ca)}
+            "worker": Identity("worker", seeds["worker"], ca),
+            "controller": Identity(f"{node_role(node_id)}-controller", seeds["controller"], ca)}
 
 
 async def _joiner_connection(url: str, role: str, seed: str, ca: Path | None):
@@ -105,7 +107,7 @@ async def _joiner_connection(url: str, role: str, seed: str, ca: Path | None):
 
 
 async def join(home: Path, address: str, token: str, node_id: str,
-               broker: Callable[[], BrokerOffer] | None = None) -> Membership:
+               broker: Callable[[str], BrokerOffer] | None = None) -> Membership:
     """Join the cluster whose broker is at `address`, as `node_id`; returns (and keeps) the membership. With
     `broker`, this node offers to run one of the cluster's brokers (ops/brokers.py)."""
     fingerprint_wanted, seed = parse_token(token)
@@ -132,7 +134,7 @@ async def join(home: Path, address: str, token: str, node_id: str,
     # 2. The request, over TLS verified against that CA.
     identities = node_identities(home, node_id)
     keys = {name: public_key_of_seed(identity.seed_file.read_bytes()) for name, identity in identities.items()}
-    offer = broker() if broker else None
+    offer = broker(keys["controller"]) if broker else None
     request = JoinRequest(node_id=node_id, host=socket.gethostname(), agent_key=keys["agent"],
                           ingress_key=keys["ingress"], worker_key=keys["worker"], broker=offer)
     nc = await _joiner_connection(url, JOINER, seed, cluster_ca(home))

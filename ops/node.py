@@ -110,7 +110,7 @@ async def run_node(home: Path, address: str | None, token: str | None, memory_li
     if token:
         for candidate in [address] if address else await find_brokers(token):
             url = broker_url(candidate)
-            make_offer = (lambda: offer(home, advertise or route_address(url), *broker)) if broker else None
+            make_offer = (lambda key: offer(home, advertise or route_address(url), *broker, key)) if broker else None
             try:
                 membership = await join(home, url, token, own, make_offer)
                 break
@@ -167,9 +167,18 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
     link = await open_link(urls, f"conclave-agent:{own}", identities["agent"], on_open)
     await refuse_a_twin(link, own, offered)
     keeper = RankKeeper(home, own, offered.address, urls, identities["worker"])
+    server = standby = None
+
+    def obeying(done: asyncio.Event):
+        return obey(link, keeper, done, LOST_BROKER_S)
+
+    if nats_server is not None:  # a broker node may control the cluster when the first machine is gone
+        standby = await open_link(urls, f"conclave-controller:{own}", identities["controller"])
+        agent = follow_the_controller(stand_by(home, standby, offered, stopping), obeying)
+    else:
+        agent = obeying(stopping)
     tasks = [asyncio.create_task(keep_reporting(link, home, keeper.running, stopping, offered)),
-             asyncio.create_task(obey(link, keeper, stopping, LOST_BROKER_S))]
-    server = None
+             asyncio.create_task(agent)]
     if http is not None:
         server = ingress_server(urls, identities["ingress"], http, api_keys)
         tasks.append(asyncio.create_task(server.serve()))
@@ -192,10 +201,41 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
             await link.nc.publish(node_subject(own), b"", headers={"KV-Operation": "DEL"})
             await link.nc.flush(timeout=2)
         await link.close()
+        if standby is not None:
+            await standby.close()
         print("Conclave node stopped.", flush=True)
     if failed is not None:
         raise DeploymentError(f"a part of this node stopped ({failed.exception() or 'it returned'}); exiting so that "
                               f"it restarts")
+
+
+async def follow_the_controller(controlling, obeying) -> None:
+    """Run a controller (`controlling`, a coroutine that ends once it stopped its group) and this machine's agent
+    (`obeying(done)`), and stop the agent only after the controller: the controller stops its ranks through the
+    agents, this one's included, which must still be there to answer."""
+    done = asyncio.Event()
+    agent, controller = asyncio.create_task(obeying(done)), asyncio.ensure_future(controlling)
+    try:
+        finished, _ = await asyncio.wait([agent, controller], return_when=asyncio.FIRST_COMPLETED)
+        if agent in finished:  # it failed: the node stops (and with it the controller)
+            return agent.result()
+        await controller
+    finally:
+        done.set()
+        await asyncio.gather(agent, return_exceptions=True)
+
+
+async def stand_by(home: Path, link: Link, offered: Offer, stopping: asyncio.Event) -> None:
+    """A broker node's controller: it takes the lease when the first machine's controller stops renewing it
+    (pipeline/lease.py) and then places the cluster's plan like it would (ops/controller.py)."""
+    from ops.controller import control
+    from pipeline.lease import lead
+    from schemas.membership import Lease
+    from workers.store import ModelStore
+
+    lease = Lease(node_id=node_id(home), session=offered.session, host=socket.gethostname())
+    store = ModelStore(home / "models")
+    await lead(link, lease, stopping, lambda lost: control(link, store, home / "controller", lost))
 
 
 def broker_server(home: Path, own: str, membership):

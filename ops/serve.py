@@ -24,7 +24,11 @@ import uvicorn
 
 from ingress.app import IngressConfig, create_app
 from ops.agent import Offer, keep_reporting, node_id
-from ops.controller import Controller, answer_previews
+from ops.controller import answer_previews
+from ops.controller import control as control_model
+from ops.node import LOST_BROKER_S, follow_the_controller
+from ops.ranks import RankKeeper, obey
+from pipeline.lease import lead, write_plan
 from ops.discovery import default_cluster_name, host_addresses
 from ops.cluster_tls import ensure_cluster_tls, fingerprint
 from ops.config import ROUTE_PORT
@@ -43,7 +47,7 @@ from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats
 from pipeline.streams import ensure_consumer, ensure_streams
 from pipeline.unrouted import keep_sweeping
 from schemas.cluster import PlacementRequest
-from schemas.membership import Instance, WorkerSettings
+from schemas.membership import ControllerPlan, Instance, Lease, WorkerSettings
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
 
@@ -207,15 +211,22 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         return worker_command(model, spec, nats_url, worker, settings)
 
     if cluster is not None:
-        # The model is placed on the cluster's nodes (this one included) by the controller, not by flags.
-        controller = Controller(control, model, own, settings, cluster.request, command, home / "groups",
-                                publish, context_length)
+        # The model is placed on the cluster's nodes, this one included, by the controller, not by flags: this
+        # machine's while it holds the lease (a broker node's once it is gone), through each node's agent.
         store = ModelStore(home / "models")
-        opened = [controller.subscribe, lambda nc: answer_previews(nc, store)]
-        reopen.extend(opened)
-        for made in opened:
-            await made(control.nc)
-        running, workers = controller.running, asyncio.create_task(controller.run(stopping))
+        plan = ControllerPlan(model=model.id, settings=settings, request=cluster.request)
+        await persist(lambda: write_plan(control.nc.jetstream(), plan), 30.0)
+        reopen.append(lambda nc: answer_previews(nc, store))
+        await answer_previews(control.nc, store)
+        keeper = RankKeeper(home, own, offer.address, nats_url, worker)  # this machine's agent
+        lease = Lease(node_id=own, session=offer.session, host=socket.gethostname())
+
+        async def run_node_parts() -> None:
+            # The controller stops its group through the agents, this one's included: the agent stops after it.
+            await follow_the_controller(lead(control, lease, stopping, lambda lost: control_model(
+                control, store, home / "controller", lost)), lambda done: obey(control, keeper, done, LOST_BROKER_S))
+
+        running, workers = keeper.running, asyncio.create_task(run_node_parts())
     else:
         supervisor = GroupSupervisor(group, command(group), home / "groups", settings.heartbeat_s)
         running, workers = supervisor.running, asyncio.create_task(supervisor.run())

@@ -24,6 +24,18 @@ class ChildProcess:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout_s)
 
+    def kill(self) -> None:
+        """SIGKILL it and every process it started (nats-server, ranks), as a power cut would."""
+        import psutil
+
+        parent = psutil.Process(self.process.pid)
+        for process in [*parent.children(recursive=True), parent]:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait(30)
+
 
 @dataclass
 class ServerProcess(ChildProcess):
@@ -90,18 +102,6 @@ class NodeProcess(ChildProcess):
     home: Path
     output: list[str]
     base_url: str | None
-
-    def kill(self) -> None:
-        """SIGKILL the agent and every process it started (its ranks), as a power cut would."""
-        import psutil
-
-        agent = psutil.Process(self.process.pid)
-        for process in [*agent.children(recursive=True), agent]:
-            try:
-                process.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        self.process.wait(30)
 
 
 def spawn_node(home: Path, *flags: str, http: bool = False, timeout_s: float = 120.0,

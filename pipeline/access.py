@@ -29,7 +29,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.subjects import (AUDIT_PREFIX, CANCELS_PREFIX, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
+from pipeline.subjects import (AUDIT_PREFIX, CANCELS_PREFIX, CONTROL_PREFIX, CONTROL_STREAM, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
                                JOBS_STREAM, NODES_PREFIX, NODES_STREAM, RESULTS_PREFIX, RESULTS_STREAM, STATUS_PREFIX,
                                name_of_token, reply_prefix,
                                subject_token, worker_durable)
@@ -146,6 +146,15 @@ def agent_permissions(node_id: str) -> Permissions:
                        responses=True)
 
 
+def controller_permissions(role: str) -> Permissions:
+    """A broker node's controller, when it holds the lease (pipeline/lease.py): it reads the nodes, orders every
+    agent and hears their reports, publishes the instances, and writes the lease (not the plan: the operator's)."""
+    return Permissions(publish=(f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
+                                f"{INSTANCES_PREFIX}.>", f"{AGENTS_PREFIX}.*.orders.>", f"{CONTROL_PREFIX}.lease",
+                                _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.>")),
+                       subscribe=(f"{reply_prefix(role)}.>", f"{AGENTS_PREFIX}.*.events"))
+
+
 def union(*permissions: Permissions) -> Permissions:
     return Permissions(publish=tuple(dict.fromkeys(s for p in permissions for s in p.publish)),
                        subscribe=tuple(dict.fromkeys(s for p in permissions for s in p.subscribe)))
@@ -154,11 +163,14 @@ def union(*permissions: Permissions) -> Permissions:
 def permissions_of(role: str, models: list[str] = ()) -> Permissions | None:
     """The role's permissions; None for the operator (everything). A joined node has three users: its agent
     (`node-<id>`), its ingress (`node-<id>-ingress`, an ingress's rights) and its worker ranks
-    (`node-<id>-worker`: a worker's rights for each of `models`, the models this cluster serves)."""
+    (`node-<id>-worker`: a worker's rights for each of `models`, the models this cluster serves); a broker node a
+    fourth, its controller (`node-<id>-controller`)."""
     if role == OPERATOR:
         return None
     if role == INGRESS or (role.startswith("node-") and role.endswith("-ingress")):
         return ingress_permissions()
+    if role.startswith("node-") and role.endswith("-controller"):
+        return controller_permissions(role)
     if role.startswith("node-") and role.endswith("-worker"):
         return union(*(worker_permissions(model) for model in models)) if models else Permissions((), ())
     if role.startswith("node-"):

@@ -24,6 +24,9 @@ NODES_PREFIX = f"$KV.{NODES_BUCKET}"
 INSTANCES_BUCKET = "CONCLAVE_INSTANCES"  # key-value bucket: each served model's placement (ops/controller.py)
 INSTANCES_STREAM = f"KV_{INSTANCES_BUCKET}"
 INSTANCES_PREFIX = f"$KV.{INSTANCES_BUCKET}"
+CONTROL_BUCKET = "CONCLAVE_CONTROL"  # key-value bucket: the controller lease and the plan it follows (pipeline/lease.py)
+CONTROL_STREAM = f"KV_{CONTROL_BUCKET}"
+CONTROL_PREFIX = f"$KV.{CONTROL_BUCKET}"
 CHECKPOINTS_STREAM = "CONCLAVE_AUDIT_CHECKPOINTS"
 CHECKPOINTS_SUBJECT = "conclave.checkpoints"  # signed checkpoints of the audit log (pipeline/checkpoints.py)
 

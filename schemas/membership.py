@@ -24,6 +24,7 @@ class BrokerOffer(Struct, kw_only=True, forbid_unknown_fields=True):
     address: str  # what the other machines dial it on
     client_port: int
     route_port: int
+    controller_key: str  # nkey public key (U...) of the controller it may run when the first machine is gone
 
     def client_url(self) -> str:
         return f"tls://{self.address}:{self.client_port}"
@@ -167,3 +168,20 @@ class PlacementPreview(Struct, kw_only=True, forbid_unknown_fields=True):
     def request(self) -> PlacementRequest:
         return PlacementRequest(context=self.context, sequences=self.sequences, nodes=self.nodes, layout=self.layout,
                                 split=self.split)
+
+
+class ControllerPlan(Struct, kw_only=True):
+    """What the cluster serves and how, as the first machine's `serve` was told; kept in the control bucket so that
+    whichever controller holds the lease (pipeline/lease.py) places it the same way."""
+
+    model: str
+    settings: WorkerSettings
+    request: PlacementRequest
+
+
+class Lease(Struct, kw_only=True):
+    """The controller lease's value: who holds it (pipeline/lease.py)."""
+
+    node_id: str
+    session: str  # one per process: a holder that restarted holds it no more
+    host: str

@@ -69,12 +69,47 @@ def route_greets(port: int, tls) -> bool:
             return False
 
 
+async def lease_holder(home, url: str) -> str | None:
+    from pipeline.lease import read_lease
+
+    nc = await nats.connect(url.split(","), **Identity(OPERATOR, role_identity(home, OPERATOR).seed_file,
+                                                       cluster_ca(home)).connect_options())
+    try:
+        lease = await read_lease(nc.jetstream())
+        return lease.node_id if lease else None
+    finally:
+        await nc.close()
+
+
+def ask_while(base_url: str, processes, action) -> list:
+    """Five requests through `base_url`; once the first is generated (one batch slot: the others wait in the
+    queue), `action()`. Every answer must be Paris."""
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
+    questions = [[{"role": "user", "content": f"Question {i}: what is the capital of France?"}] for i in range(5)]
+
+    def started() -> int:
+        return sum("started" in line for process in processes for line in process.output)
+
+    before = started()
+    with ThreadPoolExecutor(len(questions)) as pool:
+        futures = [pool.submit(client.chat.completions.create, model=MODEL, messages=q, temperature=0, max_tokens=12)
+                   for q in questions]
+        deadline = time.monotonic() + 120
+        while started() == before:
+            assert time.monotonic() < deadline, "no job started"
+            time.sleep(0.05)
+        action()
+        answers = [future.result() for future in futures]
+    assert all("Paris" in a.choices[0].message.content for a in answers)
+    return answers
+
+
 def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
     homes = [tmp_path / name for name in ("a", "b", "c")]
     routes = [free_port() for _ in homes]
-    first = spawn_server(homes[0], "--cluster", "--brokers", "3", "--route-port", str(routes[0]), "--advertise",
-                         "127.0.0.1", "--no-mdns", "--max-batch", "1", "--heartbeat", "0.5", "--worker-timeout",
-                         "30", "--checkpoint-interval", "1", ready="--token")
+    flags = ("--cluster", "--brokers", "3", "--route-port", str(routes[0]), "--advertise", "127.0.0.1", "--no-mdns",
+             "--max-batch", "1", "--heartbeat", "0.5", "--worker-timeout", "30", "--checkpoint-interval", "1")
+    first = spawn_server(homes[0], *flags, ready="--token")
     processes, nats_ports = [first], [int(first.nats_url.rsplit(":", 1)[1])]
     try:
         token = re.search(r"cj1\.\S+", "".join(first.output)).group(0)
@@ -84,7 +119,7 @@ def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
         for home, route in zip(homes[1:], routes[1:]):
             nats_ports.append(free_port())
             processes.append(spawn_node(home, address, "--token", token, "--broker", "--nats-port",
-                                        str(nats_ports[-1]), "--route-port", str(route)))
+                                        str(nats_ports[-1]), "--route-port", str(route), http=True))
         wait_for_line(first.output, READY_LINE, 240)
         urls = [f"tls://127.0.0.1:{port}" for port in nats_ports]
 
@@ -101,23 +136,22 @@ def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
             assert time.monotonic() < deadline, "the third broker never admitted the new submitter"
             time.sleep(0.2)
 
-        client = openai.OpenAI(base_url=first.base_url, api_key="none", max_retries=0, timeout=300)
-        questions = [[{"role": "user", "content": f"Question {i}: what is the capital of France?"}] for i in range(5)]
-        with ThreadPoolExecutor(len(questions)) as pool:
-            futures = [pool.submit(client.chat.completions.create, model=MODEL, messages=q, temperature=0,
-                                   max_tokens=12) for q in questions]
-            # One batch slot: while the first is generated the others are queued. The server killed is the one
-            # leading the jobs stream.
-            deadline = time.monotonic() + 120
-            while not any("started" in line for process in processes for line in process.output):
-                assert time.monotonic() < deadline, "no job started"
-                time.sleep(0.05)
+        def kill_leader_of_jobs():
             leader = asyncio.run(stream_leader(homes[0], ",".join(urls), JOBS_STREAM))
             (victim,) = [home for home in homes if node_id(home) == leader]
             os.kill(int((victim / "nats" / "nats-server.pid").read_text()), signal.SIGKILL)
-            answers = [future.result() for future in futures]
-        assert all("Paris" in a.choices[0].message.content for a in answers)
-        # Every record is there and vouched for: a checkpoint covers them, and verify passes.
+
+        # The nats-server leading the jobs stream killed (it restarts), with requests queued.
+        answers = ask_while(first.base_url, processes, kill_leader_of_jobs)
+        # The first machine lost whole (serve, its nats-server, its ranks), with requests queued at a broker node's
+        # ingress: a broker node takes the controller lease and places the model on the nodes left.
+        answers += ask_while(processes[1].base_url, processes, first.kill)
+        holder = asyncio.run(lease_holder(homes[0], ",".join(urls[1:])))
+        assert holder in [node_id(home) for home in homes[1:]]
+        # The first machine back: it stands by (the lease stays where it is) and signs audit checkpoints again.
+        processes[0] = first = spawn_server(homes[0], *flags)
+        assert asyncio.run(lease_holder(homes[0], ",".join(urls[1:]))) == holder
+        # Every record is there, one per request, and vouched for: a checkpoint covers them, and verify passes.
         verify = None
         deadline = time.monotonic() + 60
         while verify is None or verify.returncode != 0:
@@ -127,5 +161,6 @@ def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
         for process in reversed(processes):
             if process.process.poll() is None:
                 process.stop()
-        sys.stdout.write("".join(first.output[-80:]))
+        for process in processes:
+            sys.stdout.write("".join(process.output[-40:]))
 

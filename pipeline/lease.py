@@ -1,0 +1,158 @@
+"""One controller at a time: a lease in the control bucket, taken by whoever finds it free or abandoned.
+
+Candidates are the first machine's `serve --cluster` and, with three brokers, the two broker nodes
+(ops/brokers.py): the machines that keep the cluster's state. The holder rewrites the lease every RENEW_S, each
+write checked against the revision it last wrote (JetStream's expected-last-sequence, the bucket's compare and
+set), so two writers cannot both succeed. A candidate that sees the same revision for LEASE_S takes it by
+writing over exactly that revision; if another was faster, its write fails and it keeps waiting.
+
+Abandonment is judged on the candidate's own monotonic clock (how long the revision has not moved), never by
+comparing its clock with the holder's or the broker's: machines' clocks differ by any amount. A holder that
+cannot renew for LEASE_S - RENEW_S (cut off from the brokers) stops controlling before anyone may take over, so
+two controllers never order the same agents at once. The plan the controller follows (what to serve, with which
+settings) is in the same bucket, written by the first machine (`write_plan`), so a successor places the model
+as the first machine was told to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+import msgspec
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import APIError, NotFoundError
+
+from pipeline.subjects import CONTROL_BUCKET, CONTROL_PREFIX, CONTROL_STREAM
+from schemas.membership import ControllerPlan, Lease
+
+log = logging.getLogger("conclave.lease")
+LEASE_S = 10.0  # longer than a JetStream leader election, which a holder waits out
+RENEW_S = 1.0
+LEASE_SUBJECT = f"{CONTROL_PREFIX}.lease"
+PLAN_SUBJECT = f"{CONTROL_PREFIX}.plan"
+_WRONG_LAST_SEQUENCE = 10071  # JetStream's error code when the expected last sequence does not match
+
+
+def control_bucket_config() -> KeyValueConfig:
+    return KeyValueConfig(bucket=CONTROL_BUCKET, history=1, storage=StorageType.FILE, direct=True)
+
+
+async def _last(js, subject: str):
+    try:
+        return await js.get_last_msg(CONTROL_STREAM, subject, direct=True)
+    except NotFoundError:
+        return None
+
+
+async def write_plan(js, plan: ControllerPlan) -> None:
+    await js.publish(PLAN_SUBJECT, msgspec.json.encode(plan), stream=CONTROL_STREAM)
+
+
+async def read_plan(js) -> ControllerPlan | None:
+    msg = await _last(js, PLAN_SUBJECT)
+    return msgspec.json.decode(msg.data, type=ControllerPlan) if msg is not None and msg.data else None
+
+
+async def read_lease(js) -> Lease | None:
+    msg = await _last(js, LEASE_SUBJECT)
+    try:
+        return msgspec.json.decode(msg.data, type=Lease) if msg is not None and msg.data else None
+    except msgspec.MsgspecError:
+        return None
+
+
+async def _write(js, lease: Lease, over: int) -> int | None:
+    """Write the lease over revision `over` (0: none yet); its new revision, or None when another wrote first."""
+    try:
+        ack = await js.publish(LEASE_SUBJECT, msgspec.json.encode(lease), stream=CONTROL_STREAM,
+                               headers={"Nats-Expected-Last-Subject-Sequence": str(over)})
+        return ack.seq
+    except APIError as exc:
+        if exc.err_code == _WRONG_LAST_SEQUENCE:
+            return None
+        raise
+
+
+async def _take(link, lease: Lease, stopping: asyncio.Event) -> int | None:
+    """Wait until the lease is free or abandoned and take it; its revision, or None once `stopping`."""
+    seen, since, said = None, time.monotonic(), False
+    while not stopping.is_set():
+        try:
+            msg = await _last(link.nc.jetstream(), LEASE_SUBJECT)
+            revision = msg.seq if msg is not None else 0
+            if revision != seen:
+                seen, since = revision, time.monotonic()
+            given_up = msg is None or not msg.data  # never taken, or deleted by a holder that stopped
+            if given_up or time.monotonic() - since >= LEASE_S:
+                taken = await _write(link.nc.jetstream(), lease, revision)
+                if taken is not None:
+                    return taken
+            elif not said:
+                holder = await read_lease(link.nc.jetstream())
+                log.info("the controller runs on %s; this one stands by", holder.host if holder else "another node")
+                said = True
+        except Exception as exc:  # the brokers away a moment (or electing a leader): keep asking
+            log.debug("could not read the controller lease: %s", exc)
+            seen = None  # abandoned means unchanged for LEASE_S *seen*: the holder could not write meanwhile either
+        try:
+            await asyncio.wait_for(stopping.wait(), RENEW_S)
+        except asyncio.TimeoutError:
+            pass
+    return None
+
+
+async def lead(link, lease: Lease, stopping: asyncio.Event, work: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Until `stopping`: take the lease, run `work(lost)` while it is held, and give it up when `stopping`; `lost`
+    is set when the lease is lost or given up, and `work` must then end. A `work` that ends by itself (it cannot
+    control: say, a model this machine does not have) gives the lease up, and lets another candidate try first."""
+    while not stopping.is_set():
+        revision = await _take(link, lease, stopping)
+        if revision is None:
+            return
+        log.info("this machine (%s) holds the controller lease now", lease.host)
+        lost = asyncio.Event()
+        working = asyncio.create_task(work(lost))
+        revision = await _hold(link, lease, revision, stopping, working)
+        by_itself = working.done()
+        lost.set()
+        (ended,) = await asyncio.gather(working, return_exceptions=True)
+        if isinstance(ended, Exception):
+            log.error("the controller failed: %s", ended, exc_info=ended)
+        if revision is not None and (stopping.is_set() or by_itself):
+            try:  # handed over at once: a successor need not wait LEASE_S
+                await asyncio.wait_for(link.nc.publish(LEASE_SUBJECT, b"", headers={"KV-Operation": "DEL"}), 2.0)
+            except Exception:
+                pass
+        if by_itself:
+            try:
+                await asyncio.wait_for(stopping.wait(), LEASE_S)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def _hold(link, lease: Lease, revision: int, stopping: asyncio.Event, working: asyncio.Task) -> int | None:
+    """Renew the lease every RENEW_S while `working` runs and until `stopping`; the last revision written, or None
+    once it is lost (another took it, or this one could not renew it in time)."""
+    renewed = time.monotonic()
+    while not stopping.is_set() and not working.done():
+        waiting = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait([working, waiting], timeout=RENEW_S, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if stopping.is_set() or working.done():
+            break
+        try:
+            written = await _write(link.nc.jetstream(), lease, revision)
+        except Exception as exc:
+            if time.monotonic() - renewed > LEASE_S - RENEW_S:
+                log.warning("could not renew the controller lease for %.0fs (%s): this one stops controlling",
+                            LEASE_S - RENEW_S, exc)
+                return None
+            continue
+        if written is None:
+            log.warning("another controller took the lease: this one stops controlling")
+            return None
+        revision, renewed = written, time.monotonic()
+    return revision
