@@ -10,6 +10,10 @@
    - detection: from the kill until the node's status reads lost (what `conclave nodes` shows);
    - recovery: from the kill until the first token of a streamed request sent through the surviving
      node's ingress right after the kill (it waits in the queue while the model is placed again).
+3. A broker of three on loopback (`serve --cluster --brokers 3` and two `join --broker`): SIGKILL the whole first
+   machine (serve, its nats-server, its ranks), then measure
+   - takeover: from the kill until a broker node holds the controller lease (pipeline/lease.py);
+   - recovery: from the kill until the first token of a streamed request sent through a broker node's ingress.
 """
 
 from __future__ import annotations
@@ -96,10 +100,56 @@ async def detection_s(first_home: Path, nats_url: str, node: str, started: float
         await nc.close()
 
 
+async def takeover_s(home: Path, url: str, previous: str, started: float) -> float:
+    from ops.credentials import cluster_ca, role_identity
+    from pipeline.access import OPERATOR, Identity
+    from pipeline.connection import connect_once
+    from pipeline.lease import read_lease
+
+    identity = Identity(OPERATOR, role_identity(home, OPERATOR).seed_file, cluster_ca(home))
+    while time.monotonic() - started < 120:
+        try:
+            nc = await connect_once(url, "conclave-bench", identity)
+            try:
+                lease = await read_lease(nc.jetstream())
+            finally:
+                await nc.close()
+            if lease is not None and lease.node_id != previous:
+                return time.monotonic() - started
+        except Exception:  # the brokers electing leaders
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError("no other node took the controller lease within 120 s")
+
+
+def first_machine_lost(tmp: Path) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ops.join import read_membership
+    from ops.spawn import spawn_brokers, stop_all
+    from workers.store import DEFAULT_MODEL
+
+    homes = [tmp / name for name in ("first", "broker-b", "broker-c")]
+    first, nodes, _ = spawn_brokers(homes[0], homes[1:])
+    try:
+        first_token_s(nodes[0].base_url, DEFAULT_MODEL, time.monotonic())  # warm: the model answers
+        urls = ",".join(f"tls://127.0.0.1:{read_membership(home).own_broker.client_port}" for home in homes[1:])
+        started = time.monotonic()
+        first.kill()
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(first_token_s, nodes[0].base_url, DEFAULT_MODEL, started)
+            taken = asyncio.run(takeover_s(homes[0], urls, node_id(homes[0]), started))
+            recovered = answer.result()
+        return {"takeover_s": round(taken, 2), "first_token_after_loss_s": round(recovered, 2), "brokers": 3,
+                "lease_s": 10.0}
+    finally:
+        stop_all(nodes)
+
+
 def run_cluster_bench(args) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from ops.spawn import spawn_cluster
+    from ops.spawn import spawn_cluster, stop_all
     from workers.store import DEFAULT_MODEL
 
     report = {"placement": placement_times()}
@@ -121,7 +171,6 @@ def run_cluster_bench(args) -> dict:
                                    "nodes": 3, "status_interval_s": 1.0, "lost_after_s": 3.0,
                                    "layout": instance["layout"]}
         finally:
-            for process in (*nodes, first):
-                if process.process.poll() is None:
-                    process.stop()
+            stop_all((*nodes, first))
+        report["first_machine_lost"] = first_machine_lost(Path(tmp))
     return report

@@ -224,7 +224,8 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         async def run_node_parts() -> None:
             # The controller stops its group through the agents, this one's included: the agent stops after it.
             await follow_the_controller(lead(control, lease, stopping, lambda lost: control_model(
-                control, store, home / "controller", lost)), lambda done: obey(control, keeper, done, LOST_BROKER_S))
+                control, store, home / "controller", lost), first=True),
+                lambda done: obey(control, keeper, done, LOST_BROKER_S))
 
         running, workers = keeper.running, asyncio.create_task(run_node_parts())
     else:

@@ -37,6 +37,17 @@ class ChildProcess:
         self.process.wait(30)
 
 
+def stop_all(processes) -> None:
+    """Stop each that still runs, in order, as an operator would; one that does not exit within a minute is killed
+    (with what it started): a test's or bench's end never leaves processes behind."""
+    for child in processes:
+        if child.process.poll() is None:
+            try:
+                child.stop()
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
 @dataclass
 class ServerProcess(ChildProcess):
     """A `conclave serve` started as a child process on free loopback ports."""
@@ -136,3 +147,28 @@ def spawn_cluster(first_home: Path, node_homes: list[Path], memory_limit_gb: str
             process.process.kill()
         raise
     return first, nodes, token
+
+
+def spawn_brokers(first_home: Path, node_homes: list[Path], *flags: str,
+                  timeout_s: float = 240.0) -> tuple[ServerProcess, list[NodeProcess], tuple[str, ...]]:
+    """A cluster with a broker of three on loopback (ops/brokers.py): `serve --cluster --brokers 3 FLAGS...` and a
+    `join --broker` per home (two; each with an HTTP port); returns once the model is served, with the flags that
+    start the first machine again. The tests' and `conclave bench --cluster`'s."""
+    import re
+
+    routes = [free_port() for _ in range(1 + len(node_homes))]
+    first_flags = ("--cluster", "--brokers", "3", "--route-port", str(routes[0]), "--advertise", "127.0.0.1",
+                   "--no-mdns", *flags)
+    first = spawn_server(first_home, *first_flags, ready="--token")
+    token = re.search(r"cj1\.\S+", "".join(first.output)).group(0)
+    nodes: list[NodeProcess] = []
+    try:
+        for home, route in zip(node_homes, routes[1:]):
+            nodes.append(spawn_node(home, first.nats_url.removeprefix("tls://"), "--token", token, "--broker",
+                                    "--nats-port", str(free_port()), "--route-port", str(route), http=True))
+        wait_for_line(first.output, READY_LINE, timeout_s)
+    except BaseException:
+        for process in (*nodes, first):
+            process.process.kill()
+        raise
+    return first, nodes, first_flags

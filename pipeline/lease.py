@@ -76,8 +76,9 @@ async def _write(js, lease: Lease, over: int) -> int | None:
         raise
 
 
-async def _take(link, lease: Lease, stopping: asyncio.Event) -> int | None:
-    """Wait until the lease is free or abandoned and take it; its revision, or None once `stopping`."""
+async def _take(link, lease: Lease, stopping: asyncio.Event, first: bool) -> int | None:
+    """Wait until the lease is free or abandoned and take it; its revision, or None once `stopping`. One nobody
+    held yet only if `first`."""
     seen, since, said = None, time.monotonic(), False
     while not stopping.is_set():
         try:
@@ -85,14 +86,14 @@ async def _take(link, lease: Lease, stopping: asyncio.Event) -> int | None:
             revision = msg.seq if msg is not None else 0
             if revision != seen:
                 seen, since = revision, time.monotonic()
-            given_up = msg is None or not msg.data  # never taken, or deleted by a holder that stopped
-            if given_up or time.monotonic() - since >= LEASE_S:
+            given_up = (msg is None and first) or (msg is not None and not msg.data)  # or deleted by a holder
+            if given_up or (msg is not None and time.monotonic() - since >= LEASE_S):
                 taken = await _write(link.nc.jetstream(), lease, revision)
                 if taken is not None:
                     return taken
             elif not said:
                 holder = await read_lease(link.nc.jetstream())
-                log.info("the controller runs on %s; this one stands by", holder.host if holder else "another node")
+                log.info("the controller runs on %s; this one stands by", holder.host if holder else "the first machine")
                 said = True
         except Exception as exc:  # the brokers away a moment (or electing a leader): keep asking
             log.debug("could not read the controller lease: %s", exc)
@@ -104,12 +105,15 @@ async def _take(link, lease: Lease, stopping: asyncio.Event) -> int | None:
     return None
 
 
-async def lead(link, lease: Lease, stopping: asyncio.Event, work: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+async def lead(link, lease: Lease, stopping: asyncio.Event, work: Callable[[asyncio.Event], Awaitable[None]],
+               first: bool = False) -> None:
     """Until `stopping`: take the lease, run `work(lost)` while it is held, and give it up when `stopping`; `lost`
     is set when the lease is lost or given up, and `work` must then end. A `work` that ends by itself (it cannot
-    control: say, a model this machine does not have) gives the lease up, and lets another candidate try first."""
+    control: say, a model this machine does not have) gives the lease up, and lets another candidate try first.
+    `first`: the first machine's `serve`, the only one to take a lease nobody held yet (the others wait for it:
+    a cluster starts controlled where it was set up, once its plan is written)."""
     while not stopping.is_set():
-        revision = await _take(link, lease, stopping)
+        revision = await _take(link, lease, stopping, first)
         if revision is None:
             return
         log.info("this machine (%s) holds the controller lease now", lease.host)

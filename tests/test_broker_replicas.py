@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import ssl
@@ -23,10 +22,10 @@ import openai
 
 from ops.agent import node_id
 from ops.cluster_tls import ensure_cluster_tls, tls_dir
-from ops.config import free_port
 from ops.credentials import cluster_ca, role_identity
 from ops.serve import READY_LINE
-from ops.spawn import spawn_node, spawn_server, wait_for_line
+from ops.join import read_membership
+from ops.spawn import spawn_brokers, spawn_server, stop_all
 from pipeline.access import OPERATOR, Identity
 from pipeline.subjects import JOBS_STREAM
 from tests.conftest import MODEL
@@ -106,22 +105,16 @@ def ask_while(base_url: str, processes, action) -> list:
 
 def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
     homes = [tmp_path / name for name in ("a", "b", "c")]
-    routes = [free_port() for _ in homes]
-    flags = ("--cluster", "--brokers", "3", "--route-port", str(routes[0]), "--advertise", "127.0.0.1", "--no-mdns",
-             "--max-batch", "1", "--heartbeat", "0.5", "--worker-timeout", "30", "--checkpoint-interval", "1")
-    first = spawn_server(homes[0], *flags, ready="--token")
-    processes, nats_ports = [first], [int(first.nats_url.rsplit(":", 1)[1])]
+    first, nodes, flags = spawn_brokers(homes[0], homes[1:], "--max-batch", "1", "--heartbeat", "0.5",
+                                        "--worker-timeout", "30", "--checkpoint-interval", "1")
+    processes = [first, *nodes]
     try:
-        token = re.search(r"cj1\.\S+", "".join(first.output)).group(0)
-        address = first.nats_url.removeprefix("tls://")
-        # With one broker the cluster has no quorum: nothing is served until the other two join.
-        assert not any(READY_LINE in line for line in first.output)
-        for home, route in zip(homes[1:], routes[1:]):
-            nats_ports.append(free_port())
-            processes.append(spawn_node(home, address, "--token", token, "--broker", "--nats-port",
-                                        str(nats_ports[-1]), "--route-port", str(route), http=True))
-        wait_for_line(first.output, READY_LINE, 240)
-        urls = [f"tls://127.0.0.1:{port}" for port in nats_ports]
+        # With one broker there is no majority: nothing is served until the second broker node has joined.
+        joined = [i for i, line in enumerate(first.output) if "joined the cluster as a broker" in line]
+        assert len(joined) == 2 and joined[1] < next(i for i, line in enumerate(first.output) if READY_LINE in line)
+        brokers = [read_membership(home).own_broker for home in homes[1:]]
+        routes = [int(flags[flags.index("--route-port") + 1]), *(b.route_port for b in brokers)]
+        urls = [first.nats_url, *(f"tls://127.0.0.1:{b.client_port}" for b in brokers)]
 
         # Each route listener greets a certificate of the cluster's CA, and refuses one of another CA.
         stranger = ensure_cluster_tls(tmp_path / "stranger")
@@ -143,9 +136,10 @@ def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
 
         # The nats-server leading the jobs stream killed (it restarts), with requests queued.
         answers = ask_while(first.base_url, processes, kill_leader_of_jobs)
+        assert asyncio.run(lease_holder(homes[0], ",".join(urls))) == node_id(homes[0])
         # The first machine lost whole (serve, its nats-server, its ranks), with requests queued at a broker node's
         # ingress: a broker node takes the controller lease and places the model on the nodes left.
-        answers += ask_while(processes[1].base_url, processes, first.kill)
+        answers += ask_while(nodes[0].base_url, processes, first.kill)
         holder = asyncio.run(lease_holder(homes[0], ",".join(urls[1:])))
         assert holder in [node_id(home) for home in homes[1:]]
         # The first machine back: it stands by (the lease stays where it is) and signs audit checkpoints again.
@@ -158,9 +152,6 @@ def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
             assert time.monotonic() < deadline, verify.stdout + verify.stderr
             verify = conclave(homes[0], "audit", "verify", "--expect-seq", str(len(answers)))
     finally:
-        for process in reversed(processes):
-            if process.process.poll() is None:
-                process.stop()
+        stop_all(reversed(processes))
         for process in processes:
             sys.stdout.write("".join(process.output[-40:]))
-

@@ -28,7 +28,7 @@ import pytest
 from ops.agent import node_id, nodes_table
 from ops.credentials import cluster_ca, new_seed
 from ops.join import node_identities
-from ops.spawn import NodeProcess, ServerProcess, spawn_cluster
+from ops.spawn import NodeProcess, ServerProcess, spawn_cluster, stop_all
 from pipeline.access import OPERATOR, node_role, worker_role
 from pipeline.nodes import read_nodes, state_of
 from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, NODES_PREFIX, name_of_token
@@ -63,9 +63,7 @@ def cluster(tmp_path_factory):
     try:
         yield Cluster(first, nodes, token)
     finally:
-        for process in (*nodes, first):
-            if process.process.poll() is None:
-                process.stop()
+        stop_all((*nodes, first))
         sys.stdout.write("".join(first.output[-100:]))
 
 

@@ -16,7 +16,7 @@ import openai
 
 from ops.agent import node_id
 from ops.serve import READY_LINE
-from ops.spawn import spawn_node, spawn_server, wait_for_line
+from ops.spawn import spawn_node, spawn_server, stop_all, wait_for_line
 from pipeline.access import OPERATOR
 from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, name_of_token
 from tests.conftest import MODEL, connect_as
@@ -85,6 +85,4 @@ def test_a_lost_leader_node_comes_back_and_every_request_is_answered_once(tmp_pa
         counts = asyncio.run(records_per_job(first_home, first.nats_url))
         assert all(counts.get(a.id) == 1 for a in answers), {a.id: counts.get(a.id) for a in answers}
     finally:
-        for process in (*nodes, first):
-            if process.process.poll() is None:
-                process.stop()
+        stop_all((*nodes, first))
