@@ -306,7 +306,31 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
     model = store.resolve(plan.model)
     controller = Controller(link, model, plan.settings, plan.request, workdir,
                             await asyncio.to_thread(model_context_length, model.path))
-    await controller.run(lost)
+    ending = asyncio.Event()
+
+    async def watch_plan() -> None:
+        # The first machine restarted with another model or other flags while another machine controls: this one
+        # ends, hands the lease over, and whoever takes it next places the new plan.
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), 2.0)
+                break
+            except asyncio.TimeoutError:
+                pass
+            try:
+                now = await read_plan(link.nc.jetstream())
+            except Exception:
+                continue
+            if now is not None and now != plan:
+                log.warning("the cluster's plan changed (now %s): handing the controller lease over", now.model)
+                break
+        ending.set()
+
+    watching = asyncio.create_task(watch_plan())
+    try:
+        await controller.run(ending)
+    finally:
+        watching.cancel()
 
 
 async def answer_previews(nc, store: ModelStore):

@@ -152,6 +152,11 @@ def admit_node(home: Path, request: JoinRequest, own_node_id: str) -> str | None
         known = msgspec.json.decode(path.read_bytes(), type=JoinRequest)
         if (known.agent_key, known.ingress_key, known.worker_key) != keys[:3]:
             return f"node id {request.node_id} already belongs to a member ({known.host}) with other keys: {fix}"
+        # Public keys prove nothing (every broker is told them): a broker is certified once, at its first join,
+        # and a member cannot become one, or stop being one, by joining again.
+        if request.broker is not None or known.broker is not None:
+            return (f"node {request.node_id} is a member already: it rejoins with what its home kept (`conclave "
+                    f"join` without a token); a broker is certified only when it first joins")
     path.write_bytes(msgspec.json.encode(request))
     return None
 

@@ -171,8 +171,8 @@ async def answer_joins(nc, home: Path, own_node_id: str, cluster: str, first: Fi
             request = msgspec.json.decode(msg.data, type=JoinRequest)
             reason = check_offer(home, request, first) if request.broker else None
             # Certified before it is admitted: a key or name that cannot be certified leaves no member behind.
-            certificate = (certify_broker(home, request.broker.public_key, request.host, request.broker.names)
-                           if request.broker and reason is None else None)
+            certified = (certify_broker(home, request.broker.public_key, request.host, request.broker.names)
+                         if request.broker and reason is None else None)
             reason = reason or admit_node(home, request, own_node_id)
         except msgspec.MsgspecError as exc:
             reason = f"not a join request: {exc}"
@@ -181,7 +181,7 @@ async def answer_joins(nc, home: Path, own_node_id: str, cluster: str, first: Fi
         if reason is None:
             apply_authorization(home)
             if request.broker:
-                granted = BrokerGrant(certificate=certificate, routes=broker_routes(home, first),
+                granted = BrokerGrant(certificate=certified, routes=broker_routes(home, first),
                                       users=public_keys(home))
             log.info("node %s (%s) joined the cluster%s", request.node_id, request.host,
                      " as a broker" if granted else "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -24,9 +25,8 @@ from ops.deployment import DeploymentError
 from ops.brokers import follow_users, offer
 from ops.join import JoinError, broker_url, join, node_identities, parse_token, read_membership
 from ops.supervise import keep_broker_running
-from pipeline.connection import servers
 from ops.ranks import RankKeeper, obey
-from pipeline.connection import Link
+from pipeline.connection import Link, servers
 from pipeline.nodes import decode_status, node_subject
 from pipeline.subjects import NODES_STREAM
 
@@ -157,14 +157,10 @@ async def running_broker(home: Path, own: str, membership, stopping: asyncio.Eve
 
 async def run_agent(home: Path, own: str, membership, identities, offered: Offer, http, api_keys,
                     stopping: asyncio.Event, nats_server) -> None:
-    urls, on_open = membership.urls(), None
+    urls = membership.urls()
     if nats_server is not None:  # this node's own server first; every other broker after
         urls = ",".join([nats_server.url, *servers(urls)])
-
-        async def on_open(nc):
-            await follow_users(nc, nats_server.store_dir)
-
-    link = await open_link(urls, f"conclave-agent:{own}", identities["agent"], on_open)
+    link = await open_link(urls, f"conclave-agent:{own}", identities["agent"])
     await refuse_a_twin(link, own, offered)
     keeper = RankKeeper(home, own, offered.address, urls, identities["worker"])
     server = standby = None
@@ -173,8 +169,10 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
         return obey(link, keeper, done, LOST_BROKER_S)
 
     if nats_server is not None:  # a broker node may control the cluster when the first machine is gone
-        standby = await open_link(urls, f"conclave-controller:{own}", identities["controller"])
-        agent = follow_the_controller(stand_by(home, standby, offered, stopping), obeying)
+        # Its own user (a broker node's controller), which also hears the users its server must admit.
+        standby = await open_link(urls, f"conclave-controller:{own}", identities["controller"],
+                                  lambda nc: follow_users(nc, nats_server.store_dir))
+        agent = follow_the_controller(stand_by(home, standby, offered, stopping), obeying, stopping)
     else:
         agent = obeying(stopping)
     tasks = [asyncio.create_task(keep_reporting(link, home, keeper.running, stopping, offered)),
@@ -197,9 +195,6 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
         if server is not None:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):  # a clean stop: the node leaves the table at once, not lost later
-            await link.nc.publish(node_subject(own), b"", headers={"KV-Operation": "DEL"})
-            await link.nc.flush(timeout=2)
         await link.close()
         if standby is not None:
             await standby.close()
@@ -209,20 +204,21 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
                               f"it restarts")
 
 
-async def follow_the_controller(controlling, obeying) -> None:
-    """Run a controller (`controlling`, a coroutine that ends once it stopped its group) and this machine's agent
-    (`obeying(done)`), and stop the agent only after the controller: the controller stops its ranks through the
-    agents, this one's included, which must still be there to answer."""
+async def follow_the_controller(controlling, obeying, stopping: asyncio.Event) -> None:
+    """Run a controller (`controlling`, a coroutine that ends once `stopping` and its group stopped) and this
+    machine's agent (`obeying(done)`), and stop the agent only after the controller: the controller stops its
+    ranks through the agents, this one's included, which must still be there to answer. An agent that fails
+    stops the controller too, and its error is raised (the node exits, for its service manager to restart it)."""
     done = asyncio.Event()
     agent, controller = asyncio.create_task(obeying(done)), asyncio.ensure_future(controlling)
     try:
-        finished, _ = await asyncio.wait([agent, controller], return_when=asyncio.FIRST_COMPLETED)
-        if agent in finished:  # it failed: the node stops (and with it the controller)
-            return agent.result()
+        await asyncio.wait([agent, controller], return_when=asyncio.FIRST_COMPLETED)
+        if agent.done():
+            stopping.set()
         await controller
     finally:
         done.set()
-        await asyncio.gather(agent, return_exceptions=True)
+    await agent
 
 
 async def stand_by(home: Path, link: Link, offered: Offer, stopping: asyncio.Event) -> None:
@@ -242,8 +238,6 @@ def broker_server(home: Path, own: str, membership):
     """This node's nats-server, one of the cluster's brokers (ops/brokers.py): on every address, TLS with the
     certificate the first machine made for it, routes to the other brokers; its store encrypted like the first
     machine's when CONCLAVE_JETSTREAM_KEY is set."""
-    import os
-
     from ops.cluster_tls import tls_dir
     from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats
 

@@ -177,8 +177,10 @@ async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: 
                 reply = await asyncio.to_thread(keeper.start, msgspec.json.decode(msg.data, type=StartOrder))
             elif kind == "stop":
                 order = msgspec.json.decode(msg.data, type=StopOrder)
-                keeper.follow(order.controller)
-                keeper.stop((order.group_id, order.rank), order.signal)
+                # Only the controller it follows stops its ranks: a controller that lost the lease may still be
+                # stopping its group while its successor starts one here.
+                if order.controller == keeper.controller:
+                    keeper.stop((order.group_id, order.rank), order.signal)
                 reply = OrderReply(ok=True)
             elif kind == "port":
                 msgspec.json.decode(msg.data, type=PortOrder)

@@ -24,8 +24,7 @@ import uvicorn
 
 from ingress.app import IngressConfig, create_app
 from ops.agent import Offer, keep_reporting, node_id
-from ops.controller import answer_previews
-from ops.controller import control as control_model
+from ops.controller import answer_previews, control as control_model
 from ops.node import LOST_BROKER_S, follow_the_controller
 from ops.ranks import RankKeeper, obey
 from pipeline.lease import lead, write_plan
@@ -225,7 +224,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
             # The controller stops its group through the agents, this one's included: the agent stops after it.
             await follow_the_controller(lead(control, lease, stopping, lambda lost: control_model(
                 control, store, home / "controller", lost), first=True),
-                lambda done: obey(control, keeper, done, LOST_BROKER_S))
+                lambda done: obey(control, keeper, done, LOST_BROKER_S), stopping)
 
         running, workers = keeper.running, asyncio.create_task(run_node_parts())
     else:

@@ -140,19 +140,18 @@ def agent_permissions(node_id: str) -> Permissions:
     controller's orders for itself, and answers them (`allow_responses`: only to requests it received)."""
     return Permissions(publish=(f"{NODES_PREFIX}.{node_id}", f"{AGENTS_PREFIX}.{node_id}.events",
                                 _direct_get(NODES_STREAM, f"{NODES_PREFIX}.{node_id}")),
-                       # The users (public keys) every broker admits: a broker node applies them to its server.
-                       subscribe=(f"{reply_prefix(node_role(node_id))}.>", f"{AGENTS_PREFIX}.{node_id}.orders.>",
-                                  USERS_SUBJECT),
+                       subscribe=(f"{reply_prefix(node_role(node_id))}.>", f"{AGENTS_PREFIX}.{node_id}.orders.>"),
                        responses=True)
 
 
 def controller_permissions(role: str) -> Permissions:
     """A broker node's controller, when it holds the lease (pipeline/lease.py): it reads the nodes, orders every
-    agent and hears their reports, publishes the instances, and writes the lease (not the plan: the operator's)."""
+    agent and hears their reports, publishes the instances, and writes the lease (not the plan: the operator's).
+    It also hears the users every broker admits (ops/brokers.py): only broker nodes have this role."""
     return Permissions(publish=(f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
                                 f"{INSTANCES_PREFIX}.>", f"{AGENTS_PREFIX}.*.orders.>", f"{CONTROL_PREFIX}.lease",
                                 _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.>")),
-                       subscribe=(f"{reply_prefix(role)}.>", f"{AGENTS_PREFIX}.*.events"))
+                       subscribe=(f"{reply_prefix(role)}.>", f"{AGENTS_PREFIX}.*.events", USERS_SUBJECT))
 
 
 def union(*permissions: Permissions) -> Permissions:

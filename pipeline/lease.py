@@ -64,21 +64,21 @@ async def read_lease(js) -> Lease | None:
         return None
 
 
-async def _write(js, lease: Lease, over: int) -> int | None:
-    """Write the lease over revision `over` (0: none yet); its new revision, or None when another wrote first."""
+async def _write(js, data: bytes, over: int, timeout_s: float = 5.0, delete: bool = False) -> int | None:
+    """Write the lease (or its deletion) over revision `over` (0: none yet); its new revision, or None when another
+    wrote first."""
+    headers = {"Nats-Expected-Last-Subject-Sequence": str(over), **({"KV-Operation": "DEL"} if delete else {})}
     try:
-        ack = await js.publish(LEASE_SUBJECT, msgspec.json.encode(lease), stream=CONTROL_STREAM,
-                               headers={"Nats-Expected-Last-Subject-Sequence": str(over)})
-        return ack.seq
+        return (await js.publish(LEASE_SUBJECT, data, stream=CONTROL_STREAM, headers=headers, timeout=timeout_s)).seq
     except APIError as exc:
         if exc.err_code == _WRONG_LAST_SEQUENCE:
             return None
         raise
 
 
-async def _take(link, lease: Lease, stopping: asyncio.Event, first: bool) -> int | None:
-    """Wait until the lease is free or abandoned and take it; its revision, or None once `stopping`. One nobody
-    held yet only if `first`."""
+async def _take(link, lease: Lease, stopping: asyncio.Event, first: bool) -> tuple[int, float] | None:
+    """Wait until the lease is free or abandoned and take it: its revision and when the winning write was sent
+    (monotonic), or None once `stopping`. One nobody held yet only if `first`."""
     seen, since, said = None, time.monotonic(), False
     while not stopping.is_set():
         try:
@@ -88,9 +88,10 @@ async def _take(link, lease: Lease, stopping: asyncio.Event, first: bool) -> int
                 seen, since = revision, time.monotonic()
             given_up = (msg is None and first) or (msg is not None and not msg.data)  # or deleted by a holder
             if given_up or (msg is not None and time.monotonic() - since >= LEASE_S):
-                taken = await _write(link.nc.jetstream(), lease, revision)
+                sent = time.monotonic()
+                taken = await _write(link.nc.jetstream(), msgspec.json.encode(lease), revision)
                 if taken is not None:
-                    return taken
+                    return taken, sent
             elif not said:
                 holder = await read_lease(link.nc.jetstream())
                 log.info("the controller runs on %s; this one stands by", holder.host if holder else "the first machine")
@@ -109,25 +110,25 @@ async def lead(link, lease: Lease, stopping: asyncio.Event, work: Callable[[asyn
                first: bool = False) -> None:
     """Until `stopping`: take the lease, run `work(lost)` while it is held, and give it up when `stopping`; `lost`
     is set when the lease is lost or given up, and `work` must then end. A `work` that ends by itself (it cannot
-    control: say, a model this machine does not have) gives the lease up, and lets another candidate try first.
-    `first`: the first machine's `serve`, the only one to take a lease nobody held yet (the others wait for it:
-    a cluster starts controlled where it was set up, once its plan is written)."""
+    control: say, a model this machine does not have, or a plan that changed) gives the lease up, and lets another
+    candidate try first. `first`: the first machine's `serve`, the only one to take a lease nobody held yet (the
+    others wait for it: a cluster starts controlled where it was set up, once its plan is written)."""
     while not stopping.is_set():
-        revision = await _take(link, lease, stopping, first)
-        if revision is None:
+        taken = await _take(link, lease, stopping, first)
+        if taken is None:
             return
         log.info("this machine (%s) holds the controller lease now", lease.host)
         lost = asyncio.Event()
         working = asyncio.create_task(work(lost))
-        revision = await _hold(link, lease, revision, stopping, working)
+        revision = await _hold(link, lease, *taken, stopping, working)
         by_itself = working.done()
         lost.set()
         (ended,) = await asyncio.gather(working, return_exceptions=True)
         if isinstance(ended, Exception):
             log.error("the controller failed: %s", ended, exc_info=ended)
         if revision is not None and (stopping.is_set() or by_itself):
-            try:  # handed over at once: a successor need not wait LEASE_S
-                await asyncio.wait_for(link.nc.publish(LEASE_SUBJECT, b"", headers={"KV-Operation": "DEL"}), 2.0)
+            try:  # handed over at once (a successor need not wait LEASE_S), unless another holds it by now
+                await _write(link.nc.jetstream(), b"", revision, timeout_s=2.0, delete=True)
             except Exception:
                 pass
         if by_itself:
@@ -137,26 +138,31 @@ async def lead(link, lease: Lease, stopping: asyncio.Event, work: Callable[[asyn
                 pass
 
 
-async def _hold(link, lease: Lease, revision: int, stopping: asyncio.Event, working: asyncio.Task) -> int | None:
+async def _hold(link, lease: Lease, revision: int, sent: float, stopping: asyncio.Event,
+                working: asyncio.Task) -> int | None:
     """Renew the lease every RENEW_S while `working` runs and until `stopping`; the last revision written, or None
-    once it is lost (another took it, or this one could not renew it in time)."""
-    renewed = time.monotonic()
+    once it is lost: another took it, or no renewal succeeded within LEASE_S - RENEW_S of sending the last one
+    that did. A candidate takes over only LEASE_S after it first saw that one's revision, which was after it was
+    sent: this holder has stopped by then, whatever its clock and the candidate's say."""
+    data = msgspec.json.encode(lease)
     while not stopping.is_set() and not working.done():
         waiting = asyncio.ensure_future(stopping.wait())
         await asyncio.wait([working, waiting], timeout=RENEW_S, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
         if stopping.is_set() or working.done():
             break
+        deadline, now = sent + LEASE_S - RENEW_S, time.monotonic()
+        if now >= deadline:
+            log.warning("could not renew the controller lease for %.0fs: this one stops controlling",
+                        LEASE_S - RENEW_S)
+            return None
         try:
-            written = await _write(link.nc.jetstream(), lease, revision)
-        except Exception as exc:
-            if time.monotonic() - renewed > LEASE_S - RENEW_S:
-                log.warning("could not renew the controller lease for %.0fs (%s): this one stops controlling",
-                            LEASE_S - RENEW_S, exc)
-                return None
+            written = await _write(link.nc.jetstream(), data, revision, timeout_s=deadline - now)
+        except Exception as exc:  # the brokers away, or electing a leader: again, until the deadline
+            log.debug("could not renew the controller lease: %s", exc)
             continue
         if written is None:
             log.warning("another controller took the lease: this one stops controlling")
             return None
-        revision, renewed = written, time.monotonic()
+        revision, sent = written, now
     return revision

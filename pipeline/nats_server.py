@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -109,7 +110,7 @@ class EmbeddedNats:
                    f"  handshake_first: true\n  timeout: 5\n}}\n")
         cluster = ""
         if self.cluster_port is not None:
-            routes = ", ".join(f'"nats-route://{route}"' for route in self.routes)
+            routes = ", ".join(json.dumps(f"nats-route://{route}") for route in self.routes)
             mutual = ""
             if self.tls_dir:
                 mutual = (f'  tls {{\n    cert_file: "{self.tls_dir / "server.pem"}"\n    key_file: "{self.tls_dir / "server.key"}"'

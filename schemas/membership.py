@@ -7,30 +7,39 @@ nothing but this (pipeline/access.py: joiner_permissions).
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from msgspec import Struct, field
+from msgspec import Meta, Struct, field
 
 from schemas.cluster import PlacementRequest
 
 NKEY_USER = r"^U[A-Z2-7]{55}$"
 
 
+# A host name or an IP address, nothing else: these end up in nats-server's configuration and in URLs.
+HOST = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,252}|[0-9A-Fa-f:.]{2,45})$"
+Host = Annotated[str, Meta(pattern=HOST)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+
+
 class BrokerOffer(Struct, kw_only=True, forbid_unknown_fields=True):
     """A joining node that will also run one of the cluster's brokers (`conclave join --broker`, ops/brokers.py)."""
 
-    public_key: str  # PEM: the key its server certificate is to certify (made on the node; it never leaves it)
-    names: list[str]  # the host names and addresses that certificate names
-    address: str  # what the other machines dial it on
-    client_port: int
-    route_port: int
-    controller_key: str  # nkey public key (U...) of the controller it may run when the first machine is gone
+    public_key: Annotated[str, Meta(max_length=1024)]  # PEM: the key its certificate is to certify (made there)
+    names: Annotated[list[Host], Meta(min_length=1, max_length=64)]  # the names and addresses it certifies
+    address: Host  # what the other machines dial it on
+    client_port: Port
+    route_port: Port
+    controller_key: Annotated[str, Meta(pattern=NKEY_USER)]  # of the controller it runs when the first is gone
+
+    def _host(self) -> str:
+        return f"[{self.address}]" if ":" in self.address else self.address
 
     def client_url(self) -> str:
-        return f"tls://{self.address}:{self.client_port}"
+        return f"tls://{self._host()}:{self.client_port}"
 
     def route(self) -> str:
-        return f"{self.address}:{self.route_port}"
+        return f"{self._host()}:{self.route_port}"
 
 
 class JoinRequest(Struct, kw_only=True, forbid_unknown_fields=True):
