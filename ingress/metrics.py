@@ -30,6 +30,8 @@ NODE_FIGURES = [  # (metric, help, value of a status)
     ("conclave_node_power_watts", "Power", lambda s: s.power_w),
     ("conclave_node_disk_free_bytes", "Disk free where the models are", lambda s: s.disk_free),
     ("conclave_node_ranks", "Worker rank processes running", lambda s: s.ranks),
+    ("conclave_node_tokens_per_second", "Tokens per second its ranks generated over the last report",
+     lambda s: s.tokens_per_s),
 ]
 
 

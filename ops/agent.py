@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import msgspec
+
 from pipeline.nodes import node_subject, put_status
-from schemas.cluster import NodeFacts, NodeStatus
+from schemas.cluster import NodeFacts, NodeStatus, RankCounters
 
 log = logging.getLogger("conclave.agent")
 REPORT_S = 1.0
@@ -92,6 +94,17 @@ def node_status(home: Path, ranks: list[Path], offer: Offer) -> NodeStatus:
                       rdma_devices=rdma, time=time.time())
 
 
+def tokens_per_s(counters: list[RankCounters], before: dict[int, tuple[int, float]],
+                 at: float) -> tuple[float | None, dict[int, tuple[int, float]]]:
+    """The node's tokens per second since the last report, and what to compare the next one with: for each rank
+    seen then (by pid), the tokens it stepped since over the time since; the largest, since the ranks of one group
+    step the same tokens (a node's ranks of one pipeline would otherwise count them twice). None when no rank
+    was seen at the last report."""
+    rates = [(c.tokens - before[c.pid][0]) / (at - before[c.pid][1]) for c in counters
+             if c.pid in before and at > before[c.pid][1] and c.tokens >= before[c.pid][0]]
+    return (round(max(rates), 1) if rates else None), {c.pid: (c.tokens, at) for c in counters}
+
+
 async def keep_reporting(link, home: Path, ranks: Callable[[], list[Path]], stopping: asyncio.Event,
                          offer: Offer) -> None:
     """Put this node's status every REPORT_S until `stopping`; one log line when reporting fails, one when it
@@ -100,10 +113,12 @@ async def keep_reporting(link, home: Path, ranks: Callable[[], list[Path]], stop
     import psutil
 
     psutil.cpu_percent(interval=None)  # the first reading only starts the measurement
-    failing = False
+    failing, seen = False, {}
     while not stopping.is_set():
         try:
             status = await asyncio.to_thread(node_status, home, ranks(), offer)
+            rate, seen = tokens_per_s(status.rank_memory, seen, status.time)
+            status = msgspec.structs.replace(status, tokens_per_s=rate)
             await put_status(link.nc.jetstream(), status)
             if failing:
                 log.info("node status reported again")
@@ -138,14 +153,14 @@ def nodes_table(statuses: list[NodeStatus], now: float | None = None) -> str:
         return ",".join(counts) or "-"
 
     rows = [["NODE", "HOST", "BACKEND", "MEMORY USED/AVAILABLE/TOTAL", "BUDGET", "GPU", "CPU", "TEMP", "POWER",
-             "DISK FREE", "NET", "MODELS", "RANKS", "LAST SEEN"]]
+             "DISK FREE", "NET", "MODELS", "RANKS", "TOK/S", "LAST SEEN"]]
     for status in statuses:
         f, ago = status.facts, now - status.time
         rows.append([f.id, f.host, f.backend, f"{gb(status.memory_used)}/{gb(f.memory_available)}/{gb(f.memory_total)}",
                      gb(budget(f)), value(status.gpu_percent, "{:.0f}%"), value(status.cpu_percent, "{:.0f}%"),
                      value(status.temperature_c, "{:.0f} C"), value(status.power_w, "{:.0f} W"),
                      value(status.disk_free and gb(status.disk_free)), network(status), ",".join(f.models) or "-",
-                     str(status.ranks),
+                     str(status.ranks), value(status.tokens_per_s, "{:.1f}"),
                      f"{ago:.1f}s ago" + (" (LOST)" if state_of(status, now) == "lost" else "")])
     if len(rows) == 1:
         return "no node has reported (is `conclave serve` running?)"

@@ -131,44 +131,42 @@ def spawn_cluster(first_home: Path, node_homes: list[Path], memory_limit_gb: str
     """A cluster on loopback: `serve --cluster` and a `join` per home (each with an HTTP port), every machine
     offering `memory_limit_gb`; returns once the model is served, with the join token. The tests' and
     `conclave bench --cluster`'s."""
-    import re
-
-    first = spawn_server(first_home, "--cluster", "--advertise", "127.0.0.1", "--no-mdns", "--memory-limit",
-                         memory_limit_gb, "--heartbeat", "0.5", "--worker-timeout", "5", ready="--token")
-    token = re.search(r"cj1\.\S+", "".join(first.output)).group(0)
-    nodes: list[NodeProcess] = []
-    try:
-        for home in node_homes:
-            nodes.append(spawn_node(home, first.nats_url.removeprefix("tls://"), "--token", token, "--memory-limit",
-                                    memory_limit_gb, http=True))
-        wait_for_line(first.output, READY_LINE, timeout_s)
-    except BaseException:
-        for process in (*nodes, first):
-            process.process.kill()
-        raise
-    return first, nodes, token
+    limit = ("--memory-limit", memory_limit_gb)
+    return _spawn_joined(first_home, (*limit, "--heartbeat", "0.5", "--worker-timeout", "5"),
+                         {home: limit for home in node_homes}, timeout_s)
 
 
 def spawn_brokers(first_home: Path, node_homes: list[Path], *flags: str,
                   timeout_s: float = 240.0) -> tuple[ServerProcess, list[NodeProcess], tuple[str, ...]]:
     """A cluster with a broker of three on loopback (ops/brokers.py): `serve --cluster --brokers 3 FLAGS...` and a
     `join --broker` per home (two; each with an HTTP port); returns once the model is served, with the flags that
-    start the first machine again. The tests' and `conclave bench --cluster`'s."""
+    start the first machine again (`--cluster` and the rest). The tests' and `conclave bench --cluster`'s."""
+    routes = [free_port() for _ in range(1 + len(node_homes))]
+    first_flags = ("--brokers", "3", "--route-port", str(routes[0]), *flags)
+    first, nodes, _ = _spawn_joined(first_home, first_flags, {
+        home: ("--broker", "--nats-port", str(free_port()), "--route-port", str(route))
+        for home, route in zip(node_homes, routes[1:])}, timeout_s)
+    return first, nodes, (*CLUSTER_FLAGS, *first_flags)
+
+
+CLUSTER_FLAGS = ("--cluster", "--advertise", "127.0.0.1", "--no-mdns")
+
+
+def _spawn_joined(first_home: Path, first_flags: tuple[str, ...], node_flags: dict[Path, tuple[str, ...]],
+                  timeout_s: float) -> tuple[ServerProcess, list[NodeProcess], str]:
+    """`serve --cluster FIRST_FLAGS` on loopback, then `join` with each home's flags (and an HTTP port), until the
+    first machine serves."""
     import re
 
-    routes = [free_port() for _ in range(1 + len(node_homes))]
-    first_flags = ("--cluster", "--brokers", "3", "--route-port", str(routes[0]), "--advertise", "127.0.0.1",
-                   "--no-mdns", *flags)
-    first = spawn_server(first_home, *first_flags, ready="--token")
+    first = spawn_server(first_home, *CLUSTER_FLAGS, *first_flags, ready="--token")
     token = re.search(r"cj1\.\S+", "".join(first.output)).group(0)
     nodes: list[NodeProcess] = []
     try:
-        for home, route in zip(node_homes, routes[1:]):
-            nodes.append(spawn_node(home, first.nats_url.removeprefix("tls://"), "--token", token, "--broker",
-                                    "--nats-port", str(free_port()), "--route-port", str(route), http=True))
+        for home, flags in node_flags.items():
+            nodes.append(spawn_node(home, first.nats_url.removeprefix("tls://"), "--token", token, *flags, http=True))
         wait_for_line(first.output, READY_LINE, timeout_s)
     except BaseException:
         for process in (*nodes, first):
             process.process.kill()
         raise
-    return first, nodes, first_flags
+    return first, nodes, token

@@ -118,11 +118,12 @@ class Interface(Struct, kw_only=True):
 
 
 class RankCounters(Struct, kw_only=True):
-    """A worker rank's MLX memory, as it last wrote it to its liveness file (workers/status.py: keep_alive)."""
+    """A worker rank's counters, as it last wrote them to its liveness file (workers/status.py: keep_alive)."""
 
     pid: int
     active: int  # bytes MLX holds now (mx.get_active_memory)
     peak: int  # the most it has held (mx.get_peak_memory)
+    tokens: int = 0  # tokens its batch stepped through since it started (every rank of a group alike)
 
 
 class NodeStatus(Struct, kw_only=True):
@@ -137,7 +138,10 @@ class NodeStatus(Struct, kw_only=True):
     power_w: Union[float, None] = None  # macOS: the whole system's (else CPU + GPU + ANE); NVIDIA: its GPUs'
     disk_free: Union[int, None] = None  # bytes free where its home (models) lives
     ranks: int = 0  # worker rank processes running on it
-    rank_memory: list[RankCounters] = []  # each of those ranks' MLX counters
+    rank_memory: list[RankCounters] = []  # each of those ranks' counters (MLX memory, tokens)
+    # Tokens per second the ranks here generated over the last report (of the busiest of its groups: the ranks of
+    # one group step the same tokens); None without a rank that reported twice.
+    tokens_per_s: Union[float, None] = None
     interfaces: list[Interface] = []  # refreshed every 30 s or so
     rdma_devices: list[str] = []  # what `ibv_devices` lists
     time: float  # unix seconds when measured

@@ -86,3 +86,33 @@ def test_prometheus_metrics_count_answers_and_show_queues_and_nodes(server, clie
     assert after[("conclave_node_up", node)] == 1
     assert after[("conclave_node_memory_total_bytes", node)] == psutil.virtual_memory().total
     assert ("conclave_node_gpu_percent", node) not in after  # not measured here: absent, not 0
+
+
+def test_the_node_counts_the_tokens_its_rank_generates(server, client, http):
+    def stepped() -> int:  # every rank's count, from its liveness file, as the agent last reported it
+        (node,) = reported(http)["nodes"]
+        return sum(rank["tokens"] for rank in node["rank_memory"])
+
+    before = stepped()
+    answer = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8)
+    deadline = time.monotonic() + 30  # the rank writes its count each heartbeat; the agent reports each second
+    while stepped() - before < answer.usage.completion_tokens - 1:  # the first token comes from the prefill
+        assert time.monotonic() < deadline, (before, stepped(), answer.usage)
+        time.sleep(0.2)
+    (node,) = reported(http)["nodes"]
+    assert node["tokens_per_s"] is not None and node["tokens_per_s"] >= 0
+
+
+def test_tokens_per_second_is_the_busiest_rank_since_the_last_report():
+    from ops.agent import tokens_per_s
+    from schemas.cluster import RankCounters
+
+    def rank(pid: int, tokens: int) -> RankCounters:
+        return RankCounters(pid=pid, active=0, peak=0, tokens=tokens)
+
+    rate, seen = tokens_per_s([rank(1, 100), rank(2, 40)], {}, at=10.0)
+    assert rate is None and seen == {1: (100, 10.0), 2: (40, 10.0)}  # nothing to compare with yet
+    rate, seen = tokens_per_s([rank(1, 130), rank(2, 50), rank(3, 7)], seen, at=12.0)
+    assert rate == 15.0  # (130 - 100) / 2 s; a new rank (pid 3) counts from the next report
+    rate, _ = tokens_per_s([rank(1, 5)], {1: (130, 12.0)}, at=13.0)
+    assert rate is None  # a count that went back (a reused pid) is not a rate

@@ -42,6 +42,7 @@ from mlx_lm.models.cache import (KVCache, LRUPromptCache, can_trim_prompt_cache,
                                  trim_prompt_cache)
 
 from workers.shard import Shard
+from workers.status import Progress
 
 # Prompt tokens a joining request prefills per step (one forward pass: it also bounds activation memory).
 # A longer prompt is prefilled over several steps, between which the rows already running each decode a
@@ -134,8 +135,9 @@ class BatchEngine:
     """The batch and the prefix cache of one rank. Runs on the thread that owns the model."""
 
     def __init__(self, shard: Shard, max_batch: int = 16, prefix_cache_bytes: int = 4 << 30,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, progress: Progress | None = None):
         self.shard = shard
+        self.progress = progress if progress is not None else Progress()  # tokens stepped, for the liveness file
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         # Bounded by the leader's bytes alone (no count limit): see `_evict`.
@@ -320,6 +322,7 @@ class BatchEngine:
             if member.fresh:
                 member.fresh = False
                 continue
+            self.progress.tokens += 1
             if self.shard.is_leader and not member.finished:
                 try:
                     member.finished = member.row.on_token(token)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,14 @@ from workers.generation import Generation
 log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
 decode_counters = msgspec.json.Decoder(RankCounters).decode
+
+
+@dataclass
+class Progress:
+    """What a rank has done, for its liveness file: the tokens its batch engine stepped through (workers/lockstep.py;
+    every rank of a group steps the same ones). Its node's agent turns them into the node's tokens per second."""
+
+    tokens: int = 0
 
 
 def alive_file(folder: Path, rank: int) -> Path:
@@ -86,10 +95,10 @@ def read_counters(path: Path) -> RankCounters | None:
         return None
 
 
-async def keep_alive(path: Path | None, heartbeat_s: float, stopping: asyncio.Event) -> None:
-    """Write `path` every heartbeat (its time says the rank lives; its content is the rank's MLX memory, which its
-    node's agent reports); stop the process (set `stopping`) once its supervisor is gone, so that no worker
-    lingers as an orphan."""
+async def keep_alive(path: Path | None, heartbeat_s: float, stopping: asyncio.Event, progress: Progress) -> None:
+    """Write `path` every heartbeat (its time says the rank lives; its content is the rank's MLX memory and
+    progress, which its node's agent reports); stop the process (set `stopping`) once its supervisor is gone, so
+    that no worker lingers as an orphan."""
     import mlx.core as mx
 
     parent = os.getppid()
@@ -97,7 +106,7 @@ async def keep_alive(path: Path | None, heartbeat_s: float, stopping: asyncio.Ev
         if path is not None:
             try:
                 path.write_bytes(encode(RankCounters(pid=os.getpid(), active=mx.get_active_memory(),
-                                                     peak=mx.get_peak_memory())))
+                                                     peak=mx.get_peak_memory(), tokens=progress.tokens)))
             except OSError as exc:
                 log.warning("could not write %s: %s", path, exc)
         if os.getppid() != parent:

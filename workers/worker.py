@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -48,7 +49,7 @@ from workers.lockstep import BatchEngine
 from workers.prepare import LoadedModel, open_model
 from workers.rank import RankArgs, add_rank_arguments, barrier, join_group
 from workers.scheduler import BatchScheduler
-from workers.status import alive_file, encode, keep_alive, report_status
+from workers.status import Progress, alive_file, encode, keep_alive, report_status
 
 log = logging.getLogger("conclave.worker")
 LOST = 70  # exit code after the step watchdog or a failed group step: the supervisor restarts the group
@@ -59,8 +60,9 @@ class Worker:
     """The leader (or only) rank of a model's worker group."""
 
     def __init__(self, nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group | None,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, progress: Progress):
         self.nc = nc
+        self.progress = progress
         self.loop = loop
         self.args = args
         self.executor = executor
@@ -95,9 +97,7 @@ class Worker:
             self.executor, open_model, args.model_id, Path(args.model_dir), self.rank.layout, self.group,
             self.rank.split)
         await loop.run_in_executor(self.executor, barrier, self.group)  # every follower is listening now
-        # On the model's thread: in a group, making the engine is a collective (workers/lockstep.py: plain_kv).
-        engine = await loop.run_in_executor(
-            self.executor, BatchEngine, self.loaded.shard, args.max_batch, int(args.prefix_cache_gb * 2**30))
+        engine = await make_engine(loop, self.executor, self.loaded.shard, args, self.progress)
         self.scheduler = BatchScheduler(engine, args.heartbeat)
         # Settling retries for ten ack-waits while NATS is unreachable (a restart, JetStream recovering its store).
         settler = Settler(self.nc, args.model_id, self.name, self.ranks, self.loaded.revision, 50 * args.heartbeat,
@@ -173,8 +173,14 @@ class Worker:
             os._exit(LOST)
 
 
+async def make_engine(loop, executor: ThreadPoolExecutor, shard, args, progress: Progress) -> BatchEngine:
+    # On the model's thread: in a group, making the engine is a collective (workers/lockstep.py: plain_kv).
+    return await loop.run_in_executor(executor, functools.partial(
+        BatchEngine, shard, args.max_batch, int(args.prefix_cache_gb * 2**30), progress=progress))
+
+
 async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: mx.distributed.Group,
-                 stopping: asyncio.Event) -> None:
+                 stopping: asyncio.Event, progress: Progress) -> None:
     """A follower rank: load this rank's shard, then run each batch the leader wakes us for."""
     loop = asyncio.get_running_loop()
     wake = await nc.subscribe(group_wake_subject(args.model_id, rank.group_id))
@@ -182,8 +188,7 @@ async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: 
         executor, open_model, args.model_id, Path(args.model_dir), rank.layout, group, rank.split)
     await loop.run_in_executor(executor, barrier, group)
     log.info("rank %d/%d of %s ready (layers %s)", group.rank(), group.size(), args.model_id, loaded.shard.layers)
-    engine = await loop.run_in_executor(
-        executor, BatchEngine, loaded.shard, args.max_batch, int(args.prefix_cache_gb * 2**30))
+    engine = await make_engine(loop, executor, loaded.shard, args, progress)
     while not stopping.is_set():
         try:
             await wake.next_msg(timeout=args.heartbeat)
@@ -201,7 +206,8 @@ async def main_async(args) -> int:
         loop.add_signal_handler(sig, stopping.set)
     rank_index = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
     path = alive_file(Path(args.alive_dir), rank_index) if args.alive_dir else None
-    liveness = asyncio.create_task(keep_alive(path, args.heartbeat, stopping))
+    progress = Progress()
+    liveness = asyncio.create_task(keep_alive(path, args.heartbeat, stopping, progress))
     exit_code = 0
 
     async def nats_closed():
@@ -216,9 +222,9 @@ async def main_async(args) -> int:
     nc = await connect(args.nats_url, f"conclave-worker:{args.model_id}", identity, on_closed=nats_closed)
     try:
         if group is None or group.rank() == 0:
-            await Worker(nc, args, executor, rank, group, loop).run(stopping)
+            await Worker(nc, args, executor, rank, group, loop, progress).run(stopping)
         else:
-            await follow(nc, args, executor, rank, group, stopping)
+            await follow(nc, args, executor, rank, group, stopping, progress)
     finally:
         liveness.cancel()
         # close, not drain: draining waits on the pull subscription's pending request for up to 30s.
