@@ -303,7 +303,7 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
                 pass
     if plan is None:
         return
-    model = store.resolve(plan.model)
+    model = await asyncio.to_thread(store.resolve, plan.model)  # the first use copies the bundled model in
     controller = Controller(link, model, plan.settings, plan.request, workdir,
                             await asyncio.to_thread(model_context_length, model.path))
     ending = asyncio.Event()

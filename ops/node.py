@@ -195,6 +195,8 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
         if server is not None:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A part that failed while stopping (an agent that failed stops its controller first, which sets `stopping`).
+        failed = failed or next((t for t in tasks if not t.cancelled() and t.exception() is not None), None)
         await link.close()
         if standby is not None:
             await standby.close()

@@ -258,6 +258,14 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         print(f"{READY_LINE} {model.id} at {http_url} (NATS {redacted(nats_url)})", flush=True)
 
     ready = asyncio.create_task(announce_when_ready())
+
+    def ended(task: asyncio.Task) -> None:
+        if not server.should_exit:  # the workers' supervisor, or the controller and this machine's agent, failed
+            log.error("the workers' supervision ended (%s): stopping, for the service manager to restart it",
+                      "cancelled" if task.cancelled() else task.exception())
+            server.should_exit = True
+
+    workers.add_done_callback(ended)
     try:
         await server.serve()
     finally:

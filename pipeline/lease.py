@@ -8,8 +8,8 @@ writing over exactly that revision; if another was faster, its write fails and i
 
 Abandonment is judged on the candidate's own monotonic clock (how long the revision has not moved), never by
 comparing its clock with the holder's or the broker's: machines' clocks differ by any amount. A holder that
-cannot renew for LEASE_S - RENEW_S (cut off from the brokers) stops controlling before anyone may take over, so
-two controllers never order the same agents at once. The plan the controller follows (what to serve, with which
+has not renewed within LEASE_S - RENEW_S of sending its last good renewal (cut off from the brokers) stops
+controlling before anyone may take over, so two controllers never order the same agents at once (`_hold`). The plan the controller follows (what to serve, with which
 settings) is in the same bucket, written by the first machine (`write_plan`), so a successor places the model
 as the first machine was told to.
 """
