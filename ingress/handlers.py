@@ -18,6 +18,7 @@ from ingress.respond import respond
 from ingress.shapes import CHAT, COMPLETION
 from pipeline.access import PLACE_SUBJECT
 from pipeline.limits import PayloadLimits
+from pipeline.lease import read_lease
 from pipeline.nodes import read_instances, read_nodes, state_of
 from schemas.membership import PlacementPreview
 from schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
@@ -61,13 +62,14 @@ async def get_model(request: Request) -> Response:
 
 
 async def cluster(request: Request) -> Response:
-    """The nodes as their agents last reported them (a lost one is listed as lost, not dropped), and the
-    instances: each served model's live workers."""
+    """The nodes as their agents last reported them (a lost one is listed as lost, not dropped), the instances
+    (each served model's live workers), and where the controller runs (null: none holds the lease)."""
     ingress = request.app.state.ingress
     now = time.time()
     try:
         statuses = await read_nodes(ingress.link.nc.jetstream())
         placed = {i.model: i for i in await read_instances(ingress.link.nc.jetstream())}
+        lease = await read_lease(ingress.link.nc.jetstream())
     except Exception as exc:  # NATS away (or reconnecting)
         raise APIError(503, f"The cluster's state cannot be read right now ({type(exc).__name__}).",
                        type="server_error", code="nats_unavailable") from None
@@ -75,7 +77,9 @@ async def cluster(request: Request) -> Response:
              for status in statuses]
     instances = [{**(msgspec.to_builtins(placed[model]) if model in placed else {"model": model}),
                   "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]} for model in ingress.models]
-    return JSONResponse({"object": "cluster", "nodes": nodes, "links": [], "instances": instances})
+    controller = {"node_id": lease.node_id, "host": lease.host} if lease is not None else None
+    return JSONResponse({"object": "cluster", "nodes": nodes, "links": [], "instances": instances,
+                         "controller": controller})
 
 
 async def placement(request: Request) -> Response:

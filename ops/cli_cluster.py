@@ -83,9 +83,13 @@ def cmd_nodes(args) -> None:
         return
 
     async def show() -> None:
+        from pipeline.lease import read_lease
+
         nc = await operator_connection(args.home, args.nats_url, "conclave-nodes")
         try:
             print(nodes_table(await read_nodes(nc.jetstream())))
+            if (lease := await read_lease(nc.jetstream())) is not None:
+                print(f"controller: {lease.host} (node {lease.node_id})")
         finally:
             await nc.close()
 

@@ -101,12 +101,13 @@ def submitter_permissions(name: str) -> Permissions:
 
 def ingress_permissions() -> Permissions:
     own = submitter_permissions(INGRESS)
-    # Besides: the consumers' state (admission), the nodes' statuses and the instances (/v1/cluster, /v1/models),
-    # and placement previews (/v1/cluster/placement).
+    # Besides: the consumers' state (admission), the nodes' statuses, the instances and who holds the controller
+    # lease (/v1/cluster, /v1/models), and placement previews (/v1/cluster/placement).
     return Permissions(publish=(*own.publish, f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*",
                                 f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
                                 f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
-                                _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), PLACE_SUBJECT),
+                                _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), PLACE_SUBJECT,
+                                _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.lease")),
                        subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>"))
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import nats
 import openai
 
@@ -142,6 +143,7 @@ def test_three_brokers_formed_by_joining_lose_no_job_when_one_dies(tmp_path):
         answers += ask_while(nodes[0].base_url, processes, first.kill)
         holder = asyncio.run(lease_holder(homes[0], ",".join(urls[1:])))
         assert holder in [node_id(home) for home in homes[1:]]
+        assert httpx.get(nodes[0].base_url + "/cluster", timeout=30).json()["controller"]["node_id"] == holder
         # The first machine back: it stands by (the lease stays where it is) and signs audit checkpoints again.
         processes[0] = first = spawn_server(homes[0], *flags)
         assert asyncio.run(lease_holder(homes[0], ",".join(urls[1:]))) == holder

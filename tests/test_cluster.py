@@ -38,6 +38,7 @@ def test_the_cluster_lists_this_node_with_real_figures_and_its_instance(server, 
     assert node["gpu_percent"] is None and node["temperature_c"] is None and node["power_w"] is None
     (instance,) = body["instances"]
     assert instance["model"] == MODEL and len(instance["workers"]) == 1
+    assert body["controller"] is None  # one machine, no cluster: no controller lease
 
 
 def test_conclave_nodes_prints_the_table(server, http):

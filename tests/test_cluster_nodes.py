@@ -76,6 +76,7 @@ def test_placement_splits_the_model_over_two_nodes_and_the_third_node_answers(cl
     answer = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
     assert "Paris" in answer.choices[0].message.content
     cluster_view = httpx.get(outside.base_url + "/cluster", timeout=30).json()
+    assert cluster_view["controller"]["node_id"] == node_id(cluster.first.home)  # it holds the controller lease
     assert {n["facts"]["id"] for n in cluster_view["nodes"]} == {node_id(h) for h in
                                                                  (cluster.first.home, *(n.home for n in cluster.nodes))}
     # Each node of the plan runs one rank and reports its MLX memory; the third runs none.
