@@ -19,7 +19,7 @@ from ingress.shapes import CHAT, COMPLETION
 from pipeline.access import PLACE_SUBJECT
 from pipeline.limits import PayloadLimits
 from pipeline.lease import read_lease
-from pipeline.nodes import read_instances, read_nodes, state_of
+from pipeline.nodes import links_between, read_instances, read_nodes, state_of
 from schemas.membership import PlacementPreview
 from schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
 
@@ -78,7 +78,8 @@ async def cluster(request: Request) -> Response:
     instances = [{**(msgspec.to_builtins(placed[model]) if model in placed else {"model": model}),
                   "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]} for model in ingress.models]
     controller = {"node_id": lease.node_id, "host": lease.host} if lease is not None else None
-    return JSONResponse({"object": "cluster", "nodes": nodes, "links": [], "instances": instances,
+    links = [msgspec.to_builtins(link) for link in links_between([s for s in statuses if state_of(s, now) == "up"])]
+    return JSONResponse({"object": "cluster", "nodes": nodes, "links": links, "instances": instances,
                          "controller": controller})
 
 

@@ -85,13 +85,14 @@ def node_status(home: Path, ranks: list[Path], offer: Offer) -> NodeStatus:
     memory = psutil.virtual_memory()  # one sample: used and available agree
     facts = local_node(home, offer, memory)
     gpu = gpu_reading()
-    interfaces, rdma = network_facts()  # found again every NETWORK_REFRESH_S, not every report
+    network = network_facts()  # found again every NETWORK_REFRESH_S, not every report
     return NodeStatus(facts=facts, memory_used=memory.total - memory.available,
                       cpu_percent=psutil.cpu_percent(interval=None), gpu_percent=gpu.gpu_percent,
                       temperature_c=gpu.temperature_c, power_w=gpu.power_w,
                       disk_free=psutil.disk_usage(str(home)).free, ranks=len(ranks),
-                      rank_memory=[c for c in map(read_counters, ranks) if c is not None], interfaces=interfaces,
-                      rdma_devices=rdma, time=time.time())
+                      rank_memory=[c for c in map(read_counters, ranks) if c is not None],
+                      interfaces=network.interfaces, rdma_devices=network.rdma, thunderbolt=network.thunderbolt,
+                      rdma_enabled=network.rdma_enabled, time=time.time())
 
 
 def tokens_per_s(counters: list[RankCounters], before: dict[int, tuple[int, float]],

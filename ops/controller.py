@@ -40,7 +40,7 @@ from ops.placement import place
 from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX, PLACE_SUBJECT
 from pipeline.lease import read_plan
-from pipeline.nodes import put_instance, read_nodes, state_of
+from pipeline.nodes import links_between, put_instance, read_nodes, state_of
 from schemas.cluster import NodeStatus, Plan, PlacementRequest
 from schemas.membership import (Instance, OrderReply, PlacementPreview, PortOrder, RankExit, StartOrder, StopOrder,
                                 WorkerSettings)
@@ -197,7 +197,8 @@ class Controller:
         while not stopping.is_set():
             statuses = {s.facts.id: s for s in await read_nodes(self.link.nc.jetstream())
                         if state_of(s) == "up" and s.time > after}
-            result = place(self.facts, [s.facts for s in statuses.values()], [], self.request) if statuses else None
+            result = (place(self.facts, [s.facts for s in statuses.values()], links_between(list(statuses.values())),
+                            self.request) if statuses else None)
             if isinstance(result, Plan):
                 return result, statuses
             reason = (result.reason if result is not None else "no node has reported yet" if not after else
@@ -343,9 +344,10 @@ async def answer_previews(nc, store: ModelStore):
             if model is None:
                 raise ValueError(f"{asked.model} is not in the first machine's model store (`conclave models pull` or "
                                  f"`import` it there first; a preview never downloads)")
-            statuses = [s.facts for s in await read_nodes(nc.jetstream()) if state_of(s) == "up"]
+            statuses = [s for s in await read_nodes(nc.jetstream()) if state_of(s) == "up"]
             facts = await asyncio.to_thread(model_facts, model.id, model.path)
-            answer = msgspec.json.encode(place(facts, statuses, [], asked.request()))
+            answer = msgspec.json.encode(place(facts, [s.facts for s in statuses], links_between(statuses),
+                                               asked.request()))
         except (msgspec.MsgspecError, ValueError, OSError) as exc:
             answer = msgspec.json.encode({"type": "error", "message": str(exc)})
         await msg.respond(answer)

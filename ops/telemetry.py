@@ -9,6 +9,9 @@ not report it, or a reader that failed. The readers never raise; a failure is lo
 
 Network: psutil's interfaces, each classified by `interface_kind` from facts the platform gives (Linux: sysfs;
 macOS: the hardware ports `networksetup` lists). RDMA: the devices `ibv_devices` lists (Linux also: sysfs).
+Thunderbolt (macOS): each bus's domain UUID and those of the buses cabled to it, from `system_profiler
+SPThunderboltDataType -json` (EXO reads the same), and whether `rdma_ctl status` says RDMA is enabled: from these
+the controller derives which nodes are cabled to which, and over RDMA (ops/placement.py: links_between).
 Discovery spawns processes and reads files, so `network_facts` keeps its answer for NETWORK_REFRESH_S.
 The parsers and the classifier are pure functions, tested without the platform (tests/test_telemetry.py).
 """
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from schemas.cluster import Interface, InterfaceKind
+from schemas.cluster import Interface, InterfaceKind, ThunderboltPort
 
 log = logging.getLogger("conclave.telemetry")
 MACMON_SAMPLE_MS = 200  # one sample's window: the agent reports every second
@@ -304,13 +307,54 @@ def rdma_devices() -> list[str]:
     return names
 
 
+def parse_thunderbolt(text: str) -> list[ThunderboltPort]:
+    """This Mac's Thunderbolt buses from `system_profiler SPThunderboltDataType -json`: each bus (an entry with a
+    `domain_uuid_key`) and the domain UUIDs of the items under it, which are what is cabled there (another Mac's
+    bus when two are connected directly)."""
+    try:
+        buses = json.loads(text).get("SPThunderboltDataType", [])
+    except (ValueError, AttributeError):
+        return []
+    ports = []
+    for bus in buses if isinstance(buses, list) else []:
+        if not isinstance(bus, dict) or not isinstance(bus.get("domain_uuid_key"), str):
+            continue
+        items = bus.get("_items") if isinstance(bus.get("_items"), list) else []
+        peers = [item["domain_uuid_key"] for item in items
+                 if isinstance(item, dict) and isinstance(item.get("domain_uuid_key"), str)]
+        ports.append(ThunderboltPort(domain=bus["domain_uuid_key"], peers=peers))
+    return ports
+
+
+def parse_rdma_ctl(text: str | None) -> bool | None:
+    """`rdma_ctl status`: True when it says enabled, False when disabled, None when it is not there or says
+    neither."""
+    said = (text or "").strip().lower()
+    return False if "disabled" in said else True if "enabled" in said else None
+
+
+def thunderbolt_facts() -> tuple[list[ThunderboltPort], bool | None]:
+    """macOS only (no other platform runs jaccl over Thunderbolt); ([], None) elsewhere."""
+    if sys.platform != "darwin":
+        return [], None
+    return (parse_thunderbolt(_run(["system_profiler", "SPThunderboltDataType", "-json"]) or "{}"),
+            parse_rdma_ctl(_run(["rdma_ctl", "status"])))
+
+
+class Network(NamedTuple):
+    interfaces: list[Interface]
+    rdma: list[str]
+    thunderbolt: list[ThunderboltPort]
+    rdma_enabled: bool | None
+
+
 _network_lock = threading.Lock()
 _network: dict[str, Any] = {}
 
 
-def network_facts(now: float | None = None) -> tuple[list[Interface], list[str]]:
-    """The interfaces and RDMA devices, found again when older than NETWORK_REFRESH_S; empty when discovery
-    failed."""
+def network_facts(now: float | None = None) -> Network:
+    """The interfaces, RDMA devices and Thunderbolt buses, found again when older than NETWORK_REFRESH_S; empty
+    when discovery failed."""
     now = time.monotonic() if now is None else now
     with _network_lock:
         if not _network or now - _network["at"] >= NETWORK_REFRESH_S:
@@ -324,5 +368,10 @@ def network_facts(now: float | None = None) -> tuple[list[Interface], list[str]]
             except Exception as exc:
                 _once("rdma", "could not list the RDMA devices: %s", exc)
                 rdma = []
-            _network.update(at=now, interfaces=interfaces, rdma=rdma)
-        return _network["interfaces"], _network["rdma"]
+            try:
+                thunderbolt, rdma_enabled = thunderbolt_facts()
+            except Exception as exc:
+                _once("thunderbolt", "could not read the Thunderbolt buses: %s", exc)
+                thunderbolt, rdma_enabled = [], None
+            _network.update(at=now, found=Network(interfaces, rdma, thunderbolt, rdma_enabled))
+        return _network["found"]

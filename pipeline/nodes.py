@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 
 from pipeline.subjects import (INSTANCES_BUCKET, INSTANCES_PREFIX, INSTANCES_STREAM, NODES_BUCKET, NODES_PREFIX,
                                NODES_STREAM, subject_token)
-from schemas.cluster import NodeStatus
+from schemas.cluster import Link, NodeStatus
 from schemas.membership import Instance
 
 NODES_TTL_S = 60.0
@@ -96,3 +96,24 @@ async def _read_bucket(js, stream: str, prefix: str) -> list:
 def state_of(status: NodeStatus, now: float | None = None) -> str:
     """"up", or "lost" when its agent has not reported for LOST_AFTER_S."""
     return "lost" if (now if now is not None else time.time()) - status.time > LOST_AFTER_S else "up"
+
+
+def links_between(statuses: list[NodeStatus]) -> list[Link]:
+    """Which nodes are cabled to which (placement's links, ops/placement.py), from their agents' Thunderbolt facts
+    (ops/telemetry.py): a bus of one node naming a bus of another as cabled to it is a link, "rdma" when
+    `rdma_ctl` says enabled on both ends (jaccl needs it: EXO's rule too), else "thunderbolt". Each pair once.
+    Nodes without Thunderbolt facts (Linux, or a Mac whose profiler said nothing) have no links: placement then
+    never chooses jaccl on its own."""
+    owner = {port.domain: status for status in statuses for port in status.thunderbolt}
+    found: dict[frozenset[str], Link] = {}
+    for status in statuses:
+        for port in status.thunderbolt:
+            for peer in (owner.get(domain) for domain in port.peers):
+                if peer is None or peer.facts.id == status.facts.id:
+                    continue
+                pair = frozenset((status.facts.id, peer.facts.id))
+                rdma = status.rdma_enabled is True and peer.rdma_enabled is True
+                if pair not in found or rdma:
+                    a, b = sorted(pair)
+                    found[pair] = Link(a=a, b=b, kind="rdma" if rdma else "thunderbolt")
+    return sorted(found.values(), key=lambda link: (link.a, link.b))

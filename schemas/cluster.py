@@ -117,6 +117,14 @@ class Interface(Struct, kw_only=True):
     up: bool = False
 
 
+class ThunderboltPort(Struct, kw_only=True):
+    """One of a Mac's Thunderbolt buses (`system_profiler SPThunderboltDataType`): its domain UUID and those of the
+    buses cabled to it. Two nodes naming each other's domains are linked (ops/placement.py: links_between)."""
+
+    domain: str
+    peers: list[str] = []
+
+
 class RankCounters(Struct, kw_only=True):
     """A worker rank's counters, as it last wrote them to its liveness file (workers/status.py: keep_alive)."""
 
@@ -144,4 +152,6 @@ class NodeStatus(Struct, kw_only=True):
     tokens_per_s: Union[float, None] = None
     interfaces: list[Interface] = []  # refreshed every 30 s or so
     rdma_devices: list[str] = []  # what `ibv_devices` lists
+    thunderbolt: list[ThunderboltPort] = []  # macOS: its Thunderbolt buses and what is cabled to them
+    rdma_enabled: Union[bool, None] = None  # macOS: `rdma_ctl status` (jaccl needs it); None where unknown
     time: float  # unix seconds when measured

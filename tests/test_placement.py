@@ -243,3 +243,34 @@ def test_conclave_place_previews_a_plan_or_says_why_not(server, tmp_path):
     assert sum(r.layers[1] - r.layers[0] for r in plan.ranks) == 30
     refused = place_cli("--nodes", str(nodes), "--pin", "c,a", "--split", "20,10", "--context", "2048")
     assert refused.returncode == 1 and refused.stdout.startswith(f"cannot place {MODEL}: node c would need ")
+
+
+def test_thunderbolt_cables_found_by_the_agents_become_links_and_an_rdma_mesh_becomes_tensor_over_jaccl():
+    from pipeline.nodes import links_between
+    from schemas.cluster import NodeStatus, ThunderboltPort
+
+    # Four Mac Studios cabled each to each (three buses each), as their agents report them (ops/telemetry.py).
+    ids = [f"studio-{i}" for i in range(4)]
+    buses = {(a, b): f"{a}-bus-{b}" for a in ids for b in ids if a != b}  # a's bus cabled to b
+
+    def status(i: str, rdma: bool | None) -> NodeStatus:
+        ports = [ThunderboltPort(domain=buses[i, j], peers=[buses[j, i]]) for j in ids if j != i]
+        return NodeStatus(facts=node(i, 500, working_set_gb=400), memory_used=0, time=0.0, thunderbolt=ports,
+                          rdma_enabled=rdma)
+
+    statuses = [status(i, True) for i in ids]
+    links = links_between(statuses)
+    assert links == mesh(ids) and len(links) == 6  # each pair once, and RDMA: enabled on both ends
+    plan = place(K2, [s.facts for s in statuses], links, PlacementRequest(context=8192, sequences=4))
+    assert isinstance(plan, Plan) and (plan.layout, plan.backend) == ("tensor", "jaccl")
+    # One node without `rdma_ctl enable`: its cables are Thunderbolt only, so no RDMA mesh spans all four.
+    statuses[3] = status(ids[3], False)
+    kinds = {frozenset((link.a, link.b)): link.kind for link in links_between(statuses)}
+    assert kinds[frozenset(ids[:2])] == "rdma" and kinds[frozenset((ids[0], ids[3]))] == "thunderbolt"
+    plan = place(K2, [s.facts for s in statuses], links_between(statuses), PlacementRequest(context=8192, sequences=4))
+    assert not (isinstance(plan, Plan) and plan.backend == "jaccl" and len(plan.ranks) == 4)
+    # A cable to a machine that is not a node (a dock, a display) is no link; nor is a node without facts.
+    lone = NodeStatus(facts=node("linux-box", 500), memory_used=0, time=0.0)
+    stray = NodeStatus(facts=node("studio-x", 500), memory_used=0, time=0.0,
+                       thunderbolt=[ThunderboltPort(domain="x-bus", peers=["some-dock"])])
+    assert links_between([lone, stray]) == []

@@ -155,7 +155,7 @@ def test_this_nodes_status_has_its_interfaces_and_no_made_up_gpu_figures(tmp_pat
         assert status.gpu_percent is None and status.temperature_c is None and status.power_w is None
     decoded = msgspec.json.decode(msgspec.json.encode(status), type=NodeStatus)
     assert decoded == status and isinstance(decoded.interfaces[0], Interface)
-    assert network_facts()[0] is status.interfaces  # kept between reports, not found again every second
+    assert network_facts().interfaces is status.interfaces  # kept between reports, not found again every second
 
 
 def test_a_status_from_an_agent_without_interfaces_still_decodes_and_shows():
@@ -186,3 +186,22 @@ def test_macmon_on_path_is_run_for_one_short_sample(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert telemetry.gpu_reading() == GpuReading()  # not installed: None, and not looked for again
     assert telemetry._macmon == [None]
+
+
+def test_thunderbolt_buses_and_rdma_ctl_are_parsed_from_what_macos_prints():
+    from ops.telemetry import parse_rdma_ctl, parse_thunderbolt
+    from schemas.cluster import ThunderboltPort
+
+    # `system_profiler SPThunderboltDataType -json`, trimmed to its shape: a bus per entry, what is cabled under it.
+    profiler = json.dumps({"SPThunderboltDataType": [
+        {"_name": "thunderboltusb4_bus_0", "domain_uuid_key": "AAAA-0",
+         "receptacle_1_tag": {"receptacle_id_key": "1", "current_speed_key": "Up to 80 Gb/s"},
+         "_items": [{"_name": "Mac Studio", "domain_uuid_key": "BBBB-2", "vendor_name_key": "Apple Inc."}]},
+        {"_name": "thunderboltusb4_bus_1", "domain_uuid_key": "AAAA-1", "receptacle_1_tag": {"receptacle_id_key": "2"},
+         "_items": [{"_name": "CalDigit TS4"}]},  # a dock: no domain of its own
+        {"_name": "no bus"}, "garbage"]})
+    assert parse_thunderbolt(profiler) == [ThunderboltPort(domain="AAAA-0", peers=["BBBB-2"]),
+                                           ThunderboltPort(domain="AAAA-1", peers=[])]
+    assert parse_thunderbolt("not json") == [] and parse_thunderbolt("[]") == []
+    assert parse_rdma_ctl("RDMA is enabled\n") is True and parse_rdma_ctl("disabled") is False
+    assert parse_rdma_ctl(None) is None and parse_rdma_ctl("unknown") is None
