@@ -22,6 +22,7 @@ from typing import Callable
 
 import msgspec
 
+from pipeline.connection import sleep_unless
 from pipeline.nodes import node_subject, put_status
 from schemas.cluster import NodeFacts, NodeStatus, RankCounters
 
@@ -128,10 +129,7 @@ async def keep_reporting(link, home: Path, ranks: Callable[[], list[Path]], stop
             if not failing:
                 log.warning("could not report this node's status: %s", exc)
             failing = True
-        try:
-            await asyncio.wait_for(stopping.wait(), REPORT_S)
-        except asyncio.TimeoutError:
-            pass
+        await sleep_unless(stopping, REPORT_S)
     with contextlib.suppress(Exception):
         await link.nc.publish(node_subject(node_id(home)), b"", headers={"KV-Operation": "DEL"})
         await link.nc.flush(timeout=2)

@@ -17,8 +17,8 @@ Routes are mutual TLS from their first byte: each server shows its CA-signed cer
 against the CA, so a machine without one cannot become a broker (tests/test_broker_replicas.py).
 
 Every server must admit the same users. The first machine keeps them (ops/credentials.py) and announces them on
-USERS_SUBJECT, which only the operator may publish on, whenever they change and every ANNOUNCE_S; each broker
-node writes them into its server's authorization and reloads it (`follow_users`). A broker node that restarts
+USERS_SUBJECT every ANNOUNCE_S (only the operator may publish there, only broker nodes' controllers hear it);
+each broker node writes them into its server's authorization and reloads it when they changed (`follow_users`). A broker node that restarts
 uses the last ones it wrote, so admitting, removing a node or issuing a submitter needs the first machine, and
 the other two keep serving whoever they knew.
 """
@@ -35,6 +35,7 @@ import msgspec
 from ops.cluster_tls import machine_names, new_broker_key, tls_dir
 from ops.credentials import joined_nodes, public_keys, reload_embedded, write_authorization
 from pipeline.access import USERS_SUBJECT
+from pipeline.connection import sleep_unless
 from pipeline.streams import ensure_streams
 from schemas.membership import BrokerGrant, BrokerOffer, JoinRequest
 
@@ -112,10 +113,7 @@ async def keep_announcing_users(link, home: Path, stopping: asyncio.Event) -> No
             await link.nc.publish(USERS_SUBJECT, msgspec.json.encode(await asyncio.to_thread(public_keys, home)))
         except Exception as exc:  # reconnecting: the next round says it again
             log.debug("could not announce the users: %s", exc)
-        try:
-            await asyncio.wait_for(stopping.wait(), ANNOUNCE_S)
-        except asyncio.TimeoutError:
-            pass
+        await sleep_unless(stopping, ANNOUNCE_S)
 
 
 async def follow_users(nc, nats_dir: Path) -> list:

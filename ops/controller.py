@@ -39,6 +39,7 @@ from ops.model_facts import model_facts
 from ops.placement import place
 from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX, PLACE_SUBJECT
+from pipeline.connection import sleep_unless
 from pipeline.lease import read_plan
 from pipeline.nodes import links_between, put_instance, read_nodes, state_of
 from schemas.cluster import NodeStatus, Plan, PlacementRequest
@@ -207,10 +208,7 @@ class Controller:
                 log.warning("%s is not placed: %s; waiting for nodes", self.model.id, reason)
                 await self._say(state="placing", nodes=[], layout="", why=reason)
                 said = reason
-            try:
-                await asyncio.wait_for(stopping.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_unless(stopping, 1.0)
         return None
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -228,10 +226,7 @@ class Controller:
                     spec = plan_group(group_of(plan, statuses), self.model.path)
                 except Exception as exc:  # NATS away a moment, or a plan the model's files refuse: try again
                     log.error("could not place %s: %s; trying again", self.model.id, exc)
-                    try:
-                        await asyncio.wait_for(stopping.wait(), 2.0)
-                    except asyncio.TimeoutError:
-                        pass
+                    await sleep_unless(stopping, 2.0)
                     continue
                 nodes = [r.node for r in plan.ranks]
                 log.info("placing %s: %s over %s (%s)", self.model.id, plan.layout, ", ".join(nodes), plan.why)
@@ -271,10 +266,7 @@ class Controller:
         session) took its ranks with it, even if it reports again within seconds: that node counts as lost too
         (its rank, perhaps the leader, is gone, and the ranks left would wait on it for good)."""
         while not stopping.is_set():
-            try:
-                await asyncio.wait_for(stopping.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_unless(stopping, 1.0)
             try:
                 await self._listen()
                 statuses = {s.facts.id: s for s in await read_nodes(self.link.nc.jetstream())}
@@ -298,10 +290,7 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
         except Exception as exc:
             log.warning("could not read the cluster's plan: %s", exc)
         if plan is None:
-            try:
-                await asyncio.wait_for(lost.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_unless(lost, 1.0)
     if plan is None:
         return
     model = await asyncio.to_thread(store.resolve, plan.model)  # the first use copies the bundled model in
@@ -313,11 +302,9 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
         # The first machine restarted with another model or other flags while another machine controls: this one
         # ends, hands the lease over, and whoever takes it next places the new plan.
         while not lost.is_set():
-            try:
-                await asyncio.wait_for(lost.wait(), 2.0)
+            await sleep_unless(lost, 2.0)
+            if lost.is_set():
                 break
-            except asyncio.TimeoutError:
-                pass
             try:
                 now = await read_plan(link.nc.jetstream())
             except Exception:

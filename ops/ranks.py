@@ -32,6 +32,7 @@ from ops.config import free_port
 from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, python_command, rank_arguments
 from ops.supervise import STALE_HEARTBEATS, describe_exit
 from pipeline.access import AGENTS_PREFIX, Identity
+from pipeline.connection import sleep_unless
 from pipeline.nats_server import stop_process
 from schemas.membership import (ORDER_ENV, ORDER_FILES, OrderReply, PortOrder, RankExit, StartOrder, StopOrder)
 from workers.status import alive_file
@@ -215,10 +216,7 @@ async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: 
                     await link.nc.publish(f"{prefix}.events", encode(event))
                 except Exception as exc:  # the controller also learns it from the group's silence
                     log.warning("could not report the end of rank %d: %s", event.rank, exc)
-            try:
-                await asyncio.wait_for(stopping.wait(), 0.2)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_unless(stopping, 0.2)
     finally:
         with contextlib.suppress(Exception):  # its connection may be gone
             await subscription.unsubscribe()

@@ -202,13 +202,6 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     offer = Offer(memory_limit=cluster.memory_limit if cluster else None,
                   address=cluster.advertised_host() if cluster else "127.0.0.1")
     context_length = model_context_length(model.path)
-
-    async def publish(instance: Instance) -> None:
-        await put_instance(control.nc.jetstream(), instance)
-
-    def command(spec: GroupSpec) -> Callable[[str, Path], list[str]]:
-        return worker_command(model, spec, nats_url, worker, settings)
-
     if cluster is not None:
         # The model is placed on the cluster's nodes, this one included, by the controller, not by flags: this
         # machine's while it holds the lease (a broker node's once it is gone), through each node's agent.
@@ -228,11 +221,13 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
 
         running, workers = keeper.running, asyncio.create_task(run_node_parts())
     else:
-        supervisor = GroupSupervisor(group, command(group), home / "groups", settings.heartbeat_s)
+        supervisor = GroupSupervisor(group, worker_command(model, group, nats_url, worker, settings), home / "groups",
+                                     settings.heartbeat_s)
         running, workers = supervisor.running, asyncio.create_task(supervisor.run())
-        await persist(lambda: publish(Instance(model=model.id, created=model.created, context_length=context_length,
-                                               state="serving", nodes=[own], layout=group.layout,
-                                               why="this machine (serve without --cluster)", time=time.time())), 30.0)
+        instance = Instance(model=model.id, created=model.created, context_length=context_length, state="serving",
+                            nodes=[own], layout=group.layout, why="this machine (serve without --cluster)",
+                            time=time.time())
+        await persist(lambda: put_instance(control.nc.jetstream(), instance), 30.0)
     background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}")),
                   asyncio.create_task(keep_reporting(control, home, running, stopping, offer)),
                   asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]

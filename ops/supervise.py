@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 from ops.group import GroupSpec, HostSpec, Launcher, start_group
+from pipeline.connection import sleep_unless
 from pipeline.nats_server import EmbeddedNats, stop_process
-from workers.status import alive_file, sleep_unless
+from workers.status import alive_file
 
 log = logging.getLogger("conclave.serve")
 # A group id names its wake-up subject and its ranks' folders: never the same twice in one process, also when a

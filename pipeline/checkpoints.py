@@ -35,6 +35,7 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from pipeline.audit import WRONG_LAST_SEQUENCE, chain, read_entries, stored_messages, stream_facts
+from pipeline.connection import sleep_unless
 from pipeline.subjects import AUDIT_STREAM, CHECKPOINTS_STREAM, CHECKPOINTS_SUBJECT
 from schemas.audit import GENESIS, Checkpoint, StreamFacts, canonical
 
@@ -252,7 +253,4 @@ async def keep_checkpointing(connection, key: Ed25519PrivateKey, interval_s: flo
             log.warning("audit checkpoint not signed: a stream is missing (%s)", exc.description or exc)
         except Exception as exc:
             log.warning("audit checkpoint not signed: %s", f"{type(exc).__name__}: {exc}".rstrip(": "))
-        try:
-            await asyncio.wait_for(stopping.wait(), interval_s)
-        except asyncio.TimeoutError:
-            pass
+        await sleep_unless(stopping, interval_s)

@@ -14,6 +14,7 @@ is back, and nothing in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import urllib.parse
@@ -54,6 +55,12 @@ async def persist(operation: Callable[[], Awaitable[T]], deadline_s: float) -> T
                 raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, 2.0)
+
+
+async def sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
+    """A background loop's pause: `seconds`, or less once `stopping` is set."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stopping.wait(), seconds)
 
 
 def quiet_tls_eof_warning() -> None:

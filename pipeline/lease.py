@@ -25,6 +25,8 @@ import msgspec
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError, NotFoundError
 
+from pipeline.audit import WRONG_LAST_SEQUENCE
+from pipeline.connection import sleep_unless
 from pipeline.subjects import CONTROL_BUCKET, CONTROL_PREFIX, CONTROL_STREAM
 from schemas.membership import ControllerPlan, Lease
 
@@ -33,7 +35,6 @@ LEASE_S = 10.0  # longer than a JetStream leader election, which a holder waits 
 RENEW_S = 1.0
 LEASE_SUBJECT = f"{CONTROL_PREFIX}.lease"
 PLAN_SUBJECT = f"{CONTROL_PREFIX}.plan"
-_WRONG_LAST_SEQUENCE = 10071  # JetStream's error code when the expected last sequence does not match
 
 
 def control_bucket_config() -> KeyValueConfig:
@@ -71,7 +72,7 @@ async def _write(js, data: bytes, over: int, timeout_s: float = 5.0, delete: boo
     try:
         return (await js.publish(LEASE_SUBJECT, data, stream=CONTROL_STREAM, headers=headers, timeout=timeout_s)).seq
     except APIError as exc:
-        if exc.err_code == _WRONG_LAST_SEQUENCE:
+        if exc.err_code == WRONG_LAST_SEQUENCE:
             return None
         raise
 
@@ -99,10 +100,7 @@ async def _take(link, lease: Lease, stopping: asyncio.Event, first: bool) -> tup
         except Exception as exc:  # the brokers away a moment (or electing a leader): keep asking
             log.debug("could not read the controller lease: %s", exc)
             seen = None  # abandoned means unchanged for LEASE_S *seen*: the holder could not write meanwhile either
-        try:
-            await asyncio.wait_for(stopping.wait(), RENEW_S)
-        except asyncio.TimeoutError:
-            pass
+        await sleep_unless(stopping, RENEW_S)
     return None
 
 
@@ -132,10 +130,7 @@ async def lead(link, lease: Lease, stopping: asyncio.Event, work: Callable[[asyn
             except Exception:
                 pass
         if by_itself:
-            try:
-                await asyncio.wait_for(stopping.wait(), LEASE_S)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_unless(stopping, LEASE_S)
 
 
 async def _hold(link, lease: Lease, revision: int, sent: float, stopping: asyncio.Event,

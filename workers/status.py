@@ -11,7 +11,6 @@ A model thread that hangs while the event loop runs is the step watchdog's case 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Callable
 import msgspec
 import nats
 
+from pipeline.connection import sleep_unless
 from pipeline.subjects import status_subject
 from schemas.cluster import RankCounters
 from schemas.jobs import WorkerStatus
@@ -64,11 +64,6 @@ class ServiceTimes:
             return
         self.job_s += self.weight * (job_s - self.job_s)
         self.prefill_s += self.weight * (prefill_s - self.prefill_s)
-
-
-async def sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stopping.wait(), seconds)
 
 
 async def report_status(nc, status: Callable[[], WorkerStatus], heartbeat_s: float, stopping: asyncio.Event) -> None:
