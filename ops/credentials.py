@@ -111,11 +111,18 @@ def public_keys(home: Path) -> dict[str, str]:
     if JOINER in keys:  # a cluster: joining nodes first fetch the CA as the public ca-reader (pipeline/access.py)
         keys[CA_READER] = public_key_of_seed(CA_READER_SEED.encode())
     for node in joined_nodes(home):
-        keys.update({node_role(node.node_id): node.agent_key, f"{node_role(node.node_id)}-ingress": node.ingress_key,
-                     f"{node_role(node.node_id)}-worker": node.worker_key})
-        if node.broker is not None:
-            keys[f"{node_role(node.node_id)}-controller"] = node.broker.controller_key
+        keys.update(node_users(node))
     return keys
+
+
+def node_users(node: JoinRequest) -> dict[str, str]:
+    """A joined node's users (role -> public key): its agent, its ingress, its worker ranks and, a broker node's,
+    its controller (pipeline/access.py: permissions_of)."""
+    role = node_role(node.node_id)
+    users = {role: node.agent_key, f"{role}-ingress": node.ingress_key, f"{role}-worker": node.worker_key}
+    if node.broker is not None:
+        users[f"{role}-controller"] = node.broker.controller_key
+    return users
 
 
 def joined_nodes(home: Path) -> list[JoinRequest]:
@@ -131,15 +138,13 @@ def admit_node(home: Path, request: JoinRequest, own_node_id: str) -> str | None
     fighting over one identity (EXO #1599); it is refused, with the way out."""
     import msgspec
 
-    keys = (request.agent_key, request.ingress_key, request.worker_key,
-            *([request.broker.controller_key] if request.broker else []))
+    keys = tuple(node_users(request).values())
     if not NODE_ID.fullmatch(request.node_id):
         return f"{request.node_id!r} is not a node id (8 to 32 hex digits)"
     if not all(re.fullmatch(r"U[A-Z2-7]{55}", key) for key in keys) or len(set(keys)) != len(keys):
         return "the request must carry different nkey user public keys (U...)"
-    own = {node_role(request.node_id), *(f"{node_role(request.node_id)}-{part}" for part in ("ingress", "worker",
-                                                                                             "controller"))}
-    if any(key in keys for role, key in public_keys(home).items() if role not in own):
+    mine = node_role(request.node_id)  # its users are it and `<it>-...` (node ids have no '-')
+    if any(key in keys for name, key in public_keys(home).items() if name != mine and not name.startswith(f"{mine}-")):
         return "a key of the request already belongs to another user of this cluster: make new keys (remove " \
                "<home>/credentials/node on the joining machine) and join again"
     fix = ("a copy of another machine's Conclave home (a cloned disk or VM image)? On the joining machine remove "
