@@ -94,7 +94,9 @@ class Ingress:
             with contextlib.suppress(Exception):  # NATS away a moment: keep the list it has
                 instances = await read_instances(self.link.nc.jetstream())
                 self.placements.update({i.model: i.time for i in instances})
-                cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length) for i in instances]
+                # A model being removed ("stopping") takes no new request: its last jobs are being answered.
+                cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length) for i in instances
+                         if i.state != "stopping"]
                 self.models = {**{m.id: m for m in self.config.models}, **{c.id: c for c in cards}}
             await asyncio.sleep(INSTANCES_REFRESH_S)
 
@@ -185,6 +187,9 @@ def create_app(config: IngressConfig) -> Starlette:
         Route("/v1/models/{model:path}", guarded(handlers.get_model, keys), methods=["GET"]),
         Route("/v1/cluster", guarded(handlers.cluster, keys), methods=["GET"]),
         Route("/v1/cluster/placement", guarded(handlers.placement, keys), methods=["POST"]),
+        Route("/v1/cluster/instances", guarded(handlers.list_instances, keys), methods=["GET"]),
+        Route("/v1/cluster/instances", guarded(handlers.add_instance, keys), methods=["POST"]),
+        Route("/v1/cluster/instances/{model:path}", guarded(handlers.remove_instance, keys), methods=["DELETE"]),
         Route("/metrics", guarded(handlers.metrics, keys), methods=["GET"]),
         # Up/down for anyone (a load balancer's probe has no key); hosts, pids and jobs only with a key.
         Route("/health", guarded(handlers.health, keys, open_to_all=True), methods=["GET"]),

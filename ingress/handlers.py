@@ -16,11 +16,11 @@ from ingress.reading import read_request
 from ingress.requests import chat_job, completion_job
 from ingress.respond import respond
 from ingress.shapes import CHAT, COMPLETION
-from pipeline.access import PLACE_SUBJECT
+from pipeline.access import INSTANCES_SUBJECT, PLACE_SUBJECT
 from pipeline.limits import PayloadLimits
 from pipeline.lease import read_lease
 from pipeline.nodes import links_between, read_instances, read_nodes, state_of
-from schemas.membership import PlacementPreview
+from schemas.membership import InstanceChange, ModelPlacement
 from schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
 
 encode = msgspec.json.Encoder().encode
@@ -76,7 +76,8 @@ async def cluster(request: Request) -> Response:
     nodes = [{**msgspec.to_builtins(status), "state": state_of(status, now), "last_seen_s": round(now - status.time, 3)}
              for status in statuses]
     instances = [{**(msgspec.to_builtins(placed[model]) if model in placed else {"model": model}),
-                  "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]} for model in ingress.models]
+                  "workers": [msgspec.to_builtins(s) for s in ingress.workers.live(model)]}
+                 for model in {**ingress.models, **placed}]
     controller = {"node_id": lease.node_id, "host": lease.host} if lease is not None else None
     links = [msgspec.to_builtins(link) for link in links_between([s for s in statuses if state_of(s, now) == "up"])]
     return JSONResponse({"object": "cluster", "nodes": nodes, "links": links, "instances": instances,
@@ -85,21 +86,53 @@ async def cluster(request: Request) -> Response:
 
 async def placement(request: Request) -> Response:
     """A placement preview: where a model would run on the nodes up now, with each rank's memory, or why it cannot
-    run (the controller answers, ops/controller.py); nothing starts. Only on a cluster (`serve --cluster`)."""
+    run (the first machine answers, ops/instances.py); nothing starts. Only on a cluster (`serve --cluster`)."""
+    asked = await read_request(request, ModelPlacement, 65536)
+    return JSONResponse(await ask_first_machine(request.app.state.ingress, PLACE_SUBJECT, asked))
+
+
+async def list_instances(request: Request) -> Response:
+    """The models the cluster runs, each with its state, nodes and the memory it reserves there."""
     ingress = request.app.state.ingress
-    asked = await read_request(request, PlacementPreview, 65536)
     try:
-        msg = await ingress.link.nc.request(PLACE_SUBJECT, msgspec.json.encode(asked), timeout=30)
+        instances = await read_instances(ingress.link.nc.jetstream())
+    except Exception as exc:  # NATS away (or reconnecting)
+        raise APIError(503, f"The cluster's state cannot be read right now ({type(exc).__name__}).",
+                       type="server_error", code="nats_unavailable") from None
+    return JSONResponse({"object": "list", "data": [msgspec.to_builtins(i) for i in instances]})
+
+
+async def add_instance(request: Request) -> Response:
+    """Run another model on the cluster (ops/instances.py): 202 once it is in the plan (the controller places it
+    within seconds: its state is in `GET /v1/cluster/instances`; requests for it wait in the queue meanwhile), 200
+    when the plan had it already, exactly so."""
+    asked = await read_request(request, ModelPlacement, 65536)
+    answer = await ask_first_machine(request.app.state.ingress, INSTANCES_SUBJECT, InstanceChange(add=asked))
+    return JSONResponse(answer, status_code=202 if answer.get("changed") else 200)
+
+
+async def remove_instance(request: Request) -> Response:
+    """Stop running a model that was added: no new request is taken for it, the ones it has are answered, then its
+    ranks stop."""
+    change = InstanceChange(remove=request.path_params["model"])
+    return JSONResponse(await ask_first_machine(request.app.state.ingress, INSTANCES_SUBJECT, change))
+
+
+async def ask_first_machine(ingress, subject: str, asked) -> dict:
+    """The first machine's answer (ops/instances.py), or its error as OpenAI's error object."""
+    try:
+        msg = await ingress.link.nc.request(subject, encode(asked), timeout=30)
     except nats.errors.NoRespondersError:
-        raise APIError(404, "This deployment is not a cluster: placement previews need `conclave serve --cluster` "
-                       "(on one machine, use `conclave place`).", code="not_a_cluster") from None
-    except Exception as exc:  # NATS away, or the controller busy
-        raise APIError(503, f"The controller did not answer ({type(exc).__name__}).",
+        raise APIError(404, "This deployment is not a cluster, or its first machine is not running: this needs "
+                       "`conclave serve --cluster` (on one machine, use `conclave place`).",
+                       code="not_a_cluster") from None
+    except Exception as exc:  # NATS away, or the first machine busy
+        raise APIError(503, f"The first machine did not answer ({type(exc).__name__}).",
                        code="controller_unavailable") from None
     answer = msgspec.json.decode(msg.data)
     if answer.get("type") == "error":
-        raise APIError(400, answer["message"], param="model", code="model_not_found")
-    return JSONResponse(answer)
+        raise APIError(answer.get("status", 400), answer["message"], param="model", code=answer.get("code"))
+    return answer
 
 
 async def metrics(request: Request) -> Response:

@@ -57,9 +57,11 @@ class Offer:
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this start of the agent
 
 
-def local_node(home: Path, offer: Offer, memory=None) -> NodeFacts:
+def local_node(home: Path, offer: Offer, memory=None, held: int = 0) -> NodeFacts:
     """This machine's facts: psutil's memory (or the sample `memory`) and, on Metal, MLX's recommended
-    working set; the offer's memory limit caps what it offers (an operator's reserve, or a test's)."""
+    working set; the offer's memory limit caps what it offers (an operator's reserve, or a test's). What its
+    ranks hold (`held`, MLX's active memory) counts as available: the controller takes off what each instance's
+    plan reserves here (ops/placement.py: offers), loaded or not, so a rank's memory is counted once."""
     import mlx.core as mx
     import psutil
 
@@ -69,7 +71,7 @@ def local_node(home: Path, offer: Offer, memory=None) -> NodeFacts:
     working_set = mx.device_info().get("max_recommended_working_set_size") if backend == "metal" else None
     memory = memory or psutil.virtual_memory()
     limit = offer.memory_limit
-    available = memory.available if limit is None else min(memory.available, limit)
+    available = memory.available + held if limit is None else min(memory.available + held, limit)
     return NodeFacts(id=node_id(home), host=socket.gethostname(), backend=backend, memory_total=memory.total,
                      memory_available=available, working_set=working_set,
                      models=[m.id for m in ModelStore(Path(home) / "models").list()],
@@ -84,14 +86,15 @@ def node_status(home: Path, ranks: list[Path], offer: Offer) -> NodeStatus:
     from workers.status import read_counters
 
     memory = psutil.virtual_memory()  # one sample: used and available agree
-    facts = local_node(home, offer, memory)
+    counters = [c for c in map(read_counters, ranks) if c is not None]
+    facts = local_node(home, offer, memory, sum(c.active for c in counters))
     gpu = gpu_reading()
     network = network_facts()  # found again every NETWORK_REFRESH_S, not every report
     return NodeStatus(facts=facts, memory_used=memory.total - memory.available,
                       cpu_percent=psutil.cpu_percent(interval=None), gpu_percent=gpu.gpu_percent,
                       temperature_c=gpu.temperature_c, power_w=gpu.power_w,
                       disk_free=psutil.disk_usage(str(home)).free, ranks=len(ranks),
-                      rank_memory=[c for c in map(read_counters, ranks) if c is not None],
+                      rank_memory=counters,
                       interfaces=network.interfaces, rdma_devices=network.rdma, thunderbolt=network.thunderbolt,
                       rdma_enabled=network.rdma_enabled, time=time.time())
 

@@ -110,10 +110,15 @@ async def keep_announcing_users(link, home: Path, stopping: asyncio.Event) -> No
     them from other processes."""
     while not stopping.is_set():
         try:
-            await link.nc.publish(USERS_SUBJECT, msgspec.json.encode(await asyncio.to_thread(public_keys, home)))
+            await announce_users(link.nc, home)
         except Exception as exc:  # reconnecting: the next round says it again
             log.debug("could not announce the users: %s", exc)
         await sleep_unless(stopping, ANNOUNCE_S)
+
+
+async def announce_users(nc, home: Path) -> None:
+    """Once, now: a change that new processes need at once (a model's worker role, ops/instances.py)."""
+    await nc.publish(USERS_SUBJECT, msgspec.json.encode(await asyncio.to_thread(public_keys, home)))
 
 
 async def follow_users(nc, nats_dir: Path) -> list:

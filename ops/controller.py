@@ -1,23 +1,27 @@
-"""The controller: places a model on the cluster's nodes, starts its ranks through their agents, re-places it
-when a node is lost.
+"""The controller: places the cluster's models on its nodes, starts their ranks through the agents, re-places
+them when a node is lost.
 
 One runs at a time, wherever the controller lease is held (pipeline/lease.py): in `conclave serve --cluster` on
 the first machine, or, with three brokers, on a broker node once the first machine is gone. It follows the plan
-the first machine wrote (`control`). Its loop, per model:
+the first machine wrote (`control`): the model `serve` was started with and those added since (ops/instances.py),
+one `Controller` each, placed one at a time on what the others leave (ops/placement.py: offers). Its loop, per
+model:
 
 1. read the nodes' statuses (pipeline/nodes.py) and place the model on those that are up (ops/placement.py,
    a pure function); while no placement fits, say why in the instances bucket and wait for nodes;
 2. turn the plan into a worker group (ops/group.py: one host per rank, each rank started through its node's
-   agent, this machine's too, so that any machine can run the controller) and keep it running with the same supervisor a single machine uses
-   (ops/supervise.py): a rank that exits or hangs restarts the group where it is;
+   agent, this machine's too, so that any machine can run the controller) and keep it running with the same
+   supervisor a single machine uses (ops/supervise.py): a rank that exits or hangs restarts the group where it is;
 3. when a node of the plan is lost (no status for LOST_AFTER_S), stop the group and go back to 1 with the nodes
    left. Jobs queued meanwhile wait in JetStream (their consumer outlives every group) and are served by the
-   re-placed group; a job a lost rank was running is redelivered after its ack wait (workers/consumer.py).
+   re-placed group; a job a lost rank was running is redelivered after its ack wait (workers/consumer.py);
+4. once removed from the plan, it is "stopping": no ingress takes new requests for it, the jobs it has are
+   answered (DRAIN_S at most), then its group stops and its consumer and instance are deleted (`retire`).
 
 A node agent's rank looks to the supervisor like a local process (`RemoteRank`): the agent reports its end on
 `conclave.agents.<id>.events`, and a rank on a node that is lost is taken for dead. Orders go by NATS
 request/reply to the one agent they name (ops/ranks.py is the other side); each carries this controller's
-session, so agents drop what an earlier controller started.
+session (one for all the models it controls), so agents drop what an earlier controller started.
 """
 
 from __future__ import annotations
@@ -30,25 +34,30 @@ import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
 from ops.group import GroupSpec, HostSpec, RankLaunch, plan_group
 from ops.model_facts import model_facts
-from ops.placement import place
+from ops.placement import offers, place
 from ops.supervise import GroupSupervisor
-from pipeline.access import AGENTS_PREFIX, PLACE_SUBJECT
+from pipeline.access import AGENTS_PREFIX
 from pipeline.connection import sleep_unless
 from pipeline.lease import read_plan
-from pipeline.nodes import links_between, put_instance, read_nodes, state_of
-from schemas.cluster import NodeStatus, Plan, PlacementRequest
-from schemas.membership import (Instance, OrderReply, PlacementPreview, PortOrder, RankExit, StartOrder, StopOrder,
+from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
+from pipeline.streams import jobs_in_hand, retire_consumer
+from pipeline.subjects import subject_token
+from schemas.cluster import NodeStatus, Plan
+from schemas.membership import (Instance, InstancePlan, OrderReply, PortOrder, RankExit, StartOrder, StopOrder,
                                 WorkerSettings)
-from workers.store import ModelStore, StoredModel, model_context_length
+from workers.store import DEFAULT_MODEL, ModelStore, StoreError, StoredModel, model_context_length
 
 log = logging.getLogger("conclave.controller")
 ORDER_TIMEOUT_S = 10.0
+PLAN_POLL_S = 2.0  # how soon an instance added or removed is acted on
+DRAIN_S = 120.0  # how long a removed instance keeps answering the jobs it was given
 encode = msgspec.json.Encoder().encode
 
 
@@ -59,6 +68,17 @@ class Orders:
         self.link, self.session = link, session  # link.nc, read at each use: the link may replace its connection
         self.loop: asyncio.AbstractEventLoop | None = None  # the controller's, set when it runs
         self.ranks: dict[tuple[str, str, int], RemoteRank] = {}  # (node, group, rank)
+        self.events = None  # (connection, subscription) of the agents' reports
+
+    async def listen(self) -> None:
+        """The agents' reports of ranks that ended, on the link's connection of the moment (it may replace it)."""
+        if self.events is None or self.events[0] is not self.link.nc:
+            self.events = (self.link.nc, await self.link.nc.subscribe(f"{AGENTS_PREFIX}.*.events", cb=self.on_event))
+
+    async def close(self) -> None:
+        if self.events is not None:
+            with contextlib.suppress(Exception):
+                await self.events[1].unsubscribe()
 
     async def _request(self, node: str, kind: str, order) -> OrderReply:
         msg = await self.link.nc.request(f"{AGENTS_PREFIX}.{node}.orders.{kind}", encode(order),
@@ -175,17 +195,17 @@ def group_of(plan: Plan, nodes: dict[str, NodeStatus]) -> GroupSpec:
 class Controller:
     """Keeps one model placed and running on the cluster."""
 
-    def __init__(self, link, model: StoredModel, settings: WorkerSettings, request: PlacementRequest, workdir: Path,
-                 context_length: int | None = None):
-        self.link, self.model, self.settings, self.request, self.workdir = link, model, settings, request, workdir
-        self.session = uuid.uuid4().hex[:12]
-        self.orders = Orders(link, self.session)
+    def __init__(self, link, orders: Orders, model: StoredModel, plan: InstancePlan, workdir: Path,
+                 placing: asyncio.Lock, context_length: int | None = None):
+        self.link, self.orders, self.model, self.workdir, self.placing = link, orders, model, workdir, placing
+        self.settings, self.request = plan.settings, plan.request
         self.facts = model_facts(model.id, model.path)
         self.supervisor: GroupSupervisor | None = None
-        self.events = None  # (connection, subscription) of the agents' reports
         self.instance = Instance(model=model.id, created=model.created, context_length=context_length)
 
     async def _say(self, **changes) -> None:
+        if self.instance.state == "stopping":  # removed: it says so until it is gone
+            changes.pop("state", None)
         self.instance = msgspec.structs.replace(self.instance, time=time.time(), **changes)
         try:
             await put_instance(self.link.nc.jetstream(), self.instance)
@@ -193,32 +213,39 @@ class Controller:
             log.warning("could not publish the state of %s: %s", self.model.id, exc)
 
     async def _plan(self, stopping: asyncio.Event, after: float) -> tuple[Plan, dict[str, NodeStatus]] | None:
-        """A placement on the nodes up now (statuses measured after `after`), once one fits."""
+        """A placement on the nodes up now (statuses measured after `after`), on what the other instances leave
+        there, once one fits. One instance places at a time (`placing`), and its reservation is in the instances
+        bucket before the next one reads it."""
         said = None
         while not stopping.is_set():
-            statuses = {s.facts.id: s for s in await read_nodes(self.link.nc.jetstream())
-                        if state_of(s) == "up" and s.time > after}
-            result = (place(self.facts, [s.facts for s in statuses.values()], links_between(list(statuses.values())),
-                            self.request) if statuses else None)
-            if isinstance(result, Plan):
-                return result, statuses
-            reason = (result.reason if result is not None else "no node has reported yet" if not after else
-                      "waiting for the nodes' first reports since the last group stopped")
+            async with self.placing:
+                js = self.link.nc.jetstream()
+                statuses = {s.facts.id: s for s in await read_nodes(js) if state_of(s) == "up" and s.time > after}
+                up = list(statuses.values())
+                nodes = offers(self.model.id, up, await read_instances(js), everywhere=self.model.id == DEFAULT_MODEL)
+                result = place(self.facts, nodes, links_between(up), self.request) if nodes else None
+                if isinstance(result, Plan):
+                    await self._say(state="starting", nodes=[r.node for r in result.ranks], layout=result.layout,
+                                    memory=[r.memory.total for r in result.ranks], why=result.why)
+                    return result, statuses
+            reason = (result.reason if result is not None else
+                      "no node up holds its files (`conclave models import` it where it should run)" if statuses else
+                      "waiting for the nodes' first reports since the last group stopped" if after else
+                      "no node has reported yet")
             if reason != said:
                 log.warning("%s is not placed: %s; waiting for nodes", self.model.id, reason)
-                await self._say(state="placing", nodes=[], layout="", why=reason)
+                await self._say(state="placing", nodes=[], memory=[], layout="", why=reason)
                 said = reason
             await sleep_unless(stopping, 1.0)
         return None
 
     async def run(self, stopping: asyncio.Event) -> None:
         orders = self.orders
-        orders.loop = asyncio.get_running_loop()
         after = 0.0
         try:
             while not stopping.is_set():
                 try:
-                    await self._listen()
+                    await orders.listen()
                     placed = await self._plan(stopping, after)
                     if placed is None:
                         return
@@ -237,7 +264,7 @@ class Controller:
                 # No command line: each agent makes its rank's own (ops/ranks.py).
                 self.supervisor = GroupSupervisor(spec, lambda group_id, folder: [], self.workdir,
                                                   self.settings.heartbeat_s, launchers)
-                await self._say(state="serving", nodes=nodes, layout=plan.layout, why=plan.why)
+                await self._say(state="serving")
                 supervising = asyncio.create_task(self.supervisor.run())
                 lost = await self._watch(nodes, {n: statuses[n].facts.session for n in nodes}, stopping)
                 if lost:
@@ -251,15 +278,21 @@ class Controller:
         finally:
             if self.supervisor is not None:
                 await asyncio.to_thread(self.supervisor.stop)
-            if self.events is not None:
-                with contextlib.suppress(Exception):
-                    await self.events[1].unsubscribe()
 
-    async def _listen(self) -> None:
-        """The agents' reports of ranks that ended, on the link's connection of the moment (it may replace it)."""
-        if self.events is None or self.events[0] is not self.link.nc:
-            self.events = (self.link.nc, await self.link.nc.subscribe(f"{AGENTS_PREFIX}.*.events",
-                                                                      cb=self.orders.on_event))
+    async def drain(self, lost: asyncio.Event) -> None:
+        """Removed from the plan: "stopping" from now on (every ingress drops the model from its list, so no new
+        request is taken for it), then wait until the jobs already queued are answered, for DRAIN_S at most."""
+        await self._say(state="stopping")
+        if self.supervisor is None:  # never ran: nothing would answer them
+            return
+        deadline = time.monotonic() + DRAIN_S
+        while not lost.is_set() and time.monotonic() < deadline:
+            try:
+                if not await jobs_in_hand(self.link.nc.jetstream(), self.model.id):
+                    return
+            except Exception as exc:
+                log.warning("could not read %s's queue: %s", self.model.id, exc)
+            await sleep_unless(lost, 1.0)
 
     async def _watch(self, nodes: list[str], sessions: dict[str, str], stopping: asyncio.Event) -> list[str]:
         """Until a node of the plan is lost (returns them) or `stopping` (returns []). An agent that restarted (a new
@@ -268,7 +301,7 @@ class Controller:
         while not stopping.is_set():
             await sleep_unless(stopping, 1.0)
             try:
-                await self._listen()
+                await self.orders.listen()
                 statuses = {s.facts.id: s for s in await read_nodes(self.link.nc.jetstream())}
             except Exception as exc:  # NATS away a moment: judge nothing on no news
                 log.warning("could not read the nodes' statuses: %s", exc)
@@ -280,63 +313,95 @@ class Controller:
         return []
 
 
+@dataclass
+class Running:
+    """An instance of the plan, kept running by its controller until `ending`."""
+
+    plan: InstancePlan
+    ending: asyncio.Event
+    task: asyncio.Task
+    controller: Controller | None = None  # None while its model is being found, or if this machine has none
+
+
 async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -> None:
-    """What the holder of the controller lease does (pipeline/lease.py) until `lost`: place and keep running the
-    model of the plan the first machine wrote, from this machine's model store."""
-    plan = None
-    while plan is None and not lost.is_set():
-        try:
-            plan = await read_plan(link.nc.jetstream())
-        except Exception as exc:
-            log.warning("could not read the cluster's plan: %s", exc)
-        if plan is None:
-            await sleep_unless(lost, 1.0)
-    if plan is None:
-        return
-    model = await asyncio.to_thread(store.resolve, plan.model)  # the first use copies the bundled model in
-    controller = Controller(link, model, plan.settings, plan.request, workdir,
-                            await asyncio.to_thread(model_context_length, model.path))
-    ending = asyncio.Event()
+    """What the holder of the controller lease does (pipeline/lease.py) until `lost`: keep every instance of the
+    plan the first machine wrote placed and running, from this machine's model store. The plan is read every
+    PLAN_POLL_S: an instance added starts, one removed is drained and stopped (`retire`), one whose settings or
+    request changed is stopped and placed again; an instance in the bucket that no plan names (a model the first
+    machine served before it restarted with another) is cleared away."""
+    orders = Orders(link, uuid.uuid4().hex[:12])  # one session: every agent follows this controller's orders
+    orders.loop = asyncio.get_running_loop()
+    placing = asyncio.Lock()
+    running: dict[str, Running] = {}
+    retiring: dict[str, asyncio.Task] = {}
+    leftovers: set[str] = set()  # instances in the bucket that the plan does not name
 
-    async def watch_plan() -> None:
-        # The first machine restarted with another model or other flags while another machine controls: this one
-        # ends, hands the lease over, and whoever takes it next places the new plan.
-        while not lost.is_set():
-            await sleep_unless(lost, 2.0)
-            if lost.is_set():
-                break
-            try:
-                now = await read_plan(link.nc.jetstream())
-            except Exception:
-                continue
-            if now is not None and now != plan:
-                log.warning("the cluster's plan changed (now %s): handing the controller lease over", now.model)
-                break
-        ending.set()
+    def start(entry: InstancePlan) -> Running:
+        ending = asyncio.Event()
+        run = Running(entry, ending, None)
+        run.task = asyncio.create_task(keep_instance(link, orders, store, entry, workdir, placing, ending, run))
+        return run
 
-    watching = asyncio.create_task(watch_plan())
     try:
-        await controller.run(ending)
+        while not lost.is_set():
+            try:
+                placed = {i.model for i in await read_instances(link.nc.jetstream())}
+                plan = await read_plan(link.nc.jetstream())
+            except Exception as exc:
+                log.warning("could not read the cluster's plan: %s", exc)
+                await sleep_unless(lost, 1.0)
+                continue
+            wanted = {entry.model: entry for entry in plan.instances()} if plan is not None else {}
+            for model in [m for m, task in retiring.items() if task.done()]:
+                del retiring[model]
+            for model, run in list(running.items()):
+                if wanted.get(model) != run.plan or run.task.done():
+                    del running[model]
+                    retiring[model] = asyncio.create_task(retire(link, model, run, model not in wanted, lost))
+            for model, entry in wanted.items():
+                if model not in running and model not in retiring:
+                    running[model] = start(entry)
+            # Cleared once no plan named it twice in a row: a replica's read may lag a moment behind a write.
+            leftovers, before = placed - running.keys() - retiring.keys(), leftovers
+            for model in leftovers & before:
+                retiring[model] = asyncio.create_task(retire(link, model, None, True, lost))
+            await sleep_unless(lost, PLAN_POLL_S)
     finally:
-        watching.cancel()
+        for run in running.values():
+            run.ending.set()
+        await asyncio.gather(*(run.task for run in running.values()), *retiring.values(), return_exceptions=True)
+        await orders.close()
 
 
-async def answer_previews(nc, store: ModelStore):
-    """Placement previews (`POST /v1/cluster/placement`): `place` on the nodes up now, for any model in this
-    machine's store; a Plan or a Refusal, nothing started. Returns the subscription."""
-    async def preview(msg):
+async def keep_instance(link, orders: Orders, store: ModelStore, entry: InstancePlan, workdir: Path,
+                        placing: asyncio.Lock, ending: asyncio.Event, run: Running) -> None:
+    try:  # the first use of the bundled model copies it into the store
+        model = await asyncio.to_thread(store.resolve, entry.model)
+    except StoreError as exc:  # a broker node that took over without the files of a model the first machine had
+        log.error("cannot place %s: %s", entry.model, exc)
+        await put_instance(link.nc.jetstream(), Instance(model=entry.model, created=0, time=time.time(),
+                                                         why=f"not in the controller's model store: {exc}"))
+        await ending.wait()
+        return
+    context_length = await asyncio.to_thread(model_context_length, model.path)
+    run.controller = Controller(link, orders, model, entry, workdir / subject_token(model.id), placing, context_length)
+    await run.controller.run(ending)
+
+
+async def retire(link, model: str, run: Running | None, removed: bool, lost: asyncio.Event) -> None:
+    """Stop an instance: drained first when it was removed from the plan (`removed`), then its group stopped; a
+    removed model's consumer (jobs still queued for it are then answered `model_not_found`) and instance go."""
+    if run is not None:
+        if removed and run.controller is not None:
+            await run.controller.drain(lost)
+        run.ending.set()
+        (ended,) = await asyncio.gather(run.task, return_exceptions=True)
+        if isinstance(ended, Exception):  # a bug: said, and the next round of `control` starts it again
+            log.error("the controller of %s failed: %r", model, ended)
+    if removed and not lost.is_set():
         try:
-            asked = msgspec.json.decode(msg.data, type=PlacementPreview)
-            model = store.get(asked.model)
-            if model is None:
-                raise ValueError(f"{asked.model} is not in the first machine's model store (`conclave models pull` or "
-                                 f"`import` it there first; a preview never downloads)")
-            statuses = [s for s in await read_nodes(nc.jetstream()) if state_of(s) == "up"]
-            facts = await asyncio.to_thread(model_facts, model.id, model.path)
-            answer = msgspec.json.encode(place(facts, [s.facts for s in statuses], links_between(statuses),
-                                               asked.request()))
-        except (msgspec.MsgspecError, ValueError, OSError) as exc:
-            answer = msgspec.json.encode({"type": "error", "message": str(exc)})
-        await msg.respond(answer)
-
-    return await nc.subscribe(PLACE_SUBJECT, cb=preview)
+            await retire_consumer(link.nc.jetstream(), model)
+            await delete_instance(link.nc.jetstream(), model)
+            log.info("%s is no longer served", model)
+        except Exception as exc:  # the next round of `control` finds it in the bucket and tries again
+            log.warning("could not clear %s away: %s", model, exc)

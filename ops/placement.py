@@ -19,6 +19,9 @@ in order (README, "Placement"):
    real per-layer sizes: EXO once rounded a node over its memory).
 5. Among equally many nodes, those holding the model's files first, then the largest budgets.
 
+With several models served (`POST /v1/cluster/instances`), a model is placed only on nodes that hold its files
+(until models are distributed between nodes), on what the other instances' plans leave there (`offers`).
+
 A request may pin nodes (in order), the layout and a pipeline split; a pinned plan that does not fit is a
 refusal with the rank that overflows, never a silent change of plan.
 """
@@ -27,7 +30,11 @@ from __future__ import annotations
 
 import itertools
 
-from schemas.cluster import Link, ModelFacts, NodeFacts, Plan, PlacementRequest, RankMemory, RankPlan, Refusal
+import msgspec
+
+from schemas.cluster import (Link, ModelFacts, NodeFacts, NodeStatus, Plan, PlacementRequest, RankMemory, RankPlan,
+                             Refusal)
+from schemas.membership import Instance
 from workers.split import ShardError, check_pipeline_split, pipeline_split
 
 RESERVE = 0.10  # of each node's budget: the OS, the runtime, fragmentation
@@ -324,3 +331,20 @@ def describe(result: Plan | Refusal) -> str:
                      f"\t(weights {gb(m.weights)}, KV cache {gb(m.kv_cache)}, activations {gb(m.activations)}, "
                      f"reserve {gb(m.reserve)})")
     return "\n".join(lines)
+
+
+def offers(model: str, statuses: list[NodeStatus], instances: list[Instance],
+           everywhere: bool = False) -> list[NodeFacts]:
+    """What each node up offers `model`: the nodes that hold its files (every node when `everywhere`: the bundled
+    model, which any node makes from its package), each with the memory that the other instances placed on it
+    reserve taken off. An agent counts what its ranks hold as available (ops/agent.py: local_node), so an
+    instance is counted once, by its plan, whether its ranks have loaded yet or not; and several instances share
+    a node without one being placed into the memory another is still loading into."""
+    reserved: dict[str, int] = {}
+    for instance in instances:
+        if instance.model != model:
+            for node, size in zip(instance.nodes, instance.memory):
+                reserved[node] = reserved.get(node, 0) + size
+    return [msgspec.structs.replace(s.facts, memory_available=max(0, s.facts.memory_available
+                                                                   - reserved.get(s.facts.id, 0)))
+            for s in statuses if everywhere or model in s.facts.models]

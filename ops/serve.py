@@ -24,10 +24,11 @@ import uvicorn
 
 from ingress.app import IngressConfig, create_app
 from ops.agent import Offer, keep_reporting, node_id
-from ops.controller import answer_previews, control as control_model
+from ops.controller import control as control_model
+from ops.instances import answer_instances, answer_previews
 from ops.node import LOST_BROKER_S, follow_the_controller
 from ops.ranks import RankKeeper, obey
-from pipeline.lease import lead, write_plan
+from pipeline.lease import lead, read_plan, write_plan
 from ops.discovery import default_cluster_name, host_addresses
 from ops.cluster_tls import ensure_cluster_tls, fingerprint
 from ops.config import ROUTE_PORT
@@ -46,7 +47,7 @@ from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats
 from pipeline.streams import ensure_consumer, ensure_streams
 from pipeline.unrouted import keep_sweeping
 from schemas.cluster import PlacementRequest
-from schemas.membership import ControllerPlan, Instance, Lease, WorkerSettings
+from schemas.membership import ControllerPlan, Instance, InstancePlan, Lease, WorkerSettings
 from schemas.openai import ModelCard
 from workers.store import ModelStore, StoredModel, model_context_length
 
@@ -112,6 +113,14 @@ def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity:
                               *(["--nats-ca", str(identity.ca_file)] if identity.ca_file else []))
 
     return command
+
+
+async def serve_plan(js, served: InstancePlan) -> None:
+    """The cluster's plan as this `serve` starts: its model, and the instances added before (ops/instances.py) that
+    are not its model; a model an earlier `serve` was started with is no longer served (ops/controller.py)."""
+    before = await read_plan(js)
+    added = [i for i in before.added if i.model != served.model] if before is not None else []
+    await write_plan(js, ControllerPlan(served=served, added=added))
 
 
 async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str | None, nats_port: int,
@@ -206,10 +215,11 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         # The model is placed on the cluster's nodes, this one included, by the controller, not by flags: this
         # machine's while it holds the lease (a broker node's once it is gone), through each node's agent.
         store = ModelStore(home / "models")
-        plan = ControllerPlan(model=model.id, settings=settings, request=cluster.request)
-        await persist(lambda: write_plan(control.nc.jetstream(), plan), 30.0)
-        reopen.append(lambda nc: answer_previews(nc, store))
-        await answer_previews(control.nc, store)
+        await persist(lambda: serve_plan(control.nc.jetstream(), InstancePlan(model=model.id, settings=settings,
+                                                                              request=cluster.request)), 30.0)
+        for answering in (lambda nc: answer_previews(nc, store), lambda nc: answer_instances(nc, home, store)):
+            reopen.append(answering)
+            await answering(control.nc)
         keeper = RankKeeper(home, own, offer.address, nats_url, worker)  # this machine's agent
         lease = Lease(node_id=own, session=offer.session, host=socket.gethostname())
 

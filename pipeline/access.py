@@ -52,7 +52,8 @@ NODE_ID = re.compile(r"[0-9a-f]{8,32}")  # ops/agent.py makes 12; hex only: no '
 # The subjects of cluster membership and of the controller's orders to node agents (ops/join.py, ops/controller.py, ops/ranks.py).
 JOIN_SUBJECT = "conclave.cluster.join"
 CA_SUBJECT = "conclave.cluster.ca"
-PLACE_SUBJECT = "conclave.cluster.place"  # placement previews, answered by the controller
+PLACE_SUBJECT = "conclave.cluster.place"  # placement previews, answered by the first machine (ops/instances.py)
+INSTANCES_SUBJECT = "conclave.cluster.instances"  # instances added and removed, answered by the first machine
 AGENTS_PREFIX = "conclave.agents"
 USERS_SUBJECT = "conclave.cluster.users"  # the users every broker admits, announced by the operator (ops/brokers.py)
 
@@ -102,11 +103,13 @@ def submitter_permissions(name: str) -> Permissions:
 def ingress_permissions() -> Permissions:
     own = submitter_permissions(INGRESS)
     # Besides: the consumers' state (admission), the nodes' statuses, the instances and who holds the controller
-    # lease (/v1/cluster, /v1/models), and placement previews (/v1/cluster/placement).
+    # lease (/v1/cluster, /v1/models), placement previews (/v1/cluster/placement) and instances added or removed
+    # (/v1/cluster/instances).
     return Permissions(publish=(*own.publish, f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*",
                                 f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
                                 f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
                                 _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), PLACE_SUBJECT,
+                                INSTANCES_SUBJECT,
                                 _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.lease")),
                        subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>"))
 
@@ -148,9 +151,14 @@ def agent_permissions(node_id: str) -> Permissions:
 def controller_permissions(role: str) -> Permissions:
     """A broker node's controller, when it holds the lease (pipeline/lease.py): it reads the nodes, orders every
     agent and hears their reports, publishes the instances, and writes the lease (not the plan: the operator's).
-    It also hears the users every broker admits (ops/brokers.py): only broker nodes have this role."""
+    An instance removed from the plan is drained and its consumer deleted (ops/controller.py: retire): it reads
+    and deletes the jobs stream's consumers. It also hears the users every broker admits (ops/brokers.py): only
+    broker nodes have this role."""
     return Permissions(publish=(f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
-                                f"{INSTANCES_PREFIX}.>", f"{AGENTS_PREFIX}.*.orders.>", f"{CONTROL_PREFIX}.lease",
+                                f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*", f"$JS.API.CONSUMER.DELETE.{JOBS_STREAM}.*",
+                                f"{INSTANCES_PREFIX}.>", f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
+                                _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), f"{AGENTS_PREFIX}.*.orders.>",
+                                f"{CONTROL_PREFIX}.lease",
                                 _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.>")),
                        subscribe=(f"{reply_prefix(role)}.>", f"{AGENTS_PREFIX}.*.events", USERS_SUBJECT))
 

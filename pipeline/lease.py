@@ -9,9 +9,9 @@ writing over exactly that revision; if another was faster, its write fails and i
 Abandonment is judged on the candidate's own monotonic clock (how long the revision has not moved), never by
 comparing its clock with the holder's or the broker's: machines' clocks differ by any amount. A holder that
 has not renewed within LEASE_S - RENEW_S of sending its last good renewal (cut off from the brokers) stops
-controlling before anyone may take over, so two controllers never order the same agents at once (`_hold`). The plan the controller follows (what to serve, with which
-settings) is in the same bucket, written by the first machine (`write_plan`), so a successor places the model
-as the first machine was told to.
+controlling before anyone may take over, so two controllers never order the same agents at once (`_hold`). The
+plan the controller follows (what to serve, with which settings) is in the same bucket, written by the first
+machine (`write_plan`), so a successor places the models as the first machine was told to.
 """
 
 from __future__ import annotations
@@ -53,8 +53,13 @@ async def write_plan(js, plan: ControllerPlan) -> None:
 
 
 async def read_plan(js) -> ControllerPlan | None:
+    """The plan; None before the first machine wrote one, or while the one there is an earlier version's (the first
+    machine's `serve` writes its own when it starts)."""
     msg = await _last(js, PLAN_SUBJECT)
-    return msgspec.json.decode(msg.data, type=ControllerPlan) if msg is not None and msg.data else None
+    try:
+        return msgspec.json.decode(msg.data, type=ControllerPlan) if msg is not None and msg.data else None
+    except msgspec.ValidationError:
+        return None
 
 
 async def read_lease(js) -> Lease | None:

@@ -71,7 +71,7 @@ async def read_instances(js) -> list[Instance]:
     instances = []
     for msg in await _read_bucket(js, INSTANCES_STREAM, INSTANCES_PREFIX):
         try:
-            instances.append(decode_instance(msg.data))
+            instances.append(decode_instance(msg.data or b""))  # a removed model's marker has no data
         except msgspec.MsgspecError:
             continue
     return instances
@@ -117,3 +117,9 @@ def links_between(statuses: list[NodeStatus]) -> list[Link]:
                     a, b = sorted(pair)
                     found[pair] = Link(a=a, b=b, kind="rdma" if rdma else "thunderbolt")
     return sorted(found.values(), key=lambda link: (link.a, link.b))
+
+
+async def delete_instance(js, model: str) -> None:
+    """A model no longer served leaves the instances bucket (and every ingress's model list)."""
+    await js.publish(f"{INSTANCES_PREFIX}.{subject_token(model)}", b"", stream=INSTANCES_STREAM,
+                     headers={"KV-Operation": "DEL"})

@@ -8,7 +8,7 @@ import os
 from nats.js import JetStreamContext
 from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType,
                          StreamConfig)
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from pipeline.audit import audit_stream_config, describe_age
 from pipeline.checkpoints import checkpoints_stream_config
@@ -140,3 +140,22 @@ async def ensure_consumer(js: JetStreamContext, model: str, ack_wait_s: float) -
     # Create, or update in place (a new ack-wait, an earlier version's filter): JetStream keeps the consumer's
     # deliveries and acks. Never deleted here: that would redeliver the jobs its workers are running.
     await js.add_consumer(JOBS_STREAM, worker_consumer_config(model, ack_wait_s))
+
+
+async def jobs_in_hand(js: JetStreamContext, model: str) -> int | None:
+    """Jobs of `model` waiting in its consumer or taken and not yet settled; None when it has no consumer."""
+    try:
+        info = await js.consumer_info(JOBS_STREAM, worker_durable(model))
+    except NotFoundError:
+        return None
+    return info.num_pending + info.num_ack_pending
+
+
+async def retire_consumer(js: JetStreamContext, model: str) -> None:
+    """Delete `model`'s consumer once the model is no longer served (ops/controller.py: an instance removed): the
+    jobs still queued for it are then answered `model_not_found` by the sweep (pipeline/unrouted.py), never left
+    waiting for a worker that will not come."""
+    try:
+        await js.delete_consumer(JOBS_STREAM, worker_durable(model))
+    except NotFoundError:
+        pass

@@ -21,7 +21,9 @@ class NodeFacts(Struct, kw_only=True):
     host: str = ""
     backend: Backend = "cpu"
     memory_total: int
-    memory_available: int  # free for a new instance now (psutil's `available`), after a memory limit if set
+    # What Conclave may use here: psutil's `available` plus what its ranks hold, after a memory limit if set; the
+    # controller takes off what the instances placed here reserve (ops/placement.py: offers)
+    memory_available: int
     # Metal's recommended working set (`mx.device_info()`): what the GPU may use, well under total RAM.
     working_set: Union[int, None] = None
     models: list[str] = []  # model ids whose files are on this node's disk

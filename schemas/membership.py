@@ -156,16 +156,19 @@ class Instance(Struct, kw_only=True):
     model: str
     created: int
     context_length: Union[int, None] = None
-    state: Literal["placing", "starting", "serving"] = "placing"
+    # "stopping": removed from the plan (DELETE /v1/cluster/instances/<model>), finishing the jobs it took
+    state: Literal["placing", "starting", "serving", "stopping"] = "placing"
     nodes: list[str] = []  # where its ranks run, rank 0 first
+    memory: list[int] = []  # bytes its plan reserves on each of those nodes (ops/placement.py: offers)
     layout: str = ""
     why: str = ""  # the placement's reason, or why it is not placed (a refusal's numbers)
     time: float = 0.0
 
 
-class PlacementPreview(Struct, kw_only=True, forbid_unknown_fields=True):
-    """`POST /v1/cluster/placement`: where `model` would run on the nodes up now, with `request`'s context, batch and
-    pins; answered with a Plan or a Refusal (schemas/cluster.py), nothing started."""
+class ModelPlacement(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A model and how to place it: the body of `POST /v1/cluster/placement` (where it would run on the nodes up now,
+    answered with a Plan or a Refusal, schemas/cluster.py; nothing started) and of `POST /v1/cluster/instances` (run
+    it: ops/instances.py)."""
 
     model: str
     context: int = 8192
@@ -179,13 +182,32 @@ class PlacementPreview(Struct, kw_only=True, forbid_unknown_fields=True):
                                 split=self.split)
 
 
-class ControllerPlan(Struct, kw_only=True):
-    """What the cluster serves and how, as the first machine's `serve` was told; kept in the control bucket so that
-    whichever controller holds the lease (pipeline/lease.py) places it the same way."""
+class InstancePlan(Struct, kw_only=True):
+    """One model the cluster serves, and how: the settings of its workers and what to place it for."""
 
     model: str
     settings: WorkerSettings
     request: PlacementRequest
+
+
+class ControllerPlan(Struct, kw_only=True):
+    """What the cluster serves: the model the first machine's `serve` was told to, and those added since through
+    `POST /v1/cluster/instances` (ops/instances.py); kept in the control bucket so that whichever controller holds
+    the lease (pipeline/lease.py) places them the same way."""
+
+    served: InstancePlan
+    added: list[InstancePlan] = []
+
+    def instances(self) -> list[InstancePlan]:
+        return [self.served, *(i for i in self.added if i.model != self.served.model)]
+
+
+class InstanceChange(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Asked of the first machine on `conclave.cluster.instances` (ops/instances.py) by an ingress: run `add`'s
+    model as it says, or stop running `remove`."""
+
+    add: Union[ModelPlacement, None] = None
+    remove: Union[str, None] = None
 
 
 class Lease(Struct, kw_only=True):

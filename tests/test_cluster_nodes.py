@@ -31,9 +31,11 @@ from ops.join import node_identities
 from ops.spawn import NodeProcess, ServerProcess, spawn_cluster, stop_all
 from pipeline.access import OPERATOR, node_role, worker_role
 from pipeline.nodes import read_nodes, state_of
+from pipeline.streams import jobs_in_hand
 from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, NODES_PREFIX, name_of_token
 from tests.conftest import FRANCE, MODEL, connect_as
 from tests.test_trust import PERMISSION, Watched
+from workers.store import ModelStore, bundled_gguf
 
 LIMIT_GB = "1.5"
 
@@ -48,8 +50,9 @@ class Cluster:
     def address(self) -> str:
         return self.first.nats_url.removeprefix("tls://")
 
-    def instance(self) -> dict:
-        (instance,) = httpx.get(self.first.base_url + "/cluster", timeout=30).json()["instances"]
+    def instance(self, model: str = MODEL) -> dict:
+        (instance,) = [i for i in httpx.get(self.first.base_url + "/cluster", timeout=30).json()["instances"]
+                       if i["model"] == model]
         return instance
 
     async def operator(self):
@@ -57,14 +60,17 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, request):
     first, nodes, token = spawn_cluster(tmp_path_factory.mktemp("node-a"), [tmp_path_factory.mktemp("node-b"),
                                                                            tmp_path_factory.mktemp("node-c")], LIMIT_GB)
+    failed = request.session.testsfailed
     try:
         yield Cluster(first, nodes, token)
     finally:
         stop_all((*nodes, first))
-        sys.stdout.write("".join(first.output[-100:]))
+        if request.session.testsfailed > failed:  # past pytest's capture: the machines' side of a failure
+            for process in (first, *nodes):
+                sys.__stderr__.write(f"--- {process.home}\n" + "".join(process.output[-150:]))
 
 
 def test_placement_splits_the_model_over_two_nodes_and_the_third_node_answers(cluster):
@@ -99,12 +105,88 @@ def test_a_placement_preview_from_any_node_starts_nothing(cluster, server):
     refused = httpx.post(outside + "/cluster/placement", json={"model": MODEL, "context": 10**7}, timeout=60).json()
     assert refused["type"] == "refusal" and "needs" in refused["reason"], refused
     unknown = httpx.post(outside + "/cluster/placement", json={"model": "no-such-model"}, timeout=60)
-    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "model_not_found"
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     malformed = httpx.post(outside + "/cluster/placement", json={"model": MODEL, "context": "long"}, timeout=60)
     assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
     assert cluster.instance()["nodes"] != ids  # nothing moved
     alone = httpx.post(server.base_url + "/cluster/placement", json={"model": MODEL}, timeout=60)
     assert alone.status_code == 404 and alone.json()["error"]["code"] == "not_a_cluster"
+
+
+SECOND = "SmolLM2-second"  # the bundled model again, under another id: a second model of its own
+
+
+def listing(url: str) -> list[dict]:
+    answer = httpx.get(url + "/cluster/instances", timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+async def test_a_model_added_at_runtime_takes_the_room_left_and_is_drained_when_removed(cluster):
+    """POST /v1/cluster/instances on any node: the second model is placed where the first one's plan leaves room
+    (the node it does not use: the others' 1.5 GB are mostly reserved), answers, and is removed again without
+    dropping the requests it had."""
+    stored = ModelStore(cluster.first.home / "models").import_gguf(bundled_gguf(), SECOND)
+    for n in cluster.nodes:  # on every node's disk: until models travel between nodes, placement needs the files
+        shutil.copytree(stored.path, ModelStore(n.home / "models").path(SECOND))
+    first_instance = cluster.instance()
+    (free,) = [n for n in cluster.nodes if node_id(n.home) not in first_instance["nodes"]]
+    url = cluster.nodes[0].base_url
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+    body = {"model": SECOND, "context": 2048, "sequences": 1}
+    added = httpx.post(url + "/cluster/instances", json=body, timeout=60)
+    assert added.status_code == 202 and added.json()["model"] == SECOND, added.text
+    again = httpx.post(url + "/cluster/instances", json=body, timeout=60)
+    assert again.status_code == 200 and again.json()["changed"] is False, again.text
+    deadline = time.monotonic() + 30
+    while SECOND not in [m.id for m in client.models.list()]:  # listed by every ingress within seconds
+        assert time.monotonic() < deadline, "the added model was never listed"
+        await asyncio.sleep(0.2)
+    # Asked at once, while it is placed and loading: queued, and answered once it serves.
+    answer = client.chat.completions.create(model=SECOND, messages=FRANCE, temperature=0, max_tokens=12)
+    assert "Paris" in answer.choices[0].message.content
+    second = cluster.instance(SECOND)
+    assert second["state"] == "serving" and second["nodes"] == [node_id(free.home)], second
+    assert second["memory"][0] > 0 and cluster.instance()["nodes"] == first_instance["nodes"]
+    assert {i["model"] for i in listing(url)} == {MODEL, SECOND}
+
+    # The model serve was started with stays; an unknown one is not found; a malformed body is refused.
+    kept = httpx.delete(url + f"/cluster/instances/{MODEL}", timeout=30)
+    assert kept.status_code == 409 and kept.json()["error"]["code"] == "instance_in_use", kept.text
+    unknown = httpx.post(url + "/cluster/instances", json={"model": "no-such-model"}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found", unknown.text
+    malformed = httpx.post(url + "/cluster/instances", json={"model": SECOND, "sequences": "many"}, timeout=30)
+    assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
+
+    nc = await cluster.operator()
+    try:
+        questions = [[{"role": "user", "content": f"Question {i}: what is the capital of France?"}] for i in range(3)]
+        with ThreadPoolExecutor(len(questions)) as pool:
+            futures = [pool.submit(client.chat.completions.create, model=SECOND, messages=q, temperature=0,
+                                   max_tokens=16) for q in questions]
+            deadline = time.monotonic() + 60
+            while (await jobs_in_hand(nc.jetstream(), SECOND) or 0) < len(questions):  # all in its queue
+                assert time.monotonic() < deadline, "the requests never reached the queue"
+                await asyncio.sleep(0.05)
+            removed = httpx.delete(url + f"/cluster/instances/{SECOND}", timeout=30)
+            assert removed.status_code == 200 and removed.json()["deleted"] is True, removed.text
+            answers = [future.result() for future in futures]  # drained: answered, not dropped
+        assert all("Paris" in a.choices[0].message.content for a in answers)
+        deadline = time.monotonic() + 60
+        while any(i["model"] == SECOND for i in listing(url)):
+            assert time.monotonic() < deadline, "the removed instance never went"
+            await asyncio.sleep(0.2)
+        assert await jobs_in_hand(nc.jetstream(), SECOND) is None  # its consumer is gone
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=SECOND, messages=FRANCE, max_tokens=4)
+        deadline = time.monotonic() + 30
+        while [s for s in await read_nodes(nc.jetstream()) if s.facts.id == node_id(free.home)][0].ranks:
+            assert time.monotonic() < deadline, "the removed instance's rank kept running"
+            await asyncio.sleep(0.2)
+        gone = httpx.delete(url + f"/cluster/instances/{SECOND}", timeout=30)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    finally:
+        await nc.close()
 
 
 def conclave(home: Path, *args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:

@@ -1,0 +1,146 @@
+"""What the cluster runs, asked of the first machine: placement previews, and instances added and removed.
+
+An ingress on any node asks (`POST /v1/cluster/placement`, `POST` and `DELETE /v1/cluster/instances`) and the
+first machine's `serve --cluster` answers, because only it has what the answers need: the model store the plan's
+models come from (a preview reads a model's files), the credentials (a new model's workers get a NATS role of
+their own, pipeline/access.py) and the operator's rights (a model's consumer, the plan in the control bucket).
+
+Adding an instance does what `serve` does for its own model before the controller places it: the worker role,
+the broker's authorization reloaded (and announced to the other brokers at once, ops/brokers.py), the consumer
+its jobs wait in, then the plan. The controller, wherever it runs, reads the plan within seconds and places the
+new model on what the others leave (ops/controller.py). Requests for it are queued from the moment an ingress
+lists it. Removing one takes it out of the plan: the controller drains and stops it. The model `serve` was
+started with stays as long as that `serve` runs: a different one is served by restarting it with `--model`.
+
+Each subscription's messages are answered one at a time (nats-py awaits each callback), so two changes never
+interleave their read and write of the plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import msgspec
+
+from ops.brokers import announce_users
+from ops.credentials import apply_authorization, role_identity
+from ops.model_facts import model_facts
+from ops.placement import offers, place
+from pipeline.access import INSTANCES_SUBJECT, PLACE_SUBJECT, worker_role
+from pipeline.lease import read_plan, write_plan
+from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
+from pipeline.streams import ensure_consumer
+from schemas.membership import ControllerPlan, Instance, InstanceChange, InstancePlan, ModelPlacement
+from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, model_context_length
+
+log = logging.getLogger("conclave.instances")
+encode = msgspec.json.Encoder().encode
+
+
+class Refused(Exception):
+    """An answer that is an error: its HTTP status and OpenAI error code, and the message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def stored(store: ModelStore, model: str) -> StoredModel:
+    found = store.get(model)
+    if found is None:
+        raise Refused(404, "model_not_found", f"{model} is not in the first machine's model store (`conclave models "
+                                              f"pull` or `import` it there first: nothing is downloaded here)")
+    return found
+
+
+def refusal(exc: Refused) -> bytes:
+    return encode({"type": "error", "status": exc.status, "code": exc.code, "message": str(exc)})
+
+
+async def answer_previews(nc, store: ModelStore):
+    """Placement previews: `place` on the nodes up now, on what the running instances leave there, for any model in
+    this machine's store; a Plan or a Refusal, nothing started. Returns the subscription."""
+    async def preview(msg):
+        try:
+            asked = msgspec.json.decode(msg.data, type=ModelPlacement)
+            model = stored(store, asked.model)
+            js = nc.jetstream()
+            statuses = [s for s in await read_nodes(js) if state_of(s) == "up"]
+            nodes = offers(model.id, statuses, await read_instances(js), everywhere=model.id == DEFAULT_MODEL)
+            facts = await asyncio.to_thread(model_facts, model.id, model.path)
+            reply = encode(place(facts, nodes, links_between(statuses), asked.request()))
+        except Refused as exc:
+            reply = refusal(exc)
+        except (msgspec.MsgspecError, ValueError, OSError) as exc:
+            reply = refusal(Refused(400, "invalid_request", str(exc)))
+        await msg.respond(reply)
+
+    return await nc.subscribe(PLACE_SUBJECT, cb=preview)
+
+
+async def answer_instances(nc, home: Path, store: ModelStore) -> object:
+    """Instances added and removed (`InstanceChange`), into the plan the first machine's `serve` wrote. Returns the
+    subscription."""
+    async def change(msg):
+        try:
+            asked = msgspec.json.decode(msg.data, type=InstanceChange)
+            plan = await read_plan(nc.jetstream())
+            if plan is None:
+                raise Refused(503, "controller_unavailable", "the cluster has no plan yet: `serve` is starting")
+            if asked.add is not None:
+                reply = await add(nc, home, store, plan, asked.add)
+            elif asked.remove is not None:
+                reply = await remove(nc, plan, asked.remove)
+            else:
+                raise Refused(400, "invalid_request", "say which instance to add or remove")
+        except Refused as exc:
+            reply = refusal(exc)
+        except msgspec.MsgspecError as exc:
+            reply = refusal(Refused(400, "invalid_request", str(exc)))
+        except Exception as exc:  # NATS away a moment: the client may try again
+            log.warning("could not change the instances: %s", exc)
+            reply = refusal(Refused(503, "controller_unavailable", f"the plan could not be changed ({exc})"))
+        await msg.respond(reply)
+
+    return await nc.subscribe(INSTANCES_SUBJECT, cb=change)
+
+
+async def add(nc, home: Path, store: ModelStore, plan: ControllerPlan, asked: ModelPlacement) -> bytes:
+    model = stored(store, asked.model)
+    entry = InstancePlan(model=model.id, settings=plan.served.settings, request=asked.request())
+    if model.id == plan.served.model:
+        if entry != plan.served:
+            raise Refused(409, "instance_exists", f"{model.id} is the model `conclave serve` was started with: its "
+                                                  f"placement is changed by restarting serve with other flags")
+        return encode({"object": "cluster.instance", "model": model.id, "changed": False})
+    if entry in plan.added:
+        return encode({"object": "cluster.instance", "model": model.id, "changed": False})
+    # Its workers' NATS role and its jobs' consumer exist before any controller places it.
+    await asyncio.to_thread(role_identity, home, worker_role(model.id))
+    await asyncio.to_thread(apply_authorization, home)
+    await announce_users(nc, home)
+    await ensure_consumer(nc.jetstream(), model.id, 5 * entry.settings.heartbeat_s)
+    # Listed by every ingress from now (requests wait in its queue), not only once the controller has read the plan;
+    # before the plan is written, so that this never overwrites what the controller says of it.
+    context_length = await asyncio.to_thread(model_context_length, model.path)
+    await put_instance(nc.jetstream(), Instance(model=model.id, created=model.created, context_length=context_length,
+                                                why="added; waiting for the controller", time=time.time()))
+    added = [i for i in plan.added if i.model != model.id] + [entry]
+    await write_plan(nc.jetstream(), msgspec.structs.replace(plan, added=added))
+    log.info("instance of %s added (context %d x %d sequences)", model.id, entry.request.context,
+             entry.request.sequences)
+    return encode({"object": "cluster.instance", "model": model.id, "changed": True})
+
+
+async def remove(nc, plan: ControllerPlan, model: str) -> bytes:
+    if model == plan.served.model:
+        raise Refused(409, "instance_in_use", f"{model} is the model `conclave serve` was started with: it is served "
+                                              f"as long as that serve runs")
+    if model not in {i.model for i in plan.added}:
+        raise Refused(404, "model_not_found", f"the cluster runs no instance of {model} that was added")
+    await write_plan(nc.jetstream(), msgspec.structs.replace(plan, added=[i for i in plan.added if i.model != model]))
+    log.info("instance of %s removed: it is drained and stopped", model)
+    return encode({"id": model, "object": "cluster.instance", "deleted": True})
