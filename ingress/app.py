@@ -25,7 +25,7 @@ from ingress.keys import ANONYMOUS, KeyRing, bearer_token
 from ingress.metrics import Metrics
 from pipeline.access import Identity
 from pipeline.connection import Link
-from pipeline.nodes import read_instances
+from pipeline.nodes import INSTANCES_REFRESH_S, read_instances
 from pipeline.subjects import STATUS_PREFIX
 from schemas.jobs import WorkerStatus
 from schemas.openai import ErrorDetail, ModelCard
@@ -46,9 +46,6 @@ class IngressConfig:
     api_keys: dict[str, str] = field(default_factory=dict)
     status_ttl_s: float = 10.0  # a worker not heard from for this long is not counted as live
     max_queue_wait_s: float = 60.0  # a request expected to wait longer for a batch is answered 429
-
-
-INSTANCES_REFRESH_S = 2.0
 
 
 class Ingress:

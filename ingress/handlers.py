@@ -123,15 +123,23 @@ async def ask_first_machine(ingress, subject: str, asked) -> dict:
     try:
         msg = await ingress.link.nc.request(subject, encode(asked), timeout=30)
     except nats.errors.NoRespondersError:
-        raise APIError(404, "This deployment is not a cluster, or its first machine is not running: this needs "
-                       "`conclave serve --cluster` (on one machine, use `conclave place`).",
-                       code="not_a_cluster") from None
+        try:
+            lease = await read_lease(ingress.link.nc.jetstream())
+        except Exception:  # NATS away: as if none
+            lease = None
+        if lease is not None:  # a cluster whose first machine is gone: a controller holds the lease
+            raise APIError(503, "The cluster's first machine is not running: it answers this (placement previews "
+                           "and instances need it; serving does not).", code="first_machine_unavailable") from None
+        raise APIError(404, "This deployment is not a cluster: this needs `conclave serve --cluster` (on one "
+                       "machine, use `conclave place`).", code="not_a_cluster") from None
     except Exception as exc:  # NATS away, or the first machine busy
         raise APIError(503, f"The first machine did not answer ({type(exc).__name__}).",
                        code="controller_unavailable") from None
     answer = msgspec.json.decode(msg.data)
     if answer.get("type") == "error":
-        raise APIError(answer.get("status", 400), answer["message"], param="model", code=answer.get("code"))
+        code = answer.get("code")
+        raise APIError(answer.get("status", 400), answer["message"], code=code,
+                       param="model" if code == "model_not_found" else None)
     return answer
 
 

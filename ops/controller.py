@@ -46,7 +46,8 @@ from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX
 from pipeline.connection import sleep_unless
 from pipeline.lease import read_plan
-from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
+from pipeline.nodes import (INSTANCES_REFRESH_S, delete_instance, links_between, put_instance, read_instances,
+                            read_nodes, state_of)
 from pipeline.streams import jobs_in_hand, retire_consumer
 from pipeline.subjects import subject_token
 from schemas.cluster import NodeStatus, Plan
@@ -285,6 +286,8 @@ class Controller:
         await self._say(state="stopping")
         if self.supervisor is None:  # never ran: nothing would answer them
             return
+        # The ingresses read the instances every 2 s: what they take until they see "stopping" is answered too.
+        await sleep_unless(lost, INSTANCES_REFRESH_S + 1.0)
         deadline = time.monotonic() + DRAIN_S
         while not lost.is_set() and time.monotonic() < deadline:
             try:
@@ -334,7 +337,7 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
     placing = asyncio.Lock()
     running: dict[str, Running] = {}
     retiring: dict[str, asyncio.Task] = {}
-    leftovers: set[str] = set()  # instances in the bucket that the plan does not name
+    previous: dict[str, InstancePlan] | None = None  # the plan's instances at the last read
 
     def start(entry: InstancePlan) -> Running:
         ending = asyncio.Event()
@@ -351,19 +354,27 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
                 log.warning("could not read the cluster's plan: %s", exc)
                 await sleep_unless(lost, 1.0)
                 continue
-            wanted = {entry.model: entry for entry in plan.instances()} if plan is not None else {}
+            if plan is None:  # not written yet, or an earlier version's: nothing is stopped on no news
+                await sleep_unless(lost, 1.0)
+                continue
+            now = {entry.model: entry for entry in plan.instances()}
+            # Acted on once two reads in a row agree (a direct get may come from a replica a moment behind a write);
+            # at the first, what to run at once, and nothing to stop.
+            first, previous = previous is None, (now if previous is None else previous)
+            wanted = {model: entry for model, entry in now.items() if previous.get(model) == entry}
+            unwanted = set() if first else (set(running) | placed) - now.keys() - previous.keys()
+            previous = now
             for model in [m for m, task in retiring.items() if task.done()]:
                 del retiring[model]
             for model, run in list(running.items()):
-                if wanted.get(model) != run.plan or run.task.done():
+                changed = model in wanted and wanted[model] != run.plan
+                if run.task.done() or changed or model in unwanted:
                     del running[model]
-                    retiring[model] = asyncio.create_task(retire(link, model, run, model not in wanted, lost))
+                    retiring[model] = asyncio.create_task(retire(link, model, run, model in unwanted, lost))
             for model, entry in wanted.items():
                 if model not in running and model not in retiring:
                     running[model] = start(entry)
-            # Cleared once no plan named it twice in a row: a replica's read may lag a moment behind a write.
-            leftovers, before = placed - running.keys() - retiring.keys(), leftovers
-            for model in leftovers & before:
+            for model in unwanted - running.keys() - retiring.keys():  # in the bucket, no plan names it
                 retiring[model] = asyncio.create_task(retire(link, model, None, True, lost))
             await sleep_unless(lost, PLAN_POLL_S)
     finally:

@@ -30,11 +30,11 @@ from ops.credentials import apply_authorization, role_identity
 from ops.model_facts import model_facts
 from ops.placement import offers, place
 from pipeline.access import INSTANCES_SUBJECT, PLACE_SUBJECT, worker_role
-from pipeline.lease import read_plan, write_plan
+from pipeline.lease import change_plan, read_plan
 from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import ensure_consumer
 from schemas.membership import ControllerPlan, Instance, InstanceChange, InstancePlan, ModelPlacement
-from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, model_context_length
+from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, StoreError, model_context_length
 
 log = logging.getLogger("conclave.instances")
 encode = msgspec.json.Encoder().encode
@@ -87,18 +87,15 @@ async def answer_instances(nc, home: Path, store: ModelStore) -> object:
     async def change(msg):
         try:
             asked = msgspec.json.decode(msg.data, type=InstanceChange)
-            plan = await read_plan(nc.jetstream())
-            if plan is None:
-                raise Refused(503, "controller_unavailable", "the cluster has no plan yet: `serve` is starting")
             if asked.add is not None:
-                reply = await add(nc, home, store, plan, asked.add)
+                reply = await add(nc, home, store, asked.add)
             elif asked.remove is not None:
-                reply = await remove(nc, plan, asked.remove)
+                reply = await remove(nc, asked.remove)
             else:
                 raise Refused(400, "invalid_request", "say which instance to add or remove")
         except Refused as exc:
             reply = refusal(exc)
-        except msgspec.MsgspecError as exc:
+        except (msgspec.MsgspecError, StoreError) as exc:
             reply = refusal(Refused(400, "invalid_request", str(exc)))
         except Exception as exc:  # NATS away a moment: the client may try again
             log.warning("could not change the instances: %s", exc)
@@ -108,39 +105,63 @@ async def answer_instances(nc, home: Path, store: ModelStore) -> object:
     return await nc.subscribe(INSTANCES_SUBJECT, cb=change)
 
 
-async def add(nc, home: Path, store: ModelStore, plan: ControllerPlan, asked: ModelPlacement) -> bytes:
-    model = stored(store, asked.model)
-    entry = InstancePlan(model=model.id, settings=plan.served.settings, request=asked.request())
-    if model.id == plan.served.model:
-        if entry != plan.served:
-            raise Refused(409, "instance_exists", f"{model.id} is the model `conclave serve` was started with: its "
-                                                  f"placement is changed by restarting serve with other flags")
-        return encode({"object": "cluster.instance", "model": model.id, "changed": False})
-    if entry in plan.added:
-        return encode({"object": "cluster.instance", "model": model.id, "changed": False})
-    # Its workers' NATS role and its jobs' consumer exist before any controller places it.
+def planned(plan: ControllerPlan | None) -> ControllerPlan:
+    if plan is None:
+        raise Refused(503, "controller_unavailable", "the cluster has no plan yet: `serve` is starting")
+    return plan
+
+
+async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes:
+    model, js = stored(store, asked.model), nc.jetstream()
+    instance = next((i for i in await read_instances(js) if i.model == model.id), None)
+    if instance is not None and instance.state == "stopping":
+        raise Refused(409, "instance_stopping", f"{model.id} is being removed (its last jobs are being answered): add "
+                                                f"it again once it is gone from GET /v1/cluster/instances")
+    # Its workers' NATS role and its jobs' consumer exist before any controller places it (both made again as
+    # they are when they exist).
     await asyncio.to_thread(role_identity, home, worker_role(model.id))
     await asyncio.to_thread(apply_authorization, home)
     await announce_users(nc, home)
-    await ensure_consumer(nc.jetstream(), model.id, 5 * entry.settings.heartbeat_s)
-    # Listed by every ingress from now (requests wait in its queue), not only once the controller has read the plan;
-    # before the plan is written, so that this never overwrites what the controller says of it.
-    context_length = await asyncio.to_thread(model_context_length, model.path)
-    await put_instance(nc.jetstream(), Instance(model=model.id, created=model.created, context_length=context_length,
-                                                why="added; waiting for the controller", time=time.time()))
-    added = [i for i in plan.added if i.model != model.id] + [entry]
-    await write_plan(nc.jetstream(), msgspec.structs.replace(plan, added=added))
-    log.info("instance of %s added (context %d x %d sequences)", model.id, entry.request.context,
-             entry.request.sequences)
-    return encode({"object": "cluster.instance", "model": model.id, "changed": True})
+    await ensure_consumer(js, model.id, 5 * planned(await read_plan(js)).served.settings.heartbeat_s)
+    if instance is None:
+        # Listed by every ingress from now (requests wait in its queue), not only once the controller has read the
+        # plan; before the plan is written, so that this never overwrites what the controller says of it.
+        context_length = await asyncio.to_thread(model_context_length, model.path)
+        await put_instance(js, Instance(model=model.id, created=model.created, context_length=context_length,
+                                        why="added; waiting for the controller", time=time.time()))
+
+    changed = False
+
+    def with_it(plan: ControllerPlan | None) -> ControllerPlan:
+        nonlocal changed
+        plan, changed = planned(plan), False
+        entry = InstancePlan(model=model.id, settings=plan.served.settings, request=asked.request())
+        if model.id == plan.served.model:
+            if entry != plan.served:
+                raise Refused(409, "instance_exists", f"{model.id} is the model `conclave serve` was started with: "
+                                                      f"its placement is changed by restarting serve with other flags")
+            return plan
+        if entry in plan.added:
+            return plan
+        changed = True
+        return msgspec.structs.replace(plan, added=[i for i in plan.added if i.model != model.id] + [entry])
+
+    await change_plan(js, with_it)
+    if changed:
+        log.info("instance of %s added (context %d x %d sequences)", model.id, asked.context, asked.sequences)
+    return encode({"object": "cluster.instance", "model": model.id, "changed": changed})
 
 
-async def remove(nc, plan: ControllerPlan, model: str) -> bytes:
-    if model == plan.served.model:
-        raise Refused(409, "instance_in_use", f"{model} is the model `conclave serve` was started with: it is served "
-                                              f"as long as that serve runs")
-    if model not in {i.model for i in plan.added}:
-        raise Refused(404, "model_not_found", f"the cluster runs no instance of {model} that was added")
-    await write_plan(nc.jetstream(), msgspec.structs.replace(plan, added=[i for i in plan.added if i.model != model]))
+async def remove(nc, model: str) -> bytes:
+    def without_it(plan: ControllerPlan | None) -> ControllerPlan:
+        plan = planned(plan)
+        if model == plan.served.model:
+            raise Refused(409, "instance_in_use", f"{model} is the model `conclave serve` was started with: it is "
+                                                  f"served as long as that serve runs")
+        if model not in {i.model for i in plan.added}:
+            raise Refused(404, "model_not_found", f"the cluster runs no instance of {model} that was added")
+        return msgspec.structs.replace(plan, added=[i for i in plan.added if i.model != model])
+
+    await change_plan(nc.jetstream(), without_it)
     log.info("instance of %s removed: it is drained and stopped", model)
     return encode({"id": model, "object": "cluster.instance", "deleted": True})

@@ -162,7 +162,7 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
         urls = ",".join([nats_server.url, *servers(urls)])
     link = await open_link(urls, f"conclave-agent:{own}", identities["agent"])
     await refuse_a_twin(link, own, offered)
-    keeper = RankKeeper(home, own, offered.address, urls, identities["worker"])
+    keeper = RankKeeper(home, own, offered.address, urls, lambda model: identities["worker"])
     server = standby = None
 
     def obeying(done: asyncio.Event):

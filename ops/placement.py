@@ -345,6 +345,10 @@ def offers(model: str, statuses: list[NodeStatus], instances: list[Instance],
         if instance.model != model:
             for node, size in zip(instance.nodes, instance.memory):
                 reserved[node] = reserved.get(node, 0) + size
-    return [msgspec.structs.replace(s.facts, memory_available=max(0, s.facts.memory_available
-                                                                   - reserved.get(s.facts.id, 0)))
+    def left(size: int | None, node: str) -> int | None:
+        return None if size is None else max(0, size - reserved.get(node, 0))
+
+    # Metal's working set is the GPU's for all processes together: the other instances' share comes off it too.
+    return [msgspec.structs.replace(s.facts, memory_available=left(s.facts.memory_available, s.facts.id),
+                                    working_set=left(s.facts.working_set, s.facts.id))
             for s in statuses if everywhere or model in s.facts.models]

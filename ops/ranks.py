@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 
@@ -54,8 +55,10 @@ class Rank:
 class RankKeeper:
     """The ranks this agent runs, by (group id, rank)."""
 
-    def __init__(self, home: Path, node_id: str, address: str, nats_url: str, worker: Identity):
+    def __init__(self, home: Path, node_id: str, address: str, nats_url: str, worker: Callable[[str], Identity]):
         self.home, self.node_id, self.address = Path(home), node_id, address
+        # The NATS identity a rank of a model connects as: a joined node's worker user (rights for every model the
+        # cluster serves), or on the first machine the model's own worker role.
         self.nats_url, self.worker = nats_url, worker
         self.workdir = self.home / "groups"
         shutil.rmtree(self.workdir, ignore_errors=True)  # folders of ranks an earlier agent left behind
@@ -85,9 +88,10 @@ class RankKeeper:
             raise ValueError(f"model {order.model_id} is not on node {self.node_id} (`conclave models pull` or "
                              f"`import` it there)")
         spec = GroupSpec(layout=order.layout, backend=order.backend, split=order.split or None)
+        identity = self.worker(model.id)
         return python_command(
             "workers.worker", "--model-id", model.id, "--model-dir", str(model.path), "--nats-url", self.nats_url,
-            "--nats-seed", str(self.worker.seed_file), "--nats-ca", str(self.worker.ca_file), "--group-id",
+            "--nats-seed", str(identity.seed_file), "--nats-ca", str(identity.ca_file), "--group-id",
             order.group_id, "--alive-dir", str(folder), *order.settings.arguments(), *rank_arguments(spec))
 
     def start(self, order: StartOrder) -> OrderReply:

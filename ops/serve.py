@@ -28,7 +28,7 @@ from ops.controller import control as control_model
 from ops.instances import answer_instances, answer_previews
 from ops.node import LOST_BROKER_S, follow_the_controller
 from ops.ranks import RankKeeper, obey
-from pipeline.lease import lead, read_plan, write_plan
+from pipeline.lease import change_plan, lead
 from ops.discovery import default_cluster_name, host_addresses
 from ops.cluster_tls import ensure_cluster_tls, fingerprint
 from ops.config import ROUTE_PORT
@@ -118,9 +118,8 @@ def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity:
 async def serve_plan(js, served: InstancePlan) -> None:
     """The cluster's plan as this `serve` starts: its model, and the instances added before (ops/instances.py) that
     are not its model; a model an earlier `serve` was started with is no longer served (ops/controller.py)."""
-    before = await read_plan(js)
-    added = [i for i in before.added if i.model != served.model] if before is not None else []
-    await write_plan(js, ControllerPlan(served=served, added=added))
+    await change_plan(js, lambda before: ControllerPlan(served=served, added=[
+        i for i in (before.added if before is not None else []) if i.model != served.model]))
 
 
 async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str | None, nats_port: int,
@@ -220,7 +219,10 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         for answering in (lambda nc: answer_previews(nc, store), lambda nc: answer_instances(nc, home, store)):
             reopen.append(answering)
             await answering(control.nc)
-        keeper = RankKeeper(home, own, offer.address, nats_url, worker)  # this machine's agent
+        # This machine's agent; its ranks of each model connect as that model's worker role (ops/instances.py
+        # makes one for every model added).
+        keeper = RankKeeper(home, own, offer.address, nats_url, lambda model_id: replace(
+            role_identity(home, worker_role(model_id)), ca_file=cluster_ca(home)))
         lease = Lease(node_id=own, session=offer.session, host=socket.gethostname())
 
         async def run_node_parts() -> None:

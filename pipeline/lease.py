@@ -11,7 +11,7 @@ comparing its clock with the holder's or the broker's: machines' clocks differ b
 has not renewed within LEASE_S - RENEW_S of sending its last good renewal (cut off from the brokers) stops
 controlling before anyone may take over, so two controllers never order the same agents at once (`_hold`). The
 plan the controller follows (what to serve, with which settings) is in the same bucket, written by the first
-machine (`write_plan`), so a successor places the models as the first machine was told to.
+machine (`change_plan`), so a successor places the models as the first machine was told to.
 """
 
 from __future__ import annotations
@@ -48,18 +48,41 @@ async def _last(js, subject: str):
         return None
 
 
-async def write_plan(js, plan: ControllerPlan) -> None:
-    await js.publish(PLAN_SUBJECT, msgspec.json.encode(plan), stream=CONTROL_STREAM)
+async def change_plan(js, change: Callable[[ControllerPlan | None], ControllerPlan]) -> ControllerPlan:
+    """Read the plan from the stream's leader (a direct get may come from a replica a moment behind), apply
+    `change`, and write the result over exactly what was read (compare and set); read again when another write came
+    between. Nothing is written when `change` leaves the plan as it was; what `change` raises is raised."""
+    for _ in range(5):
+        try:
+            msg = await js.get_last_msg(CONTROL_STREAM, PLAN_SUBJECT)
+        except NotFoundError:
+            msg = None
+        plan = decode_plan(msg.data if msg is not None else None)
+        changed = change(plan)
+        if changed == plan:
+            return plan
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(msg.seq if msg is not None else 0)}
+        try:
+            await js.publish(PLAN_SUBJECT, msgspec.json.encode(changed), stream=CONTROL_STREAM, headers=headers)
+            return changed
+        except APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+    raise RuntimeError("the plan kept changing under this write")
+
+
+def decode_plan(data: bytes | None) -> ControllerPlan | None:
+    try:
+        return msgspec.json.decode(data, type=ControllerPlan) if data else None
+    except msgspec.ValidationError:  # an earlier version's: the first machine's `serve` replaces it as it starts
+        return None
 
 
 async def read_plan(js) -> ControllerPlan | None:
     """The plan; None before the first machine wrote one, or while the one there is an earlier version's (the first
     machine's `serve` writes its own when it starts)."""
     msg = await _last(js, PLAN_SUBJECT)
-    try:
-        return msgspec.json.decode(msg.data, type=ControllerPlan) if msg is not None and msg.data else None
-    except msgspec.ValidationError:
-        return None
+    return decode_plan(msg.data if msg is not None else None)
 
 
 async def read_lease(js) -> Lease | None:

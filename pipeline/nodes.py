@@ -22,6 +22,7 @@ from schemas.cluster import Link, NodeStatus
 from schemas.membership import Instance
 
 NODES_TTL_S = 60.0
+INSTANCES_REFRESH_S = 2.0  # how often an ingress reads the instances (its model list)
 LOST_AFTER_S = 3.0  # three reports missed: a node gone is seen within 4 s by a reader polling every second
 decode_status = msgspec.json.Decoder(NodeStatus).decode
 decode_instance = msgspec.json.Decoder(Instance).decode

@@ -123,9 +123,9 @@ def listing(url: str) -> list[dict]:
 
 
 async def test_a_model_added_at_runtime_takes_the_room_left_and_is_drained_when_removed(cluster):
-    """POST /v1/cluster/instances on any node: the second model is placed where the first one's plan leaves room
-    (the node it does not use: the others' 1.5 GB are mostly reserved), answers, and is removed again without
-    dropping the requests it had."""
+    """POST /v1/cluster/instances on any node: the second model is placed where the first one's plan leaves the most
+    room (the node it does not use: the others' 1.5 GB are partly reserved), answers, moves where it is pinned (the
+    first machine), and is removed again without dropping the requests it had."""
     stored = ModelStore(cluster.first.home / "models").import_gguf(bundled_gguf(), SECOND)
     for n in cluster.nodes:  # on every node's disk: until models travel between nodes, placement needs the files
         shutil.copytree(stored.path, ModelStore(n.home / "models").path(SECOND))
@@ -133,33 +133,48 @@ async def test_a_model_added_at_runtime_takes_the_room_left_and_is_drained_when_
     (free,) = [n for n in cluster.nodes if node_id(n.home) not in first_instance["nodes"]]
     url = cluster.nodes[0].base_url
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
-    body = {"model": SECOND, "context": 2048, "sequences": 1}
-    added = httpx.post(url + "/cluster/instances", json=body, timeout=60)
-    assert added.status_code == 202 and added.json()["model"] == SECOND, added.text
-    again = httpx.post(url + "/cluster/instances", json=body, timeout=60)
-    assert again.status_code == 200 and again.json()["changed"] is False, again.text
-    deadline = time.monotonic() + 30
-    while SECOND not in [m.id for m in client.models.list()]:  # listed by every ingress within seconds
-        assert time.monotonic() < deadline, "the added model was never listed"
-        await asyncio.sleep(0.2)
-    # Asked at once, while it is placed and loading: queued, and answered once it serves.
-    answer = client.chat.completions.create(model=SECOND, messages=FRANCE, temperature=0, max_tokens=12)
-    assert "Paris" in answer.choices[0].message.content
-    second = cluster.instance(SECOND)
-    assert second["state"] == "serving" and second["nodes"] == [node_id(free.home)], second
-    assert second["memory"][0] > 0 and cluster.instance()["nodes"] == first_instance["nodes"]
-    assert {i["model"] for i in listing(url)} == {MODEL, SECOND}
-
-    # The model serve was started with stays; an unknown one is not found; a malformed body is refused.
-    kept = httpx.delete(url + f"/cluster/instances/{MODEL}", timeout=30)
-    assert kept.status_code == 409 and kept.json()["error"]["code"] == "instance_in_use", kept.text
-    unknown = httpx.post(url + "/cluster/instances", json={"model": "no-such-model"}, timeout=30)
-    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found", unknown.text
-    malformed = httpx.post(url + "/cluster/instances", json={"model": SECOND, "sequences": "many"}, timeout=30)
-    assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
-
     nc = await cluster.operator()
     try:
+        deadline = time.monotonic() + 30
+        while not all(SECOND in s.facts.models for s in await read_nodes(nc.jetstream())):  # every node says so
+            assert time.monotonic() < deadline, "the nodes never reported the model's files"
+            await asyncio.sleep(0.2)
+        body = {"model": SECOND, "context": 2048, "sequences": 1}
+        added = httpx.post(url + "/cluster/instances", json=body, timeout=60)
+        assert added.status_code == 202 and added.json()["model"] == SECOND, added.text
+        again = httpx.post(url + "/cluster/instances", json=body, timeout=60)
+        assert again.status_code == 200 and again.json()["changed"] is False, again.text
+        deadline = time.monotonic() + 30
+        while SECOND not in [m.id for m in client.models.list()]:  # listed by every ingress within seconds
+            assert time.monotonic() < deadline, "the added model was never listed"
+            await asyncio.sleep(0.2)
+        # Asked at once, while it is placed and loading: queued, and answered once it serves.
+        answer = client.chat.completions.create(model=SECOND, messages=FRANCE, temperature=0, max_tokens=12)
+        assert "Paris" in answer.choices[0].message.content
+        second = cluster.instance(SECOND)
+        assert second["state"] == "serving" and second["nodes"] == [node_id(free.home)], second
+        assert second["memory"][0] > 0 and cluster.instance()["nodes"] == first_instance["nodes"]
+        assert {i["model"] for i in listing(url)} == {MODEL, SECOND}
+
+        # Another body replaces its plan: pinned to the first machine, where its ranks use that model's own role.
+        first_id = node_id(cluster.first.home)
+        moved = httpx.post(url + "/cluster/instances", json={**body, "nodes": [first_id]}, timeout=60)
+        assert moved.status_code == 202, moved.text
+        deadline = time.monotonic() + 60
+        while cluster.instance(SECOND)["nodes"] != [first_id]:
+            assert time.monotonic() < deadline, "the instance never moved where it was pinned"
+            await asyncio.sleep(0.2)
+        answer = client.chat.completions.create(model=SECOND, messages=FRANCE, temperature=0, max_tokens=12)
+        assert "Paris" in answer.choices[0].message.content
+
+        # The model serve was started with stays; an unknown one is not found; a malformed body is refused.
+        kept = httpx.delete(url + f"/cluster/instances/{MODEL}", timeout=30)
+        assert kept.status_code == 409 and kept.json()["error"]["code"] == "instance_in_use", kept.text
+        unknown = httpx.post(url + "/cluster/instances", json={"model": "no-such-model"}, timeout=30)
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found", unknown.text
+        malformed = httpx.post(url + "/cluster/instances", json={"model": SECOND, "sequences": "many"}, timeout=30)
+        assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
+
         questions = [[{"role": "user", "content": f"Question {i}: what is the capital of France?"}] for i in range(3)]
         with ThreadPoolExecutor(len(questions)) as pool:
             futures = [pool.submit(client.chat.completions.create, model=SECOND, messages=q, temperature=0,
@@ -170,6 +185,12 @@ async def test_a_model_added_at_runtime_takes_the_room_left_and_is_drained_when_
                 await asyncio.sleep(0.05)
             removed = httpx.delete(url + f"/cluster/instances/{SECOND}", timeout=30)
             assert removed.status_code == 200 and removed.json()["deleted"] is True, removed.text
+            deadline = time.monotonic() + 30
+            while cluster.instance(SECOND)["state"] != "stopping":
+                assert time.monotonic() < deadline, "the removed instance never said it was stopping"
+                await asyncio.sleep(0.1)
+            back = httpx.post(url + "/cluster/instances", json=body, timeout=30)  # not while it drains
+            assert back.status_code == 409 and back.json()["error"]["code"] == "instance_stopping", back.text
             answers = [future.result() for future in futures]  # drained: answered, not dropped
         assert all("Paris" in a.choices[0].message.content for a in answers)
         deadline = time.monotonic() + 60
@@ -180,7 +201,8 @@ async def test_a_model_added_at_runtime_takes_the_room_left_and_is_drained_when_
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model=SECOND, messages=FRANCE, max_tokens=4)
         deadline = time.monotonic() + 30
-        while [s for s in await read_nodes(nc.jetstream()) if s.facts.id == node_id(free.home)][0].ranks:
+        ranks = {first_id: 1, node_id(free.home): 0}  # the first model's rank only
+        while {s.facts.id: s.ranks for s in await read_nodes(nc.jetstream()) if s.facts.id in ranks} != ranks:
             assert time.monotonic() < deadline, "the removed instance's rank kept running"
             await asyncio.sleep(0.2)
         gone = httpx.delete(url + f"/cluster/instances/{SECOND}", timeout=30)
