@@ -141,10 +141,12 @@ def node_role(node_id: str) -> str:
 
 def agent_permissions(node_id: str) -> Permissions:
     """A node's agent: it reports its own status (only under its own key of the nodes bucket), takes the
-    controller's orders for itself, and answers them (`allow_responses`: only to requests it received)."""
+    controller's orders for itself, and answers them (`allow_responses`: only to requests it received). It asks
+    other nodes' agents for tickets to their model files, and answers theirs (ops/model_files.py)."""
     return Permissions(publish=(f"{NODES_PREFIX}.{node_id}", f"{AGENTS_PREFIX}.{node_id}.events",
-                                _direct_get(NODES_STREAM, f"{NODES_PREFIX}.{node_id}")),
-                       subscribe=(f"{reply_prefix(node_role(node_id))}.>", f"{AGENTS_PREFIX}.{node_id}.orders.>"),
+                                _direct_get(NODES_STREAM, f"{NODES_PREFIX}.{node_id}"), f"{AGENTS_PREFIX}.*.files"),
+                       subscribe=(f"{reply_prefix(node_role(node_id))}.>", f"{AGENTS_PREFIX}.{node_id}.orders.>",
+                                  f"{AGENTS_PREFIX}.{node_id}.files"),
                        responses=True)
 
 

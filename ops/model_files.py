@@ -1,0 +1,273 @@
+"""Model files between nodes: each node serves its model store read-only over HTTP, and a node that lacks a model
+fetches it from one that has it, so that each byte enters the building once and then travels over the LAN.
+
+Not over NATS: nats-py's object store moved 41-133 MB/s on loopback here and has open large-object problems
+(nats.py #703, nats-server #4680); NATS carries who may read (below) and, later, the catalogue and the progress.
+
+- **What is served** (`files_app`): a model's manifest (each file's name, size and SHA-256, `manifest`) and its
+  files, with HTTP Range requests (Starlette's FileResponse), nothing else: a file is named by the model and a name
+  the manifest lists, so no request reaches outside a model's directory.
+- **Who may read**: the holder of a ticket this node issued (`Tickets`), asked for over NATS on
+  `conclave.agents.<id>.files` (`answer_tickets`, `ask_ticket`), where every node is authenticated by its own
+  keys (pipeline/access.py). A ticket is a random bearer token for one model, good for TICKET_S. The HTTP port
+  answers 401 to a request without one before it opens a file. The bytes themselves travel in clear (plain HTTP,
+  like `mx.distributed`'s ring between ranks): their integrity is the SHA-256 the receiver checks, their
+  confidentiality that of the LAN segment; TLS with a certificate per node is the next step (README, Limits).
+- **How a model arrives** (`fetch_model`): the disk space it needs is checked first (a clear error with the
+  numbers). Each file is written to `<store>/.incoming/<model>/<name>.partial`, resumed with a Range request from
+  what is there after an interruption, hashed as it arrives (what was there first re-hashed), and renamed when its
+  SHA-256 matches the manifest; a file that does not match is deleted and fetched once more, then refused. The
+  model enters the store whole, by one rename of its directory: a node never lists, nor starts a rank on, half a
+  model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from pipeline.access import AGENTS_PREFIX
+from schemas.catalogue import ModelFile, ModelManifest, Ticket, TicketAsk
+from workers.store import ModelStore, StoredModel, StoreError, is_model_dir
+
+log = logging.getLogger("conclave.files")
+TICKET_S = 600.0  # long enough to start every file of a large model; each request is checked, not each byte
+CHUNK = 1 << 20
+MANIFEST_CACHE = ".conclave-manifest.json"  # in the model's directory: hashing 600 GB takes minutes, once
+FETCH_TRIES = 2
+encode = msgspec.json.Encoder().encode
+
+
+class FetchError(Exception):
+    """A model that could not be fetched; the message is for the operator."""
+
+
+def files_subject(node_id: str) -> str:
+    return f"{AGENTS_PREFIX}.{node_id}.files"
+
+
+def sha256_of(path: Path, start: int | None = None):
+    """The SHA-256 object of the file's first `start` bytes (all of them by default), to update further."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = start
+        while chunk := f.read(CHUNK if remaining is None else min(CHUNK, remaining)):
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return digest
+
+
+def manifest(model: StoredModel) -> ModelManifest:
+    """The model's files with their sizes and SHA-256, hashed once per file and kept beside them (a file whose size
+    or modification time changed is hashed again). Blocks: run it in a thread."""
+    cache_path = model.path / MANIFEST_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    files, fresh = [], {}
+    for path in sorted(model.path.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        stat = path.stat()
+        known = cache.get(path.name)
+        if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+            digest = known["sha256"]
+        else:
+            digest = sha256_of(path).hexdigest()
+        fresh[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        files.append(ModelFile(name=path.name, size=stat.st_size, sha256=digest))
+    if fresh != cache:
+        try:
+            temporary = cache_path.with_name(f"{MANIFEST_CACHE}.{os.getpid()}")
+            temporary.write_text(json.dumps(fresh))
+            temporary.replace(cache_path)
+        except OSError as exc:  # a read-only store: hashed again next time
+            log.warning("could not keep the manifest of %s: %s", model.id, exc)
+    return ModelManifest(model=model.id, files=files)
+
+
+class Tickets:
+    """The bearer tokens this node gave out, each for one model until it expires (this machine's monotonic clock:
+    tickets are judged only where they were issued)."""
+
+    def __init__(self, ttl_s: float = TICKET_S):
+        self.ttl_s = ttl_s
+        self.issued: dict[str, tuple[str, float]] = {}  # token -> (model, expiry)
+
+    def issue(self, model: str) -> str:
+        now = time.monotonic()
+        self.issued = {t: held for t, held in self.issued.items() if held[1] > now}  # forget the expired
+        token = secrets.token_urlsafe(32)
+        self.issued[token] = (model, now + self.ttl_s)
+        return token
+
+    def allows(self, token: str, model: str) -> bool:
+        held = next((held for t, held in self.issued.items() if secrets.compare_digest(t, token)), None)
+        return held is not None and held[0] == model and held[1] > time.monotonic()
+
+
+def files_app(store: ModelStore, tickets: Tickets) -> Starlette:
+    """`GET /manifest?model=ID` and `GET /file?model=ID&name=NAME` (Range requests honoured), each with
+    `Authorization: Bearer <ticket>`; 401 without a ticket for that model, 404 for what is not in the store."""
+
+    def checked(request: Request) -> StoredModel:
+        model_id = request.query_params.get("model", "")
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not token or not tickets.allows(token, model_id):
+            raise PermissionError
+        model = store.get(model_id)
+        if model is None:
+            raise FileNotFoundError
+        return model
+
+    def answering(handler):
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request, checked(request))
+            except PermissionError:
+                return JSONResponse({"error": "a ticket for this model is needed"}, status_code=401)
+            except (FileNotFoundError, StoreError):
+                return JSONResponse({"error": "no such model or file here"}, status_code=404)
+        return endpoint
+
+    async def get_manifest(request: Request, model: StoredModel) -> Response:
+        return Response(encode(await asyncio.to_thread(manifest, model)), media_type="application/json")
+
+    async def get_file(request: Request, model: StoredModel) -> Response:
+        name = request.query_params.get("name", "")
+        listed = {f.name for f in (await asyncio.to_thread(manifest, model)).files}
+        if name not in listed:  # only what the manifest lists: no other path is ever opened
+            raise FileNotFoundError
+        return FileResponse(model.path / name)
+
+    return Starlette(routes=[Route("/manifest", answering(get_manifest)), Route("/file", answering(get_file))])
+
+
+async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, port: int):
+    """Tickets for this node's file port, to the agents of other nodes (NATS lets only them ask here). Returns the
+    subscription."""
+    async def ticket(msg):
+        try:
+            asked = msgspec.json.decode(msg.data, type=TicketAsk)
+            if store.get(asked.model) is None:
+                raise StoreError(f"{asked.model} is not on node {node_id}")
+            answer = Ticket(token=tickets.issue(asked.model), port=port, ttl_s=tickets.ttl_s)
+        except (msgspec.MsgspecError, StoreError) as exc:
+            answer = Ticket(error=str(exc))
+        await msg.respond(encode(answer))
+
+    return await nc.subscribe(files_subject(node_id), cb=ticket)
+
+
+async def ask_ticket(nc, node_id: str, model: str, timeout_s: float = 10.0) -> Ticket:
+    msg = await nc.request(files_subject(node_id), encode(TicketAsk(model=model)), timeout=timeout_s)
+    ticket = msgspec.json.decode(msg.data, type=Ticket)
+    if ticket.error:
+        raise FetchError(f"node {node_id} gives no ticket for {model}: {ticket.error}")
+    return ticket
+
+
+async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStore,
+                      progress: Callable[[int, int], None] | None = None) -> StoredModel:
+    """Fetch `model_id` from the node at `base_url` into `store` (see the module's docstring); `progress(done,
+    total)` after each chunk. What was fetched before (an interrupted transfer) is kept and resumed."""
+    import httpx
+
+    if (stored := store.get(model_id)) is not None:
+        return stored
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(30.0, read=120.0)) as http:
+        answer = await http.get("/manifest", params={"model": model_id})
+        if answer.status_code != 200:
+            raise FetchError(f"{base_url} gave no manifest of {model_id}: HTTP {answer.status_code}")
+        try:
+            listed = msgspec.json.decode(answer.content, type=ModelManifest)
+        except msgspec.MsgspecError as exc:
+            raise FetchError(f"{base_url} sent a manifest of {model_id} that is not one: {exc}") from None
+        if listed.model != model_id:
+            raise FetchError(f"{base_url} sent the manifest of {listed.model} for {model_id}")
+        incoming = store.root / ".incoming" / store.path(model_id).name
+        incoming.mkdir(parents=True, exist_ok=True)
+        check_room(incoming, listed)
+        for file in listed.files:
+            if (incoming / file.name).is_file():
+                continue
+            for attempt in range(1, FETCH_TRIES + 1):
+                done = sum(present(incoming, f) for f in listed.files)
+                async for arrived in fetch_file(http, model_id, file, incoming):
+                    done += arrived
+                    if progress is not None:
+                        progress(done, listed.size)
+                if (incoming / file.name).is_file():
+                    break
+                log.warning("%s of %s did not match its SHA-256 (try %d of %d)", file.name, model_id, attempt,
+                            FETCH_TRIES)
+            else:
+                raise FetchError(f"{file.name} of {model_id} from {base_url} does not match its SHA-256 after "
+                                 f"{FETCH_TRIES} tries: refused (the source's copy may be damaged)")
+    if not is_model_dir(incoming):
+        raise FetchError(f"{base_url} sent {model_id} without config.json and *.safetensors: not a model")
+    target = store.path(model_id)
+    shutil.rmtree(target, ignore_errors=True)  # not a model (store.get said so): what an earlier attempt left
+    incoming.replace(target)  # whole, at once
+    return store.get(model_id)
+
+
+def present(incoming: Path, file: ModelFile) -> int:
+    """Bytes of `file` already here (whole, or the part an interrupted transfer left)."""
+    for path in (incoming / file.name, incoming / f"{file.name}.partial"):
+        if path.is_file():
+            return min(path.stat().st_size, file.size)
+    return 0
+
+
+def check_room(incoming: Path, listed: ModelManifest) -> None:
+    needed = listed.size - sum(present(incoming, f) for f in listed.files)
+    free = shutil.disk_usage(incoming).free
+    if needed > free:
+        raise FetchError(f"{listed.model} needs {needed / 1e9:.1f} GB more on this node's disk "
+                         f"({incoming.parent.parent}) and {free / 1e9:.1f} GB are free")
+
+
+async def fetch_file(http, model_id: str, file: ModelFile, incoming: Path):
+    """Yields the bytes written as they arrive; leaves `<name>` if its SHA-256 matched, else nothing."""
+    partial = incoming / f"{file.name}.partial"
+    have = partial.stat().st_size if partial.is_file() else 0
+    if have > file.size:  # longer than the file: not a part of it
+        partial.unlink()
+        have = 0
+    digest = await asyncio.to_thread(sha256_of, partial, have) if have else hashlib.sha256()
+    if have < file.size:
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        async with http.stream("GET", "/file", params={"model": model_id, "name": file.name}, headers=headers) as got:
+            if got.status_code not in (200, 206) or (have and got.status_code != 206):
+                raise FetchError(f"{file.name} of {model_id}: HTTP {got.status_code}")
+            with open(partial, "ab") as out:
+                async for chunk in got.aiter_bytes(CHUNK):
+                    chunk = chunk[:file.size - have]  # never more than the manifest said
+                    out.write(chunk)
+                    digest.update(chunk)
+                    have += len(chunk)
+                    yield len(chunk)
+                    if have >= file.size:
+                        break
+    if have == file.size and digest.hexdigest() == file.sha256:
+        partial.replace(incoming / file.name)
+    else:
+        partial.unlink(missing_ok=True)

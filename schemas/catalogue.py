@@ -1,0 +1,47 @@
+"""Model files as nodes exchange them (ops/model_files.py): a model's manifest, and the ticket that lets one node read
+another's store. Declared once, checked where they arrive: a manifest comes from another machine, and its names
+become file names here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta, Struct
+
+# A file of a model directory as it is stored: no folder, no leading dot (so never "." or ".."), nothing a shell or
+# a URL would read differently.
+FileName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ModelFile(Struct, kw_only=True, forbid_unknown_fields=True):
+    name: FileName
+    size: Annotated[int, Meta(ge=0)]
+    sha256: Sha256
+
+
+class ModelManifest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every file of a model, as the node that serves it has it."""
+
+    model: str
+    files: list[ModelFile]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class TicketAsk(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Asked of a node's agent on `conclave.agents.<id>.files` by another node's agent: may it read `model`?"""
+
+    model: str
+
+
+class Ticket(Struct, kw_only=True):
+    """The answer: a bearer token for the agent's file port, for one model, for `ttl_s` seconds; or why not."""
+
+    token: str = ""
+    port: int = 0
+    ttl_s: float = 0.0
+    error: str = ""

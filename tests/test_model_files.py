@@ -1,0 +1,161 @@
+"""Model files between nodes (ops/model_files.py): a real HTTP file port and a real nats-server for the tickets; a
+model directory of made-up bytes (the transfer does not read them).
+
+What matters to an operator moving hundreds of gigabytes: what arrives is what the source's manifest says or it is
+refused, an interrupted transfer goes on from where it stopped, nothing is read without a ticket, and no name a
+source sends can reach outside the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+import uvicorn
+
+from ops.config import free_port
+from ops.model_files import (FetchError, Tickets, answer_tickets, ask_ticket, check_room, fetch_model, files_app,
+                             manifest, sha256_of)
+from schemas.catalogue import ModelManifest
+from workers.store import ModelStore
+
+MODEL_ID = "acme/tiny-model"
+SIZES = {"config.json": 64, "model-00001-of-00002.safetensors": 3_000_000, "model-00002-of-00002.safetensors": 1_500_001,
+         "tokenizer.json": 10_000}
+
+
+def make_model(store: ModelStore) -> Path:
+    path = store.path(MODEL_ID)
+    path.mkdir(parents=True)
+    for name, size in SIZES.items():
+        (path / name).write_bytes(os.urandom(size))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def serving(store: ModelStore, tickets: Tickets):
+    """The file port on loopback; yields its URL and the Range header of each request it got."""
+    app, ranges = files_app(store, tickets), []
+
+    async def recording(scope, receive, send):
+        if scope["type"] == "http":
+            ranges.append(dict(scope["headers"]).get(b"range", b"").decode())
+        await app(scope, receive, send)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", ranges
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+def source(tmp_path) -> tuple[ModelStore, Path]:
+    store = ModelStore(tmp_path / "source")
+    return store, make_model(store)
+
+
+async def test_a_model_arrives_whole_and_as_its_manifest_says(source, tmp_path):
+    store, path = source
+    tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
+    seen = []
+    async with serving(store, tickets) as (url, _):
+        fetched = await fetch_model(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, lambda done, total: seen.append(
+            (done, total)))
+    assert fetched is not None and fetched.id == MODEL_ID and receiver.get(MODEL_ID) is not None
+    for name in SIZES:
+        assert (fetched.path / name).read_bytes() == (path / name).read_bytes()
+    listed = manifest(store.get(MODEL_ID))
+    assert {f.name: f.sha256 for f in listed.files} == {n: sha256_of(path / n).hexdigest() for n in SIZES}
+    assert seen[-1] == (sum(SIZES.values()), sum(SIZES.values()))
+    assert not any((receiver.root / ".incoming").iterdir())  # nothing half-arrived left behind
+
+
+async def test_a_byte_flipped_at_the_source_is_detected_and_the_file_refused(source, tmp_path):
+    store, path = source
+    manifest(store.get(MODEL_ID))  # hashed while sound, as a long-running source would have
+    damaged = path / "model-00002-of-00002.safetensors"
+    stat = damaged.stat()
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # silent damage: size and time unchanged
+    tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
+    async with serving(store, tickets) as (url, _):
+        with pytest.raises(FetchError, match="does not match its SHA-256 after 2 tries: refused"):
+            await fetch_model(url, tickets.issue(MODEL_ID), MODEL_ID, receiver)
+    assert receiver.get(MODEL_ID) is None  # not in the store, not listed, no rank starts on it
+    incoming = receiver.root / ".incoming" / receiver.path(MODEL_ID).name
+    assert not (incoming / damaged.name).exists() and not (incoming / f"{damaged.name}.partial").exists()
+
+
+async def test_an_interrupted_transfer_goes_on_from_where_it_stopped(source, tmp_path):
+    store, path = source
+    tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
+    name = "model-00001-of-00002.safetensors"
+    incoming = receiver.root / ".incoming" / receiver.path(MODEL_ID).name
+    incoming.mkdir(parents=True)
+    (incoming / f"{name}.partial").write_bytes((path / name).read_bytes()[:1_234_567])  # where a kill left it
+    async with serving(store, tickets) as (url, ranges):
+        fetched = await fetch_model(url, tickets.issue(MODEL_ID), MODEL_ID, receiver)
+    assert (fetched.path / name).read_bytes() == (path / name).read_bytes()
+    assert "bytes=1234567-" in ranges and ranges.count("") == len(SIZES)  # the manifest and three whole files
+
+
+async def test_nothing_is_read_without_a_ticket_for_that_model_and_no_name_leaves_the_model(source):
+    store, path = source
+    (store.root / "secret.txt").write_text("not a model file")
+    tickets = Tickets()
+    other = tickets.issue("another-model")
+    good = tickets.issue(MODEL_ID)
+    async with serving(store, tickets) as (url, _):
+        async with httpx.AsyncClient(base_url=url) as http:
+            def get(name: str, token: str | None):
+                return http.get("/file", params={"model": MODEL_ID, "name": name},
+                                headers={"Authorization": f"Bearer {token}"} if token else {})
+            assert (await get("config.json", None)).status_code == 401
+            assert (await get("config.json", "made-up")).status_code == 401
+            assert (await get("config.json", other)).status_code == 401
+            assert (await get("config.json", good)).status_code == 200
+            for name in ("../secret.txt", "..", ".conclave-manifest.json", "absent.bin"):
+                assert (await get(name, good)).status_code == 404, name
+            expired = Tickets(ttl_s=0.0)
+            assert not expired.allows(expired.issue(MODEL_ID), MODEL_ID)
+
+
+def test_a_manifest_naming_a_path_outside_the_model_is_refused_as_it_is_decoded():
+    for name in ("../../etc/passwd", "/etc/passwd", ".hidden", "a/b.json", ""):
+        body = {"model": MODEL_ID, "files": [{"name": name, "size": 1, "sha256": "0" * 64}]}
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.json.decode(msgspec.json.encode(body), type=ModelManifest)
+
+
+def test_the_disk_space_a_model_needs_is_checked_before_anything_is_written(tmp_path):
+    huge = msgspec.convert({"model": MODEL_ID, "files": [{"name": "model.safetensors", "size": 10**18,
+                                                          "sha256": "0" * 64}]}, ModelManifest)
+    with pytest.raises(FetchError, match=r"needs 1000000000.0 GB more on this node's disk .* GB are free"):
+        check_room(tmp_path, huge)
+
+
+async def test_tickets_are_asked_for_over_nats(bare_nats, source):
+    server, nc = bare_nats
+    store, _ = source
+    tickets = Tickets()
+    subscription = await answer_tickets(nc, "0123456789ab", store, tickets, 8471)
+    try:
+        ticket = await ask_ticket(nc, "0123456789ab", MODEL_ID)
+        assert ticket.port == 8471 and tickets.allows(ticket.token, MODEL_ID)
+        with pytest.raises(FetchError, match="is not on node 0123456789ab"):
+            await ask_ticket(nc, "0123456789ab", "not-here")
+    finally:
+        await subscription.unsubscribe()
