@@ -111,7 +111,7 @@ def tokens_per_s(counters: list[RankCounters], before: dict[int, tuple[int, floa
 
 
 async def keep_reporting(link, home: Path, ranks: Callable[[], list[Path]], stopping: asyncio.Event,
-                         offer: Offer) -> None:
+                         offer: Offer, fetching: Callable[[], list] = list) -> None:
     """Put this node's status every REPORT_S until `stopping`; one log line when reporting fails, one when it
     works again. Then delete it: a node stopped cleanly leaves the table at once instead of being lost 3 s later,
     and, being gone before its controller (if it ran one) hands the lease over, is not where the next one places."""
@@ -123,7 +123,7 @@ async def keep_reporting(link, home: Path, ranks: Callable[[], list[Path]], stop
         try:
             status = await asyncio.to_thread(node_status, home, ranks(), offer)
             rate, seen = tokens_per_s(status.rank_memory, seen, status.time)
-            status = msgspec.structs.replace(status, tokens_per_s=rate)
+            status = msgspec.structs.replace(status, tokens_per_s=rate, fetching=fetching())
             await put_status(link.nc.jetstream(), status)
             if failing:
                 log.info("node status reported again")

@@ -51,14 +51,15 @@ from pipeline.nodes import (INSTANCES_REFRESH_S, delete_instance, links_between,
 from pipeline.streams import jobs_in_hand, retire_consumer
 from pipeline.subjects import subject_token
 from schemas.cluster import NodeStatus, Plan
-from schemas.membership import (Instance, InstancePlan, OrderReply, PortOrder, RankExit, StartOrder, StopOrder,
-                                WorkerSettings)
+from schemas.membership import (FetchOrder, Instance, InstancePlan, OrderReply, PortOrder, RankExit, StartOrder,
+                                StopOrder, WorkerSettings)
 from workers.store import DEFAULT_MODEL, ModelStore, StoreError, StoredModel, model_context_length
 
 log = logging.getLogger("conclave.controller")
 ORDER_TIMEOUT_S = 10.0
 PLAN_POLL_S = 2.0  # how soon an instance added or removed is acted on
 DRAIN_S = 120.0  # how long a removed instance keeps answering the jobs it was given
+FETCH_RETRY_S = 5.0  # after a failed fetch of a model's files, before it is placed (and fetched) again
 encode = msgspec.json.Encoder().encode
 
 
@@ -81,7 +82,7 @@ class Orders:
             with contextlib.suppress(Exception):
                 await self.events[1].unsubscribe()
 
-    async def _request(self, node: str, kind: str, order) -> OrderReply:
+    async def ask(self, node: str, kind: str, order) -> OrderReply:
         msg = await self.link.nc.request(f"{AGENTS_PREFIX}.{node}.orders.{kind}", encode(order),
                                          timeout=ORDER_TIMEOUT_S)
         return msgspec.json.decode(msg.data, type=OrderReply)
@@ -89,7 +90,7 @@ class Orders:
     def request(self, node: str, kind: str, order) -> OrderReply:
         """From a thread: the agent's answer; OSError when there is none (the supervisor retries with backoff)."""
         try:
-            reply = asyncio.run_coroutine_threadsafe(self._request(node, kind, order), self.loop).result(
+            reply = asyncio.run_coroutine_threadsafe(self.ask(node, kind, order), self.loop).result(
                 ORDER_TIMEOUT_S + 5)
         except Exception as exc:
             raise OSError(f"node {node} did not answer a {kind} order ({type(exc).__name__}: {exc})") from None
@@ -258,6 +259,10 @@ class Controller:
                     continue
                 nodes = [r.node for r in plan.ranks]
                 log.info("placing %s: %s over %s (%s)", self.model.id, plan.layout, ", ".join(nodes), plan.why)
+                if not await self._bring_files(nodes, statuses, stopping):
+                    await sleep_unless(stopping, FETCH_RETRY_S)
+                    after = time.time()
+                    continue
 
                 def launchers(host: HostSpec, spec=spec):
                     return AgentLauncher(orders, host.node, self.model, spec, self.settings)
@@ -265,7 +270,7 @@ class Controller:
                 # No command line: each agent makes its rank's own (ops/ranks.py).
                 self.supervisor = GroupSupervisor(spec, lambda group_id, folder: [], self.workdir,
                                                   self.settings.heartbeat_s, launchers)
-                await self._say(state="serving")
+                await self._say(state="serving", why=plan.why)
                 supervising = asyncio.create_task(self.supervisor.run())
                 lost = await self._watch(nodes, {n: statuses[n].facts.session for n in nodes}, stopping)
                 if lost:
@@ -279,6 +284,40 @@ class Controller:
         finally:
             if self.supervisor is not None:
                 await asyncio.to_thread(self.supervisor.stop)
+
+    async def _bring_files(self, nodes: list[str], statuses: dict[str, NodeStatus], stopping: asyncio.Event) -> bool:
+        """The model's files onto the nodes of the plan that lack them, fetched from a node that holds them
+        (ops/model_files.py); True once every node has them, False if one of them is lost or its fetch failed."""
+        model = self.model.id
+        missing = [n for n in nodes if model not in statuses[n].facts.models and model != DEFAULT_MODEL]
+        sources = [n for n, status in statuses.items() if model in status.facts.models]
+        try:
+            for node in missing:
+                reply = await self.orders.ask(node, "fetch", FetchOrder(controller=self.orders.session, model_id=model,
+                                                                        sources=sources))
+                if not reply.ok:
+                    raise OSError(reply.error)
+        except Exception as exc:
+            log.warning("could not order the files of %s to %s: %s", model, ", ".join(missing), exc)
+            return False
+        while missing and not stopping.is_set():
+            await sleep_unless(stopping, 1.0)
+            try:
+                now = {s.facts.id: s for s in await read_nodes(self.link.nc.jetstream())}
+            except Exception:  # NATS away a moment: judge nothing on no news
+                continue
+            if any(n not in now or state_of(now[n]) == "lost" or now[n].facts.session != statuses[n].facts.session
+                   for n in missing):
+                return False
+            missing = [n for n in missing if model not in now[n].facts.models]
+            fetches = [(n, p) for n in missing for p in now[n].fetching if p.model == model]
+            if failed := [f"node {n}: {p.error}" for n, p in fetches if p.error]:
+                await self._say(why=f"its files could not be fetched ({'; '.join(failed)}); trying again")
+                return False
+            if fetches:
+                await self._say(why="fetching its files: " + ", ".join(
+                    f"node {n} {p.done / 1e9:.2f} of {p.total / 1e9:.2f} GB" for n, p in fetches))
+        return not missing
 
     async def drain(self, lost: asyncio.Event) -> None:
         """Removed from the plan: "stopping" from now on (every ingress drops the model from its list, so no new

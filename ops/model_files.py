@@ -9,10 +9,11 @@ Not over NATS: nats-py's object store moved 41-133 MB/s on loopback here and has
   the manifest lists, so no request reaches outside a model's directory.
 - **Who may read**: the holder of a ticket this node issued (`Tickets`), asked for over NATS on
   `conclave.agents.<id>.files` (`answer_tickets`, `ask_ticket`), where every node is authenticated by its own
-  keys (pipeline/access.py). A ticket is a random bearer token for one model, good for TICKET_S. The HTTP port
-  answers 401 to a request without one before it opens a file. The bytes themselves travel in clear (plain HTTP,
-  like `mx.distributed`'s ring between ranks): their integrity is the SHA-256 the receiver checks, their
-  confidentiality that of the LAN segment; TLS with a certificate per node is the next step (README, Limits).
+  keys (pipeline/access.py). A ticket is a random bearer token for one model, alive while used (TICKET_S after
+  its last use). The HTTP port answers 401 to a request without one before it opens a file. The bytes themselves
+  travel in clear (plain HTTP, like `mx.distributed`'s ring between ranks): their integrity is the SHA-256 the
+  receiver checks, their confidentiality that of the LAN segment; TLS with a certificate per node is the next
+  step (README, Limits).
 - **How a model arrives** (`fetch_model`): the disk space it needs is checked first (a clear error with the
   numbers). Each file is written to `<store>/.incoming/<model>/<name>.partial`, resumed with a Range request from
   what is there after an interruption, hashed as it arrives (what was there first re-hashed), and renamed when its
@@ -41,11 +42,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline.access import AGENTS_PREFIX
-from schemas.catalogue import ModelFile, ModelManifest, Ticket, TicketAsk
+from schemas.catalogue import FetchProgress, ModelFile, ModelManifest, Ticket, TicketAsk
 from workers.store import ModelStore, StoredModel, StoreError, is_model_dir
 
 log = logging.getLogger("conclave.files")
-TICKET_S = 600.0  # long enough to start every file of a large model; each request is checked, not each byte
+TICKET_S = 600.0  # a ticket unused this long dies; each request it is used for gives it this long again
 CHUNK = 1 << 20
 MANIFEST_CACHE = ".conclave-manifest.json"  # in the model's directory: hashing 600 GB takes minutes, once
 FETCH_TRIES = 2
@@ -118,8 +119,14 @@ class Tickets:
         return token
 
     def allows(self, token: str, model: str) -> bool:
-        held = next((held for t, held in self.issued.items() if secrets.compare_digest(t, token)), None)
-        return held is not None and held[0] == model and held[1] > time.monotonic()
+        """Whether `token` is a live ticket for `model`; a ticket in use lives on (each use gives it another
+        `ttl_s`), so a transfer of hundreds of gigabytes never outlives its ticket, and an unused one dies."""
+        now = time.monotonic()
+        found = next((t for t in self.issued if secrets.compare_digest(t, token)), None)
+        if found is None or self.issued[found][0] != model or self.issued[found][1] <= now:
+            return False
+        self.issued[found] = (model, now + self.ttl_s)
+        return True
 
 
 def files_app(store: ModelStore, tickets: Tickets) -> Starlette:
@@ -159,15 +166,15 @@ def files_app(store: ModelStore, tickets: Tickets) -> Starlette:
     return Starlette(routes=[Route("/manifest", answering(get_manifest)), Route("/file", answering(get_file))])
 
 
-async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, port: int):
-    """Tickets for this node's file port, to the agents of other nodes (NATS lets only them ask here). Returns the
-    subscription."""
+async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, url: str):
+    """Tickets for this node's file port (at `url`), to the agents of other nodes (NATS lets only them ask here).
+    Returns the subscription."""
     async def ticket(msg):
         try:
             asked = msgspec.json.decode(msg.data, type=TicketAsk)
             if store.get(asked.model) is None:
                 raise StoreError(f"{asked.model} is not on node {node_id}")
-            answer = Ticket(token=tickets.issue(asked.model), port=port, ttl_s=tickets.ttl_s)
+            answer = Ticket(url=url, token=tickets.issue(asked.model), ttl_s=tickets.ttl_s)
         except (msgspec.MsgspecError, StoreError) as exc:
             answer = Ticket(error=str(exc))
         await msg.respond(encode(answer))
@@ -271,3 +278,77 @@ async def fetch_file(http, model_id: str, file: ModelFile, incoming: Path):
         partial.replace(incoming / file.name)
     else:
         partial.unlink(missing_ok=True)
+
+
+class NodeFiles:
+    """This node's side: its file port and the tickets for it (what it serves), and the fetches the controller
+    ordered (what it receives), with their progress for the node's status."""
+
+    def __init__(self, store: ModelStore, node_id: str, address: str):
+        self.store, self.node_id, self.address = store, node_id, address
+        self.tickets = Tickets()
+        self.url, self.server, self.serving = "", None, None
+        self.fetches: dict[str, asyncio.Task] = {}
+        self.progress: dict[str, FetchProgress] = {}
+
+    async def start(self) -> None:
+        import uvicorn
+
+        from ops.config import free_port
+        from ops.serve import SignalFreeServer
+
+        port = free_port(self.address)
+        self.server = SignalFreeServer(uvicorn.Config(files_app(self.store, self.tickets), host=self.address,
+                                                      port=port, log_level="warning"))
+        self.serving = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.serving.done():  # could not listen: said by uvicorn, raised here
+                raise FetchError(f"the model file port could not listen on {self.address}:{port}")
+            await asyncio.sleep(0.02)
+        self.url = f"http://[{self.address}]:{port}" if ":" in self.address else f"http://{self.address}:{port}"
+
+    async def stop(self) -> None:
+        for task in self.fetches.values():
+            task.cancel()
+        if self.server is not None:
+            self.server.should_exit = True
+            await asyncio.gather(self.serving, *self.fetches.values(), return_exceptions=True)
+
+    async def answer(self, nc):
+        return await answer_tickets(nc, self.node_id, self.store, self.tickets, self.url)
+
+    def fetch(self, link, model: str, sources: list[str]) -> None:
+        """Start fetching `model` unless it is here or on its way (the controller orders it again after a failure)."""
+        if self.store.get(model) is not None:
+            self.progress.pop(model, None)
+            return
+        if model in self.fetches and not self.fetches[model].done():
+            return
+        self.progress[model] = FetchProgress(model=model)
+        self.fetches[model] = asyncio.create_task(self._fetch(link, model, [s for s in sources if s != self.node_id]))
+
+    def report(self) -> list[FetchProgress]:
+        return list(self.progress.values())
+
+    async def _fetch(self, link, model: str, sources: list[str]) -> None:
+        """From the first source that gives a ticket and the files; the next one goes on from what arrived (a source
+        that vanishes mid-transfer is replaced)."""
+        errors = []
+        for source in sources:
+            started = time.monotonic()
+            try:
+                ticket = await ask_ticket(link.nc, source, model)
+
+                def moved(done: int, total: int) -> None:
+                    rate = done / max(time.monotonic() - started, 1e-3)
+                    self.progress[model] = FetchProgress(model=model, done=done, total=total, source=source,
+                                                         bytes_per_s=round(rate))
+
+                await fetch_model(ticket.url, ticket.token, model, self.store, moved)
+                log.info("fetched %s from node %s in %.1fs", model, source, time.monotonic() - started)
+                self.progress.pop(model, None)
+                return
+            except Exception as exc:
+                log.warning("could not fetch %s from node %s: %s", model, source, exc)
+                errors.append(f"from node {source}: {exc}")
+        self.progress[model] = FetchProgress(model=model, error="; ".join(errors) or "no node holds it")

@@ -25,10 +25,12 @@ from ops.deployment import DeploymentError
 from ops.brokers import follow_users, offer
 from ops.join import JoinError, broker_url, join, node_identities, parse_token, read_membership
 from ops.supervise import keep_broker_running
+from ops.model_files import NodeFiles
 from ops.ranks import RankKeeper, obey
 from pipeline.connection import Link, servers
 from pipeline.nodes import decode_status, node_subject
 from pipeline.subjects import NODES_STREAM
+from workers.store import ModelStore
 
 log = logging.getLogger("conclave.node")
 READY_LINE = "Conclave node"  # printed once the agent reports; launchers wait for it
@@ -163,10 +165,12 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
     link = await open_link(urls, f"conclave-agent:{own}", identities["agent"])
     await refuse_a_twin(link, own, offered)
     keeper = RankKeeper(home, own, offered.address, urls, lambda model: identities["worker"])
+    files = NodeFiles(ModelStore(home / "models"), own, offered.address)  # its model files, for other nodes
+    await files.start()
     server = standby = None
 
     def obeying(done: asyncio.Event):
-        return obey(link, keeper, done, LOST_BROKER_S)
+        return obey(link, keeper, files, done, LOST_BROKER_S)
 
     if nats_server is not None:  # a broker node may control the cluster when the first machine is gone
         # Its own user (a broker node's controller), which also hears the users its server must admit.
@@ -175,7 +179,7 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
         agent = follow_the_controller(stand_by(home, standby, offered, stopping), obeying, stopping)
     else:
         agent = obeying(stopping)
-    tasks = [asyncio.create_task(keep_reporting(link, home, keeper.running, stopping, offered)),
+    tasks = [asyncio.create_task(keep_reporting(link, home, keeper.running, stopping, offered, files.report)),
              asyncio.create_task(agent)]
     if http is not None:
         server = ingress_server(urls, identities["ingress"], http, api_keys)
@@ -195,6 +199,7 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
         if server is not None:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        await files.stop()
         # A part that failed while stopping (an agent that failed stops its controller first, which sets `stopping`).
         failed = failed or next((t for t in tasks if not t.cancelled() and t.exception() is not None), None)
         await link.close()
@@ -229,7 +234,6 @@ async def stand_by(home: Path, link: Link, offered: Offer, stopping: asyncio.Eve
     from ops.controller import control
     from pipeline.lease import lead
     from schemas.membership import Lease
-    from workers.store import ModelStore
 
     lease = Lease(node_id=node_id(home), session=offered.session, host=socket.gethostname())
     store = ModelStore(home / "models")

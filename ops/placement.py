@@ -19,8 +19,8 @@ in order (README, "Placement"):
    real per-layer sizes: EXO once rounded a node over its memory).
 5. Among equally many nodes, those holding the model's files first, then the largest budgets.
 
-With several models served (`POST /v1/cluster/instances`), a model is placed only on nodes that hold its files
-(until models are distributed between nodes), on what the other instances' plans leave there (`offers`).
+With several models served (`POST /v1/cluster/instances`), a model is placed on what the other instances' plans
+leave on each node (`offers`), on any node as long as one holds its files (the others fetch them).
 
 A request may pin nodes (in order), the layout and a pipeline split; a pinned plan that does not fit is a
 refusal with the rank that overflows, never a silent change of plan.
@@ -335,11 +335,12 @@ def describe(result: Plan | Refusal) -> str:
 
 def offers(model: str, statuses: list[NodeStatus], instances: list[Instance],
            everywhere: bool = False) -> list[NodeFacts]:
-    """What each node up offers `model`: the nodes that hold its files (every node when `everywhere`: the bundled
-    model, which any node makes from its package), each with the memory that the other instances placed on it
-    reserve taken off. An agent counts what its ranks hold as available (ops/agent.py: local_node), so an
-    instance is counted once, by its plan, whether its ranks have loaded yet or not; and several instances share
-    a node without one being placed into the memory another is still loading into."""
+    """What each node up offers `model`, with the memory that the other instances placed on it reserve taken off:
+    every node, as long as one of them holds its files (the others fetch them from it, ops/model_files.py; any
+    node makes the bundled model from its package: `everywhere`), else none. An agent counts what its ranks hold
+    as available (ops/agent.py: local_node), so an instance is counted once, by its plan, whether its ranks have
+    loaded yet or not; and several instances share a node without one being placed into the memory another is
+    still loading into."""
     reserved: dict[str, int] = {}
     for instance in instances:
         if instance.model != model:
@@ -348,7 +349,8 @@ def offers(model: str, statuses: list[NodeStatus], instances: list[Instance],
     def left(size: int | None, node: str) -> int | None:
         return None if size is None else max(0, size - reserved.get(node, 0))
 
+    if not everywhere and not any(model in s.facts.models for s in statuses):
+        return []  # no node up to fetch its files from (ops/model_files.py)
     # Metal's working set is the GPU's for all processes together: the other instances' share comes off it too.
     return [msgspec.structs.replace(s.facts, memory_available=left(s.facts.memory_available, s.facts.id),
-                                    working_set=left(s.facts.working_set, s.facts.id))
-            for s in statuses if everywhere or model in s.facts.models]
+                                    working_set=left(s.facts.working_set, s.facts.id)) for s in statuses]

@@ -35,7 +35,9 @@ from ops.supervise import STALE_HEARTBEATS, describe_exit
 from pipeline.access import AGENTS_PREFIX, Identity
 from pipeline.connection import sleep_unless
 from pipeline.nats_server import stop_process
-from schemas.membership import (ORDER_ENV, ORDER_FILES, OrderReply, PortOrder, RankExit, StartOrder, StopOrder)
+from ops.model_files import NodeFiles
+from schemas.membership import (ORDER_ENV, ORDER_FILES, FetchOrder, OrderReply, PortOrder, RankExit, StartOrder,
+                                StopOrder)
 from workers.status import alive_file
 from workers.store import DEFAULT_MODEL, ModelStore
 
@@ -168,10 +170,11 @@ class RankKeeper:
         return exits
 
 
-async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: float) -> None:
+async def obey(link, keeper: RankKeeper, files: NodeFiles, stopping: asyncio.Event, lost_after_s: float) -> None:
     """Answer the controller's orders and report ranks that end, until `stopping`; then stop every rank. Cut off
     from the broker for `lost_after_s`, it stops its ranks too: the controller has taken this node for lost and
-    placed them elsewhere, and two groups must not serve one model's queue with half their ranks each."""
+    placed them elsewhere, and two groups must not serve one model's queue with half their ranks each. Other nodes'
+    asks for tickets to this node's model files are answered too (`files`, ops/model_files.py)."""
     prefix = f"{AGENTS_PREFIX}.{keeper.node_id}"
     nc = link.nc
 
@@ -190,6 +193,10 @@ async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: 
             elif kind == "port":
                 msgspec.json.decode(msg.data, type=PortOrder)
                 reply = OrderReply(ok=True, port=free_port(keeper.address))
+            elif kind == "fetch":
+                order = msgspec.json.decode(msg.data, type=FetchOrder)
+                files.fetch(link, order.model_id, order.sources)
+                reply = OrderReply(ok=True)
             else:
                 reply = OrderReply(ok=False, error=f"no order {kind!r}")
         except msgspec.MsgspecError as exc:
@@ -200,13 +207,13 @@ async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: 
         if msg.reply:
             await msg.respond(encode(reply))
 
-    subscription = await nc.subscribe(f"{prefix}.orders.*", cb=on_order)
+    subscription, tickets = await nc.subscribe(f"{prefix}.orders.*", cb=on_order), await files.answer(nc)
     cut_off_since = None
     try:
         while not stopping.is_set():
             if link.nc is not nc:  # the link replaced a connection the server closed for good: listen on the new one
                 nc = link.nc
-                subscription = await nc.subscribe(f"{prefix}.orders.*", cb=on_order)
+                subscription, tickets = await nc.subscribe(f"{prefix}.orders.*", cb=on_order), await files.answer(nc)
             if nc.is_connected:
                 cut_off_since = None
             elif cut_off_since is None:
@@ -224,5 +231,6 @@ async def obey(link, keeper: RankKeeper, stopping: asyncio.Event, lost_after_s: 
     finally:
         with contextlib.suppress(Exception):  # its connection may be gone
             await subscription.unsubscribe()
+            await tickets.unsubscribe()
         await asyncio.to_thread(keeper.stop_all)
 

@@ -26,6 +26,7 @@ from ingress.app import IngressConfig, create_app
 from ops.agent import Offer, keep_reporting, node_id
 from ops.controller import control as control_model
 from ops.instances import answer_instances, answer_previews
+from ops.model_files import NodeFiles
 from ops.node import LOST_BROKER_S, follow_the_controller
 from ops.ranks import RankKeeper, obey
 from pipeline.lease import change_plan, lead
@@ -223,25 +224,27 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         # makes one for every model added).
         keeper = RankKeeper(home, own, offer.address, nats_url, lambda model_id: replace(
             role_identity(home, worker_role(model_id)), ca_file=cluster_ca(home)))
+        files = NodeFiles(store, own, offer.address)  # this machine's model files, for the other nodes
+        await files.start()
         lease = Lease(node_id=own, session=offer.session, host=socket.gethostname())
 
         async def run_node_parts() -> None:
             # The controller stops its group through the agents, this one's included: the agent stops after it.
             await follow_the_controller(lead(control, lease, stopping, lambda lost: control_model(
                 control, store, home / "controller", lost), first=True),
-                lambda done: obey(control, keeper, done, LOST_BROKER_S), stopping)
+                lambda done: obey(control, keeper, files, done, LOST_BROKER_S), stopping)
 
-        running, workers = keeper.running, asyncio.create_task(run_node_parts())
+        running, fetching, workers = keeper.running, files.report, asyncio.create_task(run_node_parts())
     else:
         supervisor = GroupSupervisor(group, worker_command(model, group, nats_url, worker, settings), home / "groups",
                                      settings.heartbeat_s)
-        running, workers = supervisor.running, asyncio.create_task(supervisor.run())
+        running, fetching, workers = supervisor.running, list, asyncio.create_task(supervisor.run())
         instance = Instance(model=model.id, created=model.created, context_length=context_length, state="serving",
                             nodes=[own], layout=group.layout, why="this machine (serve without --cluster)",
                             time=time.time())
         await persist(lambda: put_instance(control.nc.jetstream(), instance), 30.0)
     background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}")),
-                  asyncio.create_task(keep_reporting(control, home, running, stopping, offer)),
+                  asyncio.create_task(keep_reporting(control, home, running, stopping, offer, fetching)),
                   asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]
     if cluster is not None and first.route:
         background.append(asyncio.create_task(keep_announcing_users(control, home, stopping)))
@@ -283,6 +286,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
             workers.cancel()
         else:  # the controller stops its group itself once `stopping` is set
             await asyncio.gather(workers, return_exceptions=True)
+            await files.stop()
         if advertising is not None:
             await advertising.close()
         for task in background:

@@ -5,7 +5,7 @@ become file names here.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Union
 
 from msgspec import Meta, Struct
 
@@ -39,9 +39,21 @@ class TicketAsk(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Ticket(Struct, kw_only=True):
-    """The answer: a bearer token for the agent's file port, for one model, for `ttl_s` seconds; or why not."""
+    """The answer: where the node's file port is, and a bearer token for it, for one model, for `ttl_s` seconds; or
+    why not."""
 
+    url: str = ""
     token: str = ""
-    port: int = 0
     ttl_s: float = 0.0
     error: str = ""
+
+
+class FetchProgress(Struct, kw_only=True):
+    """A model a node is fetching (or failed to fetch), in its status (`conclave nodes`, `/v1/cluster`)."""
+
+    model: str
+    done: int = 0  # bytes here, of `total`
+    total: int = 0
+    source: str = ""  # the node it fetches from
+    bytes_per_s: Union[float, None] = None
+    error: str = ""  # why the last try failed (it is tried again when the controller orders it again)

@@ -11,6 +11,8 @@ from typing import Literal, Union
 
 from msgspec import Struct
 
+from schemas.catalogue import FetchProgress
+
 Backend = Literal["metal", "cuda", "cpu"]
 LinkKind = Literal["rdma", "thunderbolt", "ethernet", "wifi"]
 InterfaceKind = Literal["thunderbolt", "ethernet", "wifi", "loopback", "other"]
@@ -156,4 +158,5 @@ class NodeStatus(Struct, kw_only=True):
     rdma_devices: list[str] = []  # what `ibv_devices` lists
     thunderbolt: list[ThunderboltPort] = []  # macOS: its Thunderbolt buses and what is cabled to them
     rdma_enabled: Union[bool, None] = None  # macOS: `rdma_ctl status` (jaccl needs it); None where unknown
+    fetching: list[FetchProgress] = []  # models arriving from other nodes (ops/model_files.py)
     time: float  # unix seconds when measured

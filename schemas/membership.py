@@ -133,6 +133,15 @@ class StopOrder(Struct, kw_only=True, forbid_unknown_fields=True):
     signal: Literal["TERM", "KILL"] = "TERM"
 
 
+class FetchOrder(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fetch a model's files from one of `sources` (node ids that hold it) into this node's store (ops/model_files.py);
+    answered at once, the fetch runs on and its progress is in the node's status."""
+
+    controller: str
+    model_id: str
+    sources: list[str]
+
+
 class OrderReply(Struct, kw_only=True):
     ok: bool
     pid: Union[int, None] = None

@@ -25,8 +25,8 @@ from schemas.catalogue import ModelManifest
 from workers.store import ModelStore
 
 MODEL_ID = "acme/tiny-model"
-SIZES = {"config.json": 64, "model-00001-of-00002.safetensors": 3_000_000, "model-00002-of-00002.safetensors": 1_500_001,
-         "tokenizer.json": 10_000}
+SIZES = {"config.json": 64, "model-00001-of-00002.safetensors": 3_000_000,
+         "model-00002-of-00002.safetensors": 1_500_001, "tokenizer.json": 10_000}
 
 
 def make_model(store: ModelStore) -> Path:
@@ -151,10 +151,10 @@ async def test_tickets_are_asked_for_over_nats(bare_nats, source):
     server, nc = bare_nats
     store, _ = source
     tickets = Tickets()
-    subscription = await answer_tickets(nc, "0123456789ab", store, tickets, 8471)
+    subscription = await answer_tickets(nc, "0123456789ab", store, tickets, "http://10.0.0.2:8471")
     try:
         ticket = await ask_ticket(nc, "0123456789ab", MODEL_ID)
-        assert ticket.port == 8471 and tickets.allows(ticket.token, MODEL_ID)
+        assert ticket.url == "http://10.0.0.2:8471" and tickets.allows(ticket.token, MODEL_ID)
         with pytest.raises(FetchError, match="is not on node 0123456789ab"):
             await ask_ticket(nc, "0123456789ab", "not-here")
     finally:

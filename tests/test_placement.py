@@ -208,20 +208,22 @@ def test_no_pipeline_rank_is_ever_over_its_budget_after_rounding():
     assert placed > 100
 
 
-def test_a_second_model_is_placed_on_what_the_first_ones_plan_leaves_and_only_where_its_files_are():
+def test_a_second_model_is_placed_on_what_the_first_ones_plan_leaves_preferring_its_files():
     statuses = [NodeStatus(facts=node(n, 80, models=("llama-70b-4bit",) if n != "c" else ()), memory_used=0, time=0.0)
                 for n in ("a", "b", "c")]
     # A 70B served over a and b, reserving 50 and 20 GB there; whether its ranks have loaded yet or not, an agent
     # reports what they hold as available (ops/agent.py), so the plan alone counts.
     served = Instance(model="k2", created=0, state="serving", nodes=["a", "b"], memory=[50 * GB, 20 * GB])
     offered = {n.id: n.memory_available for n in offers(LLAMA70.id, statuses, [served])}
-    assert offered == {"a": 30 * GB, "b": 60 * GB}  # c does not hold its files
+    assert offered == {"a": 30 * GB, "b": 60 * GB, "c": 80 * GB}  # c would fetch its files from a or b
     plan = place(LLAMA70, offers(LLAMA70.id, statuses, [served]), [], PlacementRequest(context=4096, sequences=1))
-    assert isinstance(plan, Plan) and [r.node for r in plan.ranks] == ["b"], plan
+    assert isinstance(plan, Plan) and [r.node for r in plan.ranks] == ["b"], plan  # where the files are, if it fits
+    assert offers("nowhere-model", statuses, [served]) == []  # no node to fetch it from
     # Its own instance (re-placed after a node was lost) reserves nothing against itself; the bundled model may go
     # anywhere (every node makes it from its package).
     own = msgspec.structs.replace(served, model=LLAMA70.id)
-    assert {n.id: n.memory_available for n in offers(LLAMA70.id, statuses, [own])} == {"a": 80 * GB, "b": 80 * GB}
+    assert {n.id: n.memory_available for n in offers(LLAMA70.id, statuses, [own])} == {"a": 80 * GB, "b": 80 * GB,
+                                                                                         "c": 80 * GB}
     assert [n.id for n in offers(MODEL, statuses, [served], everywhere=True)] == ["a", "b", "c"]
 
 
