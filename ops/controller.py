@@ -288,13 +288,13 @@ class Controller:
     async def _bring_files(self, nodes: list[str], statuses: dict[str, NodeStatus], stopping: asyncio.Event) -> bool:
         """The model's files onto the nodes of the plan that lack them, fetched from a node that holds them
         (ops/model_files.py); True once every node has them, False if one of them is lost or its fetch failed."""
-        model = self.model.id
+        model, order = self.model.id, uuid.uuid4().hex[:12]
         missing = [n for n in nodes if model not in statuses[n].facts.models and model != DEFAULT_MODEL]
         sources = [n for n, status in statuses.items() if model in status.facts.models]
         try:
             for node in missing:
-                reply = await self.orders.ask(node, "fetch", FetchOrder(controller=self.orders.session, model_id=model,
-                                                                        sources=sources))
+                reply = await self.orders.ask(node, "fetch", FetchOrder(controller=self.orders.session, order=order,
+                                                                        model_id=model, sources=sources))
                 if not reply.ok:
                     raise OSError(reply.error)
         except Exception as exc:
@@ -311,7 +311,7 @@ class Controller:
                 return False
             missing = [n for n in missing if model not in now[n].facts.models]
             fetches = [(n, p) for n in missing for p in now[n].fetching if p.model == model]
-            if failed := [f"node {n}: {p.error}" for n, p in fetches if p.error]:
+            if failed := [f"node {n}: {p.error}" for n, p in fetches if p.error and p.order == order]:
                 await self._say(why=f"its files could not be fetched ({'; '.join(failed)}); trying again")
                 return False
             if fetches:

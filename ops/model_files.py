@@ -42,12 +42,13 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline.access import AGENTS_PREFIX
-from schemas.catalogue import FetchProgress, ModelFile, ModelManifest, Ticket, TicketAsk
+from schemas.catalogue import FILE_NAME, FetchProgress, ModelFile, ModelManifest, Ticket, TicketAsk
 from workers.store import ModelStore, StoredModel, StoreError, is_model_dir
 
 log = logging.getLogger("conclave.files")
 TICKET_S = 600.0  # a ticket unused this long dies; each request it is used for gives it this long again
 CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few hundred files at most
 MANIFEST_CACHE = ".conclave-manifest.json"  # in the model's directory: hashing 600 GB takes minutes, once
 FETCH_TRIES = 2
 encode = msgspec.json.Encoder().encode
@@ -83,7 +84,10 @@ def manifest(model: StoredModel) -> ModelManifest:
         cache = {}
     files, fresh = [], {}
     for path in sorted(model.path.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
+        if path.is_symlink() or not path.is_file() or path.name.startswith("."):
+            continue  # a link could point anywhere: only the model's own files are served
+        if not FILE_NAME.fullmatch(path.name):
+            log.warning("%s of %s is not served: not a name a model file may have", path.name, model.id)
             continue
         stat = path.stat()
         known = cache.get(path.name)
@@ -94,13 +98,19 @@ def manifest(model: StoredModel) -> ModelManifest:
         fresh[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
         files.append(ModelFile(name=path.name, size=stat.st_size, sha256=digest))
     if fresh != cache:
-        try:
-            temporary = cache_path.with_name(f"{MANIFEST_CACHE}.{os.getpid()}")
-            temporary.write_text(json.dumps(fresh))
-            temporary.replace(cache_path)
-        except OSError as exc:  # a read-only store: hashed again next time
-            log.warning("could not keep the manifest of %s: %s", model.id, exc)
+        keep_manifest(model.path, fresh)
     return ModelManifest(model=model.id, files=files)
+
+
+def keep_manifest(folder: Path, entries: dict) -> None:
+    """The hashes of a model's files beside them (name -> size, mtime_ns, sha256), for `manifest` to trust while
+    the files are unchanged; written by the node that hashed them, or that received and checked them."""
+    try:
+        temporary = folder / f"{MANIFEST_CACHE}.{os.getpid()}"
+        temporary.write_text(json.dumps(entries))
+        temporary.replace(folder / MANIFEST_CACHE)
+    except OSError as exc:  # a read-only store: hashed again next time
+        log.warning("could not keep the manifest of %s: %s", folder.name, exc)
 
 
 class Tickets:
@@ -122,7 +132,7 @@ class Tickets:
         """Whether `token` is a live ticket for `model`; a ticket in use lives on (each use gives it another
         `ttl_s`), so a transfer of hundreds of gigabytes never outlives its ticket, and an unused one dies."""
         now = time.monotonic()
-        found = next((t for t in self.issued if secrets.compare_digest(t, token)), None)
+        found = next((t for t in self.issued if secrets.compare_digest(t.encode(), token.encode())), None)
         if found is None or self.issued[found][0] != model or self.issued[found][1] <= now:
             return False
         self.issued[found] = (model, now + self.ttl_s)
@@ -153,13 +163,20 @@ def files_app(store: ModelStore, tickets: Tickets) -> Starlette:
                 return JSONResponse({"error": "no such model or file here"}, status_code=404)
         return endpoint
 
+    hashing: dict[str, asyncio.Lock] = {}
+
+    async def listed(model: StoredModel) -> ModelManifest:
+        # One hashing of a model at a time: a model never served before takes minutes, and every receiver asks.
+        async with hashing.setdefault(model.id, asyncio.Lock()):
+            return await asyncio.to_thread(manifest, model)
+
     async def get_manifest(request: Request, model: StoredModel) -> Response:
-        return Response(encode(await asyncio.to_thread(manifest, model)), media_type="application/json")
+        return Response(encode(await listed(model)), media_type="application/json")
 
     async def get_file(request: Request, model: StoredModel) -> Response:
         name = request.query_params.get("name", "")
-        listed = {f.name for f in (await asyncio.to_thread(manifest, model)).files}
-        if name not in listed:  # only what the manifest lists: no other path is ever opened
+        listed_names = {f.name for f in (await listed(model)).files}
+        if name not in listed_names:  # only what the manifest lists: no other path is ever opened
             raise FileNotFoundError
         return FileResponse(model.path / name)
 
@@ -200,17 +217,10 @@ async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStor
         return stored
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(30.0, read=120.0)) as http:
-        answer = await http.get("/manifest", params={"model": model_id})
-        if answer.status_code != 200:
-            raise FetchError(f"{base_url} gave no manifest of {model_id}: HTTP {answer.status_code}")
-        try:
-            listed = msgspec.json.decode(answer.content, type=ModelManifest)
-        except msgspec.MsgspecError as exc:
-            raise FetchError(f"{base_url} sent a manifest of {model_id} that is not one: {exc}") from None
-        if listed.model != model_id:
-            raise FetchError(f"{base_url} sent the manifest of {listed.model} for {model_id}")
+        listed = await read_manifest(http, base_url, model_id)
         incoming = store.root / ".incoming" / store.path(model_id).name
         incoming.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(tidy, incoming, listed)
         check_room(incoming, listed)
         for file in listed.files:
             if (incoming / file.name).is_file():
@@ -228,12 +238,63 @@ async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStor
             else:
                 raise FetchError(f"{file.name} of {model_id} from {base_url} does not match its SHA-256 after "
                                  f"{FETCH_TRIES} tries: refused (the source's copy may be damaged)")
+    return await asyncio.to_thread(enter_store, incoming, store, listed)
+
+
+async def read_manifest(http, base_url: str, model_id: str) -> ModelManifest:
+    """The source's manifest, checked: at most MAX_MANIFEST_BYTES, names that are plain file names, each once. No
+    read timeout: a source hashes a model it never served before first (minutes for hundreds of GB)."""
+    import httpx
+
+    body = bytearray()
+    async with http.stream("GET", "/manifest", params={"model": model_id},
+                           timeout=httpx.Timeout(30.0, read=None)) as got:
+        if got.status_code != 200:
+            raise FetchError(f"{base_url} gave no manifest of {model_id}: HTTP {got.status_code}")
+        async for chunk in got.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_MANIFEST_BYTES:
+                raise FetchError(f"{base_url} sent a manifest of {model_id} over {MAX_MANIFEST_BYTES} bytes")
+    try:
+        listed = msgspec.json.decode(bytes(body), type=ModelManifest)
+    except msgspec.MsgspecError as exc:
+        raise FetchError(f"{base_url} sent a manifest of {model_id} that is not one: {exc}") from None
+    if listed.model != model_id:
+        raise FetchError(f"{base_url} sent the manifest of {listed.model} for {model_id}")
+    if len({f.name.lower() for f in listed.files}) != len(listed.files):  # one file each, on any file system
+        raise FetchError(f"{base_url} sent a manifest of {model_id} that names a file twice")
+    return listed
+
+
+def tidy(incoming: Path, listed: ModelManifest) -> None:
+    """What an earlier attempt left, made to agree with this manifest (the source may have a newer revision): what
+    it does not list goes, and a whole file stays only if it still matches."""
+    files = {f.name: f for f in listed.files}
+    for path in incoming.iterdir():
+        file = files.get(path.name.removesuffix(".partial"))
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif file is None or (path.name == file.name and (path.stat().st_size != file.size
+                                                          or sha256_of(path).hexdigest() != file.sha256)):
+            path.unlink()
+
+
+def enter_store(incoming: Path, store: ModelStore, listed: ModelManifest) -> StoredModel:
+    """The model into the store whole, by one rename, with the hashes it was checked against (the next node it
+    serves need not hash it again)."""
     if not is_model_dir(incoming):
-        raise FetchError(f"{base_url} sent {model_id} without config.json and *.safetensors: not a model")
-    target = store.path(model_id)
-    shutil.rmtree(target, ignore_errors=True)  # not a model (store.get said so): what an earlier attempt left
-    incoming.replace(target)  # whole, at once
-    return store.get(model_id)
+        raise FetchError(f"{listed.model} arrived without config.json and *.safetensors: not a model")
+    keep_manifest(incoming, {f.name: {"size": f.size, "mtime_ns": (incoming / f.name).stat().st_mtime_ns,
+                                      "sha256": f.sha256} for f in listed.files})
+    if (stored := store.get(listed.model)) is not None:  # it arrived another way meanwhile (an import, a pull)
+        shutil.rmtree(incoming, ignore_errors=True)
+        return stored
+    target = store.path(listed.model)
+    if target.exists():  # not a model: perhaps a pull writing into it now, which must not be deleted under it
+        raise FetchError(f"{target} exists and is not a model (a `conclave models pull` in progress?): remove it "
+                         f"for {listed.model} to be fetched")
+    incoming.replace(target)
+    return store.get(listed.model)
 
 
 def present(incoming: Path, file: ModelFile) -> int:
@@ -252,30 +313,36 @@ def check_room(incoming: Path, listed: ModelManifest) -> None:
                          f"({incoming.parent.parent}) and {free / 1e9:.1f} GB are free")
 
 
+def append(out, digest, chunk: bytes) -> None:
+    out.write(chunk)
+    digest.update(chunk)  # hashlib lets go of the GIL for large chunks: hashing runs beside the event loop
+
+
 async def fetch_file(http, model_id: str, file: ModelFile, incoming: Path):
-    """Yields the bytes written as they arrive; leaves `<name>` if its SHA-256 matched, else nothing."""
+    """Yields the bytes written as they arrive; leaves `<name>` if its SHA-256 matched, else nothing. Writing and
+    hashing run in a thread: at LAN speed they would take most of the agent's event loop."""
     partial = incoming / f"{file.name}.partial"
     have = partial.stat().st_size if partial.is_file() else 0
     if have > file.size:  # longer than the file: not a part of it
-        partial.unlink()
         have = 0
     digest = await asyncio.to_thread(sha256_of, partial, have) if have else hashlib.sha256()
     if have < file.size:
         headers = {"Range": f"bytes={have}-"} if have else {}
         async with http.stream("GET", "/file", params={"model": model_id, "name": file.name}, headers=headers) as got:
-            if got.status_code not in (200, 206) or (have and got.status_code != 206):
+            if got.status_code == 200 and have:  # the source ignored the range: from the start
+                have, digest = 0, hashlib.sha256()
+            elif got.status_code not in (200, 206):
                 raise FetchError(f"{file.name} of {model_id}: HTTP {got.status_code}")
-            with open(partial, "ab") as out:
+            with open(partial, "ab" if have else "wb") as out:
                 async for chunk in got.aiter_bytes(CHUNK):
                     chunk = chunk[:file.size - have]  # never more than the manifest said
-                    out.write(chunk)
-                    digest.update(chunk)
+                    await asyncio.to_thread(append, out, digest, chunk)
                     have += len(chunk)
                     yield len(chunk)
                     if have >= file.size:
                         break
     if have == file.size and digest.hexdigest() == file.sha256:
-        partial.replace(incoming / file.name)
+        await asyncio.to_thread(partial.replace, incoming / file.name)
     else:
         partial.unlink(missing_ok=True)
 
@@ -292,18 +359,23 @@ class NodeFiles:
         self.progress: dict[str, FetchProgress] = {}
 
     async def start(self) -> None:
+        import socket
+
         import uvicorn
 
-        from ops.config import free_port
         from ops.serve import SignalFreeServer
 
-        port = free_port(self.address)
-        self.server = SignalFreeServer(uvicorn.Config(files_app(self.store, self.tickets), host=self.address,
-                                                      port=port, log_level="warning"))
-        self.serving = asyncio.create_task(self.server.serve())
+        # Bound here (an error here, not an exit inside uvicorn), on a port the system picks; handed out in tickets.
+        listener = socket.socket(socket.AF_INET6 if ":" in self.address else socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind((self.address, 0))
+        port = listener.getsockname()[1]
+        # A peer in the middle of a large file does not hold this node's stop up for more than a few seconds.
+        self.server = SignalFreeServer(uvicorn.Config(files_app(self.store, self.tickets), log_level="warning",
+                                                      timeout_graceful_shutdown=2))
+        self.serving = asyncio.create_task(self.server.serve(sockets=[listener]))
         while not self.server.started:
-            if self.serving.done():  # could not listen: said by uvicorn, raised here
-                raise FetchError(f"the model file port could not listen on {self.address}:{port}")
+            if self.serving.done():
+                raise FetchError(f"the model file port could not serve on {self.address}:{port}")
             await asyncio.sleep(0.02)
         self.url = f"http://[{self.address}]:{port}" if ":" in self.address else f"http://{self.address}:{port}"
 
@@ -317,14 +389,16 @@ class NodeFiles:
     async def answer(self, nc):
         return await answer_tickets(nc, self.node_id, self.store, self.tickets, self.url)
 
-    def fetch(self, link, model: str, sources: list[str]) -> None:
-        """Start fetching `model` unless it is here or on its way (the controller orders it again after a failure)."""
+    def fetch(self, link, model: str, sources: list[str], order: str) -> None:
+        """Start fetching `model` unless it is here or on its way (the controller orders it again after a failure);
+        its progress names the order it follows."""
         if self.store.get(model) is not None:
             self.progress.pop(model, None)
             return
         if model in self.fetches and not self.fetches[model].done():
+            self.progress[model] = msgspec.structs.replace(self.progress[model], order=order)
             return
-        self.progress[model] = FetchProgress(model=model)
+        self.progress[model] = FetchProgress(model=model, order=order)
         self.fetches[model] = asyncio.create_task(self._fetch(link, model, [s for s in sources if s != self.node_id]))
 
     def report(self) -> list[FetchProgress]:
@@ -341,8 +415,8 @@ class NodeFiles:
 
                 def moved(done: int, total: int) -> None:
                     rate = done / max(time.monotonic() - started, 1e-3)
-                    self.progress[model] = FetchProgress(model=model, done=done, total=total, source=source,
-                                                         bytes_per_s=round(rate))
+                    self.progress[model] = FetchProgress(model=model, order=self.progress[model].order, done=done,
+                                                         total=total, source=source, bytes_per_s=round(rate))
 
                 await fetch_model(ticket.url, ticket.token, model, self.store, moved)
                 log.info("fetched %s from node %s in %.1fs", model, source, time.monotonic() - started)
@@ -351,4 +425,5 @@ class NodeFiles:
             except Exception as exc:
                 log.warning("could not fetch %s from node %s: %s", model, source, exc)
                 errors.append(f"from node {source}: {exc}")
-        self.progress[model] = FetchProgress(model=model, error="; ".join(errors) or "no node holds it")
+        self.progress[model] = FetchProgress(model=model, order=self.progress[model].order,
+                                             error="; ".join(errors) or "no node holds it")

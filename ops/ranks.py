@@ -195,7 +195,7 @@ async def obey(link, keeper: RankKeeper, files: NodeFiles, stopping: asyncio.Eve
                 reply = OrderReply(ok=True, port=free_port(keeper.address))
             elif kind == "fetch":
                 order = msgspec.json.decode(msg.data, type=FetchOrder)
-                files.fetch(link, order.model_id, order.sources)
+                files.fetch(link, order.model_id, order.sources, order.order)
                 reply = OrderReply(ok=True)
             else:
                 reply = OrderReply(ok=False, error=f"no order {kind!r}")

@@ -5,13 +5,15 @@ become file names here.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Union
 
 from msgspec import Meta, Struct
 
 # A file of a model directory as it is stored: no folder, no leading dot (so never "." or ".."), nothing a shell or
-# a URL would read differently.
-FileName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]
+# a URL would read differently, and not the name of a file on its way (ops/model_files.py: `<name>.partial`).
+FILE_NAME = re.compile(r"^(?!.*\.partial$)[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+FileName = Annotated[str, Meta(pattern=FILE_NAME.pattern)]
 Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -49,9 +51,10 @@ class Ticket(Struct, kw_only=True):
 
 
 class FetchProgress(Struct, kw_only=True):
-    """A model a node is fetching (or failed to fetch), in its status (`conclave nodes`, `/v1/cluster`)."""
+    """A model a node is fetching (or failed to fetch), in its status (`/v1/cluster`)."""
 
     model: str
+    order: str = ""  # the controller's order it follows (ops/controller.py judges only its own)
     done: int = 0  # bytes here, of `total`
     total: int = 0
     source: str = ""  # the node it fetches from

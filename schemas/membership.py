@@ -138,6 +138,7 @@ class FetchOrder(Struct, kw_only=True, forbid_unknown_fields=True):
     answered at once, the fetch runs on and its progress is in the node's status."""
 
     controller: str
+    order: str  # said back in the node's fetch progress, so that the controller judges this order's outcome only
     model_id: str
     sources: list[str]
 

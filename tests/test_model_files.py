@@ -79,6 +79,8 @@ async def test_a_model_arrives_whole_and_as_its_manifest_says(source, tmp_path):
     assert {f.name: f.sha256 for f in listed.files} == {n: sha256_of(path / n).hexdigest() for n in SIZES}
     assert seen[-1] == (sum(SIZES.values()), sum(SIZES.values()))
     assert not any((receiver.root / ".incoming").iterdir())  # nothing half-arrived left behind
+    # The hashes it was checked against came with it: serving it on to the next node hashes nothing again.
+    assert (fetched.path / ".conclave-manifest.json").is_file() and manifest(fetched).files == listed.files
 
 
 async def test_a_byte_flipped_at_the_source_is_detected_and_the_file_refused(source, tmp_path):
@@ -106,9 +108,13 @@ async def test_an_interrupted_transfer_goes_on_from_where_it_stopped(source, tmp
     incoming = receiver.root / ".incoming" / receiver.path(MODEL_ID).name
     incoming.mkdir(parents=True)
     (incoming / f"{name}.partial").write_bytes((path / name).read_bytes()[:1_234_567])  # where a kill left it
+    (incoming / "tokenizer.json").write_bytes(b"an older revision's")  # whole, but not this manifest's
+    (incoming / "old-00003.safetensors").write_bytes(b"a file this manifest does not list")
     async with serving(store, tickets) as (url, ranges):
         fetched = await fetch_model(url, tickets.issue(MODEL_ID), MODEL_ID, receiver)
-    assert (fetched.path / name).read_bytes() == (path / name).read_bytes()
+    for file in SIZES:
+        assert (fetched.path / file).read_bytes() == (path / file).read_bytes()
+    assert not (fetched.path / "old-00003.safetensors").exists()
     assert "bytes=1234567-" in ranges and ranges.count("") == len(SIZES)  # the manifest and three whole files
 
 
@@ -126,6 +132,9 @@ async def test_nothing_is_read_without_a_ticket_for_that_model_and_no_name_leave
             assert (await get("config.json", None)).status_code == 401
             assert (await get("config.json", "made-up")).status_code == 401
             assert (await get("config.json", other)).status_code == 401
+            odd = await http.get("/file", params={"model": MODEL_ID, "name": "config.json"},
+                                 headers={"Authorization": b"Bearer ticket-\xe9"})
+            assert odd.status_code == 401  # not a 500
             assert (await get("config.json", good)).status_code == 200
             for name in ("../secret.txt", "..", ".conclave-manifest.json", "absent.bin"):
                 assert (await get(name, good)).status_code == 404, name
@@ -134,7 +143,7 @@ async def test_nothing_is_read_without_a_ticket_for_that_model_and_no_name_leave
 
 
 def test_a_manifest_naming_a_path_outside_the_model_is_refused_as_it_is_decoded():
-    for name in ("../../etc/passwd", "/etc/passwd", ".hidden", "a/b.json", ""):
+    for name in ("../../etc/passwd", "/etc/passwd", ".hidden", "a/b.json", "", "model.safetensors.partial"):
         body = {"model": MODEL_ID, "files": [{"name": name, "size": 1, "sha256": "0" * 64}]}
         with pytest.raises(msgspec.ValidationError):
             msgspec.json.decode(msgspec.json.encode(body), type=ModelManifest)
