@@ -115,6 +115,10 @@ def cmd_bench(args) -> None:
         from ops.bench_cluster import run_cluster_bench
 
         report = run_cluster_bench(args)
+    elif args.files:
+        from ops.bench_files import run_files_bench
+
+        report = run_files_bench(args)
     elif args.concurrency:
         report = run_concurrency_bench(args)
     elif args.tensor_parallel > 1 or args.pipeline_parallel > 1:
@@ -271,6 +275,9 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: the served path with N, then M, ... requests in flight (continuous batching)")
     b.add_argument("--cluster", action="store_true", help="instead: placement time on a synthetic 100-node cluster, "
                    "and on three local nodes the time to detect a lost node and to serve again")
+    b.add_argument("--files", action="store_true", help="instead: model files between nodes on loopback (one and "
+                   "three receivers) against a plain copy of the same bytes")
+    b.add_argument("--size-gb", type=float, default=2.0, help="--files: the synthetic model's size")
     b.set_defaults(func=cmd_bench)
 
     a = sub.add_parser("audit", help="read, export, verify and replay the audit log; print its signing key",

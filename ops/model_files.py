@@ -139,6 +139,10 @@ class Tickets:
         return True
 
 
+class WholeChunks(FileResponse):
+    chunk_size = CHUNK  # Starlette's 64 KiB means sixteen times the sends for the same bytes
+
+
 def files_app(store: ModelStore, tickets: Tickets) -> Starlette:
     """`GET /manifest?model=ID` and `GET /file?model=ID&name=NAME` (Range requests honoured), each with
     `Authorization: Bearer <ticket>`; 401 without a ticket for that model, 404 for what is not in the store."""
@@ -178,7 +182,7 @@ def files_app(store: ModelStore, tickets: Tickets) -> Starlette:
         listed_names = {f.name for f in (await listed(model)).files}
         if name not in listed_names:  # only what the manifest lists: no other path is ever opened
             raise FileNotFoundError
-        return FileResponse(model.path / name)
+        return WholeChunks(model.path / name)
 
     return Starlette(routes=[Route("/manifest", answering(get_manifest)), Route("/file", answering(get_file))])
 
