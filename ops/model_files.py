@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import json
 import logging
 import os
 import secrets
 import shutil
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Callable
 
@@ -212,53 +215,59 @@ async def ask_ticket(nc, node_id: str, model: str, timeout_s: float = 10.0) -> T
 
 
 async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStore,
-                      progress: Callable[[int, int], None] | None = None) -> StoredModel:
+                      progress: Callable[[int, int], None] | None = None,
+                      halt: threading.Event | None = None) -> StoredModel:
     """Fetch `model_id` from the node at `base_url` into `store` (see the module's docstring); `progress(done,
-    total)` after each chunk. What was fetched before (an interrupted transfer) is kept and resumed."""
-    import httpx
-
+    total)` after each chunk (from a thread). What was fetched before (an interrupted transfer) is kept and
+    resumed; `halt` set stops it at the next chunk."""
+    halt = halt or threading.Event()
     if (stored := store.get(model_id)) is not None:
         return stored
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(30.0, read=120.0)) as http:
-        listed = await read_manifest(http, base_url, model_id)
-        incoming = store.root / ".incoming" / store.path(model_id).name
-        incoming.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(tidy, incoming, listed)
-        check_room(incoming, listed)
-        for file in listed.files:
+    listed = await read_manifest(base_url, token, model_id)
+    incoming = store.root / ".incoming" / store.path(model_id).name
+    incoming.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(tidy, incoming, listed)
+    check_room(incoming, listed)
+    for file in listed.files:
+        if (incoming / file.name).is_file():
+            continue
+        for attempt in range(1, FETCH_TRIES + 1):
+            done = sum(present(incoming, f) for f in listed.files)
+
+            def moved(arrived: int) -> None:
+                nonlocal done
+                done += arrived
+                if progress is not None:
+                    progress(done, listed.size)
+
+            await asyncio.to_thread(fetch_file, base_url, token, model_id, file, incoming, moved, halt)
+            if halt.is_set():
+                raise FetchError(f"the fetch of {model_id} was stopped")
             if (incoming / file.name).is_file():
-                continue
-            for attempt in range(1, FETCH_TRIES + 1):
-                done = sum(present(incoming, f) for f in listed.files)
-                async for arrived in fetch_file(http, model_id, file, incoming):
-                    done += arrived
-                    if progress is not None:
-                        progress(done, listed.size)
-                if (incoming / file.name).is_file():
-                    break
-                log.warning("%s of %s did not match its SHA-256 (try %d of %d)", file.name, model_id, attempt,
-                            FETCH_TRIES)
-            else:
-                raise FetchError(f"{file.name} of {model_id} from {base_url} does not match its SHA-256 after "
-                                 f"{FETCH_TRIES} tries: refused (the source's copy may be damaged)")
+                break
+            log.warning("%s of %s did not match its SHA-256 (try %d of %d)", file.name, model_id, attempt,
+                        FETCH_TRIES)
+        else:
+            raise FetchError(f"{file.name} of {model_id} from {base_url} does not match its SHA-256 after "
+                             f"{FETCH_TRIES} tries: refused (the source's copy may be damaged)")
     return await asyncio.to_thread(enter_store, incoming, store, listed)
 
 
-async def read_manifest(http, base_url: str, model_id: str) -> ModelManifest:
+async def read_manifest(base_url: str, token: str, model_id: str) -> ModelManifest:
     """The source's manifest, checked: at most MAX_MANIFEST_BYTES, names that are plain file names, each once. No
     read timeout: a source hashes a model it never served before first (minutes for hundreds of GB)."""
     import httpx
 
     body = bytearray()
-    async with http.stream("GET", "/manifest", params={"model": model_id},
-                           timeout=httpx.Timeout(30.0, read=None)) as got:
-        if got.status_code != 200:
-            raise FetchError(f"{base_url} gave no manifest of {model_id}: HTTP {got.status_code}")
-        async for chunk in got.aiter_bytes():
-            body += chunk
-            if len(body) > MAX_MANIFEST_BYTES:
-                raise FetchError(f"{base_url} sent a manifest of {model_id} over {MAX_MANIFEST_BYTES} bytes")
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {token}"},
+                                 timeout=httpx.Timeout(30.0, read=None)) as client:
+        async with client.stream("GET", "/manifest", params={"model": model_id}) as got:
+            if got.status_code != 200:
+                raise FetchError(f"{base_url} gave no manifest of {model_id}: HTTP {got.status_code}")
+            async for chunk in got.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise FetchError(f"{base_url} sent a manifest of {model_id} over {MAX_MANIFEST_BYTES} bytes")
     try:
         listed = msgspec.json.decode(bytes(body), type=ModelManifest)
     except msgspec.MsgspecError as exc:
@@ -317,36 +326,43 @@ def check_room(incoming: Path, listed: ModelManifest) -> None:
                          f"({incoming.parent.parent}) and {free / 1e9:.1f} GB are free")
 
 
-def append(out, digest, chunk: bytes) -> None:
-    out.write(chunk)
-    digest.update(chunk)  # hashlib lets go of the GIL for large chunks: hashing runs beside the event loop
-
-
-async def fetch_file(http, model_id: str, file: ModelFile, incoming: Path):
-    """Yields the bytes written as they arrive; leaves `<name>` if its SHA-256 matched, else nothing. Writing and
-    hashing run in a thread: at LAN speed they would take most of the agent's event loop."""
+def fetch_file(base_url: str, token: str, model_id: str, file: ModelFile, incoming: Path,
+               moved: Callable[[int], None], halt: threading.Event) -> None:
+    """One file into `incoming`: `<name>` if its SHA-256 matched, else nothing (a part stays as `<name>.partial`
+    when `halt` stopped it). Blocking: run it in a thread. With http.client reading into one 1 MiB buffer, hashing
+    and writing as it goes, it moved 815 MB/s on loopback here; httpx's async stream moved 330 MB/s without them."""
     partial = incoming / f"{file.name}.partial"
     have = partial.stat().st_size if partial.is_file() else 0
     if have > file.size:  # longer than the file: not a part of it
         have = 0
-    digest = await asyncio.to_thread(sha256_of, partial, have) if have else hashlib.sha256()
+    digest = sha256_of(partial, have) if have else hashlib.sha256()
     if have < file.size:
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        async with http.stream("GET", "/file", params={"model": model_id, "name": file.name}, headers=headers) as got:
-            if got.status_code == 200 and have:  # the source ignored the range: from the start
+        where = urllib.parse.urlsplit(base_url)
+        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+        try:
+            headers = {"Authorization": f"Bearer {token}", **({"Range": f"bytes={have}-"} if have else {})}
+            connection.request("GET", "/file?" + urllib.parse.urlencode({"model": model_id, "name": file.name}),
+                               headers=headers)
+            got = connection.getresponse()
+            if got.status == 200 and have:  # the source ignored the range: from the start
                 have, digest = 0, hashlib.sha256()
-            elif got.status_code not in (200, 206):
-                raise FetchError(f"{file.name} of {model_id}: HTTP {got.status_code}")
+            elif got.status not in (200, 206):
+                raise FetchError(f"{file.name} of {model_id}: HTTP {got.status}")
+            buffer = bytearray(CHUNK)
+            view = memoryview(buffer)
             with open(partial, "ab" if have else "wb") as out:
-                async for chunk in got.aiter_bytes(CHUNK):
-                    chunk = chunk[:file.size - have]  # never more than the manifest said
-                    await asyncio.to_thread(append, out, digest, chunk)
-                    have += len(chunk)
-                    yield len(chunk)
-                    if have >= file.size:
-                        break
+                while have < file.size and not halt.is_set() and (n := got.readinto(buffer)):
+                    n = min(n, file.size - have)  # never more than the manifest said
+                    out.write(view[:n])
+                    digest.update(view[:n])
+                    have += n
+                    moved(n)
+        finally:
+            connection.close()
+    if halt.is_set():
+        return
     if have == file.size and digest.hexdigest() == file.sha256:
-        await asyncio.to_thread(partial.replace, incoming / file.name)
+        partial.replace(incoming / file.name)
     else:
         partial.unlink(missing_ok=True)
 
@@ -361,6 +377,7 @@ class NodeFiles:
         self.url, self.server, self.serving = "", None, None
         self.fetches: dict[str, asyncio.Task] = {}
         self.progress: dict[str, FetchProgress] = {}
+        self.halt = threading.Event()  # set at stop: a fetch's thread stops at its next chunk
 
     async def start(self) -> None:
         import socket
@@ -384,6 +401,7 @@ class NodeFiles:
         self.url = f"http://[{self.address}]:{port}" if ":" in self.address else f"http://{self.address}:{port}"
 
     async def stop(self) -> None:
+        self.halt.set()
         for task in self.fetches.values():
             task.cancel()
         if self.server is not None:
@@ -422,7 +440,7 @@ class NodeFiles:
                     self.progress[model] = FetchProgress(model=model, order=self.progress[model].order, done=done,
                                                          total=total, source=source, bytes_per_s=round(rate))
 
-                await fetch_model(ticket.url, ticket.token, model, self.store, moved)
+                await fetch_model(ticket.url, ticket.token, model, self.store, moved, self.halt)
                 log.info("fetched %s from node %s in %.1fs", model, source, time.monotonic() - started)
                 self.progress.pop(model, None)
                 return
