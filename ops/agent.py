@@ -24,6 +24,7 @@ import msgspec
 
 from pipeline.connection import sleep_unless
 from pipeline.nodes import node_subject, put_status
+from schemas.catalogue import FetchProgress
 from schemas.cluster import NodeFacts, NodeStatus, RankCounters
 
 log = logging.getLogger("conclave.agent")
@@ -167,4 +168,16 @@ def nodes_table(statuses: list[NodeStatus], now: float | None = None) -> str:
     if len(rows) == 1:
         return "no node has reported (is `conclave serve` running?)"
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + [fetch_line(s.facts.id, p) for s in statuses for p in s.fetching])
+
+
+def fetch_line(node: str, progress: FetchProgress) -> str:
+    """A model arriving at a node (ops/model_files.py), under the table."""
+    from ops.placement import gb
+
+    if progress.error:
+        return f"{node}: fetching {progress.model} failed: {progress.error}"
+    rate = f" at {gb(progress.bytes_per_s)}/s" if progress.bytes_per_s else ""
+    source = f" from {progress.source}" if progress.source else ""
+    return f"{node}: fetching {progress.model}{source}: {gb(progress.done)} of {gb(progress.total)}{rate}"

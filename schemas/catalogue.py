@@ -51,7 +51,7 @@ class Ticket(Struct, kw_only=True):
 
 
 class FetchProgress(Struct, kw_only=True):
-    """A model a node is fetching (or failed to fetch), in its status (`/v1/cluster`)."""
+    """A model a node is fetching (or failed to fetch), in its status (`/v1/cluster`, `conclave nodes`)."""
 
     model: str
     order: str = ""  # the controller's order it follows (ops/controller.py judges only its own)

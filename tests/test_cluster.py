@@ -8,10 +8,12 @@ import sys
 import time
 
 import httpx
+import msgspec
 import psutil
 
 from ops.agent import nodes_table
 from pipeline.nodes import LOST_AFTER_S, state_of
+from schemas.catalogue import FetchProgress
 from schemas.cluster import NodeFacts, NodeStatus
 from tests.conftest import FRANCE, MODEL
 
@@ -60,6 +62,12 @@ def test_a_node_that_stopped_reporting_is_shown_lost_not_dropped():
     assert state_of(status, now=1000.0 + LOST_AFTER_S + 0.1) == "lost"
     table = nodes_table([status], now=1012.0).splitlines()
     assert len(table) == 2 and table[1].endswith("12.0s ago (LOST)") and " - " in table[1]  # unmeasured: "-"
+    # A model on its way to a node, under the table: how far, how fast, from where; or why it failed.
+    arriving = msgspec.structs.replace(status, fetching=[
+        FetchProgress(model="qwen", done=3 * 10**9, total=8 * 10**9, source="n2", bytes_per_s=250 * 10**6),
+        FetchProgress(model="llama", error="from node n2: no space")])
+    assert nodes_table([arriving], now=1012.0).splitlines()[2:] == [
+        "n1: fetching qwen from n2: 3.0 GB of 8.0 GB at 250 MB/s", "n1: fetching llama failed: from node n2: no space"]
 
 
 def test_prometheus_metrics_count_answers_and_show_queues_and_nodes(server, client, http):
