@@ -5,7 +5,7 @@ files and a config.json, in a temporary folder on the home's disk):
 
 1. plain copy: `shutil.copyfile` of every file to another folder on the same disk (the operating system's own copy,
    no hashing): the ceiling a transfer on this disk can reach;
-2. one receiver: a file port (ops/model_files.py: `files_app`, the agents' own) on loopback, and `fetch_model` into
+2. one receiver: a file port (ops/model_files.py: `NodeFiles`, the agents' own) on loopback, and `fetch_model` into
    another store, hashing and checking every byte as nodes do. The source's manifest is hashed before the clock
    starts (a serving node hashes a model once);
 3. three receivers at once from the same source (fan-out: a receiver does not yet pass on what it received, so
@@ -19,14 +19,13 @@ for a LAN of several machines, not a LAN figure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from ops.model_files import Tickets, fetch_model, files_app, manifest
+from ops.model_files import NodeFiles, Tickets, fetch_model, manifest
 from workers.store import ModelStore
 
 MODEL_ID = "bench-files-model"
@@ -56,26 +55,6 @@ def plain_copy(source: Path, target: Path) -> float:
     return time.perf_counter() - started
 
 
-@contextlib.asynccontextmanager
-async def file_port(store: ModelStore, tickets: Tickets):
-    import uvicorn
-
-    from ops.config import free_port
-    from ops.serve import SignalFreeServer
-
-    port = free_port()
-    server = SignalFreeServer(uvicorn.Config(files_app(store, tickets), host="127.0.0.1", port=port,
-                                             log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
 async def fetch_into(url: str, tickets: Tickets, folders: list[Path]) -> float:
     started = time.perf_counter()
     await asyncio.gather(*(fetch_model(url, tickets.issue(MODEL_ID), MODEL_ID, ModelStore(folder))
@@ -96,13 +75,16 @@ def run_files_bench(args) -> dict:
         manifest(source.get(MODEL_ID))  # hashed once, as a serving node has
         copy_s = plain_copy(path, root / "copy")
         shutil.rmtree(root / "copy")
-        tickets = Tickets()
 
         async def fetches() -> tuple[float, float]:
-            async with file_port(source, tickets) as url:
-                one = await fetch_into(url, tickets, [root / "one"])
+            port = NodeFiles(source, "bench", "127.0.0.1")  # the file port every agent runs
+            await port.start()
+            try:
+                one = await fetch_into(port.url, port.tickets, [root / "one"])
                 shutil.rmtree(root / "one")
-                three = await fetch_into(url, tickets, [root / f"r{i}" for i in range(3)])
+                three = await fetch_into(port.url, port.tickets, [root / f"r{i}" for i in range(3)])
+            finally:
+                await port.stop()
             return one, three
 
         one_s, three_s = asyncio.run(fetches())

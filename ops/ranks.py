@@ -30,12 +30,12 @@ from typing import Callable
 import msgspec
 
 from ops.config import free_port
+from ops.model_files import NodeFiles
 from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, python_command, rank_arguments
 from ops.supervise import STALE_HEARTBEATS, describe_exit
 from pipeline.access import AGENTS_PREFIX, Identity
 from pipeline.connection import sleep_unless
 from pipeline.nats_server import stop_process
-from ops.model_files import NodeFiles
 from schemas.membership import (ORDER_ENV, ORDER_FILES, FetchOrder, OrderReply, PortOrder, RankExit, StartOrder,
                                 StopOrder)
 from workers.status import alive_file
