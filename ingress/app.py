@@ -25,8 +25,9 @@ from ingress.keys import ANONYMOUS, KeyRing, bearer_token
 from ingress.metrics import Metrics
 from pipeline.access import Identity
 from pipeline.connection import Link
-from pipeline.nodes import INSTANCES_REFRESH_S, read_instances
+from pipeline.nodes import INSTANCES_REFRESH_S, cluster_models, read_instances, read_nodes
 from pipeline.subjects import STATUS_PREFIX
+from schemas.catalogue import ClusterModel
 from schemas.jobs import WorkerStatus
 from schemas.openai import ErrorDetail, ModelCard
 
@@ -55,6 +56,7 @@ class Ingress:
         self.config = config
         self.models = {m.id: m for m in config.models}
         self.placements: dict[str, float] = {}  # model -> when the cluster's controller last placed it
+        self.catalogue: dict[str, ClusterModel] = {}  # the cluster's models, loaded or not (pipeline/nodes.py)
         self.workers = WorkerTable(config.status_ttl_s)
         self.admission = Admission(self.workers, config.max_queue_wait_s)
         self.metrics = Metrics()
@@ -89,13 +91,27 @@ class Ingress:
         placed (the instances bucket), so an ingress on any node serves what the cluster serves."""
         while True:
             with contextlib.suppress(Exception):  # NATS away a moment: keep the list it has
-                instances = await read_instances(self.link.nc.jetstream())
+                js = self.link.nc.jetstream()
+                instances = await read_instances(js)
                 self.placements.update({i.model: i.time for i in instances})
                 # A model being removed ("stopping") takes no new request: its last jobs are being answered.
-                cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length) for i in instances
-                         if i.state != "stopping"]
+                cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length,
+                                   status="loaded" if i.state == "serving" else "loading")
+                         for i in instances if i.state != "stopping"]
                 self.models = {**{m.id: m for m in self.config.models}, **{c.id: c for c in cards}}
+                self.catalogue = {m.id: m for m in cluster_models(await read_nodes(js), instances)}
             await asyncio.sleep(INSTANCES_REFRESH_S)
+
+    def loading(self, model: str) -> None:
+        """`model` was just loaded on demand: taken at once, before the next read of the instances lists it."""
+        self.models.setdefault(model, ModelCard(id=model, created=0, status="loading"))
+
+    def cards(self) -> list[ModelCard]:
+        """What `GET /v1/models` lists: the models served, then the rest of the cluster's catalogue (idle, or
+        unloading), each with its status."""
+        rest = [ModelCard(id=m.id, created=m.created, context_length=m.context_length, status=m.status)
+                for m in self.catalogue.values() if m.id not in self.models]
+        return [*self.models.values(), *rest]
 
     def require_model(self, name: str) -> ModelCard:
         if name not in self.models:

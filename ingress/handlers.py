@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -24,6 +25,7 @@ from schemas.membership import InstanceChange, ModelPlacement
 from schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
 
 encode = msgspec.json.Encoder().encode
+LOAD_RETRY_S = 1.0  # between asks to load a model that is being unloaded
 
 
 def request_limit(ingress) -> int:
@@ -42,7 +44,7 @@ async def completions(request: Request) -> Response:
 async def complete(request: Request, request_type, make_job, shape) -> Response:
     ingress = request.app.state.ingress
     req = await read_request(request, request_type, request_limit(ingress))
-    ingress.require_model(req.model)
+    await model_for(ingress, req.model)
     job = make_job(req, request.state.caller)  # set by the API key check (ingress/app.py: guarded)
     return await respond(request, ingress, job, req.stream, include_usage(req), shape)
 
@@ -52,13 +54,36 @@ def include_usage(req) -> bool:
 
 
 async def list_models(request: Request) -> Response:
+    """Every model of the cluster's catalogue, loaded or not, each with its `status` (Conclave's field)."""
     ingress = request.app.state.ingress
-    return Response(encode(ModelList(data=list(ingress.models.values()))), media_type="application/json")
+    return Response(encode(ModelList(data=ingress.cards())), media_type="application/json")
 
 
 async def get_model(request: Request) -> Response:
     ingress = request.app.state.ingress
-    return Response(encode(ingress.require_model(request.path_params["model"])), media_type="application/json")
+    name = request.path_params["model"]
+    card = next((c for c in ingress.cards() if c.id == name), None) or ingress.require_model(name)
+    return Response(encode(card), media_type="application/json")
+
+
+async def model_for(ingress, name: str) -> None:
+    """A request's model: one this ingress serves, or one of the cluster's catalogue that nothing runs, which the
+    first machine is asked to load (ops/instances.py: load); the request then waits in the model's queue until it
+    serves, like any queued job. A model being unloaded is loaded again once it is gone. Anything else: 404."""
+    if name in ingress.models:
+        return
+    if name not in ingress.catalogue:
+        ingress.require_model(name)  # raises model_not_found
+    deadline = time.monotonic() + ingress.config.queue_timeout_s
+    while True:
+        try:
+            await ask_first_machine(ingress, INSTANCES_SUBJECT, InstanceChange(load=name))
+            break
+        except APIError as exc:
+            if exc.detail.code != "instance_stopping" or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(LOAD_RETRY_S)
+    ingress.loading(name)
 
 
 async def cluster(request: Request) -> Response:

@@ -71,6 +71,7 @@ def cmd_serve(args) -> None:
         cluster = ClusterSettings(listen=args.cluster_listen, address=args.advertise, mdns=not args.no_mdns,
                                   memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
                                   request=placement_request(args), brokers=args.brokers, route_port=args.route_port,
+                                  keep_alive_s=args.keep_alive,
                                   **({"name": args.cluster_name} if args.cluster_name else {}))
         args.split = None
     elif args.pin or args.layout:
@@ -89,8 +90,14 @@ def cmd_generate(args) -> None:
 
 
 def cmd_models(args) -> None:
+    from ops.cli_cluster import cmd_cluster_models
+    from ops.deployment import read_deployment
+
     store = ModelStore(args.home / "models")
-    if args.action == "list":
+    if args.action in ("load", "unload") or (args.action == "list" and (args.nats_url or read_deployment(args.home))):
+        cmd_cluster_models(args)  # the running deployment's models, loaded or not, wherever their files are
+    elif args.action == "list":
+        print("(no deployment runs in this home: its model store)", file=sys.stderr)
         for model in store.list():
             print(f"{model.id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}")
     elif args.action == "import":
@@ -240,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
                    "and the cluster serves once the three are up. Chosen at set-up (see README, Cluster)")
     c.add_argument("--route-port", type=int, default=ROUTE_PORT, help="with --brokers 3: this broker's port for "
                    "the other brokers (mutual TLS)")
+    c.add_argument("--keep-alive", type=float, default=env_float("CONCLAVE_KEEP_ALIVE", 300.0), metavar="SECONDS",
+                   help="a model loaded on demand (a request for a model of the cluster not running) is unloaded "
+                   "after this long with nothing queued or running")
     add_placement_flags(c)
     add_group_flags(s)
     s.set_defaults(func=cmd_serve)
@@ -254,10 +264,18 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="the model store", formatter_class=DEFAULTS)
-    m.add_argument("action", choices=["list", "import", "pull"])
-    m.add_argument("source", nargs="?", help="import: a .gguf file (default: the bundled model); pull: a repo id")
+    m.add_argument("action", choices=["list", "import", "pull", "load", "unload"])
+    m.add_argument("source", nargs="?", help="import: a .gguf file (default: the bundled model); pull: a repo id; "
+                   "load, unload: a model id")
     m.add_argument("--id", default=None, help="import: the id to store it under")
     m.add_argument("--revision", default=None, help="pull: branch, tag or commit")
+    m.add_argument("--nats-url", default=None, help="list, load, unload: the deployment's NATS (default: the one "
+                   "running in --home)")
+    m.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS", help="load: unload it after this "
+                   "long with nothing queued or running (default: until `unload`, or its memory is needed)")
+    m.add_argument("--no-wait", dest="wait", action="store_false", help="load: return once it is in the plan, "
+                   "not once it serves")
+    add_placement_flags(m)
     m.set_defaults(func=cmd_models)
 
     b = sub.add_parser("bench", help="raw mlx-lm vs the served path, or one process vs worker groups; "

@@ -1,4 +1,5 @@
-"""The `conclave` commands of a cluster: place, nodes, join, join-token, service (ops/cli.py has the rest)."""
+"""The `conclave` commands of a cluster: place, nodes, models list|load|unload, join, join-token, service (ops/cli.py
+has the rest)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,84 @@ def cmd_nodes(args) -> None:
             await nc.close()
 
     asyncio.run(show())
+
+
+def models_table(models) -> str:
+    """`conclave models list` on a running deployment: the cluster's catalogue (pipeline/nodes.py: cluster_models)."""
+    rows = [["MODEL", "STATUS", "FILES ON", "RUNS ON"]]
+    rows += [[m.id, m.status, ",".join(m.files_on) or "-", ",".join(m.nodes) or "-"] for m in models]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def cmd_cluster_models(args) -> None:
+    """`conclave models list|load|unload` against the deployment running in this home, as its operator (on a
+    cluster: the first machine; from any other node, the HTTP endpoints do the same)."""
+    import json
+
+    import msgspec
+
+    from ops.deployment import operator_connection
+    from pipeline.access import INSTANCES_SUBJECT
+    from pipeline.nodes import cluster_models, read_instances, read_nodes
+    from schemas.membership import InstanceChange, ModelPlacement
+
+    async def run() -> None:
+        nc = await operator_connection(args.home, args.nats_url, "conclave-models")
+        try:
+            js = nc.jetstream()
+            if args.action == "list":
+                print(models_table(cluster_models(await read_nodes(js), await read_instances(js))))
+                return
+            if not args.source:
+                raise SystemExit(f"conclave models {args.action}: which model?")
+            change = (InstanceChange(remove=args.source) if args.action == "unload" else InstanceChange(
+                add=ModelPlacement(model=args.source, context=args.context, sequences=args.sequences,
+                                   nodes=args.pin or [], layout=args.layout, keep_alive=args.keep_alive)))
+            answer = json.loads((await nc.request(INSTANCES_SUBJECT, msgspec.json.encode(change), timeout=60)).data)
+            if answer.get("type") == "error":
+                raise SystemExit(f"conclave: {answer['message']}")
+            if args.action == "unload":
+                print(f"unloading {args.source}: its queued requests are answered, then its ranks stop")
+            elif args.wait:
+                for model in answer.get("unloaded", []):
+                    print(f"unloading {model} (idle, least recently used) to make room")
+                await watch_load(js, args.source)
+            else:
+                print(f"loading {args.source}" + ("" if answer.get("changed") else " (it was loaded already)"))
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+async def watch_load(js, model: str) -> None:
+    """Until `model` serves: its state as it changes, and a progress bar while nodes fetch its files."""
+    from tqdm import tqdm
+
+    from pipeline.nodes import read_instances, read_nodes
+
+    said, bar = "", None
+    try:
+        while True:
+            instance = next((i for i in await read_instances(js) if i.model == model), None)
+            fetches = [p for s in await read_nodes(js) for p in s.fetching if p.model == model and not p.error]
+            if fetches and bar is None:
+                bar = tqdm(total=sum(p.total for p in fetches), unit="B", unit_scale=True, desc=f"fetching {model}")
+            if bar is not None:
+                bar.update(sum(p.done for p in fetches) - bar.n if fetches else bar.total - bar.n)
+            state = f"{instance.state}: {instance.why}" if instance is not None else "waiting for the controller"
+            if state != said and bar is None:
+                print(f"{model}: {state}", flush=True)
+                said = state
+            if instance is not None and instance.state == "serving":
+                return
+            if instance is not None and instance.state == "stopping":
+                raise SystemExit(f"conclave: {model} is being unloaded")
+            await asyncio.sleep(0.5)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cmd_join(args) -> None:

@@ -30,13 +30,15 @@ from ops.credentials import apply_authorization, role_identity
 from ops.model_facts import model_facts
 from ops.placement import offers, place
 from pipeline.access import INSTANCES_SUBJECT, PLACE_SUBJECT, worker_role
+from pipeline.connection import sleep_unless
 from pipeline.lease import change_plan, read_plan
 from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
-from pipeline.streams import ensure_consumer
+from pipeline.streams import ensure_consumer, model_use
 from schemas.membership import ControllerPlan, Instance, InstanceChange, InstancePlan, ModelPlacement
 from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, StoreError, model_context_length
 
 log = logging.getLogger("conclave.instances")
+EXPIRY_POLL_S = 1.0  # how often idle instances are checked against their keep-alive
 encode = msgspec.json.Encoder().encode
 
 
@@ -81,18 +83,20 @@ async def answer_previews(nc, store: ModelStore):
     return await nc.subscribe(PLACE_SUBJECT, cb=preview)
 
 
-async def answer_instances(nc, home: Path, store: ModelStore) -> object:
-    """Instances added and removed (`InstanceChange`), into the plan the first machine's `serve` wrote. Returns the
-    subscription."""
+async def answer_instances(nc, home: Path, store: ModelStore, keep_alive_s: float | None) -> object:
+    """Instances added, loaded on demand (for `keep_alive_s` idle seconds) and removed (`InstanceChange`), into the
+    plan the first machine's `serve` wrote. Returns the subscription."""
     async def change(msg):
         try:
             asked = msgspec.json.decode(msg.data, type=InstanceChange)
             if asked.add is not None:
                 reply = await add(nc, home, store, asked.add)
+            elif asked.load is not None:
+                reply = await load(nc, home, store, asked.load, keep_alive_s)
             elif asked.remove is not None:
                 reply = await remove(nc, asked.remove)
             else:
-                raise Refused(400, "invalid_request", "say which instance to add or remove")
+                raise Refused(400, "invalid_request", "say which instance to add, load or remove")
         except Refused as exc:
             reply = refusal(exc)
         except (msgspec.MsgspecError, StoreError) as exc:
@@ -130,6 +134,7 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
         await put_instance(js, Instance(model=model.id, created=model.created, context_length=context_length,
                                         why="added; waiting for the controller", time=time.time()))
 
+    evicted = await make_room(js, model, asked, planned(await read_plan(js)))
     changed = False
 
     def with_it(plan: ControllerPlan | None) -> ControllerPlan:
@@ -141,15 +146,61 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
                 raise Refused(409, "instance_exists", f"{model.id} is the model `conclave serve` was started with: "
                                                       f"its placement is changed by restarting serve with other flags")
             return plan
-        if entry in plan.added:
-            return plan
-        changed = True
-        return msgspec.structs.replace(plan, added=[i for i in plan.added if i.model != model.id] + [entry])
+        keep_alive = {m: s for m, s in plan.keep_alive.items() if m != model.id and m not in evicted}
+        if asked.keep_alive is not None:
+            keep_alive[model.id] = asked.keep_alive
+        added = [i for i in plan.added if i.model not in evicted]
+        if entry not in added:
+            added = [i for i in added if i.model != model.id] + [entry]
+        new = msgspec.structs.replace(plan, added=added, keep_alive=keep_alive)
+        changed = new != plan
+        return new
 
     await change_plan(js, with_it)
+    if evicted:
+        log.info("unloading %s: the least recently used, idle, to make room for %s", ", ".join(evicted), model.id)
     if changed:
         log.info("instance of %s added (context %d x %d sequences)", model.id, asked.context, asked.sequences)
-    return encode({"object": "cluster.instance", "model": model.id, "changed": changed})
+    return encode({"object": "cluster.instance", "model": model.id, "changed": changed, "unloaded": evicted})
+
+
+async def load(nc, home: Path, store: ModelStore, model: str, keep_alive_s: float | None) -> bytes:
+    """A model a request asked for (an ingress loads it on demand): nothing changes if the plan runs it already;
+    else it is added as the served model's context and sequences say, for `keep_alive_s` idle seconds."""
+    plan = planned(await read_plan(nc.jetstream()))
+    if model in {i.model for i in plan.instances()}:
+        return encode({"object": "cluster.instance", "model": model, "changed": False, "unloaded": []})
+    request = plan.served.request
+    return await add(nc, home, store, ModelPlacement(model=model, context=request.context,
+                                                     sequences=request.sequences, keep_alive=keep_alive_s))
+
+
+async def make_room(js, model: StoredModel, asked: ModelPlacement, plan: ControllerPlan) -> list[str]:
+    """The added instances to unload so that `model` fits: none if it fits beside them; else the least recently used
+    of those with no job queued or running (never the served model, never one answering), as few as make it fit;
+    none if even all of those would not (it then waits, placing, until memory frees)."""
+    statuses = [s for s in await read_nodes(js) if state_of(s) == "up"]
+    others = [i for i in await read_instances(js) if i.model != model.id]
+    facts = await asyncio.to_thread(model_facts, model.id, model.path)
+
+    def fits(instances: list[Instance]) -> bool:
+        nodes = offers(model.id, statuses, instances, everywhere=model.id == DEFAULT_MODEL)
+        return bool(nodes) and hasattr(place(facts, nodes, links_between(statuses), asked.request()), "ranks")
+
+    if not statuses or fits(others):
+        return []
+    added = {i.model for i in plan.added}
+    idle = []
+    for instance in others:
+        use = await model_use(js, instance.model) if instance.model in added and instance.state != "stopping" else None
+        if use is not None and use[0] == 0:
+            idle.append((use[1], instance.model))
+    evicted = []
+    for _, candidate in sorted(idle):
+        evicted.append(candidate)
+        if fits([i for i in others if i.model not in evicted]):
+            return evicted
+    return []
 
 
 async def remove(nc, model: str) -> bytes:
@@ -160,8 +211,34 @@ async def remove(nc, model: str) -> bytes:
                                                   f"served as long as that serve runs")
         if model not in {i.model for i in plan.added}:
             raise Refused(404, "model_not_found", f"the cluster runs no instance of {model} that was added")
-        return msgspec.structs.replace(plan, added=[i for i in plan.added if i.model != model])
+        return msgspec.structs.replace(plan, added=[i for i in plan.added if i.model != model],
+                                       keep_alive={m: s for m, s in plan.keep_alive.items() if m != model})
 
     await change_plan(nc.jetstream(), without_it)
     log.info("instance of %s removed: it is drained and stopped", model)
     return encode({"id": model, "object": "cluster.instance", "deleted": True})
+
+
+async def expire_idle(link, stopping: asyncio.Event) -> None:
+    """Unload each added instance that has a keep-alive once it has served with no job queued or running for that
+    long (its consumer's last delivery, or when it started serving, whichever is later); until `stopping`."""
+    serving_since: dict[str, float] = {}  # model -> when this loop first saw it serving (this machine's clock)
+    while not stopping.is_set():
+        try:
+            js = link.nc.jetstream()
+            plan = await read_plan(js)
+            states = {i.model: i.state for i in await read_instances(js)}
+            serving_since = {m: t for m, t in serving_since.items() if states.get(m) == "serving"}
+            for model, keep_alive_s in (plan.keep_alive.items() if plan is not None else ()):
+                if states.get(model) != "serving":
+                    continue
+                since = serving_since.setdefault(model, time.time())
+                use = await model_use(js, model)
+                if use is not None and use[0] == 0 and time.time() - max(since, use[1]) > keep_alive_s:
+                    log.info("unloading %s: idle for its keep-alive (%gs)", model, keep_alive_s)
+                    await remove(link.nc, model)
+        except Refused:  # removed meanwhile
+            pass
+        except Exception as exc:  # NATS away a moment: the next round sees
+            log.warning("could not check the instances' keep-alive: %s", exc)
+        await sleep_unless(stopping, EXPIRY_POLL_S)

@@ -25,7 +25,7 @@ import uvicorn
 from ingress.app import IngressConfig, create_app
 from ops.agent import Offer, keep_reporting, node_id
 from ops.controller import control as control_model
-from ops.instances import answer_instances, answer_previews
+from ops.instances import answer_instances, answer_previews, expire_idle
 from ops.model_files import NodeFiles
 from ops.node import LOST_BROKER_S, follow_the_controller
 from ops.ranks import RankKeeper, obey
@@ -76,6 +76,7 @@ class ClusterSettings:
     request: PlacementRequest = field(default_factory=PlacementRequest)  # context, batch and pins to place for
     brokers: int = 1  # 1: this machine's; 3: with two nodes that join with --broker (ops/brokers.py)
     route_port: int = ROUTE_PORT  # with 3 brokers: this one's route listener
+    keep_alive_s: float = 300.0  # idle seconds a model loaded on demand stays loaded (ops/instances.py)
 
     def advertised_host(self) -> str:
         return self.address or next(iter(host_addresses()), None) or socket.gethostname()
@@ -217,7 +218,8 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         store = ModelStore(home / "models")
         await persist(lambda: serve_plan(control.nc.jetstream(), InstancePlan(model=model.id, settings=settings,
                                                                               request=cluster.request)), 30.0)
-        for answering in (lambda nc: answer_previews(nc, store), lambda nc: answer_instances(nc, home, store)):
+        for answering in (lambda nc: answer_previews(nc, store),
+                          lambda nc: answer_instances(nc, home, store, cluster.keep_alive_s)):
             reopen.append(answering)
             await answering(control.nc)
         # This machine's agent; its ranks of each model connect as that model's worker role (ops/instances.py
@@ -248,6 +250,8 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                   asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]
     if cluster is not None and first.route:
         background.append(asyncio.create_task(keep_announcing_users(control, home, stopping)))
+    if cluster is not None:
+        background.append(asyncio.create_task(expire_idle(control, stopping)))
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).
     record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url))

@@ -66,7 +66,7 @@ def audit_stream_config() -> StreamConfig:
 
 def record_for(job_id: str, job: Job | None, final: Done | Failed, partial: Done | None = None, *, submitter: str,
                model: str, revision: str, worker: str, ranks: int = 1, attempt: int = 1,
-               job_seq: int = 0) -> AuditRecord:
+               job_seq: int = 0, load_wait_ms: float = 0.0) -> AuditRecord:
     """The audit record of a job that `submitter` (its authenticated NATS identity) published and that ended
     with `final`. `partial` is what a cancelled job had generated. Only an attesting submitter's `caller`
     and `source` are believed; any other's are kept as claims next to `nats:<submitter>`."""
@@ -84,7 +84,8 @@ def record_for(job_id: str, job: Job | None, final: Done | Failed, partial: Done
         caller=caller, source=source, claimed_caller=claimed_caller, claimed_source=claimed_source, job=job,
         output=done.text if done else "", finish_reason=done.finish_reason if outcome == "done" else None,
         usage=done.usage if done else None, ttft_ms=done.ttft_ms if done else 0.0,
-        duration_ms=done.duration_ms if done else 0.0, worker=worker, ranks=ranks, attempt=attempt, error=error,
+        duration_ms=done.duration_ms if done else 0.0, load_wait_ms=round(load_wait_ms, 1), worker=worker,
+        ranks=ranks, attempt=attempt, error=error,
         job_seq=job_seq,
     )
 

@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from pipeline.subjects import (INSTANCES_BUCKET, INSTANCES_PREFIX, INSTANCES_STREAM, NODES_BUCKET, NODES_PREFIX,
                                NODES_STREAM, subject_token)
+from schemas.catalogue import ClusterModel
 from schemas.cluster import Link, NodeStatus
 from schemas.membership import Instance
 
@@ -124,3 +125,21 @@ async def delete_instance(js, model: str) -> None:
     """A model no longer served leaves the instances bucket (and every ingress's model list)."""
     await js.publish(f"{INSTANCES_PREFIX}.{subject_token(model)}", b"", stream=INSTANCES_STREAM,
                      headers={"KV-Operation": "DEL"})
+
+
+STATUS_OF_STATE = {"serving": "loaded", "placing": "loading", "starting": "loading", "stopping": "unloading"}
+
+
+def cluster_models(statuses: list[NodeStatus], instances: list[Instance]) -> list[ClusterModel]:
+    """The cluster's catalogue: every model on the disk of a node not lost, or with an instance, and its status."""
+    held: dict[str, list[str]] = {}
+    for status in statuses:
+        if state_of(status) != "lost":
+            for model in status.facts.models:
+                held.setdefault(model, []).append(status.facts.id)
+    placed = {i.model: i for i in instances}
+    return [ClusterModel(id=model, status=STATUS_OF_STATE[placed[model].state] if model in placed else "idle",
+                         files_on=sorted(held.get(model, [])), nodes=placed[model].nodes if model in placed else [],
+                         created=placed[model].created if model in placed else 0,
+                         context_length=placed[model].context_length if model in placed else None)
+            for model in sorted(held.keys() | placed.keys())]

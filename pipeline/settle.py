@@ -76,8 +76,9 @@ class Settler:
     """Settles the deliveries of one process (a worker, or the operator's sweep of jobs nobody will take)."""
 
     def __init__(self, nc, model: str, worker: str, ranks: int = 1, revision: str = "", deadline_s: float = 60.0,
-                 stopping: asyncio.Event | None = None):
+                 stopping: asyncio.Event | None = None, ready_at: float = 0.0):
         self.nc = nc
+        self.ready_at = ready_at  # unix seconds when its worker group had loaded the model (0: not a worker)
         self.js = nc.jetstream()
         self.model = model
         self.worker = worker
@@ -91,6 +92,14 @@ class Settler:
         """`stored_result`, retried while NATS is unreachable."""
         return await persist(lambda: stored_result(self.js, self.model_of(delivery), delivery.submitter,
                                                    delivery.job_id), self.deadline_s)
+
+    def load_wait_ms(self, delivery: Delivery) -> float:
+        """How long the job waited for this worker group to load: from when the jobs stream stored it (the
+        broker's clock, not the submitter's claim) to the group's readiness, when it arrived first."""
+        metadata = delivery.msg.metadata if delivery.msg is not None else None
+        if not self.ready_at or metadata is None or metadata.timestamp is None:
+            return 0.0
+        return max(0.0, self.ready_at - metadata.timestamp.timestamp()) * 1000
 
     def model_of(self, delivery: Delivery) -> str:
         return delivery.model or self.model
@@ -138,7 +147,8 @@ class Settler:
         # what the job itself named is in the record's job.
         record = record_for(delivery.job_id, delivery.job, final, partial, submitter=delivery.submitter,
                             model=self.model_of(delivery), revision=self.revision, worker=self.worker,
-                            ranks=self.ranks, attempt=delivery.attempt, job_seq=delivery.seq)
+                            ranks=self.ranks, attempt=delivery.attempt, job_seq=delivery.seq,
+                            load_wait_ms=self.load_wait_ms(delivery))
         started, pause = time.monotonic(), 0.2
         while True:
             try:

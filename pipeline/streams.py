@@ -144,11 +144,19 @@ async def ensure_consumer(js: JetStreamContext, model: str, ack_wait_s: float) -
 
 async def jobs_in_hand(js: JetStreamContext, model: str) -> int | None:
     """Jobs of `model` waiting in its consumer or taken and not yet settled; None when it has no consumer."""
+    use = await model_use(js, model)
+    return None if use is None else use[0]
+
+
+async def model_use(js: JetStreamContext, model: str) -> tuple[int, float] | None:
+    """`model`'s jobs in hand (as `jobs_in_hand`) and when its consumer last delivered one (unix seconds, 0 if
+    never); None when it has no consumer."""
     try:
         info = await js.consumer_info(JOBS_STREAM, worker_durable(model))
     except NotFoundError:
         return None
-    return info.num_pending + info.num_ack_pending
+    last = info.delivered.last_active if info.delivered is not None else None
+    return info.num_pending + info.num_ack_pending, last.timestamp() if last is not None else 0.0
 
 
 async def retire_consumer(js: JetStreamContext, model: str) -> None:

@@ -49,6 +49,9 @@ class AuditRecord(Struct, kw_only=True):
     usage: Union[Usage, None] = None
     ttft_ms: float = 0.0
     duration_ms: float = 0.0
+    # How long the job waited in the queue for the worker group that answered it to load its model (a model loaded
+    # on demand, a switch, a group placed again): from its arrival in the jobs stream to that group's readiness.
+    load_wait_ms: float = 0.0
     worker: str = ""  # host:pid of the worker, or of the leader of its group
     ranks: int = 1
     attempt: int = 1  # JetStream delivery count

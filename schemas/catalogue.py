@@ -6,7 +6,7 @@ become file names here.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 from msgspec import Meta, Struct
 
@@ -60,3 +60,17 @@ class FetchProgress(Struct, kw_only=True):
     source: str = ""  # the node it fetches from
     bytes_per_s: Union[float, None] = None
     error: str = ""  # why the last try failed (it is tried again when the controller orders it again)
+
+
+class ClusterModel(Struct, kw_only=True):
+    """A model of the cluster's catalogue: on some node's disk, or running (pipeline/nodes.py: cluster_models); in
+    `GET /v1/models` (beside OpenAI's fields) and `conclave models list`."""
+
+    id: str
+    # loaded: its instance serves; loading: placed or being placed, its ranks starting; unloading: draining, then
+    # stopped; idle: its files are in the cluster, nothing runs it (a request for it loads it)
+    status: Literal["loaded", "loading", "unloading", "idle"]
+    files_on: list[str] = []  # nodes whose store holds it whole
+    nodes: list[str] = []  # where its ranks run, rank 0 first
+    created: int = 0  # unix seconds it entered a store (0: not known where no instance says)
+    context_length: Union[int, None] = None

@@ -186,6 +186,9 @@ class ModelPlacement(Struct, kw_only=True, forbid_unknown_fields=True):
     nodes: list[str] = []
     layout: Union[Literal["whole", "tensor", "pipeline"], None] = None
     split: list[int] = []
+    # Seconds it may stay idle (nothing queued or running) before it is unloaded; None: until it is unloaded, or
+    # its memory is needed for another model (ops/instances.py). Ignored by a preview.
+    keep_alive: Union[Annotated[float, Meta(ge=0)], None] = None
 
     def request(self) -> PlacementRequest:
         return PlacementRequest(context=self.context, sequences=self.sequences, nodes=self.nodes, layout=self.layout,
@@ -207,16 +210,21 @@ class ControllerPlan(Struct, kw_only=True):
 
     served: InstancePlan
     added: list[InstancePlan] = []
+    # model -> seconds an added instance may stay idle before the first machine unloads it (ops/instances.py:
+    # expire_idle); apart from the entries, so that a new keep-alive never restarts a loaded model.
+    keep_alive: dict[str, float] = {}
 
     def instances(self) -> list[InstancePlan]:
         return [self.served, *(i for i in self.added if i.model != self.served.model)]
 
 
 class InstanceChange(Struct, kw_only=True, forbid_unknown_fields=True):
-    """Asked of the first machine on `conclave.cluster.instances` (ops/instances.py) by an ingress: run `add`'s
-    model as it says, or stop running `remove`."""
+    """Asked of the first machine on `conclave.cluster.instances` (ops/instances.py) by an ingress or the operator:
+    run `add`'s model as it says, `load` a model a request asked for (as the first machine's defaults say, unless
+    it runs already), or stop running `remove`."""
 
     add: Union[ModelPlacement, None] = None
+    load: Union[str, None] = None
     remove: Union[str, None] = None
 
 

@@ -164,6 +164,8 @@ class ModelCard(Struct):
     owned_by: str = "conclave"
     object: str = "model"
     context_length: Union[int, None] = None
+    # Conclave's: loaded, loading, unloading, or idle (in the cluster's catalogue, loaded by the first request)
+    status: str = "loaded"
 
 
 class ModelList(Struct):

@@ -33,7 +33,7 @@ from pipeline.access import OPERATOR, node_role, worker_role
 from pipeline.nodes import read_nodes, state_of
 from pipeline.streams import jobs_in_hand
 from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, NODES_PREFIX, name_of_token
-from tests.conftest import FRANCE, MODEL, connect_as
+from tests.conftest import FRANCE, MODEL, connect_as, wait_for_audit_record
 from tests.test_trust import PERMISSION, Watched
 from workers.store import ModelStore, bundled_gguf
 
@@ -57,6 +57,9 @@ class Cluster:
 
     async def operator(self):
         return await connect_as(self.first.home, self.first.nats_url, OPERATOR)
+
+    async def connect(self, role: str):
+        return await connect_as(self.first.home, self.first.nats_url, role)
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +205,6 @@ async def test_a_model_added_at_runtime_takes_the_room_left_and_is_drained_when_
             assert time.monotonic() < deadline, "the removed instance never went"
             await asyncio.sleep(0.2)
         assert await jobs_in_hand(nc.jetstream(), SECOND) is None  # its consumer is gone
-        with pytest.raises(openai.NotFoundError):
-            client.chat.completions.create(model=SECOND, messages=FRANCE, max_tokens=4)
         deadline = time.monotonic() + 30
         ranks = {first_id: 1, node_id(free.home): 0}  # the first model's rank only
         while {s.facts.id: s.ranks for s in await read_nodes(nc.jetstream()) if s.facts.id in ranks} != ranks:
@@ -213,6 +214,65 @@ async def test_a_model_added_at_runtime_takes_the_room_left_and_is_drained_when_
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     finally:
         await nc.close()
+
+
+THIRD = "SmolLM2-third"
+
+
+def statuses(url: str) -> dict[str, str]:
+    answer = httpx.get(url + "/models", timeout=30)
+    assert answer.status_code == 200, answer.text
+    return {m["id"]: m["status"] for m in answer.json()["data"]}
+
+
+async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fits_one_at_a_time(cluster):
+    """Two models on the first machine's disk, neither running: `GET /v1/models` lists them idle, and a request for
+    either is answered (loaded on demand, 8k x 4 as serve's model: about 1.7 GB, which only the free node and one
+    other together have room for beside the served model, so one at a time). Each switch unloads the idle one
+    first; a keep-alive unloads a model left idle; the audit record says its job waited for a load."""
+    if ModelStore(cluster.first.home / "models").get(SECOND) is None:  # (the test before leaves it there)
+        ModelStore(cluster.first.home / "models").import_gguf(bundled_gguf(), SECOND)
+    ModelStore(cluster.first.home / "models").import_gguf(bundled_gguf(), THIRD)
+    url = cluster.nodes[0].base_url
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+    deadline = time.monotonic() + 30
+    while {statuses(url).get(SECOND), statuses(url).get(THIRD)} != {"idle"}:
+        assert time.monotonic() < deadline, f"the catalogue never listed both idle: {statuses(url)}"
+        await asyncio.sleep(0.2)
+    assert statuses(url)[MODEL] == "loaded"
+
+    def ask(model: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=FRANCE, temperature=0,
+                                                                max_tokens=12)
+        assert "Paris" in raw.parse().choices[0].message.content
+        return raw.headers["x-request-id"]
+
+    job = ask(SECOND)
+    record = await wait_for_audit_record(cluster, lambda r: r.job_id == job)
+    assert record.outcome == "done" and record.load_wait_ms > 0, record
+    assert statuses(url)[SECOND] == "loaded" and statuses(url)[THIRD] == "idle"
+    for model, other in ((THIRD, SECOND), (SECOND, THIRD)):
+        ask(model)  # answered once the other, idle, was unloaded to make room
+        placed = {i["model"]: i for i in listing(url)}
+        assert placed[model]["state"] == "serving" and other not in placed, placed
+        assert len(placed[model]["nodes"]) == 2, placed[model]
+    unknown = httpx.post(url + "/chat/completions", json={"model": "no-such-model", "messages": FRANCE}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+    listed = conclave(cluster.first.home, "models", "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in listed.stdout.splitlines()[1:]}
+    assert rows[SECOND][0] == "loaded" and rows[THIRD][0] == "idle", listed.stdout
+    assert node_id(cluster.first.home) in rows[THIRD][1].split(","), listed.stdout  # where its files are
+    # A keep-alive given to a loaded model does not reload it, and unloads it once idle that long.
+    kept = conclave(cluster.first.home, "models", "load", SECOND, "--keep-alive", "1")
+    assert kept.returncode == 0, kept.stderr
+    deadline = time.monotonic() + 60
+    while any(i["model"] == SECOND for i in listing(url)):
+        assert time.monotonic() < deadline, "the idle model outlived its keep-alive"
+        await asyncio.sleep(0.2)
+    gone = conclave(cluster.first.home, "models", "unload", SECOND)
+    assert gone.returncode == 1 and "no instance" in gone.stderr, gone.stderr
 
 
 def conclave(home: Path, *args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ import msgspec
 
 from ops.model_facts import model_facts
 from ops.placement import RESERVE, budget, offers, place
+from pipeline.nodes import cluster_models
 from schemas.cluster import Link, ModelFacts, NodeFacts, NodeStatus, Plan, PlacementRequest, Refusal
 from schemas.membership import Instance
 from tests.conftest import MODEL
@@ -225,6 +226,25 @@ def test_a_second_model_is_placed_on_what_the_first_ones_plan_leaves_preferring_
     assert {n.id: n.memory_available for n in offers(LLAMA70.id, statuses, [own])} == {"a": 80 * GB, "b": 80 * GB,
                                                                                          "c": 80 * GB}
     assert [n.id for n in offers(MODEL, statuses, [served], everywhere=True)] == ["a", "b", "c"]
+
+
+def test_the_catalogue_is_every_model_on_a_live_nodes_disk_or_running_with_its_status():
+    import time
+
+    now = time.time()
+    statuses = [NodeStatus(facts=node("a", 80, models=("k2", "llama-70b-4bit")), memory_used=0, time=now),
+                NodeStatus(facts=node("b", 80, models=("llama-70b-4bit", "qwen")), memory_used=0, time=now),
+                NodeStatus(facts=node("gone", 80, models=("only-on-a-lost-node",)), memory_used=0, time=now - 60)]
+    instances = [Instance(model="k2", created=7, state="serving", nodes=["a", "b"], context_length=8192),
+                 Instance(model="qwen", created=0, state="stopping", nodes=["b"]),
+                 Instance(model="llama-70b-4bit", created=0, state="placing")]
+    listed = {m.id: m for m in cluster_models(statuses, instances)}
+    assert set(listed) == {"k2", "llama-70b-4bit", "qwen"}  # a lost node's disk is not the cluster's
+    assert (listed["k2"].status, listed["k2"].nodes, listed["k2"].created, listed["k2"].context_length) == \
+        ("loaded", ["a", "b"], 7, 8192)
+    assert (listed["llama-70b-4bit"].status, listed["llama-70b-4bit"].files_on) == ("loading", ["a", "b"])
+    assert listed["qwen"].status == "unloading"
+    assert cluster_models(statuses, [])[0].status == "idle"
 
 
 def test_the_bundled_models_facts_come_from_its_files(server):

@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,7 +102,7 @@ class Worker:
         self.scheduler = BatchScheduler(engine, args.heartbeat)
         # Settling retries for ten ack-waits while NATS is unreachable (a restart, JetStream recovering its store).
         settler = Settler(self.nc, args.model_id, self.name, self.ranks, self.loaded.revision, 50 * args.heartbeat,
-                          stopping)
+                          stopping, ready_at=time.time())
         self.consumer = JobConsumer(
             self.nc, args.model_id, self.loaded, self.scheduler, settler, self.name, args.heartbeat, args.queue_ttl,
             args.max_batch, args.default_max_tokens, PayloadLimits(self.nc.max_payload))
