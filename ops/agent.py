@@ -71,11 +71,12 @@ def local_node(home: Path, offer: Offer, memory=None, held: int = 0) -> NodeFact
     backend = "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else "cpu"
     working_set = mx.device_info().get("max_recommended_working_set_size") if backend == "metal" else None
     memory = memory or psutil.virtual_memory()
+    store = ModelStore(Path(home) / "models")
     limit = offer.memory_limit
     available = memory.available + held if limit is None else min(memory.available + held, limit)
     return NodeFacts(id=node_id(home), host=socket.gethostname(), backend=backend, memory_total=memory.total,
                      memory_available=available, working_set=working_set,
-                     models=[m.id for m in ModelStore(Path(home) / "models").list()],
+                     models=[m.id for m in store.list()], shards=store.shards(),
                      address=offer.address, session=offer.session)
 
 

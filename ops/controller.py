@@ -53,6 +53,7 @@ from pipeline.subjects import subject_token
 from schemas.cluster import NodeStatus, Plan
 from schemas.membership import (FetchOrder, Instance, InstancePlan, OrderReply, PortOrder, RankExit, StartOrder,
                                 StopOrder, WorkerSettings)
+from workers.split import stage_files, weight_map
 from workers.store import DEFAULT_MODEL, ModelStore, StoreError, StoredModel, model_context_length
 
 log = logging.getLogger("conclave.controller")
@@ -194,6 +195,16 @@ def group_of(plan: Plan, nodes: dict[str, NodeStatus]) -> GroupSpec:
     return GroupSpec(layout=plan.layout, backend=backend, split=split, hosts=hosts)
 
 
+def rank_files(spec: GroupSpec, model_dir: Path) -> list[list[str]]:
+    """Per rank, the weight files its node needs: a pipeline stage's (workers/split.py: stage_files) when the model
+    is in several files; else [] (all of them)."""
+    weights = weight_map(model_dir)
+    if spec.layout != "pipeline" or spec.size < 2 or not weights or len(set(weights.values())) < 2:
+        return [[] for _ in range(spec.size)]
+    starts = [sum(spec.split[:r]) for r in range(spec.size)]
+    return [sorted(stage_files(weights, start, start + n)) for start, n in zip(starts, spec.split)]
+
+
 class Controller:
     """Keeps one model placed and running on the cluster."""
 
@@ -228,7 +239,8 @@ class Controller:
                 result = place(self.facts, nodes, links_between(up), self.request) if nodes else None
                 if isinstance(result, Plan):
                     await self._say(state="starting", nodes=[r.node for r in result.ranks], layout=result.layout,
-                                    memory=[r.memory.total for r in result.ranks], why=result.why)
+                                    memory=[r.memory.total for r in result.ranks],
+                                    layers=[list(r.layers) for r in result.ranks], why=result.why)
                     return result, statuses
             reason = (result.reason if result is not None else
                       "no node up holds its files (`conclave models import` it where it should run)" if statuses else
@@ -236,7 +248,7 @@ class Controller:
                       "no node has reported yet")
             if reason != said:
                 log.warning("%s is not placed: %s; waiting for nodes", self.model.id, reason)
-                await self._say(state="placing", nodes=[], memory=[], layout="", why=reason)
+                await self._say(state="placing", nodes=[], memory=[], layers=[], layout="", why=reason)
                 said = reason
             await sleep_unless(stopping, 1.0)
         return None
@@ -259,7 +271,7 @@ class Controller:
                     continue
                 nodes = [r.node for r in plan.ranks]
                 log.info("placing %s: %s over %s (%s)", self.model.id, plan.layout, ", ".join(nodes), plan.why)
-                if not await self._bring_files(nodes, statuses, stopping):
+                if not await self._bring_files(nodes, statuses, stopping, rank_files(spec, self.model.path)):
                     await sleep_unless(stopping, FETCH_RETRY_S)
                     after = time.time()
                     continue
@@ -285,16 +297,26 @@ class Controller:
             if self.supervisor is not None:
                 await asyncio.to_thread(self.supervisor.stop)
 
-    async def _bring_files(self, nodes: list[str], statuses: dict[str, NodeStatus], stopping: asyncio.Event) -> bool:
+    async def _bring_files(self, nodes: list[str], statuses: dict[str, NodeStatus], stopping: asyncio.Event,
+                           parts: list[list[str]]) -> bool:
         """The model's files onto the nodes of the plan that lack them, fetched from a node that holds them
-        (ops/model_files.py); True once every node has them, False if one of them is lost or its fetch failed."""
+        (ops/model_files.py): the weight files in `parts` (per rank: a pipeline stage's) or, where that is empty,
+        all of them; True once every node has them, False if one of them is lost or its fetch failed."""
         model, order = self.model.id, uuid.uuid4().hex[:12]
-        missing = [n for n in nodes if model not in statuses[n].facts.models and model != DEFAULT_MODEL]
+        wanted = dict(zip(nodes, parts))
+
+        def lacks(status: NodeStatus) -> bool:
+            facts = status.facts
+            return model not in facts.models and not (wanted[facts.id] and set(wanted[facts.id]) <= set(
+                facts.shards.get(model, [])))
+
+        missing = [n for n in nodes if lacks(statuses[n]) and model != DEFAULT_MODEL]
         sources = [n for n, status in statuses.items() if model in status.facts.models]
         try:
             for node in missing:
                 reply = await self.orders.ask(node, "fetch", FetchOrder(controller=self.orders.session, order=order,
-                                                                        model_id=model, sources=sources))
+                                                                        model_id=model, sources=sources,
+                                                                        files=wanted[node]))
                 if not reply.ok:
                     raise OSError(reply.error)
         except Exception as exc:
@@ -309,7 +331,7 @@ class Controller:
             if any(n not in now or state_of(now[n]) == "lost" or now[n].facts.session != statuses[n].facts.session
                    for n in missing):
                 return False
-            missing = [n for n in missing if model not in now[n].facts.models]
+            missing = [n for n in missing if lacks(now[n])]
             fetches = [(n, p) for n in missing for p in now[n].fetching if p.model == model]
             if failed := [f"node {n}: {p.error}" for n, p in fetches if p.error and p.order == order]:
                 await self._say(why=f"its files could not be fetched ({'; '.join(failed)}); trying again")

@@ -46,13 +46,13 @@ from starlette.routing import Route
 
 from pipeline.access import AGENTS_PREFIX
 from schemas.catalogue import FILE_NAME, FetchProgress, ModelFile, ModelManifest, Ticket, TicketAsk
-from workers.store import ModelStore, StoredModel, StoreError, is_model_dir
+from workers.store import (MANIFEST_CACHE, REVISION_FILE, ModelStore, StoredModel, StoreError, is_model_dir,
+                           model_revision)
 
 log = logging.getLogger("conclave.files")
 TICKET_S = 600.0  # a ticket unused this long dies; each request it is used for gives it this long again
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few hundred files at most
-MANIFEST_CACHE = ".conclave-manifest.json"  # in the model's directory: hashing 600 GB takes minutes, once
 FETCH_TRIES = 2
 encode = msgspec.json.Encoder().encode
 
@@ -102,7 +102,7 @@ def manifest(model: StoredModel) -> ModelManifest:
         files.append(ModelFile(name=path.name, size=stat.st_size, sha256=digest))
     if fresh != cache:
         keep_manifest(model.path, fresh)
-    return ModelManifest(model=model.id, files=files)
+    return ModelManifest(model=model.id, files=files, revision=model_revision(model.path))
 
 
 def keep_manifest(folder: Path, entries: dict) -> None:
@@ -220,19 +220,49 @@ async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStor
     """Fetch `model_id` from the node at `base_url` into `store` (see the module's docstring); `progress(done,
     total)` after each chunk (from a thread). What was fetched before (an interrupted transfer) is kept and
     resumed; `halt` set stops it at the next chunk."""
-    halt = halt or threading.Event()
     if (stored := store.get(model_id)) is not None:
         return stored
     listed = await read_manifest(base_url, token, model_id)
     incoming = store.root / ".incoming" / store.path(model_id).name
     incoming.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(tidy, incoming, listed)
-    check_room(incoming, listed)
+    await fetch_files(base_url, token, listed, incoming, progress, halt or threading.Event())
+    return await asyncio.to_thread(enter_store, incoming, store, listed)
+
+
+async def fetch_part(base_url: str, token: str, model_id: str, store: ModelStore, only: set[str],
+                     progress: Callable[[int, int], None] | None = None,
+                     halt: threading.Event | None = None) -> Path:
+    """Fetch the weight files `only` of `model_id` (a pipeline rank's: workers/split.py, stage_files) and the
+    model's other files (config, tokenizer) into this node's part of it (`store.shard_path`), beside the files an
+    earlier plan brought that still match. Each file is checked as in `fetch_model` and enters the part by its own
+    rename; the part's manifest (what the node reports holding) is written once all of them are there, with the
+    whole model's revision (the audit log records that one, not a digest of the part)."""
+    listed = await read_manifest(base_url, token, model_id)
+    if unknown := only - {f.name for f in listed.files if f.name.endswith(".safetensors")}:
+        raise FetchError(f"{model_id} on {base_url} has no weight file {', '.join(sorted(unknown))}")
+    wanted = msgspec.structs.replace(listed, files=[f for f in listed.files
+                                                    if not f.name.endswith(".safetensors") or f.name in only])
+    folder = store.shard_path(model_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = await asyncio.to_thread(tidy_part, folder, listed, wanted)
+    await fetch_files(base_url, token, wanted, folder, progress, halt or threading.Event())
+    (folder / REVISION_FILE).write_text(listed.revision)
+    keep_manifest(folder, {**kept, **{f.name: {"size": f.size, "mtime_ns": (folder / f.name).stat().st_mtime_ns,
+                                               "sha256": f.sha256} for f in wanted.files}})
+    return folder
+
+
+async def fetch_files(base_url: str, token: str, listed: ModelManifest, folder: Path,
+                      progress: Callable[[int, int], None] | None, halt: threading.Event) -> None:
+    """Each file of `listed` not whole in `folder` yet, fetched (resumed from its part) and checked, after the disk
+    space it needs was."""
+    check_room(folder, listed)
     for file in listed.files:
-        if (incoming / file.name).is_file():
+        if (folder / file.name).is_file():
             continue
         for attempt in range(1, FETCH_TRIES + 1):
-            done = sum(present(incoming, f) for f in listed.files)
+            done = sum(present(folder, f) for f in listed.files)
 
             def moved(arrived: int) -> None:
                 nonlocal done
@@ -240,17 +270,43 @@ async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStor
                 if progress is not None:
                     progress(done, listed.size)
 
-            await asyncio.to_thread(fetch_file, base_url, token, model_id, file, incoming, moved, halt)
+            await asyncio.to_thread(fetch_file, base_url, token, listed.model, file, folder, moved, halt)
             if halt.is_set():
-                raise FetchError(f"the fetch of {model_id} was stopped")
-            if (incoming / file.name).is_file():
+                raise FetchError(f"the fetch of {listed.model} was stopped")
+            if (folder / file.name).is_file():
                 break
-            log.warning("%s of %s did not match its SHA-256 (try %d of %d)", file.name, model_id, attempt,
+            log.warning("%s of %s did not match its SHA-256 (try %d of %d)", file.name, listed.model, attempt,
                         FETCH_TRIES)
         else:
-            raise FetchError(f"{file.name} of {model_id} from {base_url} does not match its SHA-256 after "
+            raise FetchError(f"{file.name} of {listed.model} from {base_url} does not match its SHA-256 after "
                              f"{FETCH_TRIES} tries: refused (the source's copy may be damaged)")
-    return await asyncio.to_thread(enter_store, incoming, store, listed)
+
+
+def tidy_part(folder: Path, listed: ModelManifest, wanted: ModelManifest) -> dict:
+    """A part's folder made to agree with the source's manifest without hashing it again: a whole file stays if its
+    recorded hash is the manifest's (a file of another stage, from an earlier plan, too), a partial one if it is
+    wanted; the rest goes. Returns the kept files' records, now the part's manifest (what the node reports)."""
+    try:
+        recorded = json.loads((folder / MANIFEST_CACHE).read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    files, wanted_names = {f.name: f for f in listed.files}, {f.name for f in wanted.files}
+    kept = {}
+    for path in folder.iterdir():
+        if path.name in (MANIFEST_CACHE, REVISION_FILE):
+            continue
+        file, entry = files.get(path.name), recorded.get(path.name)
+        if file is not None and entry and path.is_file() and not path.is_symlink() and entry["sha256"] == file.sha256 \
+                and entry["size"] == path.stat().st_size == file.size and entry["mtime_ns"] == path.stat().st_mtime_ns:
+            kept[path.name] = entry
+        elif path.name.endswith(".partial") and path.name.removesuffix(".partial") in wanted_names and path.is_file():
+            continue
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    keep_manifest(folder, kept)
+    return kept
 
 
 async def read_manifest(base_url: str, token: str, model_id: str) -> ModelManifest:
@@ -411,22 +467,23 @@ class NodeFiles:
     async def answer(self, nc):
         return await answer_tickets(nc, self.node_id, self.store, self.tickets, self.url)
 
-    def fetch(self, link, model: str, sources: list[str], order: str) -> None:
-        """Start fetching `model` unless it is here or on its way (the controller orders it again after a failure);
-        its progress names the order it follows."""
-        if self.store.get(model) is not None:
+    def fetch(self, link, model: str, sources: list[str], order: str, files: list[str] = ()) -> None:
+        """Start fetching `model` (only the weight `files` and its other files, when given) unless it is here or on
+        its way (the controller orders it again after a failure); its progress names the order it follows."""
+        if self.store.get(model) is not None or (files and set(files) <= set(self.store.shards().get(model, []))):
             self.progress.pop(model, None)
             return
         if model in self.fetches and not self.fetches[model].done():
             self.progress[model] = msgspec.structs.replace(self.progress[model], order=order)
             return
         self.progress[model] = FetchProgress(model=model, order=order)
-        self.fetches[model] = asyncio.create_task(self._fetch(link, model, [s for s in sources if s != self.node_id]))
+        self.fetches[model] = asyncio.create_task(self._fetch(link, model, [s for s in sources if s != self.node_id],
+                                                              set(files)))
 
     def report(self) -> list[FetchProgress]:
         return list(self.progress.values())
 
-    async def _fetch(self, link, model: str, sources: list[str]) -> None:
+    async def _fetch(self, link, model: str, sources: list[str], files: set[str]) -> None:
         """From the first source that gives a ticket and the files; the next one goes on from what arrived (a source
         that vanishes mid-transfer is replaced)."""
         errors = []
@@ -440,7 +497,10 @@ class NodeFiles:
                     self.progress[model] = FetchProgress(model=model, order=self.progress[model].order, done=done,
                                                          total=total, source=source, bytes_per_s=round(rate))
 
-                await fetch_model(ticket.url, ticket.token, model, self.store, moved, self.halt)
+                if files:
+                    await fetch_part(ticket.url, ticket.token, model, self.store, files, moved, self.halt)
+                else:
+                    await fetch_model(ticket.url, ticket.token, model, self.store, moved, self.halt)
                 log.info("fetched %s from node %s in %.1fs", model, source, time.monotonic() - started)
                 self.progress.pop(model, None)
                 return

@@ -86,13 +86,16 @@ class RankKeeper:
     def command(self, order: StartOrder, folder: Path) -> list[str]:
         store = ModelStore(self.home / "models")
         model = store.get(order.model_id) or (store.ensure_default() if order.model_id == DEFAULT_MODEL else None)
-        if model is None:
+        # The whole model, else the part of it fetched for a pipeline rank here (its worker checks it holds its
+        # stage's files: workers/shard.py).
+        model_dir = model.path if model is not None else store.shard_path(order.model_id)
+        if model is None and order.model_id not in store.shards():
             raise ValueError(f"model {order.model_id} is not on node {self.node_id} (`conclave models pull` or "
                              f"`import` it there)")
         spec = GroupSpec(layout=order.layout, backend=order.backend, split=order.split or None)
-        identity = self.worker(model.id)
+        identity = self.worker(order.model_id)
         return python_command(
-            "workers.worker", "--model-id", model.id, "--model-dir", str(model.path), "--nats-url", self.nats_url,
+            "workers.worker", "--model-id", order.model_id, "--model-dir", str(model_dir), "--nats-url", self.nats_url,
             "--nats-seed", str(identity.seed_file), "--nats-ca", str(identity.ca_file), "--group-id",
             order.group_id, "--alive-dir", str(folder), *order.settings.arguments(), *rank_arguments(spec))
 
@@ -195,7 +198,7 @@ async def obey(link, keeper: RankKeeper, files: NodeFiles, stopping: asyncio.Eve
                 reply = OrderReply(ok=True, port=free_port(keeper.address))
             elif kind == "fetch":
                 order = msgspec.json.decode(msg.data, type=FetchOrder)
-                files.fetch(link, order.model_id, order.sources, order.order)
+                files.fetch(link, order.model_id, order.sources, order.order, order.files)
                 reply = OrderReply(ok=True)
             else:
                 reply = OrderReply(ok=False, error=f"no order {kind!r}")

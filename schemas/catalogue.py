@@ -28,6 +28,7 @@ class ModelManifest(Struct, kw_only=True, forbid_unknown_fields=True):
 
     model: str
     files: list[ModelFile]
+    revision: str = ""  # workers/store.py: model_revision of the whole model, kept by a node that fetches a part
 
     @property
     def size(self) -> int:

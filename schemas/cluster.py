@@ -29,6 +29,8 @@ class NodeFacts(Struct, kw_only=True):
     # Metal's recommended working set (`mx.device_info()`): what the GPU may use, well under total RAM.
     working_set: Union[int, None] = None
     models: list[str] = []  # model ids whose files are on this node's disk
+    # model id -> its weight files held here, for a model held only in part (a pipeline rank's, fetched per rank)
+    shards: dict[str, list[str]] = {}
     address: str = ""  # where the ranks of other nodes reach this one (mx.distributed's ring, jaccl's coordinator)
     session: str = ""  # new at every start of its agent: two live agents with one node id are told apart
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 
 from msgspec import Meta, Struct, field
 
+from schemas.catalogue import FileName
 from schemas.cluster import PlacementRequest
 
 NKEY_USER = r"^U[A-Z2-7]{55}$"
@@ -141,6 +142,9 @@ class FetchOrder(Struct, kw_only=True, forbid_unknown_fields=True):
     order: str  # said back in the node's fetch progress, so that the controller judges this order's outcome only
     model_id: str
     sources: list[str]
+    # Only these weight files (a pipeline rank's, workers/split.py: stage_files) and the model's other files, into
+    # the node's part of it; empty: the whole model
+    files: list[FileName] = []
 
 
 class OrderReply(Struct, kw_only=True):
@@ -170,6 +174,7 @@ class Instance(Struct, kw_only=True):
     state: Literal["placing", "starting", "serving", "stopping"] = "placing"
     nodes: list[str] = []  # where its ranks run, rank 0 first
     memory: list[int] = []  # bytes its plan reserves on each of those nodes (ops/placement.py: offers)
+    layers: list[list[int]] = []  # [start, end) of the model's layers each of those nodes holds
     layout: str = ""
     why: str = ""  # the placement's reason, or why it is not placed (a refusal's numbers)
     time: float = 0.0

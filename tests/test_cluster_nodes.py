@@ -34,7 +34,9 @@ from pipeline.nodes import read_nodes, state_of
 from pipeline.streams import jobs_in_hand
 from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, NODES_PREFIX, name_of_token
 from tests.conftest import FRANCE, MODEL, connect_as, wait_for_audit_record
+from tests.sharded import sharded_copy
 from tests.test_trust import PERMISSION, Watched
+from workers.split import stage_files
 from workers.store import ModelStore, bundled_gguf
 
 LIMIT_GB = "1.5"
@@ -230,9 +232,12 @@ async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fit
     either is answered (loaded on demand, 8k x 4 as serve's model: about 1.7 GB, which only the free node and one
     other together have room for beside the served model, so one at a time). Each switch unloads the idle one
     first; a keep-alive unloads a model left idle; the audit record says its job waited for a load."""
-    if ModelStore(cluster.first.home / "models").get(SECOND) is None:  # (the test before leaves it there)
-        ModelStore(cluster.first.home / "models").import_gguf(bundled_gguf(), SECOND)
-    ModelStore(cluster.first.home / "models").import_gguf(bundled_gguf(), THIRD)
+    store = ModelStore(cluster.first.home / "models")
+    if store.get(SECOND) is None:  # (the test before leaves it there)
+        store.import_gguf(bundled_gguf(), SECOND)
+    # The third in six weight files (the tensors of no layer, then 6 layers a file), as large checkpoints come: a
+    # pipeline rank's node fetches only its stage's.
+    weights = sharded_copy(store.path(SECOND), store.path(THIRD), layers_per_file=6)
     url = cluster.nodes[0].base_url
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
     deadline = time.monotonic() + 30
@@ -256,6 +261,15 @@ async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fit
         placed = {i["model"]: i for i in listing(url)}
         assert placed[model]["state"] == "serving" and other not in placed, placed
         assert len(placed[model]["nodes"]) == 2, placed[model]
+        if model == THIRD:  # each node without it fetched its stage's weight files, no more
+            homes = {node_id(n.home): n.home for n in cluster.nodes}
+            fetched = [(homes[n], layers) for n, layers in zip(placed[THIRD]["nodes"], placed[THIRD]["layers"])
+                       if n in homes]
+            assert fetched, placed[THIRD]
+            for home, (start, end) in fetched:
+                held = ModelStore(home / "models")
+                assert held.get(THIRD) is None and held.shards()[THIRD] == sorted(stage_files(weights, start, end))
+                assert len(held.shards()[THIRD]) < len(set(weights.values()))
     unknown = httpx.post(url + "/chat/completions", json={"model": "no-such-model", "messages": FRANCE}, timeout=30)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
 

@@ -19,10 +19,11 @@ import pytest
 import uvicorn
 
 from ops.config import free_port
-from ops.model_files import (FetchError, Tickets, answer_tickets, ask_ticket, check_room, fetch_model, files_app,
-                             manifest, sha256_of)
+from ops.model_files import (FetchError, Tickets, answer_tickets, ask_ticket, check_room, fetch_model, fetch_part,
+                             files_app, manifest, sha256_of)
 from schemas.catalogue import ModelManifest
-from workers.store import ModelStore
+from workers.split import stage_files
+from workers.store import ModelStore, model_revision
 
 MODEL_ID = "acme/tiny-model"
 SIZES = {"config.json": 64, "model-00001-of-00002.safetensors": 3_000_000,
@@ -81,6 +82,35 @@ async def test_a_model_arrives_whole_and_as_its_manifest_says(source, tmp_path):
     assert not any((receiver.root / ".incoming").iterdir())  # nothing half-arrived left behind
     # The hashes it was checked against came with it: serving it on to the next node hashes nothing again.
     assert (fetched.path / ".conclave-manifest.json").is_file() and manifest(fetched).files == listed.files
+
+
+async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_later_plan_still_uses(source, tmp_path):
+    store, path = source
+    tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    async with serving(store, tickets) as (url, ranges):
+        folder = await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {second})
+        assert sorted(p.name for p in folder.iterdir() if p.name[0] != ".") == ["config.json", second,
+                                                                                  "tokenizer.json"]
+        assert receiver.get(MODEL_ID) is None and receiver.list() == []  # a part is never a model of the store
+        assert receiver.shards() == {MODEL_ID: [second]}  # what the node reports holding
+        assert model_revision(folder) == model_revision(path)  # the whole model's, for the audit log
+        asked = len(ranges)
+        # Another plan: this node's stage now needs both files; the one it has is not fetched again.
+        await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {first, second})
+        assert len(ranges) == asked + 2  # the manifest and the first file
+        assert receiver.shards() == {MODEL_ID: [first, second]}
+        with pytest.raises(FetchError, match="no weight file"):
+            await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {"model-00009.safetensors"})
+    assert (folder / first).read_bytes() == (path / first).read_bytes()
+
+
+def test_a_stage_reads_the_files_of_its_layers_and_those_of_no_layer():
+    weights = {"model.embed_tokens.weight": "a", "model.layers.0.mlp.weight": "a", "model.layers.1.mlp.weight": "b",
+               "model.layers.2.mlp.weight": "c", "model.layers.3.mlp.weight": "c", "model.norm.weight": "d",
+               "lm_head.weight": "d"}
+    assert stage_files(weights, 0, 2) == {"a", "b", "d"}
+    assert stage_files(weights, 2, 4) == {"a", "c", "d"}
 
 
 async def test_a_byte_flipped_at_the_source_is_detected_and_the_file_refused(source, tmp_path):

@@ -27,7 +27,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
 from workers.split import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel,  # noqa: F401 (re-exported)
-                           pipeline_split, tensor_parallel_sizes)
+                           pipeline_split, stage_files, tensor_parallel_sizes, weight_map)
 
 
 @dataclass
@@ -141,7 +141,12 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
     model_dir = Path(model_dir)
     size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
-    model, config = mlx_lm_load_model(model_dir, lazy=True)  # lazy: nothing is read until evaluated below
+    # A pipeline rank's node may hold only the weight files of its stage (ops/model_files.py: fetched per rank):
+    # loaded without insisting on every weight, then checked to hold every file its stage reads.
+    weights = weight_map(model_dir)
+    missing = set(weights.values()) - {p.name for p in model_dir.glob("*.safetensors")} if weights else set()
+    # lazy: nothing is read until evaluated below
+    model, config = mlx_lm_load_model(model_dir, lazy=True, strict=not missing)
     num_layers = len(model.layers)
     layers = (0, num_layers)
     if size > 1:
@@ -152,6 +157,10 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
         model.shard(group)
     elif layout == "pipeline" and size > 1:
         layers = _cut_pipeline_stage(model, rank, size, split or pipeline_split(num_layers, size))
+    needed = stage_files(weights, *layers) if missing and layout == "pipeline" and size > 1 else missing
+    if lacking := sorted(missing & needed):
+        raise ShardError(f"{model_dir} lacks {', '.join(lacking)}, which layers {layers[0]}-{layers[1]} of this rank "
+                         f"need")
     # MLX's CPU kernels for float16/bfloat16 are several times slower than float32 (about 30x for
     # fp16 activations against quantized weights); Metal and CUDA keep the checkpoint's dtype.
     if mx.default_device() == mx.cpu:

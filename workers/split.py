@@ -6,6 +6,10 @@ The worker's loader (workers/shard.py) checks a split with them before it loads 
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 LAYOUTS = ("whole", "tensor", "pipeline")
 
 
@@ -68,3 +72,27 @@ def check_pipeline_split(split: list[int], num_layers: int, ranks: int) -> None:
     if len(split) != ranks or any(s < 1 for s in split) or sum(split) != num_layers:
         raise ShardError(f"--split {','.join(map(str, split))} must give each of the {ranks} ranks at least one "
                          f"layer and add up to the model's {num_layers} layers.")
+
+
+WEIGHT_INDEX = "model.safetensors.index.json"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def weight_map(model_dir: Path) -> dict[str, str] | None:
+    """The model's weight map (tensor name -> the safetensors file holding it), or None for a model in one file."""
+    path = Path(model_dir) / WEIGHT_INDEX
+    return json.loads(path.read_text())["weight_map"] if path.is_file() else None
+
+
+def stage_files(weights: dict[str, str], start: int, end: int) -> set[str]:
+    """The weight files a pipeline stage holding layers [start, end) reads: those with any of its layers, and those
+    with any tensor of no layer (embeddings, final norm, head: a stage keeps what its place needs, and which of
+    them a file holds is not worth a finer guess). Matched by layer number as mlx-lm's `sharded_load` does, since
+    a model's `sanitize` may rename tensors but keeps their layer. The controller fetches these to a pipeline
+    rank's node (ops/controller.py) and the worker checks it has them before loading (workers/shard.py)."""
+    files = set()
+    for name, file in weights.items():
+        layer = _LAYER.search(name)
+        if layer is None or start <= int(layer.group(1)) < end:
+            files.add(file)
+    return files

@@ -29,6 +29,15 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikt
 _ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+# Beside a model's files: their hashes (ops/model_files.py: manifest), and, in a folder holding only some of its
+# weight files, the whole model's revision as the node it came from computed it.
+MANIFEST_CACHE = ".conclave-manifest.json"
+REVISION_FILE = ".conclave-revision"
+# Where a node keeps the part of a model a pipeline rank placed here needs (ops/model_files.py: fetch_part), apart
+# from the whole models: `list` and `get` never see a part, so no node serves or places one as a model.
+SHARDS = ".shards"
+
+
 class StoreError(ValueError):
     """A model that cannot be found, imported or stored; the message is for the operator."""
 
@@ -75,6 +84,23 @@ class ModelStore:
         if not is_model_dir(path):
             return None
         return StoredModel(model_id, path, int((path / "config.json").stat().st_mtime))
+
+    def shard_path(self, model_id: str) -> Path:
+        return self.root / SHARDS / self.path(model_id).name
+
+    def shards(self) -> dict[str, list[str]]:
+        """model id -> the weight files held of it here (its part's checked files, as their manifest records them),
+        for each model held in part and not whole."""
+        held = {}
+        for folder in sorted((self.root / SHARDS).glob("*/")):
+            model_id = folder.name.replace("--", "/")
+            try:
+                files = json.loads((folder / MANIFEST_CACHE).read_text())
+            except (OSError, ValueError):
+                continue
+            if _is_id(model_id) and self.get(model_id) is None and "config.json" in files:
+                held[model_id] = sorted(name for name in files if name.endswith(".safetensors"))
+        return held
 
     def list(self) -> list[StoredModel]:
         if not self.root.exists():
@@ -154,8 +180,11 @@ def model_revision(path: Path) -> str:
 
     SHA-256 over the config, the tokenizer files and each weight file's name and size (not the weight
     bytes: hashing a terabyte at every worker start would take tens of minutes). A different model,
-    quantization, tokenizer or chat template changes it; a weight file rewritten at the same size does not.
+    quantization, tokenizer or chat template changes it; a weight file rewritten at the same size does not. A
+    folder holding part of a model says the whole model's revision (REVISION_FILE), as its source computed it.
     """
+    if (kept := Path(path) / REVISION_FILE).is_file():  # a part of a model: the whole one's revision
+        return kept.read_text().strip()
     digest = hashlib.sha256()
     for file in sorted(Path(path).iterdir()):
         if file.suffix == ".safetensors":
