@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ops.model_files import NodeFiles, Tickets, fetch_model, manifest
+from ops.model_fetch import fetch_model
+from ops.model_files import NodeFiles, Tickets, manifest
 from workers.store import ModelStore
 
 MODEL_ID = "bench-files-model"

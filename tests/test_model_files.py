@@ -19,8 +19,8 @@ import pytest
 import uvicorn
 
 from ops.config import free_port
-from ops.model_files import (FetchError, Tickets, answer_tickets, ask_ticket, check_room, fetch_model, fetch_part,
-                             files_app, manifest, sha256_of)
+from ops.model_fetch import FetchError, check_room, fetch_model, fetch_part, sha256_of
+from ops.model_files import Tickets, answer_tickets, ask_ticket, files_app, manifest
 from schemas.catalogue import ModelManifest
 from workers.split import stage_files
 from workers.store import ModelStore, model_revision
