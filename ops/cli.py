@@ -296,6 +296,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--files", action="store_true", help="instead: model files between nodes on loopback (one and "
                    "three receivers) against a plain copy of the same bytes")
     b.add_argument("--size-gb", type=float, default=2.0, help="--files: the synthetic model's size")
+    b.add_argument("--link-gbit", type=float, default=None, help="--files: instead of loopback, each node in a "
+                   "network namespace of its own on a bridge, its link limited to this rate both ways (root only)")
     b.set_defaults(func=cmd_bench)
 
     a = sub.add_parser("audit", help="read, export, verify and replay the audit log; print its signing key",

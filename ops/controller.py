@@ -312,10 +312,14 @@ class Controller:
 
         missing = [n for n in nodes if lacks(statuses[n]) and model != DEFAULT_MODEL]
         sources = [n for n, status in statuses.items() if model in status.facts.models]
+        # The nodes that need it whole fetch it in a chain, each from the one before it as it arrives there
+        # (ops/model_relay.py), with the holders as fallbacks: N nodes in about the time of one copy.
+        chain = [n for n in missing if not wanted[n]]
         try:
             for node in missing:
+                before = [chain[chain.index(node) - 1]] if node in chain[1:] else []
                 reply = await self.orders.ask(node, "fetch", FetchOrder(controller=self.orders.session, order=order,
-                                                                        model_id=model, sources=sources,
+                                                                        model_id=model, sources=before + sources,
                                                                         files=wanted[node]))
                 if not reply.ok:
                     raise OSError(reply.error)

@@ -29,6 +29,12 @@ log = logging.getLogger("conclave.files")
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few hundred files at most
 FETCH_TRIES = 2
+INCOMING_MANIFEST = ".conclave-incoming.json"  # the source's manifest of a model on its way here
+
+
+def incoming_path(store: ModelStore, model_id: str) -> Path:
+    """Where a whole model arrives, before it enters the store by one rename."""
+    return store.root / ".incoming" / store.path(model_id).name
 
 
 class FetchError(Exception):
@@ -67,9 +73,11 @@ async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStor
     if (stored := store.get(model_id)) is not None:
         return stored
     listed = await read_manifest(base_url, token, model_id)
-    incoming = store.root / ".incoming" / store.path(model_id).name
+    incoming = incoming_path(store, model_id)
     incoming.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(tidy, incoming, listed)
+    # What this node passes on to the next receiver while the files arrive (ops/model_relay.py).
+    (incoming / INCOMING_MANIFEST).write_bytes(msgspec.json.encode(listed))
     await fetch_files(base_url, token, listed, incoming, progress, halt or threading.Event())
     return await asyncio.to_thread(enter_store, incoming, store, listed)
 
@@ -195,6 +203,7 @@ def tidy(incoming: Path, listed: ModelManifest) -> None:
 def enter_store(incoming: Path, store: ModelStore, listed: ModelManifest) -> StoredModel:
     """The model into the store whole, by one rename, with the hashes it was checked against (the next node it
     serves need not hash it again)."""
+    (incoming / INCOMING_MANIFEST).unlink(missing_ok=True)
     if not is_model_dir(incoming):
         raise FetchError(f"{listed.model} arrived without config.json and *.safetensors: not a model")
     keep_manifest(incoming, {f.name: {"size": f.size, "mtime_ns": (incoming / f.name).stat().st_mtime_ns,
@@ -229,8 +238,9 @@ def check_room(incoming: Path, listed: ModelManifest) -> None:
 def fetch_file(base_url: str, token: str, model_id: str, file: ModelFile, incoming: Path,
                moved: Callable[[int], None], halt: threading.Event) -> None:
     """One file into `incoming`: `<name>` if its SHA-256 matched, else nothing (a part stays as `<name>.partial`
-    when `halt` stopped it). Blocking: run it in a thread. With http.client reading into one 1 MiB buffer, hashing
-    and writing as it goes, it moved 815 MB/s on loopback here; httpx's async stream moved 330 MB/s without them."""
+    when `halt` stopped it, or the source cut it short: FetchError). Blocking: run it in a thread. With http.client
+    reading into one 1 MiB buffer, hashing and writing as it goes, it moved 815 MB/s on loopback here; httpx's
+    async stream moved 330 MB/s without them."""
     partial = incoming / f"{file.name}.partial"
     have = partial.stat().st_size if partial.is_file() else 0
     if have > file.size:  # longer than the file: not a part of it
@@ -261,7 +271,9 @@ def fetch_file(base_url: str, token: str, model_id: str, file: ModelFile, incomi
             connection.close()
     if halt.is_set():
         return
-    if have == file.size and digest.hexdigest() == file.sha256:
+    if have < file.size:  # the source closed the transfer short (it stopped, or a relay was cut): kept, to resume
+        raise FetchError(f"{file.name} of {model_id} was cut short at {have} of {file.size} bytes")
+    if digest.hexdigest() == file.sha256:
         partial.replace(incoming / file.name)
     else:
         partial.unlink(missing_ok=True)

@@ -26,6 +26,8 @@ import secrets
 import threading
 import time
 
+from typing import Callable
+
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,6 +35,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ops.model_fetch import CHUNK, FetchError, fetch_model, fetch_part, keep_manifest, sha256_of
+from ops.model_relay import arriving_manifest, relayed
 from pipeline.access import AGENTS_PREFIX
 from schemas.catalogue import FILE_NAME, FetchProgress, ModelFile, ModelManifest, Ticket, TicketAsk
 from workers.store import (MANIFEST_CACHE, ModelStore, StoredModel, StoreError, model_revision)
@@ -104,19 +107,18 @@ class WholeChunks(FileResponse):
     chunk_size = CHUNK  # Starlette's 64 KiB means sixteen times the sends for the same bytes
 
 
-def files_app(store: ModelStore, tickets: Tickets) -> Starlette:
+def files_app(store: ModelStore, tickets: Tickets, receiving: Callable[[str], bool] = lambda model: False) -> Starlette:
     """`GET /manifest?model=ID` and `GET /file?model=ID&name=NAME` (Range requests honoured), each with
-    `Authorization: Bearer <ticket>`; 401 without a ticket for that model, 404 for what is not in the store."""
+    `Authorization: Bearer <ticket>`; 401 without a ticket for that model, 404 for what is not here. A model
+    `receiving` says is arriving whole is served as it arrives (ops/model_relay.py)."""
 
-    def checked(request: Request) -> StoredModel:
+    def checked(request: Request) -> str:
         model_id = request.query_params.get("model", "")
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
         if not token or not tickets.allows(token, model_id):
             raise PermissionError
-        model = store.get(model_id)
-        if model is None:
-            raise FileNotFoundError
-        return model
+        store.path(model_id)  # a model id, or StoreError: 404
+        return model_id
 
     def answering(handler):
         async def endpoint(request: Request) -> Response:
@@ -130,31 +132,41 @@ def files_app(store: ModelStore, tickets: Tickets) -> Starlette:
 
     hashing: dict[str, asyncio.Lock] = {}
 
-    async def listed(model: StoredModel) -> ModelManifest:
+    async def listed(model_id: str) -> tuple[StoredModel | None, ModelManifest]:
+        """The stored model and its manifest, or (None, the source's manifest) for one arriving here."""
+        if (model := store.get(model_id)) is None:
+            if (arriving := await arriving_manifest(store, model_id, receiving)) is not None:
+                return None, arriving
+            if (model := store.get(model_id)) is None:  # (it may have entered the store meanwhile)
+                raise FileNotFoundError
         # One hashing of a model at a time: a model never served before takes minutes, and every receiver asks.
         async with hashing.setdefault(model.id, asyncio.Lock()):
-            return await asyncio.to_thread(manifest, model)
+            return model, await asyncio.to_thread(manifest, model)
 
-    async def get_manifest(request: Request, model: StoredModel) -> Response:
-        return Response(encode(await listed(model)), media_type="application/json")
+    async def get_manifest(request: Request, model_id: str) -> Response:
+        return Response(encode((await listed(model_id))[1]), media_type="application/json")
 
-    async def get_file(request: Request, model: StoredModel) -> Response:
+    async def get_file(request: Request, model_id: str) -> Response:
         name = request.query_params.get("name", "")
-        listed_names = {f.name for f in (await listed(model)).files}
-        if name not in listed_names:  # only what the manifest lists: no other path is ever opened
+        model, files = await listed(model_id)
+        file = next((f for f in files.files if f.name == name), None)
+        if file is None:  # only what the manifest lists: no other path is ever opened
             raise FileNotFoundError
+        if model is None:
+            return relayed(store, model_id, file, request.headers.get("range", ""), receiving)
         return WholeChunks(model.path / name)
 
     return Starlette(routes=[Route("/manifest", answering(get_manifest)), Route("/file", answering(get_file))])
 
 
-async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, url: str):
-    """Tickets for this node's file port (at `url`), to the agents of other nodes (NATS lets only them ask here).
-    Returns the subscription."""
+async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, url: str,
+                         receiving: Callable[[str], bool] = lambda model: False):
+    """Tickets for this node's file port (at `url`), to the agents of other nodes (NATS lets only them ask here), for
+    the models it holds or is `receiving`. Returns the subscription."""
     async def ticket(msg):
         try:
             asked = msgspec.json.decode(msg.data, type=TicketAsk)
-            if store.get(asked.model) is None:
+            if store.get(asked.model) is None and not receiving(asked.model):
                 raise StoreError(f"{asked.model} is not on node {node_id}")
             answer = Ticket(url=url, token=tickets.issue(asked.model), ttl_s=tickets.ttl_s)
         except (msgspec.MsgspecError, StoreError) as exc:
@@ -181,6 +193,7 @@ class NodeFiles:
         self.tickets = Tickets()
         self.url, self.server, self.serving = "", None, None
         self.fetches: dict[str, asyncio.Task] = {}
+        self.receiving: set[str] = set()  # models on their way here whole: passed on as they arrive
         self.progress: dict[str, FetchProgress] = {}
         self.halt = threading.Event()  # set at stop: a fetch's thread stops at its next chunk
 
@@ -196,7 +209,8 @@ class NodeFiles:
         listener.bind((self.address, 0))
         port = listener.getsockname()[1]
         # A peer in the middle of a large file does not hold this node's stop up for more than a few seconds.
-        self.server = SignalFreeServer(uvicorn.Config(files_app(self.store, self.tickets), log_level="warning",
+        self.server = SignalFreeServer(uvicorn.Config(files_app(self.store, self.tickets, self.receiving.__contains__),
+                                                      log_level="warning",
                                                       timeout_graceful_shutdown=2))
         self.serving = asyncio.create_task(self.server.serve(sockets=[listener]))
         while not self.server.started:
@@ -214,7 +228,7 @@ class NodeFiles:
             await asyncio.gather(self.serving, *self.fetches.values(), return_exceptions=True)
 
     async def answer(self, nc):
-        return await answer_tickets(nc, self.node_id, self.store, self.tickets, self.url)
+        return await answer_tickets(nc, self.node_id, self.store, self.tickets, self.url, self.receiving.__contains__)
 
     def fetch(self, link, model: str, sources: list[str], order: str, files: list[str] = ()) -> None:
         """Start fetching `model` (only the weight `files` and its other files, when given) unless it is here or on
@@ -226,8 +240,20 @@ class NodeFiles:
             self.progress[model] = msgspec.structs.replace(self.progress[model], order=order)
             return
         self.progress[model] = FetchProgress(model=model, order=order)
+        if not files:  # from now: the next receiver of a chain may ask for a ticket before this fetch has begun
+            self.receiving.add(model)
         self.fetches[model] = asyncio.create_task(self._fetch(link, model, [s for s in sources if s != self.node_id],
                                                               set(files)))
+
+    async def receive(self, url: str, token: str, model: str, moved: Callable[[int, int], None] | None = None):
+        """`model` whole from the file port at `url`, passed on to other receivers while it arrives."""
+        owned = model not in self.receiving  # (a fetch the controller ordered stays receiving between its sources)
+        self.receiving.add(model)
+        try:
+            return await fetch_model(url, token, model, self.store, moved, self.halt)
+        finally:
+            if owned:
+                self.receiving.discard(model)
 
     def report(self) -> list[FetchProgress]:
         return list(self.progress.values())
@@ -249,12 +275,14 @@ class NodeFiles:
                 if files:
                     await fetch_part(ticket.url, ticket.token, model, self.store, files, moved, self.halt)
                 else:
-                    await fetch_model(ticket.url, ticket.token, model, self.store, moved, self.halt)
+                    await self.receive(ticket.url, ticket.token, model, moved)
                 log.info("fetched %s from node %s in %.1fs", model, source, time.monotonic() - started)
+                self.receiving.discard(model)
                 self.progress.pop(model, None)
                 return
             except Exception as exc:
                 log.warning("could not fetch %s from node %s: %s", model, source, exc)
                 errors.append(f"from node {source}: {exc}")
+        self.receiving.discard(model)
         self.progress[model] = FetchProgress(model=model, order=self.progress[model].order,
                                              error="; ".join(errors) or "no node holds it")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import httpx
@@ -39,13 +40,16 @@ def make_model(store: ModelStore) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def serving(store: ModelStore, tickets: Tickets):
-    """The file port on loopback; yields its URL and the Range header of each request it got."""
-    app, ranges = files_app(store, tickets), []
+async def serving(store: ModelStore, tickets: Tickets, receiving=lambda model: False, before=None):
+    """The file port on loopback; yields its URL and the Range header of each request it got. `before(query)` is
+    awaited before a request is answered."""
+    app, ranges = files_app(store, tickets, receiving), []
 
     async def recording(scope, receive, send):
         if scope["type"] == "http":
             ranges.append(dict(scope["headers"]).get(b"range", b"").decode())
+            if before is not None:
+                await before(scope["query_string"].decode())
         await app(scope, receive, send)
 
     port = free_port()
@@ -111,6 +115,60 @@ def test_a_stage_reads_the_files_of_its_layers_and_those_of_no_layer():
                "lm_head.weight": "d"}
     assert stage_files(weights, 0, 2) == {"a", "b", "d"}
     assert stage_files(weights, 2, 4) == {"a", "c", "d"}
+
+
+async def test_a_receiver_passes_a_model_on_as_it_arrives_and_a_cut_relay_is_resumed_from_the_source(source, tmp_path):
+    """Fan-out in a chain (ops/model_relay.py): B fetches from A while A fetches from the source. The source holds
+    A's request for the last file until B has everything A has: B got those bytes from A before A had them all."""
+    store, path = source
+    last = sorted(SIZES)[-1]
+    release, failing = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_last_file(query: str) -> None:
+        if f"name={last}" in query:
+            await release.wait()
+            if failing.is_set():  # the source dies under A: A stops receiving, B's relay is cut
+                raise ConnectionResetError
+
+    a_store, b_store, a_receiving = ModelStore(tmp_path / "a"), ModelStore(tmp_path / "b"), {MODEL_ID}
+    source_tickets, a_tickets = Tickets(), Tickets()
+    for cut in (False, True):
+        shutil.rmtree(a_store.root, ignore_errors=True)
+        shutil.rmtree(b_store.root, ignore_errors=True)
+        release.clear()
+        failing.set() if cut else failing.clear()
+        a_receiving.add(MODEL_ID)
+        b_done = []
+        async with serving(store, source_tickets, before=hold_the_last_file) as (source_url, source_asked), \
+                serving(a_store, a_tickets, a_receiving.__contains__) as (a_url, a_asked):
+            async def a_fetches():
+                try:
+                    await fetch_model(source_url, source_tickets.issue(MODEL_ID), MODEL_ID, a_store)
+                finally:
+                    a_receiving.discard(MODEL_ID)
+
+            a = asyncio.create_task(a_fetches())
+            b = asyncio.create_task(fetch_model(a_url, a_tickets.issue(MODEL_ID), MODEL_ID, b_store,
+                                                lambda done, total: b_done.append(done)))
+            before_last = sum(size for name, size in SIZES.items() if name != last)
+            while not b_done or b_done[-1] < before_last:  # B has what A has, from A, while A still waits
+                assert not b.done(), b.exception()
+                await asyncio.sleep(0.01)
+            assert MODEL_ID in a_receiving and a_store.get(MODEL_ID) is None
+            release.set()
+            if not cut:
+                await asyncio.gather(a, b)
+            else:
+                with pytest.raises(Exception):
+                    await a
+                with pytest.raises(Exception):  # cut short: not taken as the file
+                    await b
+                assert b_store.get(MODEL_ID) is None
+                failing.clear()
+                await fetch_model(source_url, source_tickets.issue(MODEL_ID), MODEL_ID, b_store)  # resumed there
+                assert len(source_asked) == (1 + len(SIZES)) + 2  # A's; then B's manifest and the file it lacked
+        assert all(r == "" for r in a_asked), a_asked  # B asked A for each file from its start
+        assert all((b_store.get(MODEL_ID).path / n).read_bytes() == (path / n).read_bytes() for n in SIZES)
 
 
 async def test_a_byte_flipped_at_the_source_is_detected_and_the_file_refused(source, tmp_path):
