@@ -26,7 +26,7 @@ from ingress.metrics import Metrics
 from pipeline.access import Identity
 from pipeline.connection import Link
 from pipeline.nodes import INSTANCES_REFRESH_S, cluster_models, read_instances, read_nodes
-from pipeline.subjects import STATUS_PREFIX
+from pipeline.subjects import INSTANCES_PREFIX, STATUS_PREFIX
 from schemas.catalogue import ClusterModel
 from schemas.jobs import WorkerStatus
 from schemas.openai import ErrorDetail, ModelCard
@@ -57,6 +57,7 @@ class Ingress:
         self.models = {m.id: m for m in config.models}
         self.placements: dict[str, float] = {}  # model -> when the cluster's controller last placed it
         self.catalogue: dict[str, ClusterModel] = {}  # the cluster's models, loaded or not (pipeline/nodes.py)
+        self.instances_changed = asyncio.Event()
         self.workers = WorkerTable(config.status_ttl_s)
         self.admission = Admission(self.workers, config.max_queue_wait_s)
         self.metrics = Metrics()
@@ -69,7 +70,11 @@ class Ingress:
             with contextlib.suppress(msgspec.MsgspecError):
                 self.workers.update(decode_status(msg.data))
 
+        async def on_instance(msg):  # an instance written or deleted: its model list is read again now
+            self.instances_changed.set()
+
         await nc.subscribe(f"{STATUS_PREFIX}.>", cb=on_status)
+        await nc.subscribe(f"{INSTANCES_PREFIX}.>", cb=on_instance)
 
     async def start(self) -> None:
         await self.link.open()
@@ -88,8 +93,10 @@ class Ingress:
 
     async def follow_instances(self) -> None:
         """The models it answers for: those it was started with, and every one the cluster's controller has
-        placed (the instances bucket), so an ingress on any node serves what the cluster serves."""
+        placed (the instances bucket), so an ingress on any node serves what the cluster serves; read every
+        INSTANCES_REFRESH_S, and at once when an instance changes."""
         while True:
+            self.instances_changed.clear()  # (a change heard from now on is read at the next round)
             with contextlib.suppress(Exception):  # NATS away a moment: keep the list it has
                 js = self.link.nc.jetstream()
                 instances = await read_instances(js)
@@ -100,7 +107,8 @@ class Ingress:
                          for i in instances if i.state != "stopping"]
                 self.models = {**{m.id: m for m in self.config.models}, **{c.id: c for c in cards}}
                 self.catalogue = {m.id: m for m in cluster_models(await read_nodes(js), instances)}
-            await asyncio.sleep(INSTANCES_REFRESH_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.instances_changed.wait(), INSTANCES_REFRESH_S)
 
     def loading(self, model: str) -> None:
         """`model` was just loaded on demand: taken at once, before the next read of the instances lists it."""

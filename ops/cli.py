@@ -126,6 +126,10 @@ def cmd_bench(args) -> None:
         from ops.bench_files import run_files_bench
 
         report = run_files_bench(args)
+    elif args.switch:
+        from ops.bench_switch import run_switch_bench
+
+        report = run_switch_bench(args)
     elif args.concurrency:
         report = run_concurrency_bench(args)
     elif args.tensor_parallel > 1 or args.pipeline_parallel > 1:
@@ -296,6 +300,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--files", action="store_true", help="instead: model files between nodes on loopback (one and "
                    "three receivers) against a plain copy of the same bytes")
     b.add_argument("--size-gb", type=float, default=2.0, help="--files: the synthetic model's size")
+    b.add_argument("--switch", action="store_true", help="instead: the first token of a model that replaces "
+                   "another (on one machine whose memory fits one besides the served model) against a cold load")
+    b.add_argument("--memory-gb", type=float, default=4.3, help="--switch: the machine's memory limit")
+    b.add_argument("--rounds", type=int, default=3, help="--switch: rounds (one cold load and two switches each)")
     b.add_argument("--link-gbit", type=float, default=None, help="--files: instead of loopback, each node in a "
                    "network namespace of its own on a bridge, its link limited to this rate both ways (root only)")
     b.set_defaults(func=cmd_bench)

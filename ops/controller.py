@@ -46,8 +46,7 @@ from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX
 from pipeline.connection import sleep_unless
 from pipeline.lease import read_plan
-from pipeline.nodes import (INSTANCES_REFRESH_S, delete_instance, links_between, put_instance, read_instances,
-                            read_nodes, state_of)
+from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import jobs_in_hand, retire_consumer
 from pipeline.subjects import subject_token
 from schemas.cluster import NodeStatus, Plan
@@ -58,7 +57,12 @@ from workers.store import DEFAULT_MODEL, ModelStore, StoreError, StoredModel, mo
 
 log = logging.getLogger("conclave.controller")
 ORDER_TIMEOUT_S = 10.0
-PLAN_POLL_S = 2.0  # how soon an instance added or removed is acted on
+PLAN_POLL_S = 0.5  # how soon an instance added or removed is seen (a direct get of one key: cheap)
+PLAN_CONFIRM_S = 0.2  # then read again, and acted on when the two reads agree
+# The ingresses hear an instance's change at once (ingress/app.py: on_open) and read the instances every 2 s besides:
+# this long after a removed instance says "stopping", no ingress that heard it takes a request for it any more.
+DRAIN_NOTICE_S = 0.5
+PLACE_RETRY_S = 0.25  # how often a model that does not fit yet is placed again (memory freed, a node back)
 DRAIN_S = 120.0  # how long a removed instance keeps answering the jobs it was given
 FETCH_RETRY_S = 5.0  # after a failed fetch of a model's files, before it is placed (and fetched) again
 encode = msgspec.json.Encoder().encode
@@ -250,7 +254,7 @@ class Controller:
                 log.warning("%s is not placed: %s; waiting for nodes", self.model.id, reason)
                 await self._say(state="placing", nodes=[], memory=[], layers=[], layout="", why=reason)
                 said = reason
-            await sleep_unless(stopping, 1.0)
+            await sleep_unless(stopping, PLACE_RETRY_S)
         return None
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -351,8 +355,10 @@ class Controller:
         await self._say(state="stopping")
         if self.supervisor is None:  # never ran: nothing would answer them
             return
-        # The ingresses read the instances every 2 s: what they take until they see "stopping" is answered too.
-        await sleep_unless(lost, INSTANCES_REFRESH_S + 1.0)
+        # What the ingresses take until they hear it is "stopping" is answered too (one that missed the news, being
+        # away from NATS then, published nothing meanwhile; a job left on the model's subject once its consumer is
+        # gone loads the model again: pipeline/unrouted.py).
+        await sleep_unless(lost, DRAIN_NOTICE_S)
         deadline = time.monotonic() + DRAIN_S
         while not lost.is_set() and time.monotonic() < deadline:
             try:
@@ -360,7 +366,7 @@ class Controller:
                     return
             except Exception as exc:
                 log.warning("could not read %s's queue: %s", self.model.id, exc)
-            await sleep_unless(lost, 1.0)
+            await sleep_unless(lost, 0.25)
 
     async def _watch(self, nodes: list[str], sessions: dict[str, str], stopping: asyncio.Event) -> list[str]:
         """Until a node of the plan is lost (returns them) or `stopping` (returns []). An agent that restarted (a new
@@ -428,7 +434,7 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
             first, previous = previous is None, (now if previous is None else previous)
             wanted = {model: entry for model, entry in now.items() if previous.get(model) == entry}
             unwanted = set() if first else (set(running) | placed) - now.keys() - previous.keys()
-            previous = now
+            settled, previous = now == previous, now
             for model in [m for m, task in retiring.items() if task.done()]:
                 del retiring[model]
             for model, run in list(running.items()):
@@ -441,7 +447,7 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
                     running[model] = start(entry)
             for model in unwanted - running.keys() - retiring.keys():  # in the bucket, no plan names it
                 retiring[model] = asyncio.create_task(retire(link, model, None, True, lost))
-            await sleep_unless(lost, PLAN_POLL_S)
+            await sleep_unless(lost, PLAN_POLL_S if settled else PLAN_CONFIRM_S)
     finally:
         for run in running.values():
             run.ending.set()

@@ -34,11 +34,12 @@ from pipeline.connection import sleep_unless
 from pipeline.lease import change_plan, read_plan
 from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import ensure_consumer, model_use
+from schemas.cluster import PlacementRequest
 from schemas.membership import ControllerPlan, Instance, InstanceChange, InstancePlan, ModelPlacement
 from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, StoreError, model_context_length
 
 log = logging.getLogger("conclave.instances")
-EXPIRY_POLL_S = 1.0  # how often idle instances are checked against their keep-alive
+KEEP_POLL_S = 1.0  # how often idle instances are checked against their keep-alive, and placing ones for room
 encode = msgspec.json.Encoder().encode
 
 
@@ -134,7 +135,7 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
         await put_instance(js, Instance(model=model.id, created=model.created, context_length=context_length,
                                         why="added; waiting for the controller", time=time.time()))
 
-    evicted = await make_room(js, model, asked, planned(await read_plan(js)))
+    evicted = await make_room(js, model, asked.request(), planned(await read_plan(js)))
     changed = False
 
     def with_it(plan: ControllerPlan | None) -> ControllerPlan:
@@ -146,12 +147,11 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
                 raise Refused(409, "instance_exists", f"{model.id} is the model `conclave serve` was started with: "
                                                       f"its placement is changed by restarting serve with other flags")
             return plan
-        keep_alive = {m: s for m, s in plan.keep_alive.items() if m != model.id and m not in evicted}
+        rest = without(plan, evicted)
+        keep_alive = {m: s for m, s in rest.keep_alive.items() if m != model.id}
         if asked.keep_alive is not None:
             keep_alive[model.id] = asked.keep_alive
-        added = [i for i in plan.added if i.model not in evicted]
-        if entry not in added:
-            added = [i for i in added if i.model != model.id] + [entry]
+        added = rest.added if entry in rest.added else [i for i in rest.added if i.model != model.id] + [entry]
         new = msgspec.structs.replace(plan, added=added, keep_alive=keep_alive)
         changed = new != plan
         return new
@@ -175,7 +175,7 @@ async def load(nc, home: Path, store: ModelStore, model: str, keep_alive_s: floa
                                                      sequences=request.sequences, keep_alive=keep_alive_s))
 
 
-async def make_room(js, model: StoredModel, asked: ModelPlacement, plan: ControllerPlan) -> list[str]:
+async def make_room(js, model: StoredModel, request: PlacementRequest, plan: ControllerPlan) -> list[str]:
     """The added instances to unload so that `model` fits: none if it fits beside them; else the least recently used
     of those with no job queued or running (never the served model, never one answering), as few as make it fit;
     none if even all of those would not (it then waits, placing, until memory frees)."""
@@ -185,7 +185,7 @@ async def make_room(js, model: StoredModel, asked: ModelPlacement, plan: Control
 
     def fits(instances: list[Instance]) -> bool:
         nodes = offers(model.id, statuses, instances, everywhere=model.id == DEFAULT_MODEL)
-        return bool(nodes) and hasattr(place(facts, nodes, links_between(statuses), asked.request()), "ranks")
+        return bool(nodes) and hasattr(place(facts, nodes, links_between(statuses), request), "ranks")
 
     if not statuses or fits(others):
         return []
@@ -211,34 +211,50 @@ async def remove(nc, model: str) -> bytes:
                                                   f"served as long as that serve runs")
         if model not in {i.model for i in plan.added}:
             raise Refused(404, "model_not_found", f"the cluster runs no instance of {model} that was added")
-        return msgspec.structs.replace(plan, added=[i for i in plan.added if i.model != model],
-                                       keep_alive={m: s for m, s in plan.keep_alive.items() if m != model})
+        return without(plan, [model])
 
     await change_plan(nc.jetstream(), without_it)
     log.info("instance of %s removed: it is drained and stopped", model)
     return encode({"id": model, "object": "cluster.instance", "deleted": True})
 
 
-async def expire_idle(link, stopping: asyncio.Event) -> None:
-    """Unload each added instance that has a keep-alive once it has served with no job queued or running for that
-    long (its consumer's last delivery, or when it started serving, whichever is later); until `stopping`."""
+def without(plan: ControllerPlan, models: list[str]) -> ControllerPlan:
+    """The plan without the added instances of `models` (and their keep-alives)."""
+    return msgspec.structs.replace(plan, added=[i for i in plan.added if i.model not in models],
+                                   keep_alive={m: s for m, s in plan.keep_alive.items() if m not in models})
+
+
+async def keep_instances(link, store: ModelStore, stopping: asyncio.Event) -> None:
+    """Until `stopping`, every KEEP_POLL_S: unload each added instance that has a keep-alive once it has served with
+    no job queued or running for that long (from its consumer's last delivery, or when it started serving, whichever
+    is later); and for each instance waiting to be placed, unload the idle instances that make room for it
+    (`make_room`: one that was answering when it was loaded is unloaded once it is idle)."""
     serving_since: dict[str, float] = {}  # model -> when this loop first saw it serving (this machine's clock)
     while not stopping.is_set():
         try:
             js = link.nc.jetstream()
-            plan = await read_plan(js)
-            states = {i.model: i.state for i in await read_instances(js)}
-            serving_since = {m: t for m, t in serving_since.items() if states.get(m) == "serving"}
+            plan, instances = await read_plan(js), {i.model: i for i in await read_instances(js)}
+            serving_since = {m: t for m, t in serving_since.items() if m in instances and
+                             instances[m].state == "serving"}
             for model, keep_alive_s in (plan.keep_alive.items() if plan is not None else ()):
-                if states.get(model) != "serving":
+                if model not in instances or instances[model].state != "serving":
                     continue
                 since = serving_since.setdefault(model, time.time())
                 use = await model_use(js, model)
                 if use is not None and use[0] == 0 and time.time() - max(since, use[1]) > keep_alive_s:
                     log.info("unloading %s: idle for its keep-alive (%gs)", model, keep_alive_s)
                     await remove(link.nc, model)
+            for entry in (plan.instances() if plan is not None else ()):
+                waiting = instances.get(entry.model)
+                if waiting is None or waiting.state != "placing" or (model := store.get(entry.model)) is None:
+                    continue
+                if evicted := await make_room(js, model, entry.request, plan):
+                    log.info("unloading %s: the least recently used, idle, to make room for %s", ", ".join(evicted),
+                             model.id)
+                    await change_plan(js, lambda current: without(planned(current), evicted))
+                    break  # the plan changed: read again
         except Refused:  # removed meanwhile
             pass
         except Exception as exc:  # NATS away a moment: the next round sees
-            log.warning("could not check the instances' keep-alive: %s", exc)
-        await sleep_unless(stopping, EXPIRY_POLL_S)
+            log.warning("could not check the instances' keep-alive and room: %s", exc)
+        await sleep_unless(stopping, KEEP_POLL_S)

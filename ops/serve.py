@@ -25,7 +25,7 @@ import uvicorn
 from ingress.app import IngressConfig, create_app
 from ops.agent import Offer, keep_reporting, node_id
 from ops.controller import control as control_model
-from ops.instances import answer_instances, answer_previews, expire_idle
+from ops.instances import Refused, answer_instances, answer_previews, keep_instances, load
 from ops.model_files import NodeFiles
 from ops.node import LOST_BROKER_S, follow_the_controller
 from ops.ranks import RankKeeper, obey
@@ -50,7 +50,7 @@ from pipeline.unrouted import keep_sweeping
 from schemas.cluster import PlacementRequest
 from schemas.membership import ControllerPlan, Instance, InstancePlan, Lease, WorkerSettings
 from schemas.openai import ModelCard
-from workers.store import ModelStore, StoredModel, model_context_length
+from workers.store import ModelStore, StoredModel, StoreError, model_context_length
 
 log = logging.getLogger("conclave.serve")
 READY_LINE = "Conclave is serving"  # printed once the worker is ready; launchers wait for it
@@ -245,13 +245,26 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                             nodes=[own], layout=group.layout, why="this machine (serve without --cluster)",
                             time=time.time())
         await persist(lambda: put_instance(control.nc.jetstream(), instance), 30.0)
-    background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}")),
+    sweeping = None
+    if cluster is not None:
+        async def sweeping(model: str) -> bool:  # a job for an idle model of the cluster loads it
+            try:
+                await load(control.nc, home, ModelStore(home / "models"), model, cluster.keep_alive_s)
+                return True
+            except Refused as exc:  # not in this store (answered 404), or unloading (loaded again once gone)
+                return exc.code == "instance_stopping"
+            except StoreError:  # not a model id
+                return False
+            except Exception as exc:  # NATS away a moment: left for the next sweep
+                log.warning("could not load %s for the jobs waiting for it: %s", model, exc)
+                return True
+    background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}", sweeping)),
                   asyncio.create_task(keep_reporting(control, home, running, stopping, offer, fetching)),
                   asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]
     if cluster is not None and first.route:
         background.append(asyncio.create_task(keep_announcing_users(control, home, stopping)))
     if cluster is not None:
-        background.append(asyncio.create_task(expire_idle(control, stopping)))
+        background.append(asyncio.create_task(keep_instances(control, ModelStore(home / "models"), stopping)))
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).
     record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url))

@@ -104,14 +104,14 @@ def ingress_permissions() -> Permissions:
     own = submitter_permissions(INGRESS)
     # Besides: the consumers' state (admission), the nodes' statuses, the instances and who holds the controller
     # lease (/v1/cluster, /v1/models), placement previews (/v1/cluster/placement) and instances added or removed
-    # (/v1/cluster/instances).
+    # (/v1/cluster/instances); and each change of an instance as it is written (its model list, at once).
     return Permissions(publish=(*own.publish, f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*",
                                 f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
                                 f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
                                 _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), PLACE_SUBJECT,
                                 INSTANCES_SUBJECT,
                                 _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.lease")),
-                       subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>"))
+                       subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>", f"{INSTANCES_PREFIX}.>"))
 
 
 def worker_permissions(model: str) -> Permissions:

@@ -5,7 +5,8 @@ jobs stream until its max age (7 days) with no answer: no consumer takes that su
 be made for "every subject except the served ones" (a work-queue stream forbids overlapping consumers),
 so the operator's side of `conclave serve` sweeps instead: every SWEEP_S it lists the stream's subjects,
 and each job older than GRACE_S on the subject of a model without a consumer (`conclave serve` makes a
-model's consumer before its workers start) is read by sequence, answered 404 `model_not_found`, audited
+model's consumer before its workers start) is offered to be loaded (a cluster's model that is not running: it is
+loaded and the job waits for it) or else read by sequence, answered 404 `model_not_found`, audited
 and deleted (pipeline/settle.py). So is a job on a subject without a submitter (published before
 submitters were authenticated): nobody vouches for who sent it, so it is answered 403 and not run.
 Several deployments sweeping one NATS settle each job once.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+from typing import Awaitable, Callable
 
 from nats.js.errors import NotFoundError
 
@@ -40,8 +42,10 @@ async def has_consumer(js, model: str) -> bool:
         return False
 
 
-async def sweep(settler: Settler) -> int:
-    """Settle every queued job, older than GRACE_S, that nobody will take; returns how many."""
+async def sweep(settler: Settler, load: Callable[[str], Awaitable[bool]] | None = None) -> int:
+    """Settle every queued job, older than GRACE_S, that nobody will take; returns how many. With `load`, a job for
+    a model without a consumer is first offered to it (on a cluster: a model of its catalogue is loaded, which makes
+    the consumer that then takes the job: ops/instances.py): left queued when it says so."""
     js, limits = settler.js, PayloadLimits(settler.nc.max_payload)
     info = await js.stream_info(JOBS_STREAM, subjects_filter=f"{JOBS_PREFIX}.>")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -51,6 +55,10 @@ async def sweep(settler: Settler) -> int:
         authenticated, token = parsed is not None, parsed[0] if parsed else ""
         # A token that is not canonical (`%41bc`) names a model no consumer's filter matches: unserved.
         if authenticated and is_canonical_token(token) and await has_consumer(js, name_of_token(token)):
+            continue
+        if authenticated and is_canonical_token(token) and load is not None and await old_enough(js, subject, now) \
+                and await load(name_of_token(token)):
+            log.info("jobs on %s wait for %s, loaded for them", subject, name_of_token(token))
             continue
         seq = 1
         while True:
@@ -79,13 +87,22 @@ async def sweep(settler: Settler) -> int:
     return settled
 
 
-async def keep_sweeping(link, name: str) -> None:
+async def old_enough(js, subject: str, now: datetime.datetime) -> bool:
+    """Whether the first job on `subject` has waited GRACE_S (a younger one may wait for a consumer being made)."""
+    try:
+        msg = await js.get_msg(JOBS_STREAM, seq=1, subject=subject, next=True)
+    except NotFoundError:
+        return False
+    return msg.time is None or (now - msg.time).total_seconds() >= GRACE_S
+
+
+async def keep_sweeping(link, name: str, load: Callable[[str], Awaitable[bool]] | None = None) -> None:
     """`sweep` every SWEEP_S on the link's current connection (the operator's), for as long as it runs."""
     failing = False
     while True:
         await asyncio.sleep(SWEEP_S)
         try:
-            await sweep(Settler(link.nc, "", name, deadline_s=SWEEP_S))
+            await sweep(Settler(link.nc, "", name, deadline_s=SWEEP_S), load)
             failing = False
         except Exception as exc:  # NATS away, or a job that cannot be settled: the next sweep tries again
             if not failing:
