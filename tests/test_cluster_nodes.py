@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import msgspec
 import nats
 import openai
 import pytest
@@ -32,9 +33,11 @@ from ops.spawn import NodeProcess, ServerProcess, spawn_cluster, stop_all
 from pipeline.access import OPERATOR, node_role, worker_role
 from pipeline.nodes import read_nodes, state_of
 from pipeline.streams import jobs_in_hand
-from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, NODES_PREFIX, name_of_token
+from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, NODES_PREFIX, job_subject, name_of_token
+from schemas.jobs import ChatMessage, Done, Job, SamplingParams
 from tests.conftest import FRANCE, MODEL, connect_as, wait_for_audit_record
 from tests.sharded import sharded_copy
+from tests.test_durability import final_event
 from tests.test_trust import PERMISSION, Watched
 from workers.split import stage_files
 from workers.store import ModelStore, bundled_gguf
@@ -287,6 +290,19 @@ async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fit
         await asyncio.sleep(0.2)
     gone = conclave(cluster.first.home, "models", "unload", SECOND)
     assert gone.returncode == 1 and "no instance" in gone.stderr, gone.stderr
+    # A job published on NATS for a model nothing runs (an internal system's) loads it too, and is answered.
+    nc = await cluster.operator()
+    try:
+        replies = await nc.subscribe("conclave.replies.operator.on-demand")
+        job = Job(id="job-on-demand", model=THIRD, reply_subject="conclave.replies.operator.on-demand", kind="chat",
+                  stream=False, messages=[ChatMessage(**m) for m in FRANCE], params=SamplingParams(temperature=0),
+                  created=time.time())
+        await nc.jetstream().publish(job_subject(THIRD, OPERATOR), msgspec.json.encode(job),
+                                     headers={"Nats-Msg-Id": job.id})
+        done = await final_event(replies)
+        assert isinstance(done, Done) and "Paris" in done.text, done
+    finally:
+        await nc.close()
 
 
 def conclave(home: Path, *args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
