@@ -40,6 +40,9 @@ class IngressConfig:
     nats_url: str
     identity: Identity  # the ingress role's NATS credentials (pipeline/access.py)
     models: list[ModelCard]
+    # A cluster's ingress: its model list is the cluster's catalogue, and a request for an idle model loads it
+    # (ingress/handlers.py: model_for); one machine's `serve` answers for its model alone.
+    cluster: bool = False
     queue_timeout_s: float = 600.0  # how long a request waits for a worker to take its job
     worker_timeout_s: float = 30.0  # silence from a worker mid-job that counts as its death
     # name -> key (ingress/keys.py); when any, /v1 routes need `Authorization: Bearer <key>` and /health
@@ -106,7 +109,8 @@ class Ingress:
                                    status="loaded" if i.state == "serving" else "loading")
                          for i in instances if i.state != "stopping"]
                 self.models = {**{m.id: m for m in self.config.models}, **{c.id: c for c in cards}}
-                self.catalogue = {m.id: m for m in cluster_models(await read_nodes(js), instances)}
+                if self.config.cluster:
+                    self.catalogue = {m.id: m for m in cluster_models(await read_nodes(js), instances)}
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.instances_changed.wait(), INSTANCES_REFRESH_S)
 

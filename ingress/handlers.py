@@ -44,8 +44,8 @@ async def completions(request: Request) -> Response:
 async def complete(request: Request, request_type, make_job, shape) -> Response:
     ingress = request.app.state.ingress
     req = await read_request(request, request_type, request_limit(ingress))
-    await model_for(ingress, req.model)
     job = make_job(req, request.state.caller)  # set by the API key check (ingress/app.py: guarded)
+    await model_for(ingress, req.model)  # after the request was checked: a refused one loads nothing
     return await respond(request, ingress, job, req.stream, include_usage(req), shape)
 
 

@@ -179,6 +179,7 @@ def fetch_line(node: str, progress: FetchProgress) -> str:
 
     if progress.error:
         return f"{node}: fetching {progress.model} failed: {progress.error}"
-    rate = f" at {gb(progress.bytes_per_s)}/s" if progress.bytes_per_s else ""
+    rate = (f" at {gb(progress.bytes_per_s)}/s, {(progress.total - progress.done) / progress.bytes_per_s:.0f}s left"
+            if progress.bytes_per_s else "")
     source = f" from {progress.source}" if progress.source else ""
     return f"{node}: fetching {progress.model}{source}: {gb(progress.done)} of {gb(progress.total)}{rate}"

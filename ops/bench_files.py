@@ -61,13 +61,15 @@ def plain_copy(source: Path, target: Path) -> float:
     return time.perf_counter() - started
 
 
-def node_process(root: Path, address: str) -> None:
-    """`python -m ops.bench_files ROOT ADDRESS`: one node of the bench in a process of its own, as nodes are: its
-    file port (`NodeFiles`, the agents' own) on ADDRESS over the store at ROOT. It prints its URL and a ticket, then
+def node_process(root: Path, address: str, receiver: bool) -> None:
+    """`python -m ops.bench_files ROOT ADDRESS source|receiver`: one node of the bench in a process of its own, as
+    nodes are: its file port (`NodeFiles`, the agents' own) on ADDRESS over the store at ROOT. It prints its URL and a ticket, then
     reads its source's URL and ticket (nothing: it only serves), fetches the model from it and prints when it is
     done, and stops when its standard input closes."""
     async def run() -> None:
         node = NodeFiles(ModelStore(root), root.name, address)
+        if receiver:  # as an ordered fetch is from its order on: the next in the chain may ask before it starts
+            node.receiving.add(MODEL_ID)
         await node.start()
         print(json.dumps({"url": node.url, "token": node.tickets.issue(MODEL_ID)}), flush=True)
         if asked := (await asyncio.to_thread(sys.stdin.readline)).split():
@@ -86,7 +88,7 @@ def fetch_chain(source: Path, folders: list[Path], chain: bool = True, network: 
     `chain`, each from the source. On `network`'s nodes (one each, the source first), else on loopback."""
     def start(i: int, folder: Path) -> subprocess.Popen:
         address = network.nodes[i].address if network else "127.0.0.1"
-        argv = python_command("ops.bench_files", str(folder), address)
+        argv = python_command("ops.bench_files", str(folder), address, "receiver" if i else "source")
         return (network.popen(network.nodes[i], *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 if network else subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
 
@@ -162,4 +164,4 @@ def mb_s(total: int, seconds: float) -> float:
     return round(total / seconds / 1e6, 1)
 
 if __name__ == "__main__":
-    node_process(Path(sys.argv[1]), sys.argv[2])
+    node_process(Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "receiver")

@@ -94,10 +94,11 @@ def cmd_models(args) -> None:
     from ops.deployment import read_deployment
 
     store = ModelStore(args.home / "models")
-    if args.action in ("load", "unload") or (args.action == "list" and (args.nats_url or read_deployment(args.home))):
+    running = read_deployment(args.home)
+    if args.action in ("load", "unload") or (args.action == "list" and (args.nats_url or running and running.cluster)):
         cmd_cluster_models(args)  # the running deployment's models, loaded or not, wherever their files are
     elif args.action == "list":
-        print("(no deployment runs in this home: its model store)", file=sys.stderr)
+        print("(no cluster runs in this home: its model store)", file=sys.stderr)
         for model in store.list():
             print(f"{model.id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}")
     elif args.action == "import":
@@ -106,6 +107,13 @@ def cmd_models(args) -> None:
     elif args.action == "pull":
         model = store.pull(args.source, args.revision)
         print(f"{model.id}\t{model.path}")
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("expected seconds, 0 or more")
+    return value
 
 
 def parse_levels(text: str) -> list[int]:
@@ -251,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
                    "and the cluster serves once the three are up. Chosen at set-up (see README, Cluster)")
     c.add_argument("--route-port", type=int, default=ROUTE_PORT, help="with --brokers 3: this broker's port for "
                    "the other brokers (mutual TLS)")
-    c.add_argument("--keep-alive", type=float, default=env_float("CONCLAVE_KEEP_ALIVE", 300.0), metavar="SECONDS",
+    c.add_argument("--keep-alive", type=seconds, default=env_float("CONCLAVE_KEEP_ALIVE", 300.0), metavar="SECONDS",
                    help="a model loaded on demand (a request for a model of the cluster not running) is unloaded "
                    "after this long with nothing queued or running")
     add_placement_flags(c)
@@ -275,7 +283,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--revision", default=None, help="pull: branch, tag or commit")
     m.add_argument("--nats-url", default=None, help="list, load, unload: the deployment's NATS (default: the one "
                    "running in --home)")
-    m.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS", help="load: unload it after this "
+    m.add_argument("--keep-alive", type=seconds, default=None, metavar="SECONDS", help="load: unload it after this "
                    "long with nothing queued or running (default: until `unload`, or its memory is needed)")
     m.add_argument("--no-wait", dest="wait", action="store_false", help="load: return once it is in the plan, "
                    "not once it serves")

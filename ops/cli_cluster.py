@@ -111,6 +111,7 @@ def cmd_cluster_models(args) -> None:
     import json
 
     import msgspec
+    import nats.errors
 
     from ops.deployment import operator_connection
     from pipeline.access import INSTANCES_SUBJECT
@@ -129,7 +130,12 @@ def cmd_cluster_models(args) -> None:
             change = (InstanceChange(remove=args.source) if args.action == "unload" else InstanceChange(
                 add=ModelPlacement(model=args.source, context=args.context, sequences=args.sequences,
                                    nodes=args.pin or [], layout=args.layout, keep_alive=args.keep_alive)))
-            answer = json.loads((await nc.request(INSTANCES_SUBJECT, msgspec.json.encode(change), timeout=60)).data)
+            try:
+                reply = await nc.request(INSTANCES_SUBJECT, msgspec.json.encode(change), timeout=60)
+            except nats.errors.NoRespondersError:
+                raise SystemExit(f"conclave: the deployment in {args.home} is not a cluster's first machine "
+                                 f"(`conclave serve --cluster`): models are loaded and unloaded there") from None
+            answer = json.loads(reply.data)
             if answer.get("type") == "error":
                 raise SystemExit(f"conclave: {answer['message']}")
             if args.action == "unload":

@@ -64,6 +64,7 @@ PLAN_CONFIRM_S = 0.2  # then read again, and acted on when the two reads agree
 DRAIN_NOTICE_S = 0.5
 PLACE_RETRY_S = 0.25  # how often a model that does not fit yet is placed again (memory freed, a node back)
 DRAIN_S = 120.0  # how long a removed instance keeps answering the jobs it was given
+FETCH_QUIET_S = 15.0  # a node that lacks a model's files and fetches nothing this long is ordered again
 FETCH_RETRY_S = 5.0  # after a failed fetch of a model's files, before it is placed (and fetched) again
 encode = msgspec.json.Encoder().encode
 
@@ -330,6 +331,7 @@ class Controller:
         except Exception as exc:
             log.warning("could not order the files of %s to %s: %s", model, ", ".join(missing), exc)
             return False
+        quiet: dict[str, float] = {}
         while missing and not stopping.is_set():
             await sleep_unless(stopping, 1.0)
             try:
@@ -343,6 +345,12 @@ class Controller:
             fetches = [(n, p) for n in missing for p in now[n].fetching if p.model == model]
             if failed := [f"node {n}: {p.error}" for n, p in fetches if p.error and p.order == order]:
                 await self._say(why=f"its files could not be fetched ({'; '.join(failed)}); trying again")
+                return False
+            # A node that lacks them and fetches nothing (an earlier order's fetch, of other files, ended): ordered
+            # again, by placing again, once it has been quiet FETCH_QUIET_S.
+            fetching = {n for n, _ in fetches}
+            quiet = {n: quiet.get(n, time.monotonic()) for n in missing if n not in fetching}
+            if any(time.monotonic() - since > FETCH_QUIET_S for since in quiet.values()):
                 return False
             if fetches:
                 await self._say(why="fetching its files: " + ", ".join(

@@ -26,6 +26,7 @@ class Deployment(msgspec.Struct):
     pid: int
     http_url: str
     nats_url: str
+    cluster: bool = False  # `serve --cluster`: its first machine answers for the cluster's models
 
 
 def is_running(pid: int) -> bool:

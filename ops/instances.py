@@ -12,8 +12,9 @@ new model on what the others leave (ops/controller.py). Requests for it are queu
 lists it. Removing one takes it out of the plan: the controller drains and stops it. The model `serve` was
 started with stays as long as that `serve` runs: a different one is served by restarting it with `--model`.
 
-Each subscription's messages are answered one at a time (nats-py awaits each callback), so two changes never
-interleave their read and write of the plan.
+Changes are made one at a time (a lock `serve` shares between the answers here, `keep_instances` and the loads
+the sweep asks for), so two changes never interleave their read and write of the plan, nor unload a model twice
+for one room.
 """
 
 from __future__ import annotations
@@ -84,20 +85,23 @@ async def answer_previews(nc, store: ModelStore):
     return await nc.subscribe(PLACE_SUBJECT, cb=preview)
 
 
-async def answer_instances(nc, home: Path, store: ModelStore, keep_alive_s: float | None) -> object:
+async def answer_instances(nc, home: Path, store: ModelStore, keep_alive_s: float | None,
+                           changing: asyncio.Lock) -> object:
     """Instances added, loaded on demand (for `keep_alive_s` idle seconds) and removed (`InstanceChange`), into the
-    plan the first machine's `serve` wrote. Returns the subscription."""
+    plan the first machine's `serve` wrote, one change at a time (`changing`: also held by `keep_instances` and the
+    sweep's loads). Returns the subscription."""
     async def change(msg):
         try:
             asked = msgspec.json.decode(msg.data, type=InstanceChange)
-            if asked.add is not None:
-                reply = await add(nc, home, store, asked.add)
-            elif asked.load is not None:
-                reply = await load(nc, home, store, asked.load, keep_alive_s)
-            elif asked.remove is not None:
-                reply = await remove(nc, asked.remove)
-            else:
-                raise Refused(400, "invalid_request", "say which instance to add, load or remove")
+            async with changing:
+                if asked.add is not None:
+                    reply = await add(nc, home, store, asked.add)
+                elif asked.load is not None:
+                    reply = await load(nc, home, store, asked.load, keep_alive_s)
+                elif asked.remove is not None:
+                    reply = await remove(nc, asked.remove)
+                else:
+                    raise Refused(400, "invalid_request", "say which instance to add, load or remove")
         except Refused as exc:
             reply = refusal(exc)
         except (msgspec.MsgspecError, StoreError) as exc:
@@ -122,6 +126,8 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
     if instance is not None and instance.state == "stopping":
         raise Refused(409, "instance_stopping", f"{model.id} is being removed (its last jobs are being answered): add "
                                                 f"it again once it is gone from GET /v1/cluster/instances")
+    # Room first (what to unload for it, or a refusal when it cannot fit at all), before anything is made for it.
+    evicted = await make_room(js, model, asked.request(), planned(await read_plan(js)))
     # Its workers' NATS role and its jobs' consumer exist before any controller places it (both made again as
     # they are when they exist).
     await asyncio.to_thread(role_identity, home, worker_role(model.id))
@@ -135,7 +141,6 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
         await put_instance(js, Instance(model=model.id, created=model.created, context_length=context_length,
                                         why="added; waiting for the controller", time=time.time()))
 
-    evicted = await make_room(js, model, asked.request(), planned(await read_plan(js)))
     changed = False
 
     def with_it(plan: ControllerPlan | None) -> ControllerPlan:
@@ -177,9 +182,12 @@ async def load(nc, home: Path, store: ModelStore, model: str, keep_alive_s: floa
 
 async def make_room(js, model: StoredModel, request: PlacementRequest, plan: ControllerPlan) -> list[str]:
     """The added instances to unload so that `model` fits: none if it fits beside them; else the least recently used
-    of those with no job queued or running (never the served model, never one answering), as few as make it fit;
-    none if even all of those would not (it then waits, placing, until memory frees)."""
+    of those serving with no job queued or running (never the served model, never one answering), as few as make it
+    fit; none while an instance is leaving (its memory is freed first: judged again then, not unloading another for
+    the same room), and none if even all of those would not make room (it then waits, placing, until memory frees).
+    Raises Refused when it could not fit even with every added instance unloaded."""
     statuses = [s for s in await read_nodes(js) if state_of(s) == "up"]
+    planned_models = {i.model for i in plan.instances()}
     others = [i for i in await read_instances(js) if i.model != model.id]
     facts = await asyncio.to_thread(model_facts, model.id, model.path)
 
@@ -189,12 +197,17 @@ async def make_room(js, model: StoredModel, request: PlacementRequest, plan: Con
 
     if not statuses or fits(others):
         return []
+    if statuses and not fits([i for i in others if i.model == plan.served.model]):
+        raise Refused(503, "model_does_not_fit", f"{model.id} does not fit on the nodes up now even with every other "
+                                                 f"model but the served one unloaded")
+    if any(i.state == "stopping" or i.model not in planned_models for i in others):
+        return []
     added = {i.model for i in plan.added}
     idle = []
     for instance in others:
-        use = await model_use(js, instance.model) if instance.model in added and instance.state != "stopping" else None
+        use = await model_use(js, instance.model) if instance.model in added and instance.state == "serving" else None
         if use is not None and use[0] == 0:
-            idle.append((use[1], instance.model))
+            idle.append((max(use[1], instance.time), instance.model))
     evicted = []
     for _, candidate in sorted(idle):
         evicted.append(candidate)
@@ -224,37 +237,47 @@ def without(plan: ControllerPlan, models: list[str]) -> ControllerPlan:
                                    keep_alive={m: s for m, s in plan.keep_alive.items() if m not in models})
 
 
-async def keep_instances(link, store: ModelStore, stopping: asyncio.Event) -> None:
+async def keep_instances(link, store: ModelStore, stopping: asyncio.Event, changing: asyncio.Lock) -> None:
     """Until `stopping`, every KEEP_POLL_S: unload each added instance that has a keep-alive once it has served with
     no job queued or running for that long (from its consumer's last delivery, or when it started serving, whichever
     is later); and for each instance waiting to be placed, unload the idle instances that make room for it
     (`make_room`: one that was answering when it was loaded is unloaded once it is idle)."""
-    serving_since: dict[str, float] = {}  # model -> when this loop first saw it serving (this machine's clock)
+    # model -> when this loop last saw it serving with a job in hand, or first saw it serving (this machine's clock)
+    busy: dict[str, float] = {}
     while not stopping.is_set():
         try:
-            js = link.nc.jetstream()
-            plan, instances = await read_plan(js), {i.model: i for i in await read_instances(js)}
-            serving_since = {m: t for m, t in serving_since.items() if m in instances and
-                             instances[m].state == "serving"}
-            for model, keep_alive_s in (plan.keep_alive.items() if plan is not None else ()):
-                if model not in instances or instances[model].state != "serving":
-                    continue
-                since = serving_since.setdefault(model, time.time())
-                use = await model_use(js, model)
-                if use is not None and use[0] == 0 and time.time() - max(since, use[1]) > keep_alive_s:
-                    log.info("unloading %s: idle for its keep-alive (%gs)", model, keep_alive_s)
-                    await remove(link.nc, model)
-            for entry in (plan.instances() if plan is not None else ()):
-                waiting = instances.get(entry.model)
-                if waiting is None or waiting.state != "placing" or (model := store.get(entry.model)) is None:
-                    continue
-                if evicted := await make_room(js, model, entry.request, plan):
-                    log.info("unloading %s: the least recently used, idle, to make room for %s", ", ".join(evicted),
-                             model.id)
-                    await change_plan(js, lambda current: without(planned(current), evicted))
-                    break  # the plan changed: read again
-        except Refused:  # removed meanwhile
-            pass
+            async with changing:
+                await keep_round(link.nc.jetstream(), link.nc, store, busy)
         except Exception as exc:  # NATS away a moment: the next round sees
             log.warning("could not check the instances' keep-alive and room: %s", exc)
         await sleep_unless(stopping, KEEP_POLL_S)
+
+
+async def keep_round(js, nc, store: ModelStore, busy: dict[str, float]) -> None:
+    plan, instances = await read_plan(js), {i.model: i for i in await read_instances(js)}
+    if plan is None:
+        return
+    for model in [m for m in busy if m not in instances or instances[m].state != "serving"]:
+        del busy[model]
+    for model, keep_alive_s in plan.keep_alive.items():
+        if model not in instances or instances[model].state != "serving":
+            continue
+        use = await model_use(js, model)
+        if use is None or use[0] > 0 or model not in busy:
+            busy[model] = time.time()
+        elif time.time() - max(busy[model], use[1]) > keep_alive_s:
+            log.info("unloading %s: idle for its keep-alive (%gs)", model, keep_alive_s)
+            await remove(nc, model)
+            return  # the plan changed: read again next round
+    for entry in plan.instances():
+        waiting = instances.get(entry.model)
+        if waiting is None or waiting.state != "placing" or (model := store.get(entry.model)) is None:
+            continue
+        try:
+            evicted = await make_room(js, model, entry.request, plan)
+        except Refused:  # it does not fit at all: its `why` says so
+            continue
+        if evicted:
+            log.info("unloading %s: the least recently used, idle, to make room for %s", ", ".join(evicted), model.id)
+            await change_plan(js, lambda current: without(planned(current), evicted))
+            return

@@ -72,8 +72,9 @@ async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStor
     resumed; `halt` set stops it at the next chunk."""
     if (stored := store.get(model_id)) is not None:
         return stored
-    listed = await read_manifest(base_url, token, model_id)
     incoming = incoming_path(store, model_id)
+    (incoming / INCOMING_MANIFEST).unlink(missing_ok=True)  # an earlier attempt's: its source may have changed
+    listed = await read_manifest(base_url, token, model_id)
     incoming.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(tidy, incoming, listed)
     # What this node passes on to the next receiver while the files arrive (ops/model_relay.py).
@@ -93,22 +94,29 @@ async def fetch_part(base_url: str, token: str, model_id: str, store: ModelStore
     listed = await read_manifest(base_url, token, model_id)
     if unknown := only - {f.name for f in listed.files if f.name.endswith(".safetensors")}:
         raise FetchError(f"{model_id} on {base_url} has no weight file {', '.join(sorted(unknown))}")
-    wanted = msgspec.structs.replace(listed, files=[f for f in listed.files
-                                                    if not f.name.endswith(".safetensors") or f.name in only])
+    # The model's other files first: a stage's weight files are all recorded only once config and tokenizer are.
+    wanted = msgspec.structs.replace(listed, files=sorted(
+        (f for f in listed.files if not f.name.endswith(".safetensors") or f.name in only),
+        key=lambda f: f.name.endswith(".safetensors")))
     folder = store.shard_path(model_id)
     folder.mkdir(parents=True, exist_ok=True)
-    kept = await asyncio.to_thread(tidy_part, folder, listed, wanted)
-    await fetch_files(base_url, token, wanted, folder, progress, halt or threading.Event())
     (folder / REVISION_FILE).write_text(listed.revision)
-    keep_manifest(folder, {**kept, **{f.name: {"size": f.size, "mtime_ns": (folder / f.name).stat().st_mtime_ns,
-                                               "sha256": f.sha256} for f in wanted.files}})
+    kept = await asyncio.to_thread(tidy_part, folder, listed, wanted)
+
+    def arrived(file: ModelFile) -> None:  # recorded as it arrives: an interrupted fetch keeps it
+        kept[file.name] = {"size": file.size, "mtime_ns": (folder / file.name).stat().st_mtime_ns,
+                           "sha256": file.sha256}
+        keep_manifest(folder, kept)
+
+    await fetch_files(base_url, token, wanted, folder, progress, halt or threading.Event(), arrived)
     return folder
 
 
 async def fetch_files(base_url: str, token: str, listed: ModelManifest, folder: Path,
-                      progress: Callable[[int, int], None] | None, halt: threading.Event) -> None:
+                      progress: Callable[[int, int], None] | None, halt: threading.Event,
+                      arrived: Callable[[ModelFile], None] = lambda file: None) -> None:
     """Each file of `listed` not whole in `folder` yet, fetched (resumed from its part) and checked, after the disk
-    space it needs was."""
+    space it needs was; `arrived(file)` once each is."""
     check_room(folder, listed)
     for file in listed.files:
         if (folder / file.name).is_file():
@@ -126,6 +134,7 @@ async def fetch_files(base_url: str, token: str, listed: ModelManifest, folder: 
             if halt.is_set():
                 raise FetchError(f"the fetch of {listed.model} was stopped")
             if (folder / file.name).is_file():
+                arrived(file)
                 break
             log.warning("%s of %s did not match its SHA-256 (try %d of %d)", file.name, listed.model, attempt,
                         FETCH_TRIES)
@@ -216,6 +225,7 @@ def enter_store(incoming: Path, store: ModelStore, listed: ModelManifest) -> Sto
         raise FetchError(f"{target} exists and is not a model (a `conclave models pull` in progress?): remove it "
                          f"for {listed.model} to be fetched")
     incoming.replace(target)
+    shutil.rmtree(store.shard_path(listed.model), ignore_errors=True)  # a part of it is no longer needed
     return store.get(listed.model)
 
 

@@ -93,8 +93,8 @@ async def opened(places: list[Path], receiving: Callable[[], bool]) -> int:
     while True:
         for place in places:
             try:
-                return os.open(place, os.O_RDONLY)
-            except FileNotFoundError:
+                return os.open(place, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # a model's own files only
+            except (FileNotFoundError, OSError):  # not there (yet), or a link
                 continue
         if not receiving():
             raise RelayCut(f"{places[1].name} is no longer arriving here")

@@ -260,5 +260,5 @@ def ingress_server(broker: str, identity, http: tuple[str, int], api_keys: dict[
     from ops.serve import SignalFreeServer
 
     # Its models are the cluster's (the instances bucket): it starts with none and follows the controller.
-    app = create_app(IngressConfig(nats_url=broker, identity=identity, models=[], api_keys=api_keys))
+    app = create_app(IngressConfig(nats_url=broker, identity=identity, models=[], api_keys=api_keys, cluster=True))
     return SignalFreeServer(uvicorn.Config(app, host=http[0], port=http[1], log_level="warning", lifespan="on"))

@@ -218,8 +218,9 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         store = ModelStore(home / "models")
         await persist(lambda: serve_plan(control.nc.jetstream(), InstancePlan(model=model.id, settings=settings,
                                                                               request=cluster.request)), 30.0)
+        changing = asyncio.Lock()  # one change of the plan at a time: asked for, kept (keep-alive, room), swept
         for answering in (lambda nc: answer_previews(nc, store),
-                          lambda nc: answer_instances(nc, home, store, cluster.keep_alive_s)):
+                          lambda nc: answer_instances(nc, home, store, cluster.keep_alive_s, changing)):
             reopen.append(answering)
             await answering(control.nc)
         # This machine's agent; its ranks of each model connect as that model's worker role (ops/instances.py
@@ -249,7 +250,8 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     if cluster is not None:
         async def sweeping(model: str) -> bool:  # a job for an idle model of the cluster loads it
             try:
-                await load(control.nc, home, ModelStore(home / "models"), model, cluster.keep_alive_s)
+                async with changing:
+                    await load(control.nc, home, ModelStore(home / "models"), model, cluster.keep_alive_s)
                 return True
             except Refused as exc:  # not in this store (answered 404), or unloading (loaded again once gone)
                 return exc.code == "instance_stopping"
@@ -264,12 +266,15 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     if cluster is not None and first.route:
         background.append(asyncio.create_task(keep_announcing_users(control, home, stopping)))
     if cluster is not None:
-        background.append(asyncio.create_task(keep_instances(control, ModelStore(home / "models"), stopping)))
+        background.append(asyncio.create_task(keep_instances(control, ModelStore(home / "models"), stopping,
+                                                             changing)))
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).
-    record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url))
+    record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url,
+                                         cluster=cluster is not None))
     card = ModelCard(id=model.id, created=model.created, context_length=context_length)
-    app = create_app(IngressConfig(nats_url=nats_url, identity=ingress, models=[card], queue_timeout_s=settings.queue_ttl_s,
+    app = create_app(IngressConfig(nats_url=nats_url, identity=ingress, models=[card], cluster=cluster is not None,
+                                   queue_timeout_s=settings.queue_ttl_s,
                                    worker_timeout_s=worker_timeout_s, api_keys=api_keys,
                                    status_ttl_s=4 * settings.heartbeat_s, max_queue_wait_s=max_queue_wait_s))
     server = SignalFreeServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))

@@ -28,7 +28,8 @@ class ModelManifest(Struct, kw_only=True, forbid_unknown_fields=True):
 
     model: str
     files: list[ModelFile]
-    revision: str = ""  # workers/store.py: model_revision of the whole model, kept by a node that fetches a part
+    # workers/store.py: model_revision of the whole model, kept by a node that fetches a part
+    revision: Annotated[str, Meta(pattern=r"^[0-9a-f]{0,64}$")] = ""
 
     @property
     def size(self) -> int:

@@ -67,7 +67,7 @@ def test_a_node_that_stopped_reporting_is_shown_lost_not_dropped():
         FetchProgress(model="qwen", done=3 * 10**9, total=8 * 10**9, source="n2", bytes_per_s=250 * 10**6),
         FetchProgress(model="llama", error="from node n2: no space")])
     assert nodes_table([arriving], now=1012.0).splitlines()[2:] == [
-        "n1: fetching qwen from n2: 3.0 GB of 8.0 GB at 250 MB/s", "n1: fetching llama failed: from node n2: no space"]
+        "n1: fetching qwen from n2: 3.0 GB of 8.0 GB at 250 MB/s, 20s left", "n1: fetching llama failed: from node n2: no space"]
 
 
 def test_prometheus_metrics_count_answers_and_show_queues_and_nodes(server, client, http):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import httpx
@@ -106,6 +107,24 @@ async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_la
         assert receiver.shards() == {MODEL_ID: [first, second]}
         with pytest.raises(FetchError, match="no weight file"):
             await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {"model-00009.safetensors"})
+        # Interrupted in its last file: the files that arrived are recorded (the node reports them, and they are
+        # not fetched again); the rest resumes from where it stopped.
+        other, halt = ModelStore(tmp_path / "other"), threading.Event()
+        before_last = SIZES["config.json"] + SIZES["tokenizer.json"] + SIZES[first]  # its other files come first
+
+        def moved(done: int, total: int) -> None:
+            if done > before_last:
+                halt.set()
+
+        with pytest.raises(FetchError, match="stopped"):
+            await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, other, {first, second}, moved, halt)
+        assert other.shards() == {MODEL_ID: [first]}
+        have = (other.shard_path(MODEL_ID) / f"{second}.partial").stat().st_size
+        assert 0 < have < SIZES[second]
+        asked = len(ranges)
+        await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, other, {first, second})
+        assert ranges[asked:] == ["", f"bytes={have}-"]  # the manifest, then the last file from where it stopped
+        assert other.shards() == {MODEL_ID: [first, second]}
     assert (folder / first).read_bytes() == (path / first).read_bytes()
 
 
