@@ -303,6 +303,12 @@ async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fit
         assert isinstance(done, Done) and "Paris" in done.text, done
     finally:
         await nc.close()
+    unloaded = conclave(cluster.first.home, "models", "unload", THIRD)
+    assert unloaded.returncode == 0 and "unloading" in unloaded.stdout, unloaded.stderr
+    deadline = time.monotonic() + 60
+    while any(i["model"] == THIRD for i in listing(url)):
+        assert time.monotonic() < deadline, "the unloaded model never went"
+        await asyncio.sleep(0.2)
 
 
 def conclave(home: Path, *args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
@@ -458,3 +464,5 @@ def test_a_removed_node_is_locked_out(cluster):
             break
         asyncio.run(nc.close())
         assert time.monotonic() < deadline, "the removed node's key still works"
+    # Locked out, it cannot say goodbye (its stop would wait on NATS for half a minute): stopped the hard way.
+    member.kill()
