@@ -127,7 +127,8 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
         raise Refused(409, "instance_stopping", f"{model.id} is being removed (its last jobs are being answered): add "
                                                 f"it again once it is gone from GET /v1/cluster/instances")
     # Room first (what to unload for it, or a refusal when it cannot fit at all), before anything is made for it.
-    evicted = await make_room(js, model, asked.request(), planned(await read_plan(js)))
+    plan = planned(await read_plan(js))
+    evicted = [] if model.id == plan.served.model else await make_room(js, model, asked.request(), plan)
     # Its workers' NATS role and its jobs' consumer exist before any controller places it (both made again as
     # they are when they exist).
     await asyncio.to_thread(role_identity, home, worker_role(model.id))
@@ -195,11 +196,13 @@ async def make_room(js, model: StoredModel, request: PlacementRequest, plan: Con
         nodes = offers(model.id, statuses, instances, everywhere=model.id == DEFAULT_MODEL)
         return bool(nodes) and hasattr(place(facts, nodes, links_between(statuses), request), "ranks")
 
-    if not statuses or fits(others):
-        return []
-    if statuses and not fits([i for i in others if i.model == plan.served.model]):
-        raise Refused(503, "model_does_not_fit", f"{model.id} does not fit on the nodes up now even with every other "
-                                                 f"model but the served one unloaded")
+    if not statuses or fits(others) or not offers(model.id, statuses, [], everywhere=model.id == DEFAULT_MODEL):
+        return []  # (no node up holds its files: it waits, placing, for one to report them)
+    alone = place(facts, offers(model.id, statuses, [i for i in others if i.model == plan.served.model],
+                                everywhere=model.id == DEFAULT_MODEL), links_between(statuses), request)
+    if not hasattr(alone, "ranks") and all(state_of(s) == "up" for s in await read_nodes(js)):
+        raise Refused(503, "model_does_not_fit", f"{model.id} cannot run on this cluster even with every model but "
+                                                 f"the served one unloaded: {alone.reason}")
     if any(i.state == "stopping" or i.model not in planned_models for i in others):
         return []
     added = {i.model for i in plan.added}
@@ -276,6 +279,9 @@ async def keep_round(js, nc, store: ModelStore, busy: dict[str, float]) -> None:
         try:
             evicted = await make_room(js, model, entry.request, plan)
         except Refused:  # it does not fit at all: its `why` says so
+            continue
+        except Exception as exc:  # its files unreadable here, say: the others are looked at still
+            log.warning("could not judge the room %s needs: %s", model.id, exc)
             continue
         if evicted:
             log.info("unloading %s: the least recently used, idle, to make room for %s", ", ".join(evicted), model.id)

@@ -121,7 +121,8 @@ async def serve_plan(js, served: InstancePlan) -> None:
     """The cluster's plan as this `serve` starts: its model, and the instances added before (ops/instances.py) that
     are not its model; a model an earlier `serve` was started with is no longer served (ops/controller.py)."""
     await change_plan(js, lambda before: ControllerPlan(served=served, added=[
-        i for i in (before.added if before is not None else []) if i.model != served.model]))
+        i for i in (before.added if before is not None else []) if i.model != served.model],
+        keep_alive={m: s for m, s in (before.keep_alive if before is not None else {}).items() if m != served.model}))
 
 
 async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str | None, nats_port: int,
@@ -248,18 +249,18 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         await persist(lambda: put_instance(control.nc.jetstream(), instance), 30.0)
     sweeping = None
     if cluster is not None:
-        async def sweeping(model: str) -> bool:  # a job for an idle model of the cluster loads it
+        async def sweeping(model: str):  # a job for an idle model of the cluster loads it
             try:
                 async with changing:
                     await load(control.nc, home, ModelStore(home / "models"), model, cluster.keep_alive_s)
-                return True
-            except Refused as exc:  # not in this store (answered 404), or unloading (loaded again once gone)
-                return exc.code == "instance_stopping"
-            except StoreError:  # not a model id
-                return False
+                return None
+            except Refused as exc:  # unloading: loaded again once gone; else its jobs get the refusal
+                return None if exc.code == "instance_stopping" else (exc.status, exc.code, str(exc))
+            except StoreError as exc:  # not a model id
+                return 404, "model_not_found", str(exc)
             except Exception as exc:  # NATS away a moment: left for the next sweep
                 log.warning("could not load %s for the jobs waiting for it: %s", model, exc)
-                return True
+                return None
     background = [asyncio.create_task(keep_sweeping(control, f"{socket.gethostname()}:{os.getpid()}", sweeping)),
                   asyncio.create_task(keep_reporting(control, home, running, stopping, offer, fetching)),
                   asyncio.create_task(keep_checkpointing(control, signing_key, checkpoint_interval_s, stopping))]

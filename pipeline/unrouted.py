@@ -42,10 +42,15 @@ async def has_consumer(js, model: str) -> bool:
         return False
 
 
-async def sweep(settler: Settler, load: Callable[[str], Awaitable[bool]] | None = None) -> int:
+# What a model's loader says of the jobs waiting for it: None, left queued (it is being loaded); else the answer
+# they get, as (HTTP status, OpenAI error code, message).
+Loaded = Callable[[str], Awaitable["tuple[int, str, str] | None"]]
+
+
+async def sweep(settler: Settler, load: Loaded | None = None) -> int:
     """Settle every queued job, older than GRACE_S, that nobody will take; returns how many. With `load`, a job for
     a model without a consumer is first offered to it (on a cluster: a model of its catalogue is loaded, which makes
-    the consumer that then takes the job: ops/instances.py): left queued when it says so."""
+    the consumer that then takes the job: ops/instances.py): left queued, or answered as it says."""
     js, limits = settler.js, PayloadLimits(settler.nc.max_payload)
     info = await js.stream_info(JOBS_STREAM, subjects_filter=f"{JOBS_PREFIX}.>")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -56,10 +61,11 @@ async def sweep(settler: Settler, load: Callable[[str], Awaitable[bool]] | None 
         # A token that is not canonical (`%41bc`) names a model no consumer's filter matches: unserved.
         if authenticated and is_canonical_token(token) and await has_consumer(js, name_of_token(token)):
             continue
-        if authenticated and is_canonical_token(token) and load is not None and await old_enough(js, subject, now) \
-                and await load(name_of_token(token)):
-            log.info("jobs on %s wait for %s, loaded for them", subject, name_of_token(token))
-            continue
+        refused = None
+        if authenticated and is_canonical_token(token) and load is not None and await old_enough(js, subject, now):
+            if (refused := await load(name_of_token(token))) is None:
+                log.info("jobs on %s wait for %s, loaded for them", subject, name_of_token(token))
+                continue
         seq = 1
         while True:
             try:
@@ -77,6 +83,10 @@ async def sweep(settler: Settler, load: Callable[[str], Awaitable[bool]] | None 
                             f"NATS submitters were authenticated); it was not run. Publish it again with your "
                             f"credentials, on conclave.jobs.<model>.<your name>.",
                     type="invalid_request_error", code="unauthenticated_submitter")
+            elif error is None and refused is not None:
+                status, code, message = refused
+                error = ErrorDetail(message=message, type="invalid_request_error" if status < 500 else "server_error",
+                                    param="model", code=code)
             elif error is None:
                 status, error = 404, ErrorDetail(
                     message=f"The model `{delivery.job.model}` is not served here (nothing takes jobs on {subject}).",
@@ -96,7 +106,7 @@ async def old_enough(js, subject: str, now: datetime.datetime) -> bool:
     return msg.time is None or (now - msg.time).total_seconds() >= GRACE_S
 
 
-async def keep_sweeping(link, name: str, load: Callable[[str], Awaitable[bool]] | None = None) -> None:
+async def keep_sweeping(link, name: str, load: Loaded | None = None) -> None:
     """`sweep` every SWEEP_S on the link's current connection (the operator's), for as long as it runs."""
     failing = False
     while True:
