@@ -134,7 +134,7 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
     await asyncio.to_thread(role_identity, home, worker_role(model.id))
     await asyncio.to_thread(apply_authorization, home)
     await announce_users(nc, home)
-    await ensure_consumer(js, model.id, 5 * planned(await read_plan(js)).served.settings.heartbeat_s)
+    await ensure_consumer(js, model.id, 5 * plan.served.settings.heartbeat_s)
     if instance is None:
         # Listed by every ingress from now (requests wait in its queue), not only once the controller has read the
         # plan; before the plan is written, so that this never overwrites what the controller says of it.
@@ -187,7 +187,8 @@ async def make_room(js, model: StoredModel, request: PlacementRequest, plan: Con
     fit; none while an instance is leaving (its memory is freed first: judged again then, not unloading another for
     the same room), and none if even all of those would not make room (it then waits, placing, until memory frees).
     Raises Refused when it could not fit even with every added instance unloaded."""
-    statuses = [s for s in await read_nodes(js) if state_of(s) == "up"]
+    known = await read_nodes(js)
+    statuses = [s for s in known if state_of(s) == "up"]
     planned_models = {i.model for i in plan.instances()}
     others = [i for i in await read_instances(js) if i.model != model.id]
     facts = await asyncio.to_thread(model_facts, model.id, model.path)
@@ -200,7 +201,7 @@ async def make_room(js, model: StoredModel, request: PlacementRequest, plan: Con
         return []  # (no node up holds its files: it waits, placing, for one to report them)
     alone = place(facts, offers(model.id, statuses, [i for i in others if i.model == plan.served.model],
                                 everywhere=model.id == DEFAULT_MODEL), links_between(statuses), request)
-    if not hasattr(alone, "ranks") and all(state_of(s) == "up" for s in await read_nodes(js)):
+    if not hasattr(alone, "ranks") and len(statuses) == len(known):  # (a lost node may come back with room)
         raise Refused(503, "model_does_not_fit", f"{model.id} cannot run on this cluster even with every model but "
                                                  f"the served one unloaded: {alone.reason}")
     if any(i.state == "stopping" or i.model not in planned_models for i in others):
