@@ -25,7 +25,7 @@ from ingress.keys import ANONYMOUS, KeyRing, bearer_token
 from ingress.metrics import Metrics
 from pipeline.access import Identity
 from pipeline.connection import Link
-from pipeline.nodes import INSTANCES_REFRESH_S, cluster_models, read_instances, read_nodes
+from pipeline.nodes import INSTANCES_REFRESH_S, STATUS_OF_STATE, cluster_models, read_instances, read_nodes
 from pipeline.subjects import INSTANCES_PREFIX, STATUS_PREFIX
 from schemas.catalogue import ClusterModel
 from schemas.jobs import WorkerStatus
@@ -106,8 +106,7 @@ class Ingress:
                 self.placements.update({i.model: i.time for i in instances})
                 # A model being removed ("stopping") takes no new request: its last jobs are being answered.
                 cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length,
-                                   status="loaded" if i.state == "serving" else "loading")
-                         for i in instances if i.state != "stopping"]
+                                   status=STATUS_OF_STATE[i.state]) for i in instances if i.state != "stopping"]
                 self.models = {**{m.id: m for m in self.config.models}, **{c.id: c for c in cards}}
                 if self.config.cluster:
                     self.catalogue = {m.id: m for m in cluster_models(await read_nodes(js), instances)}
