@@ -39,8 +39,8 @@ from pathlib import Path
 
 import msgspec
 
-from ops.group import GroupSpec, HostSpec, RankLaunch, plan_group
-from ops.model_facts import model_facts
+from ops.catalogue import entry_for
+from ops.group import GroupSpec, HostSpec, RankLaunch, fit_group
 from ops.placement import offers, place
 from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX
@@ -49,11 +49,11 @@ from pipeline.lease import read_plan
 from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import jobs_in_hand, retire_consumer
 from pipeline.subjects import subject_token
-from schemas.cluster import NodeStatus, Plan
+from schemas.cluster import CatalogueEntry, NodeStatus, Plan
 from schemas.membership import (FetchOrder, Instance, InstancePlan, OrderReply, PortOrder, RankExit, StartOrder,
                                 StopOrder, WorkerSettings)
-from workers.split import stage_files, weight_map
-from workers.store import DEFAULT_MODEL, ModelStore, StoreError, StoredModel, model_context_length
+from workers.split import stage_files
+from workers.store import DEFAULT_MODEL, ModelStore
 
 log = logging.getLogger("conclave.controller")
 ORDER_TIMEOUT_S = 10.0
@@ -66,6 +66,7 @@ PLACE_RETRY_S = 0.25  # how often a model that does not fit yet is placed again 
 DRAIN_S = 120.0  # how long a removed instance keeps answering the jobs it was given
 FETCH_QUIET_S = 15.0  # a node that lacks a model's files and fetches nothing this long is ordered again
 FETCH_RETRY_S = 5.0  # after a failed fetch of a model's files, before it is placed (and fetched) again
+CATALOGUE_WAIT_S = 2.0  # how often a model not in the catalogue (yet) is looked for there
 encode = msgspec.json.Encoder().encode
 
 
@@ -167,7 +168,7 @@ class RemoteRank:
 class AgentLauncher:
     """Starts a rank through the agent of `node` (ops/group.py: Launcher)."""
 
-    def __init__(self, orders: Orders, node: str, model: StoredModel, spec: GroupSpec, settings: WorkerSettings):
+    def __init__(self, orders: Orders, node: str, model: CatalogueEntry, spec: GroupSpec, settings: WorkerSettings):
         self.orders, self.node, self.model, self.spec, self.settings = orders, node, model, spec, settings
 
     def ring_port(self, host: HostSpec, suggested: int) -> int:
@@ -200,26 +201,26 @@ def group_of(plan: Plan, nodes: dict[str, NodeStatus]) -> GroupSpec:
     return GroupSpec(layout=plan.layout, backend=backend, split=split, hosts=hosts)
 
 
-def rank_files(spec: GroupSpec, model_dir: Path) -> list[list[str]]:
+def rank_files(spec: GroupSpec, model: CatalogueEntry) -> list[list[str]]:
     """Per rank, the weight files its node needs: a pipeline stage's (workers/split.py: stage_files) when the model
     is in several files; else [] (all of them)."""
-    weights = weight_map(model_dir)
-    if spec.layout != "pipeline" or spec.size < 2 or not weights or len(set(weights.values())) < 2:
+    if spec.layout != "pipeline" or spec.size < 2 or not model.layer_files:
         return [[] for _ in range(spec.size)]
     starts = [sum(spec.split[:r]) for r in range(spec.size)]
-    return [sorted(stage_files(weights, start, start + n)) for start, n in zip(starts, spec.split)]
+    return [sorted(stage_files(model.layer_files, model.shared_files, start, start + n))
+            for start, n in zip(starts, spec.split)]
 
 
 class Controller:
     """Keeps one model placed and running on the cluster."""
 
-    def __init__(self, link, orders: Orders, model: StoredModel, plan: InstancePlan, workdir: Path,
-                 placing: asyncio.Lock, context_length: int | None = None):
+    def __init__(self, link, orders: Orders, model: CatalogueEntry, plan: InstancePlan, workdir: Path,
+                 placing: asyncio.Lock):
         self.link, self.orders, self.model, self.workdir, self.placing = link, orders, model, workdir, placing
         self.settings, self.request = plan.settings, plan.request
-        self.facts = model_facts(model.id, model.path)
+        self.facts = model.facts
         self.supervisor: GroupSupervisor | None = None
-        self.instance = Instance(model=model.id, created=model.created, context_length=context_length)
+        self.instance = Instance(model=model.id, created=model.created, context_length=model.context_length)
 
     async def _say(self, **changes) -> None:
         if self.instance.state == "stopping":  # removed: it says so until it is gone
@@ -269,14 +270,15 @@ class Controller:
                     if placed is None:
                         return
                     plan, statuses = placed
-                    spec = plan_group(group_of(plan, statuses), self.model.path)
+                    spec = fit_group(group_of(plan, statuses), self.facts.layers, self.facts.tensor_sizes,
+                                     self.model.refused_layouts)
                 except Exception as exc:  # NATS away a moment, or a plan the model's files refuse: try again
                     log.error("could not place %s: %s; trying again", self.model.id, exc)
                     await sleep_unless(stopping, 2.0)
                     continue
                 nodes = [r.node for r in plan.ranks]
                 log.info("placing %s: %s over %s (%s)", self.model.id, plan.layout, ", ".join(nodes), plan.why)
-                if not await self._bring_files(nodes, statuses, stopping, rank_files(spec, self.model.path)):
+                if not await self._bring_files(nodes, statuses, stopping, rank_files(spec, self.model)):
                     await sleep_unless(stopping, FETCH_RETRY_S)
                     after = time.time()
                     continue
@@ -407,7 +409,7 @@ class Running:
 
 async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -> None:
     """What the holder of the controller lease does (pipeline/lease.py) until `lost`: keep every instance of the
-    plan the first machine wrote placed and running, from this machine's model store. The plan is read every
+    plan the first machine wrote placed and running, by their facts in the catalogue. The plan is read every
     PLAN_POLL_S: an instance added starts, one removed is drained and stopped (`retire`), one whose settings or
     request changed is stopped and placed again; an instance in the bucket that no plan names (a model the first
     machine served before it restarted with another) is cleared away."""
@@ -465,16 +467,25 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
 
 async def keep_instance(link, orders: Orders, store: ModelStore, entry: InstancePlan, workdir: Path,
                         placing: asyncio.Lock, ending: asyncio.Event, run: Running) -> None:
-    try:  # the first use of the bundled model copies it into the store
-        model = await asyncio.to_thread(store.resolve, entry.model)
-    except StoreError as exc:  # a broker node that took over without the files of a model the first machine had
-        log.error("cannot place %s: %s", entry.model, exc)
-        await put_instance(link.nc.jetstream(), Instance(model=entry.model, created=0, time=time.time(),
-                                                         why=f"not in the controller's model store: {exc}"))
-        await ending.wait()
+    said = ""
+    while not ending.is_set():  # its facts, from the catalogue (ops/catalogue.py): this machine needs no copy
+        try:
+            model = await entry_for(link.nc.jetstream(), store, entry.model)
+            why = "" if model is not None else "not in the cluster's catalogue: no node has its files"
+        except Exception as exc:  # NATS away a moment
+            model, why = None, f"its facts could not be read from the catalogue ({exc})"
+        if model is not None:
+            break
+        if why != said:
+            log.error("cannot place %s: %s", entry.model, why)
+            with contextlib.suppress(Exception):
+                await put_instance(link.nc.jetstream(), Instance(model=entry.model, created=0, time=time.time(),
+                                                                 why=why))
+            said = why
+        await sleep_unless(ending, CATALOGUE_WAIT_S)
+    else:
         return
-    context_length = await asyncio.to_thread(model_context_length, model.path)
-    run.controller = Controller(link, orders, model, entry, workdir / subject_token(model.id), placing, context_length)
+    run.controller = Controller(link, orders, model, entry, workdir / subject_token(model.id), placing)
     await run.controller.run(ending)
 
 

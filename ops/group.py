@@ -40,8 +40,8 @@ import msgspec
 from ops.config import free_port
 from pipeline.nats_server import child_preexec, stop_process
 from workers.rank import BACKENDS, format_split
-from workers.shard import (LAYOUTS, check_model_layout, check_pipeline_split, check_tensor_parallel,
-                           pipeline_split)
+from workers.shard import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel, pipeline_split,
+                           refused_layouts, tensor_parallel_sizes)
 
 LOCAL = ("localhost", "127.0.0.1", "")
 
@@ -239,16 +239,24 @@ def rank_arguments(spec: GroupSpec) -> list[str]:
 
 
 def plan_group(spec: GroupSpec, model_dir: Path) -> GroupSpec:
-    """Check that the model splits the way `spec` asks, and fix the pipeline split, before any rank starts.
-
-    Refusing here gives the operator one clear message instead of N ranks failing the same way.
-    """
+    """Check that the model in `model_dir` splits the way `spec` asks, and fix the pipeline split, before any rank
+    starts. Refusing here gives the operator one clear message instead of N ranks failing the same way."""
     config = json.loads((model_dir / "config.json").read_text())
-    check_model_layout(model_dir, spec.layout)
     if spec.layout == "tensor":
-        check_tensor_parallel(config, spec.size)
+        check_tensor_parallel(config, spec.size)  # the detailed message: heads, key/value heads, MLP
+    return fit_group(spec, config["num_hidden_layers"], tensor_parallel_sizes(config),
+                     refused_layouts(model_dir, (spec.layout,)))
+
+
+def fit_group(spec: GroupSpec, layers: int, tensor_sizes: list[int], refused: dict[str, str]) -> GroupSpec:
+    """`plan_group` on a model's facts alone (a controller's, from the cluster's catalogue: ops/catalogue.py):
+    its layer count, the tensor-parallel sizes that divide it and the layouts its architecture refuses."""
+    if spec.layout in refused:
+        raise ShardError(refused[spec.layout])
+    if spec.layout == "tensor" and spec.size not in tensor_sizes:
+        raise ShardError(f"tensor parallel over {spec.size} ranks does not divide this model; it splits over "
+                         f"{', '.join(map(str, tensor_sizes))}")
     if spec.layout == "pipeline":
-        layers = config["num_hidden_layers"]
         if spec.split is None:
             spec = msgspec.structs.replace(spec, split=pipeline_split(layers, spec.size, spec.memory_weights()))
         check_pipeline_split(spec.split, layers, spec.size)

@@ -1,8 +1,7 @@
 """What the cluster runs, asked of the first machine: placement previews, and instances added and removed.
 
 An ingress on any node asks (`POST /v1/cluster/placement`, `POST` and `DELETE /v1/cluster/instances`) and the
-first machine's `serve --cluster` answers, because only it has what the answers need: the model store the plan's
-models come from (a preview reads a model's files), the credentials (a new model's workers get a NATS role of
+first machine's `serve --cluster` answers, because only it has what the answers need: the credentials (a new model's workers get a NATS role of
 their own, pipeline/access.py) and the operator's rights (a model's consumer, the plan in the control bucket).
 
 Adding an instance does what `serve` does for its own model before the controller places it: the worker role,
@@ -28,16 +27,16 @@ import msgspec
 
 from ops.brokers import announce_users
 from ops.credentials import apply_authorization, role_identity
-from ops.model_facts import model_facts
+from ops.catalogue import entry_for
 from ops.placement import offers, place
 from pipeline.access import INSTANCES_SUBJECT, PLACE_SUBJECT, worker_role
 from pipeline.connection import sleep_unless
 from pipeline.lease import change_plan, read_plan
 from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import ensure_consumer, model_use
-from schemas.cluster import PlacementRequest
+from schemas.cluster import CatalogueEntry, PlacementRequest
 from schemas.membership import ControllerPlan, Instance, InstanceChange, InstancePlan, ModelPlacement
-from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, StoreError, model_context_length
+from workers.store import DEFAULT_MODEL, ModelStore, StoreError
 
 log = logging.getLogger("conclave.instances")
 KEEP_POLL_S = 1.0  # how often idle instances are checked against their keep-alive, and placing ones for room
@@ -52,11 +51,12 @@ class Refused(Exception):
         self.status, self.code = status, code
 
 
-def stored(store: ModelStore, model: str) -> StoredModel:
-    found = store.get(model)
+async def catalogued(js, store: ModelStore, model: str) -> CatalogueEntry:
+    """The model's facts from the cluster's catalogue (ops/catalogue.py: entry_for), or a 404."""
+    found = await entry_for(js, store, model)
     if found is None:
-        raise Refused(404, "model_not_found", f"{model} is not in the first machine's model store (`conclave models "
-                                              f"pull` or `import` it there first: nothing is downloaded here)")
+        raise Refused(404, "model_not_found", f"{model} is in no node's model store (`conclave models pull` or "
+                                              f"`import` it on one: nothing is downloaded here)")
     return found
 
 
@@ -66,20 +66,22 @@ def refusal(exc: Refused) -> bytes:
 
 async def answer_previews(nc, store: ModelStore):
     """Placement previews: `place` on the nodes up now, on what the running instances leave there, for any model in
-    this machine's store; a Plan or a Refusal, nothing started. Returns the subscription."""
+    the catalogue; a Plan or a Refusal, nothing started. Returns the subscription."""
     async def preview(msg):
         try:
             asked = msgspec.json.decode(msg.data, type=ModelPlacement)
-            model = stored(store, asked.model)
             js = nc.jetstream()
+            model = await catalogued(js, store, asked.model)
             statuses = [s for s in await read_nodes(js) if state_of(s) == "up"]
             nodes = offers(model.id, statuses, await read_instances(js), everywhere=model.id == DEFAULT_MODEL)
-            facts = await asyncio.to_thread(model_facts, model.id, model.path)
-            reply = encode(place(facts, nodes, links_between(statuses), asked.request()))
+            reply = encode(place(model.facts, nodes, links_between(statuses), asked.request()))
         except Refused as exc:
             reply = refusal(exc)
-        except (msgspec.MsgspecError, ValueError, OSError) as exc:
+        except (msgspec.MsgspecError, ValueError) as exc:
             reply = refusal(Refused(400, "invalid_request", str(exc)))
+        except Exception as exc:  # NATS away a moment, or the model's facts unreadable here
+            log.warning("could not preview a placement: %s", exc)
+            reply = refusal(Refused(503, "controller_unavailable", f"no preview could be made ({exc})"))
         await msg.respond(reply)
 
     return await nc.subscribe(PLACE_SUBJECT, cb=preview)
@@ -121,7 +123,8 @@ def planned(plan: ControllerPlan | None) -> ControllerPlan:
 
 
 async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes:
-    model, js = stored(store, asked.model), nc.jetstream()
+    js = nc.jetstream()
+    model = await catalogued(js, store, asked.model)
     instance = next((i for i in await read_instances(js) if i.model == model.id), None)
     if instance is not None and instance.state == "stopping":
         raise Refused(409, "instance_stopping", f"{model.id} is being removed (its last jobs are being answered): add "
@@ -138,8 +141,7 @@ async def add(nc, home: Path, store: ModelStore, asked: ModelPlacement) -> bytes
     if instance is None:
         # Listed by every ingress from now (requests wait in its queue), not only once the controller has read the
         # plan; before the plan is written, so that this never overwrites what the controller says of it.
-        context_length = await asyncio.to_thread(model_context_length, model.path)
-        await put_instance(js, Instance(model=model.id, created=model.created, context_length=context_length,
+        await put_instance(js, Instance(model=model.id, created=model.created, context_length=model.context_length,
                                         why="added; waiting for the controller", time=time.time()))
 
     changed = False
@@ -181,7 +183,7 @@ async def load(nc, home: Path, store: ModelStore, model: str, keep_alive_s: floa
                                                      sequences=request.sequences, keep_alive=keep_alive_s))
 
 
-async def make_room(js, model: StoredModel, request: PlacementRequest, plan: ControllerPlan) -> list[str]:
+async def make_room(js, model: CatalogueEntry, request: PlacementRequest, plan: ControllerPlan) -> list[str]:
     """The added instances to unload so that `model` fits: none if it fits beside them; else the least recently used
     of those serving with no job queued or running (never the served model, never one answering), as few as make it
     fit; none while an instance is leaving (its memory is freed first: judged again then, not unloading another for
@@ -191,7 +193,7 @@ async def make_room(js, model: StoredModel, request: PlacementRequest, plan: Con
     statuses = [s for s in known if state_of(s) == "up"]
     planned_models = {i.model for i in plan.instances()}
     others = [i for i in await read_instances(js) if i.model != model.id]
-    facts = await asyncio.to_thread(model_facts, model.id, model.path)
+    facts = model.facts
 
     def fits(instances: list[Instance]) -> bool:
         nodes = offers(model.id, statuses, instances, everywhere=model.id == DEFAULT_MODEL)
@@ -275,14 +277,16 @@ async def keep_round(js, nc, store: ModelStore, busy: dict[str, float]) -> None:
             return  # the plan changed: read again next round
     for entry in plan.instances():
         waiting = instances.get(entry.model)
-        if waiting is None or waiting.state != "placing" or (model := store.get(entry.model)) is None:
+        if waiting is None or waiting.state != "placing":
             continue
         try:
+            if (model := await entry_for(js, store, entry.model)) is None:
+                continue
             evicted = await make_room(js, model, entry.request, plan)
         except Refused:  # it does not fit at all: its `why` says so
             continue
-        except Exception as exc:  # its files unreadable here, say: the others are looked at still
-            log.warning("could not judge the room %s needs: %s", model.id, exc)
+        except Exception as exc:  # its facts unreadable, say: the others are looked at still
+            log.warning("could not judge the room %s needs: %s", entry.model, exc)
             continue
         if evicted:
             log.info("unloading %s: the least recently used, idle, to make room for %s", ", ".join(evicted), model.id)

@@ -20,6 +20,7 @@ import socket
 import time
 from pathlib import Path
 
+from ops.catalogue import keep_catalogue
 from ops.agent import REPORT_S, Offer, keep_reporting, node_id
 from ops.deployment import DeploymentError
 from ops.brokers import follow_users, offer
@@ -180,6 +181,7 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
     else:
         agent = obeying(stopping)
     tasks = [asyncio.create_task(keep_reporting(link, home, keeper.running, stopping, offered, files.report)),
+             asyncio.create_task(keep_catalogue(link, ModelStore(home / "models"), own, stopping)),
              asyncio.create_task(agent)]
     if http is not None:
         server = ingress_server(urls, identities["ingress"], http, api_keys)

@@ -23,6 +23,7 @@ from typing import Callable
 import uvicorn
 
 from ingress.app import IngressConfig, create_app
+from ops.catalogue import keep_catalogue
 from ops.agent import Offer, keep_reporting, node_id
 from ops.controller import control as control_model
 from ops.instances import Refused, answer_instances, answer_previews, keep_instances, load
@@ -269,6 +270,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     if cluster is not None:
         background.append(asyncio.create_task(keep_instances(control, ModelStore(home / "models"), stopping,
                                                              changing)))
+        background.append(asyncio.create_task(keep_catalogue(control, ModelStore(home / "models"), own, stopping)))
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).
     record_deployment(home, Deployment(pid=os.getpid(), http_url=http_url, nats_url=nats_url,

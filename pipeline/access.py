@@ -29,7 +29,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.subjects import (AUDIT_PREFIX, CANCELS_PREFIX, CONTROL_PREFIX, CONTROL_STREAM, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
+from pipeline.subjects import (AUDIT_PREFIX, CATALOGUE_PREFIX, CATALOGUE_STREAM, CANCELS_PREFIX, CONTROL_PREFIX, CONTROL_STREAM, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
                                JOBS_STREAM, NODES_PREFIX, NODES_STREAM, RESULTS_PREFIX, RESULTS_STREAM, STATUS_PREFIX,
                                name_of_token, reply_prefix,
                                subject_token, worker_durable)
@@ -142,9 +142,13 @@ def node_role(node_id: str) -> str:
 def agent_permissions(node_id: str) -> Permissions:
     """A node's agent: it reports its own status (only under its own key of the nodes bucket), takes the
     controller's orders for itself, and answers them (`allow_responses`: only to requests it received). It asks
-    other nodes' agents for tickets to their model files, and answers theirs (ops/model_files.py)."""
+    other nodes' agents for tickets to their model files, and answers theirs (ops/model_files.py). It writes and
+    reads the catalogue's entries of its own store's models, only under its own keys (pipeline/catalogue.py)."""
+    own_entries = f"{CATALOGUE_PREFIX}.*.{node_id}"
     return Permissions(publish=(f"{NODES_PREFIX}.{node_id}", f"{AGENTS_PREFIX}.{node_id}.events",
-                                _direct_get(NODES_STREAM, f"{NODES_PREFIX}.{node_id}"), f"{AGENTS_PREFIX}.*.files"),
+                                _direct_get(NODES_STREAM, f"{NODES_PREFIX}.{node_id}"), f"{AGENTS_PREFIX}.*.files",
+                                own_entries, f"$JS.API.STREAM.INFO.{CATALOGUE_STREAM}",
+                                _direct_get(CATALOGUE_STREAM, own_entries)),
                        subscribe=(f"{reply_prefix(node_role(node_id))}.>", f"{AGENTS_PREFIX}.{node_id}.orders.>",
                                   f"{AGENTS_PREFIX}.{node_id}.files"),
                        responses=True)
@@ -154,9 +158,11 @@ def controller_permissions(role: str) -> Permissions:
     """A broker node's controller, when it holds the lease (pipeline/lease.py): it reads the nodes, orders every
     agent and hears their reports, publishes the instances, and writes the lease (not the plan: the operator's).
     An instance removed from the plan is drained and its consumer deleted (ops/controller.py: retire): it reads
-    and deletes the jobs stream's consumers. It also hears the users every broker admits (ops/brokers.py): only
-    broker nodes have this role."""
+    and deletes the jobs stream's consumers. It reads the catalogue (a model's facts: pipeline/catalogue.py). It
+    also hears the users every broker admits (ops/brokers.py): only broker nodes have this role."""
     return Permissions(publish=(f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
+                                f"$JS.API.STREAM.INFO.{CATALOGUE_STREAM}",
+                                _direct_get(CATALOGUE_STREAM, f"{CATALOGUE_PREFIX}.>"),
                                 f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*", f"$JS.API.CONSUMER.DELETE.{JOBS_STREAM}.*",
                                 f"{INSTANCES_PREFIX}.>", f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
                                 _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), f"{AGENTS_PREFIX}.*.orders.>",

@@ -49,7 +49,7 @@ async def read_nodes(js) -> list[NodeStatus]:
     claiming another node's id is a forgery), and its time is when the broker stored it: lost or not is judged on
     the broker's clock, never on a node's, which may be off by any amount."""
     statuses = []
-    for msg in await _read_bucket(js, NODES_STREAM, NODES_PREFIX):
+    for msg in await read_bucket(js, NODES_STREAM, f"{NODES_PREFIX}.>"):
         try:
             status = decode_status(msg.data or b"")  # a deleted key's marker has no data
         except msgspec.MsgspecError:
@@ -71,7 +71,7 @@ async def put_instance(js, instance: Instance) -> None:
 
 async def read_instances(js) -> list[Instance]:
     instances = []
-    for msg in await _read_bucket(js, INSTANCES_STREAM, INSTANCES_PREFIX):
+    for msg in await read_bucket(js, INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"):
         try:
             instances.append(decode_instance(msg.data or b""))  # a removed model's marker has no data
         except msgspec.MsgspecError:
@@ -79,11 +79,12 @@ async def read_instances(js) -> list[Instance]:
     return instances
 
 
-async def _read_bucket(js, stream: str, prefix: str) -> list:
-    """Every key's latest message; empty when there is none (or the bucket does not exist). Keys are listed from
-    the stream's subjects and read by direct get, which a permission can limit to this bucket."""
+async def read_bucket(js, stream: str, subjects: str) -> list:
+    """The latest message of every key matching `subjects`; empty when there is none (or the bucket does not
+    exist). Keys are listed from the stream's subjects and read by direct get, which a permission can limit to
+    this bucket."""
     try:
-        info = await js.stream_info(stream, subjects_filter=f"{prefix}.>")
+        info = await js.stream_info(stream, subjects_filter=subjects)
     except NotFoundError:
         return []
     messages = []

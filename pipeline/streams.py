@@ -12,6 +12,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from pipeline.audit import audit_stream_config, describe_age
 from pipeline.checkpoints import checkpoints_stream_config
+from pipeline.catalogue import catalogue_bucket_config
 from pipeline.nodes import instances_bucket_config, nodes_bucket_config
 from pipeline.lease import control_bucket_config
 from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM,
@@ -108,7 +109,8 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
-    for bucket in (nodes_bucket_config(), instances_bucket_config(), control_bucket_config()):
+    for bucket in (nodes_bucket_config(), instances_bucket_config(), control_bucket_config(),
+                   catalogue_bucket_config()):
         bucket.replicas = replicas
         try:
             await js.create_key_value(bucket)

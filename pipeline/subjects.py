@@ -27,6 +27,9 @@ INSTANCES_PREFIX = f"$KV.{INSTANCES_BUCKET}"
 CONTROL_BUCKET = "CONCLAVE_CONTROL"  # key-value bucket: the controller lease and the plan it follows (pipeline/lease.py)
 CONTROL_STREAM = f"KV_{CONTROL_BUCKET}"
 CONTROL_PREFIX = f"$KV.{CONTROL_BUCKET}"
+CATALOGUE_BUCKET = "CONCLAVE_CATALOGUE"  # key-value bucket: each model's facts, by model and holder (pipeline/catalogue.py)
+CATALOGUE_STREAM = f"KV_{CATALOGUE_BUCKET}"
+CATALOGUE_PREFIX = f"$KV.{CATALOGUE_BUCKET}"
 CHECKPOINTS_STREAM = "CONCLAVE_AUDIT_CHECKPOINTS"
 CHECKPOINTS_SUBJECT = "conclave.checkpoints"  # signed checkpoints of the audit log (pipeline/checkpoints.py)
 

@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 from msgspec import Struct
 
-from schemas.catalogue import FetchProgress
+from schemas.catalogue import FetchProgress, ModelFile
 
 Backend = Literal["metal", "cuda", "cpu"]
 LinkKind = Literal["rdma", "thunderbolt", "ethernet", "wifi"]
@@ -63,6 +63,30 @@ class ModelFacts(Struct, kw_only=True):
     @property
     def weight_bytes(self) -> int:
         return sum(self.layer_bytes) + self.embedding_bytes + self.head_bytes
+
+
+class CatalogueEntry(Struct, kw_only=True):
+    """A model of the cluster's catalogue as one node that holds it read it from its files (ops/catalogue.py): what
+    the first machine and any controller need to place it, fetch it per rank and start it, with no copy of its
+    files of their own. One per model and holder, under the holder's key (pipeline/catalogue.py)."""
+
+    id: str
+    node: str  # the node that holds it and wrote this
+    revision: str  # workers/store.py: model_revision
+    created: int  # unix seconds it entered that node's store
+    context_length: Union[int, None] = None
+    facts: ModelFacts
+    refused_layouts: dict[str, str] = {}  # layout -> why its architecture cannot run it (workers/shard.py)
+    # A model in several weight files (workers/split.py: layer_files): per decoder layer, the files holding it,
+    # and those holding tensors of no layer; empty for a model in one file.
+    layer_files: list[list[str]] = []
+    shared_files: list[str] = []
+    files: list[ModelFile]  # every file, with its size and SHA-256 (ops/model_files.py: manifest)
+    time: float = 0.0  # when it was read
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 class PlacementRequest(Struct, kw_only=True):

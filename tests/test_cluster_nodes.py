@@ -36,10 +36,11 @@ from pipeline.streams import jobs_in_hand
 from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, JOBS_STREAM, NODES_PREFIX, job_subject, name_of_token
 from schemas.jobs import ChatMessage, Done, Job, SamplingParams
 from tests.conftest import FRANCE, MODEL, connect_as, wait_for_audit_record
+from pipeline.catalogue import entry_subject, read_entries
 from tests.sharded import sharded_copy
 from tests.test_durability import final_event
 from tests.test_trust import PERMISSION, Watched
-from workers.split import stage_files
+from workers.split import layer_files, stage_files
 from workers.store import ModelStore, bundled_gguf
 
 LIMIT_GB = "1.5"
@@ -231,16 +232,19 @@ def statuses(url: str) -> dict[str, str]:
 
 
 async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fits_one_at_a_time(cluster):
-    """Two models on the first machine's disk, neither running: `GET /v1/models` lists them idle, and a request for
-    either is answered (loaded on demand, 8k x 4 as serve's model: about 1.7 GB, which only the free node and one
-    other together have room for beside the served model, so one at a time). Each switch unloads the idle one
-    first; a keep-alive unloads a model left idle; the audit record says its job waited for a load."""
+    """Two models, neither running, one on the first machine's disk and one on a joined node's only: `GET /v1/models`
+    lists them idle, and a request for either is answered (loaded on demand, 8k x 4 as serve's model: about 1.7 GB,
+    which only the free node and one other together have room for beside the served model, so one at a time). Each
+    switch unloads the idle one first; a keep-alive unloads a model left idle; the audit record says its job waited
+    for a load. The first machine and the controller place the joined node's model by its catalogue entry."""
     store = ModelStore(cluster.first.home / "models")
     if store.get(SECOND) is None:  # (the test before leaves it there)
         store.import_gguf(bundled_gguf(), SECOND)
     # The third in six weight files (the tensors of no layer, then 6 layers a file), as large checkpoints come: a
-    # pipeline rank's node fetches only its stage's.
-    weights = sharded_copy(store.path(SECOND), store.path(THIRD), layers_per_file=6)
+    # pipeline rank's node fetches only its stage's. Written beside the store, then moved in at once (as an import).
+    holder = cluster.nodes[1].home / "models"
+    weights = sharded_copy(store.path(SECOND), holder / ".incoming-test", layers_per_file=6)
+    (holder / ".incoming-test").rename(ModelStore(holder).path(THIRD))
     url = cluster.nodes[0].base_url
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
     deadline = time.monotonic() + 30
@@ -265,13 +269,14 @@ async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fit
         assert placed[model]["state"] == "serving" and other not in placed, placed
         assert len(placed[model]["nodes"]) == 2, placed[model]
         if model == THIRD:  # each node without it fetched its stage's weight files, no more
-            homes = {node_id(n.home): n.home for n in cluster.nodes}
+            homes = {node_id(n.home): n.home for n in (cluster.first, *cluster.nodes) if n.home != holder.parent}
             fetched = [(homes[n], layers) for n, layers in zip(placed[THIRD]["nodes"], placed[THIRD]["layers"])
                        if n in homes]
             assert fetched, placed[THIRD]
             for home, (start, end) in fetched:
                 held = ModelStore(home / "models")
-                assert held.get(THIRD) is None and held.shards()[THIRD] == sorted(stage_files(weights, start, end))
+                assert held.get(THIRD) is None and held.shards()[THIRD] == sorted(
+                    stage_files(*layer_files(weights), start, end))
                 assert len(held.shards()[THIRD]) < len(set(weights.values()))
     unknown = httpx.post(url + "/chat/completions", json={"model": "no-such-model", "messages": FRANCE}, timeout=30)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
@@ -280,7 +285,7 @@ async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fit
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line.split()[1:] for line in listed.stdout.splitlines()[1:]}
     assert rows[SECOND][0] == "loaded" and rows[THIRD][0] == "idle", listed.stdout
-    assert node_id(cluster.first.home) in rows[THIRD][1].split(","), listed.stdout  # where its files are
+    assert rows[THIRD][1] == node_id(holder.parent), listed.stdout  # where its files are
     # A keep-alive given to a loaded model does not reload it, and unloads it once idle that long.
     kept = conclave(cluster.first.home, "models", "load", SECOND, "--keep-alive", "1")
     assert kept.returncode == 0, kept.stderr
@@ -293,6 +298,10 @@ async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fit
     # A job published on NATS for a model nothing runs (an internal system's) loads it too, and is answered.
     nc = await cluster.operator()
     try:
+        (entry,) = await read_entries(nc.jetstream(), THIRD)  # the holder's, with every file's size and SHA-256
+        assert entry.node == node_id(holder.parent) and entry.layer_files, entry
+        assert {f.name: f.size for f in entry.files} == {p.name: p.stat().st_size for p in ModelStore(holder).path(
+            THIRD).iterdir() if not p.name.startswith(".")}
         replies = await nc.subscribe("conclave.replies.operator.on-demand")
         job = Job(id="job-on-demand", model=THIRD, reply_subject="conclave.replies.operator.on-demand", kind="chat",
                   stream=False, messages=[ChatMessage(**m) for m in FRANCE], params=SamplingParams(temperature=0),
@@ -309,6 +318,16 @@ async def test_models_of_the_catalogue_load_on_demand_and_switch_when_memory_fit
     while any(i["model"] == THIRD for i in listing(url)):
         assert time.monotonic() < deadline, "the unloaded model never went"
         await asyncio.sleep(0.2)
+    # Deleted from its only holder's store, it leaves the catalogue.
+    shutil.rmtree(ModelStore(holder).path(THIRD))
+    nc = await cluster.operator()
+    try:
+        deadline = time.monotonic() + 30
+        while await read_entries(nc.jetstream(), THIRD):
+            assert time.monotonic() < deadline, "the deleted model stayed in the catalogue"
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
 
 
 def conclave(home: Path, *args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
@@ -386,6 +405,9 @@ async def test_a_nodes_credentials_do_a_nodes_work_and_nothing_else(cluster):
                             f"sub conclave.agents.{other}.orders.>")
         await agent.refused(lambda: agent.nc.publish(f"conclave.agents.{other}.events", b"{}"),
                             f"conclave.agents.{other}.events")
+        # It describes its own copies of models in the catalogue, never another node's.
+        forged = entry_subject(MODEL, other)
+        await agent.refused(lambda: agent.nc.publish(forged, b"{}"), forged)
         # Nor can it wipe the others' statuses from its own key with a rollup.
         with pytest.raises(nats.js.errors.APIError):
             await agent.nc.jetstream().publish(f"{NODES_PREFIX}.{own}", b"{}", headers={"Nats-Rollup": "all"})

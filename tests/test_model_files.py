@@ -24,7 +24,7 @@ from ops.config import free_port
 from ops.model_fetch import FetchError, check_room, fetch_model, fetch_part, sha256_of
 from ops.model_files import Tickets, answer_tickets, ask_ticket, files_app, manifest
 from schemas.catalogue import ModelManifest
-from workers.split import stage_files
+from workers.split import layer_files, stage_files
 from workers.store import ModelStore, model_revision
 
 MODEL_ID = "acme/tiny-model"
@@ -93,7 +93,14 @@ async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_la
     store, path = source
     tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
     first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
-    async with serving(store, tickets) as (url, ranges):
+    gates: dict[str, asyncio.Event] = {}  # a file's request is answered once its gate opens
+
+    async def gated(query: str) -> None:
+        for name, gate in list(gates.items()):
+            if f"name={name}" in query:
+                await gate.wait()
+
+    async with serving(store, tickets, before=gated) as (url, ranges):
         folder = await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {second})
         assert sorted(p.name for p in folder.iterdir() if p.name[0] != ".") == ["config.json", second,
                                                                                   "tokenizer.json"]
@@ -107,17 +114,22 @@ async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_la
         assert receiver.shards() == {MODEL_ID: [first, second]}
         with pytest.raises(FetchError, match="no weight file"):
             await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {"model-00009.safetensors"})
-        # Interrupted in its last file: the files that arrived are recorded (the node reports them, and they are
-        # not fetched again); the rest resumes from where it stopped.
+        # Interrupted in its last file (files arrive several at a time: the last one's request is answered once the
+        # others are whole): the files that arrived are recorded (the node reports them, and they are not fetched
+        # again); the rest resumes from where it stopped.
         other, halt = ModelStore(tmp_path / "other"), threading.Event()
-        before_last = SIZES["config.json"] + SIZES["tokenizer.json"] + SIZES[first]  # its other files come first
+        before_last = SIZES["config.json"] + SIZES["tokenizer.json"] + SIZES[first]
+        loop, gates[second] = asyncio.get_running_loop(), asyncio.Event()
 
-        def moved(done: int, total: int) -> None:
+        def moved(done: int, total: int) -> None:  # (from the fetch's threads)
+            if done >= before_last:
+                loop.call_soon_threadsafe(gates[second].set)
             if done > before_last:
                 halt.set()
 
         with pytest.raises(FetchError, match="stopped"):
             await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, other, {first, second}, moved, halt)
+        del gates[second]
         assert other.shards() == {MODEL_ID: [first]}
         have = (other.shard_path(MODEL_ID) / f"{second}.partial").stat().st_size
         assert 0 < have < SIZES[second]
@@ -132,8 +144,8 @@ def test_a_stage_reads_the_files_of_its_layers_and_those_of_no_layer():
     weights = {"model.embed_tokens.weight": "a", "model.layers.0.mlp.weight": "a", "model.layers.1.mlp.weight": "b",
                "model.layers.2.mlp.weight": "c", "model.layers.3.mlp.weight": "c", "model.norm.weight": "d",
                "lm_head.weight": "d"}
-    assert stage_files(weights, 0, 2) == {"a", "b", "d"}
-    assert stage_files(weights, 2, 4) == {"a", "c", "d"}
+    assert stage_files(*layer_files(weights), 0, 2) == {"a", "b", "d"}
+    assert stage_files(*layer_files(weights), 2, 4) == {"a", "c", "d"}
 
 
 async def test_a_receiver_passes_a_model_on_as_it_arrives_and_a_cut_relay_is_resumed_from_the_source(source, tmp_path):

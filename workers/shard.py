@@ -27,7 +27,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
 from workers.split import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel,  # noqa: F401 (re-exported)
-                           pipeline_split, stage_files, tensor_parallel_sizes, weight_map)
+                           layer_files, pipeline_split, stage_files, tensor_parallel_sizes, weight_map)
 
 
 @dataclass
@@ -107,10 +107,20 @@ def check_layout(model: nn.Module, layout: str) -> None:
                              f"argument), so it cannot run as a pipeline stage.")
 
 
-def check_model_layout(model_dir: Path, layout: str) -> None:
-    """`check_layout` on the model in `model_dir`, built lazily: no weights are read."""
-    if layout in ("tensor", "pipeline"):
-        check_layout(mlx_lm_load_model(Path(model_dir), lazy=True)[0], layout)
+def refused_layouts(model_dir: Path, layouts: tuple[str, ...] = ("tensor", "pipeline")) -> dict[str, str]:
+    """Of `layouts`, those the model in `model_dir` cannot run, with why (`check_layout`): built lazily once, no
+    weights read. Kept in the cluster's catalogue (ops/catalogue.py), so a controller without the files knows."""
+    layouts = tuple(layout for layout in layouts if layout in ("tensor", "pipeline"))
+    if not layouts:
+        return {}
+    model = mlx_lm_load_model(Path(model_dir), lazy=True, strict=False)[0]
+    refused = {}
+    for layout in layouts:
+        try:
+            check_layout(model, layout)
+        except ShardError as exc:
+            refused[layout] = str(exc)
+    return refused
 
 
 def _cut_pipeline_stage(model: nn.Module, rank: int, size: int, split: list[int]) -> tuple[int, int]:
@@ -157,7 +167,7 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
         model.shard(group)
     elif layout == "pipeline" and size > 1:
         layers = _cut_pipeline_stage(model, rank, size, split or pipeline_split(num_layers, size))
-    needed = stage_files(weights, *layers) if missing and layout == "pipeline" and size > 1 else missing
+    needed = stage_files(*layer_files(weights), *layers) if missing and layout == "pipeline" and size > 1 else missing
     if lacking := sorted(missing & needed):
         raise ShardError(f"{model_dir} lacks {', '.join(lacking)}, which layers {layers[0]}-{layers[1]} of this rank "
                          f"need")

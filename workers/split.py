@@ -84,15 +84,23 @@ def weight_map(model_dir: Path) -> dict[str, str] | None:
     return json.loads(path.read_text())["weight_map"] if path.is_file() else None
 
 
-def stage_files(weights: dict[str, str], start: int, end: int) -> set[str]:
-    """The weight files a pipeline stage holding layers [start, end) reads: those with any of its layers, and those
-    with any tensor of no layer (embeddings, final norm, head: a stage keeps what its place needs, and which of
-    them a file holds is not worth a finer guess). Matched by layer number as mlx-lm's `sharded_load` does, since
-    a model's `sanitize` may rename tensors but keeps their layer. The controller fetches these to a pipeline
-    rank's node (ops/controller.py) and the worker checks it has them before loading (workers/shard.py)."""
-    files = set()
+def layer_files(weights: dict[str, str]) -> tuple[list[list[str]], list[str]]:
+    """The weight map folded by layer: per decoder layer, the files holding its tensors, and the files holding a
+    tensor of no layer (embeddings, final norm, head). Matched by layer number as mlx-lm's `sharded_load` does,
+    since a model's `sanitize` may rename tensors but keeps their layer. Small enough for the cluster's catalogue
+    (schemas/cluster.py: CatalogueEntry) where the map is not: a large mixture of experts names ~100k tensors."""
+    by_layer: dict[int, set[str]] = {}
+    shared: set[str] = set()
     for name, file in weights.items():
         layer = _LAYER.search(name)
-        if layer is None or start <= int(layer.group(1)) < end:
-            files.add(file)
-    return files
+        (shared if layer is None else by_layer.setdefault(int(layer.group(1)), set())).add(file)
+    count = max(by_layer, default=-1) + 1
+    return [sorted(by_layer.get(i, ())) for i in range(count)], sorted(shared)
+
+
+def stage_files(per_layer: list[list[str]], shared: list[str], start: int, end: int) -> set[str]:
+    """The weight files a pipeline stage holding layers [start, end) reads (`layer_files`' two lists): those with any
+    of its layers, and those with any tensor of no layer (a stage keeps what its place needs, and which of them a
+    file holds is not worth a finer guess). The controller fetches these to a pipeline rank's node
+    (ops/controller.py) and the worker checks it has them before loading (workers/shard.py)."""
+    return set(shared).union(*per_layer[start:end])

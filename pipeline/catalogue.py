@@ -1,0 +1,59 @@
+"""The cluster's catalogue of models: a JetStream key-value bucket of each model's facts, one key per model and
+node that holds it (`<model>.<node>`).
+
+A node's agent writes the entries of the models in its own store, and only under its own keys (pipeline/access.py:
+a node describes only its own copy, so one node cannot forge the facts of another's), and deletes them when a
+model leaves its store. The bucket is kept on disk, as the plan is: the catalogue outlives a restart of the brokers,
+and a node that is down keeps its entries (its files are still on its disk). Readers are the first machine (loads,
+previews, room) and the controller wherever it runs (placement, per-rank files): neither needs the model's files.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from nats.js.api import KeyValueConfig, StorageType
+
+from pipeline.nodes import read_bucket
+from pipeline.subjects import CATALOGUE_BUCKET, CATALOGUE_PREFIX, CATALOGUE_STREAM, subject_token
+from schemas.cluster import CatalogueEntry, NodeStatus
+
+decode_entry = msgspec.json.Decoder(CatalogueEntry).decode
+encode = msgspec.json.Encoder().encode
+
+
+def catalogue_bucket_config() -> KeyValueConfig:
+    return KeyValueConfig(bucket=CATALOGUE_BUCKET, history=1, storage=StorageType.FILE, direct=True)
+
+
+def entry_subject(model: str, node: str) -> str:
+    return f"{CATALOGUE_PREFIX}.{subject_token(model)}.{node}"
+
+
+async def put_entry(js, entry: CatalogueEntry) -> None:
+    await js.publish(entry_subject(entry.id, entry.node), encode(entry), stream=CATALOGUE_STREAM)
+
+
+async def delete_entry(js, model: str, node: str) -> None:
+    await js.publish(entry_subject(model, node), b"", stream=CATALOGUE_STREAM, headers={"KV-Operation": "DEL"})
+
+
+async def read_entries(js, model: str | None = None, node: str = "*") -> list[CatalogueEntry]:
+    """The entries of `model` (every model's if None) by `node` (any node's if "*"); an entry counts only under its
+    own model's and node's key, as put_entry writes it (anything else there is a forgery or garbage)."""
+    subjects = f"{CATALOGUE_PREFIX}.{subject_token(model) if model is not None else '*'}.{node}"
+    entries = []
+    for msg in await read_bucket(js, CATALOGUE_STREAM, subjects):
+        try:
+            entry = decode_entry(msg.data or b"")  # a deleted key's marker has no data
+        except msgspec.MsgspecError:
+            continue
+        if msg.subject == entry_subject(entry.id, entry.node):
+            entries.append(entry)
+    return entries
+
+
+def best_entry(entries: list[CatalogueEntry], statuses: list[NodeStatus]) -> CatalogueEntry | None:
+    """The entry to place a model by: one from a node that reports it holds the model now (newest read first),
+    else the newest of any (its holder may be down for a moment). Holders of one revision agree on its facts."""
+    holding = {s.facts.id for s in statuses if entries and entries[0].id in s.facts.models}
+    return max(entries, key=lambda e: (e.node in holding, e.time), default=None)
