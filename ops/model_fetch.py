@@ -29,6 +29,7 @@ log = logging.getLogger("conclave.files")
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few hundred files at most
 FETCH_TRIES = 2
+FETCH_PARALLEL = 4  # files fetched at once from one source
 INCOMING_MANIFEST = ".conclave-incoming.json"  # the source's manifest of a model on its way here
 
 
@@ -116,31 +117,45 @@ async def fetch_files(base_url: str, token: str, listed: ModelManifest, folder: 
                       progress: Callable[[int, int], None] | None, halt: threading.Event,
                       arrived: Callable[[ModelFile], None] = lambda file: None) -> None:
     """Each file of `listed` not whole in `folder` yet, fetched (resumed from its part) and checked, after the disk
-    space it needs was; `arrived(file)` once each is."""
+    space it needs was; `arrived(file)` once each is. FETCH_PARALLEL files at a time, in the manifest's order: one
+    stream's receiving, hashing and writing keep one core busy, and a large model is tens of files."""
     check_room(folder, listed)
-    for file in listed.files:
-        if (folder / file.name).is_file():
-            continue
+    done = sum(present(folder, f) for f in listed.files)
+    counting = threading.Lock()  # `moved` is called from every file's thread
+
+    def moved(count: int) -> None:
+        nonlocal done
+        with counting:
+            done += count
+            if progress is not None:
+                progress(done, listed.size)
+
+    async def one(file: ModelFile) -> None:
         for attempt in range(1, FETCH_TRIES + 1):
-            done = sum(present(folder, f) for f in listed.files)
-
-            def moved(arrived: int) -> None:
-                nonlocal done
-                done += arrived
-                if progress is not None:
-                    progress(done, listed.size)
-
+            if attempt > 1:  # what the failed try moved no longer counts
+                moved(present(folder, file) - file.size)
             await asyncio.to_thread(fetch_file, base_url, token, listed.model, file, folder, moved, halt)
             if halt.is_set():
                 raise FetchError(f"the fetch of {listed.model} was stopped")
             if (folder / file.name).is_file():
                 arrived(file)
-                break
+                return
             log.warning("%s of %s did not match its SHA-256 (try %d of %d)", file.name, listed.model, attempt,
                         FETCH_TRIES)
-        else:
-            raise FetchError(f"{file.name} of {listed.model} from {base_url} does not match its SHA-256 after "
-                             f"{FETCH_TRIES} tries: refused (the source's copy may be damaged)")
+        raise FetchError(f"{file.name} of {listed.model} from {base_url} does not match its SHA-256 after "
+                         f"{FETCH_TRIES} tries: refused (the source's copy may be damaged)")
+
+    waiting = [f for f in listed.files if not (folder / f.name).is_file()]
+    slots = asyncio.Semaphore(FETCH_PARALLEL)
+
+    async def in_turn(file: ModelFile) -> None:
+        async with slots:
+            await one(file)
+
+    # Every file is tried (a failure leaves the others' parts to resume), then the first failure is raised.
+    failures = [r for r in await asyncio.gather(*(in_turn(f) for f in waiting), return_exceptions=True) if r]
+    if failures:
+        raise failures[0]
 
 
 def tidy_part(folder: Path, listed: ModelManifest, wanted: ModelManifest) -> dict:
