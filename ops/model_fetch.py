@@ -29,7 +29,12 @@ log = logging.getLogger("conclave.files")
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few hundred files at most
 FETCH_TRIES = 2
-FETCH_PARALLEL = 4  # files fetched at once from one source
+# Files fetched at once from one source: one stream's receiving, hashing and writing keep about one core busy
+# (815 MB/s on one core here), and a fast link (10 GbE and up, Thunderbolt) carries several times that, so a
+# machine with cores to spare runs several; half its cores at most, since the source's sends, a relay's and the
+# ranks need the rest. On this 2-core VM four streams cut one receiver's 2 GB from 4.5 s to 3.8 s but slowed three
+# receivers at once from 14.9 s to 16.6 s (README, Benchmark): one stream here.
+FETCH_PARALLEL = max(1, min(4, (os.cpu_count() or 2) // 2))
 INCOMING_MANIFEST = ".conclave-incoming.json"  # the source's manifest of a model on its way here
 
 
@@ -117,8 +122,7 @@ async def fetch_files(base_url: str, token: str, listed: ModelManifest, folder: 
                       progress: Callable[[int, int], None] | None, halt: threading.Event,
                       arrived: Callable[[ModelFile], None] = lambda file: None) -> None:
     """Each file of `listed` not whole in `folder` yet, fetched (resumed from its part) and checked, after the disk
-    space it needs was; `arrived(file)` once each is. FETCH_PARALLEL files at a time, in the manifest's order: one
-    stream's receiving, hashing and writing keep one core busy, and a large model is tens of files."""
+    space it needs was; `arrived(file)` once each is. FETCH_PARALLEL files at a time, in the manifest's order."""
     check_room(folder, listed)
     done = sum(present(folder, f) for f in listed.files)
     counting = threading.Lock()  # `moved` is called from every file's thread

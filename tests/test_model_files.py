@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from ops.config import free_port
+from ops import model_fetch
 from ops.model_fetch import FetchError, check_room, fetch_model, fetch_part, sha256_of
 from ops.model_files import Tickets, answer_tickets, ask_ticket, files_app, manifest
 from schemas.catalogue import ModelManifest
@@ -89,8 +90,10 @@ async def test_a_model_arrives_whole_and_as_its_manifest_says(source, tmp_path):
     assert (fetched.path / ".conclave-manifest.json").is_file() and manifest(fetched).files == listed.files
 
 
-async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_later_plan_still_uses(source, tmp_path):
+async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_later_plan_still_uses(source, tmp_path,
+                                                                                                   monkeypatch):
     store, path = source
+    monkeypatch.setattr(model_fetch, "FETCH_PARALLEL", 4)  # several files at once, as on a machine with cores to spare
     tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
     first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
     gates: dict[str, asyncio.Event] = {}  # a file's request is answered once its gate opens
