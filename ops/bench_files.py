@@ -29,9 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
+
 from ops.group import python_command
 from ops.model_files import NodeFiles, manifest
 from ops.netns import Network
+from schemas.catalogue import Ticket
 from workers.store import ModelStore
 
 MODEL_ID = "bench-files-model"
@@ -63,17 +66,20 @@ def plain_copy(source: Path, target: Path) -> float:
 
 def node_process(root: Path, address: str, receiver: bool) -> None:
     """`python -m ops.bench_files ROOT ADDRESS source|receiver`: one node of the bench in a process of its own, as
-    nodes are: its file port (`NodeFiles`, the agents' own) on ADDRESS over the store at ROOT. It prints its URL and a ticket, then
-    reads its source's URL and ticket (nothing: it only serves), fetches the model from it and prints when it is
-    done, and stops when its standard input closes."""
+    nodes are: its file port (`NodeFiles`, the agents' own) on ADDRESS over the store at ROOT. It prints a ticket
+    for it (JSON), then reads its source's (an empty line: it only serves), fetches the model from it and prints
+    when it is done, and stops when its standard input closes."""
     async def run() -> None:
-        node = NodeFiles(ModelStore(root), root.name, address)
+        tls = root.parent / f"{root.name}-tls"
+        tls.mkdir(mode=0o700, exist_ok=True)
+        node = NodeFiles(ModelStore(root), root.name, address, tls)
         if receiver:  # as an ordered fetch is from its order on: the next in the chain may ask before it starts
             node.receiving.add(MODEL_ID)
         await node.start()
-        print(json.dumps({"url": node.url, "token": node.tickets.issue(MODEL_ID)}), flush=True)
-        if asked := (await asyncio.to_thread(sys.stdin.readline)).split():
-            await node.receive(asked[0], asked[1], MODEL_ID)
+        print(msgspec.json.encode(Ticket(url=node.url, certificate=node.certificate,
+                                         token=node.tickets.issue(MODEL_ID))).decode(), flush=True)
+        if asked := (await asyncio.to_thread(sys.stdin.readline)).strip():
+            await node.receive(msgspec.json.decode(asked, type=Ticket), MODEL_ID)
             await asyncio.to_thread(os.sync)
             print(json.dumps({"done": True}), flush=True)
             await asyncio.to_thread(sys.stdin.readline)
@@ -94,11 +100,10 @@ def fetch_chain(source: Path, folders: list[Path], chain: bool = True, network: 
 
     nodes = [start(i, folder) for i, folder in enumerate((source, *folders))]
     try:
-        ports = [json.loads(node.stdout.readline()) for node in nodes]
+        tickets = [node.stdout.readline().strip() for node in nodes]
         started = time.perf_counter()
         for i, receiver in enumerate(nodes[1:]):
-            sender = ports[i] if chain else ports[0]
-            receiver.stdin.write(f"{sender['url']} {sender['token']}\n")
+            receiver.stdin.write((tickets[i] if chain else tickets[0]) + "\n")
             receiver.stdin.flush()
         for receiver in nodes[1:]:
             if not json.loads(receiver.stdout.readline() or "{}").get("done"):

@@ -69,8 +69,9 @@ async def keep_catalogue(link, store: ModelStore, node: str, stopping: asyncio.E
                     continue
                 try:
                     entry = await asyncio.to_thread(catalogue_entry, model, node)
-                except Exception as exc:  # the model's own fault: not the catalogue's
-                    log.error("%s is not in the cluster's catalogue: its facts could not be read (%s)", model_id, exc)
+                except Exception as exc:  # the model's own fault (or its files still being written)
+                    log.warning("%s is not in the cluster's catalogue: its facts could not be read (%s); read again "
+                                "when its files change", model_id, exc)
                 else:
                     await put_entry(js, entry)
                     log.info("%s (revision %s) is in the cluster's catalogue", model_id, entry.revision)

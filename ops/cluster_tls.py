@@ -141,3 +141,16 @@ def certify_broker(home: Path, public_key_pem: str, host: str, names: list[str])
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise ValueError("a broker's key must be an elliptic-curve key")
     return _server_certificate(home, public_key, host, names).decode()
+
+
+def self_signed(folder: Path, stem: str, names: list[str]) -> tuple[Path, Path, str]:
+    """A fresh key and a certificate it signs itself, as `<stem>.key` (0600) and `<stem>.pem` in `folder`; returns
+    their paths and the certificate (PEM). For a port whose clients learn its certificate over an authenticated
+    channel and trust only it (ops/model_files.py: a node's tickets carry its file port's): no CA is involved, so
+    every node makes its own at every start."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Conclave {stem} ({socket.gethostname()})")])
+    certificate = _certificate(name, key.public_key(), name, key, False, names).public_bytes(serialization.Encoding.PEM)
+    write_private(folder / f"{stem}.key", _key_pem(key))
+    (folder / f"{stem}.pem").write_bytes(certificate)
+    return folder / f"{stem}.pem", folder / f"{stem}.key", certificate.decode()

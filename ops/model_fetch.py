@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import threading
 import urllib.parse
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable
 
 import msgspec
 
-from schemas.catalogue import ModelFile, ModelManifest
+from schemas.catalogue import ModelFile, ModelManifest, Ticket
 from workers.store import MANIFEST_CACHE, REVISION_FILE, ModelStore, StoredModel, is_model_dir
 
 log = logging.getLogger("conclave.files")
@@ -70,26 +71,26 @@ def keep_manifest(folder: Path, entries: dict) -> None:
         log.warning("could not keep the manifest of %s: %s", folder.name, exc)
 
 
-async def fetch_model(base_url: str, token: str, model_id: str, store: ModelStore,
+async def fetch_model(ticket: Ticket, model_id: str, store: ModelStore,
                       progress: Callable[[int, int], None] | None = None,
                       halt: threading.Event | None = None) -> StoredModel:
-    """Fetch `model_id` from the node at `base_url` into `store` (see the module's docstring); `progress(done,
+    """Fetch `model_id` from the node whose `ticket` this is into `store` (see the module's docstring); `progress(done,
     total)` after each chunk (from a thread). What was fetched before (an interrupted transfer) is kept and
     resumed; `halt` set stops it at the next chunk."""
     if (stored := store.get(model_id)) is not None:
         return stored
     incoming = incoming_path(store, model_id)
     (incoming / INCOMING_MANIFEST).unlink(missing_ok=True)  # an earlier attempt's: its source may have changed
-    listed = await read_manifest(base_url, token, model_id)
+    listed = await read_manifest(ticket, model_id)
     incoming.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(tidy, incoming, listed)
     # What this node passes on to the next receiver while the files arrive (ops/model_relay.py).
     (incoming / INCOMING_MANIFEST).write_bytes(msgspec.json.encode(listed))
-    await fetch_files(base_url, token, listed, incoming, progress, halt or threading.Event())
+    await fetch_files(ticket, listed, incoming, progress, halt or threading.Event())
     return await asyncio.to_thread(enter_store, incoming, store, listed)
 
 
-async def fetch_part(base_url: str, token: str, model_id: str, store: ModelStore, only: set[str],
+async def fetch_part(ticket: Ticket, model_id: str, store: ModelStore, only: set[str],
                      progress: Callable[[int, int], None] | None = None,
                      halt: threading.Event | None = None) -> Path:
     """Fetch the weight files `only` of `model_id` (a pipeline rank's: workers/split.py, stage_files) and the
@@ -97,9 +98,9 @@ async def fetch_part(base_url: str, token: str, model_id: str, store: ModelStore
     earlier plan brought that still match. Each file is checked as in `fetch_model` and enters the part by its own
     rename; the part's manifest (what the node reports holding) is written once all of them are there, with the
     whole model's revision (the audit log records that one, not a digest of the part)."""
-    listed = await read_manifest(base_url, token, model_id)
+    listed = await read_manifest(ticket, model_id)
     if unknown := only - {f.name for f in listed.files if f.name.endswith(".safetensors")}:
-        raise FetchError(f"{model_id} on {base_url} has no weight file {', '.join(sorted(unknown))}")
+        raise FetchError(f"{model_id} on {ticket.url} has no weight file {', '.join(sorted(unknown))}")
     # The model's other files first: a stage's weight files are all recorded only once config and tokenizer are.
     wanted = msgspec.structs.replace(listed, files=sorted(
         (f for f in listed.files if not f.name.endswith(".safetensors") or f.name in only),
@@ -114,11 +115,11 @@ async def fetch_part(base_url: str, token: str, model_id: str, store: ModelStore
                            "sha256": file.sha256}
         keep_manifest(folder, kept)
 
-    await fetch_files(base_url, token, wanted, folder, progress, halt or threading.Event(), arrived)
+    await fetch_files(ticket, wanted, folder, progress, halt or threading.Event(), arrived)
     return folder
 
 
-async def fetch_files(base_url: str, token: str, listed: ModelManifest, folder: Path,
+async def fetch_files(ticket: Ticket, listed: ModelManifest, folder: Path,
                       progress: Callable[[int, int], None] | None, halt: threading.Event,
                       arrived: Callable[[ModelFile], None] = lambda file: None) -> None:
     """Each file of `listed` not whole in `folder` yet, fetched (resumed from its part) and checked, after the disk
@@ -138,7 +139,7 @@ async def fetch_files(base_url: str, token: str, listed: ModelManifest, folder: 
         for attempt in range(1, FETCH_TRIES + 1):
             if attempt > 1:  # what the failed try moved no longer counts
                 moved(present(folder, file) - file.size)
-            await asyncio.to_thread(fetch_file, base_url, token, listed.model, file, folder, moved, halt)
+            await asyncio.to_thread(fetch_file, ticket, listed.model, file, folder, moved, halt)
             if halt.is_set():
                 raise FetchError(f"the fetch of {listed.model} was stopped")
             if (folder / file.name).is_file():
@@ -146,7 +147,7 @@ async def fetch_files(base_url: str, token: str, listed: ModelManifest, folder: 
                 return
             log.warning("%s of %s did not match its SHA-256 (try %d of %d)", file.name, listed.model, attempt,
                         FETCH_TRIES)
-        raise FetchError(f"{file.name} of {listed.model} from {base_url} does not match its SHA-256 after "
+        raise FetchError(f"{file.name} of {listed.model} from {ticket.url} does not match its SHA-256 after "
                          f"{FETCH_TRIES} tries: refused (the source's copy may be damaged)")
 
     waiting = [f for f in listed.files if not (folder / f.name).is_file()]
@@ -189,14 +190,28 @@ def tidy_part(folder: Path, listed: ModelManifest, wanted: ModelManifest) -> dic
     return kept
 
 
-async def read_manifest(base_url: str, token: str, model_id: str) -> ModelManifest:
+def pinned(ticket: Ticket) -> ssl.SSLContext:
+    """TLS that trusts exactly the certificate the ticket carried: the file port's own, made at its start
+    (ops/cluster_tls.py: self_signed) and handed out by its node's agent over NATS, where every node is
+    authenticated. No host name is checked: the ticket named the address, and only that key can answer."""
+    if not ticket.certificate:
+        raise FetchError(f"{ticket.url} came without its certificate (a node of an earlier version?): not fetched in "
+                         f"clear")
+    context = ssl.create_default_context(cadata=ticket.certificate)
+    context.check_hostname = False
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT  # (Python 3.13's default) a self-signed leaf is no CA
+    return context
+
+
+async def read_manifest(ticket: Ticket, model_id: str) -> ModelManifest:
     """The source's manifest, checked: at most MAX_MANIFEST_BYTES, names that are plain file names, each once. No
     read timeout: a source hashes a model it never served before first (minutes for hundreds of GB)."""
     import httpx
 
     body = bytearray()
-    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {token}"},
-                                 timeout=httpx.Timeout(30.0, read=None)) as client:
+    base_url = ticket.url
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {ticket.token}"},
+                                 verify=pinned(ticket), timeout=httpx.Timeout(30.0, read=None)) as client:
         async with client.stream("GET", "/manifest", params={"model": model_id}) as got:
             if got.status_code != 200:
                 raise FetchError(f"{base_url} gave no manifest of {model_id}: HTTP {got.status_code}")
@@ -264,7 +279,7 @@ def check_room(incoming: Path, listed: ModelManifest) -> None:
                          f"({incoming.parent.parent}) and {free / 1e9:.1f} GB are free")
 
 
-def fetch_file(base_url: str, token: str, model_id: str, file: ModelFile, incoming: Path,
+def fetch_file(ticket: Ticket, model_id: str, file: ModelFile, incoming: Path,
                moved: Callable[[int], None], halt: threading.Event) -> None:
     """One file into `incoming`: `<name>` if its SHA-256 matched, else nothing (a part stays as `<name>.partial`
     when `halt` stopped it, or the source cut it short: FetchError). Blocking: run it in a thread. With http.client
@@ -276,10 +291,11 @@ def fetch_file(base_url: str, token: str, model_id: str, file: ModelFile, incomi
         have = 0
     digest = sha256_of(partial, have) if have else hashlib.sha256()
     if have < file.size:
-        where = urllib.parse.urlsplit(base_url)
-        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+        where = urllib.parse.urlsplit(ticket.url)
+        connection = http.client.HTTPSConnection(where.hostname, where.port, timeout=120, context=pinned(ticket))
+        got = None
         try:
-            headers = {"Authorization": f"Bearer {token}", **({"Range": f"bytes={have}-"} if have else {})}
+            headers = {"Authorization": f"Bearer {ticket.token}", **({"Range": f"bytes={have}-"} if have else {})}
             connection.request("GET", "/file?" + urllib.parse.urlencode({"model": model_id, "name": file.name}),
                                headers=headers)
             got = connection.getresponse()
@@ -296,7 +312,9 @@ def fetch_file(base_url: str, token: str, model_id: str, file: ModelFile, incomi
                     digest.update(view[:n])
                     have += n
                     moved(n)
-        finally:
+        finally:  # the response too: it holds the socket open, and a TLS peer then waits for its close
+            if got is not None:
+                got.close()
             connection.close()
     if halt.is_set():
         return

@@ -1,8 +1,9 @@
-"""Model files between nodes: each node serves its model store read-only over HTTP, and a node that lacks a model
+"""Model files between nodes: each node serves its model store read-only over HTTPS, and a node that lacks a model
 fetches it from one that has it, so that each byte enters the building once and then travels over the LAN.
 
 Not over NATS: nats-py's object store moved 41-133 MB/s on loopback here and has open large-object problems
-(nats.py #703, nats-server #4680); NATS carries who may read (below) and, later, the catalogue and the progress.
+(nats.py #703, nats-server #4680); NATS carries who may read (below), the catalogue (ops/catalogue.py) and the
+progress (each node's status).
 
 - **What is served** (`files_app`): a model's manifest (each file's name, size and SHA-256, `manifest`) and its
   files, with HTTP Range requests (Starlette's FileResponse), nothing else: a file is named by the model and a name
@@ -10,10 +11,11 @@ Not over NATS: nats-py's object store moved 41-133 MB/s on loopback here and has
 - **Who may read**: the holder of a ticket this node issued (`Tickets`), asked for over NATS on
   `conclave.agents.<id>.files` (`answer_tickets`, `ask_ticket`), where every node is authenticated by its own
   keys (pipeline/access.py). A ticket is a random bearer token for one model, alive while used (TICKET_S after
-  its last use). The HTTP port answers 401 to a request without one before it opens a file. The bytes themselves
-  travel in clear (plain HTTP, like `mx.distributed`'s ring between ranks): their integrity is the SHA-256 the
-  receiver checks, their confidentiality that of the LAN segment; TLS with a certificate per node is the next
-  step (README, Limits).
+  its last use). The port speaks TLS from its first byte, with a key and a certificate the node makes at every
+  start (ops/cluster_tls.py: self_signed); the ticket carries the certificate, and the receiver trusts only it
+  (ops/model_fetch.py: pinned), so no other machine can read the bytes in transit or pose as the node, and a
+  ticket never crosses the LAN in clear. Over TLS the port answers 401 to a request without a ticket before it
+  opens a file; every file is also checked against its SHA-256 on arrival.
 - **How a model arrives**: ops/model_fetch.py, whole (`fetch_model`) or a pipeline rank's share (`fetch_part`).
 """
 
@@ -25,7 +27,7 @@ import logging
 import secrets
 import threading
 import time
-
+from pathlib import Path
 from typing import Callable
 
 import msgspec
@@ -34,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ops.cluster_tls import self_signed
 from ops.model_fetch import CHUNK, FetchError, fetch_model, fetch_part, keep_manifest, sha256_of
 from ops.model_relay import arriving_manifest, relayed
 from pipeline.access import AGENTS_PREFIX
@@ -159,16 +162,16 @@ def files_app(store: ModelStore, tickets: Tickets, receiving: Callable[[str], bo
     return Starlette(routes=[Route("/manifest", answering(get_manifest)), Route("/file", answering(get_file))])
 
 
-async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, url: str,
+async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, url: str, certificate: str,
                          receiving: Callable[[str], bool] = lambda model: False):
-    """Tickets for this node's file port (at `url`), to the agents of other nodes (NATS lets only them ask here), for
-    the models it holds or is `receiving`. Returns the subscription."""
+    """Tickets for this node's file port (at `url`, serving TLS with `certificate`), to the agents of other nodes
+    (NATS lets only them ask here), for the models it holds or is `receiving`. Returns the subscription."""
     async def ticket(msg):
         try:
             asked = msgspec.json.decode(msg.data, type=TicketAsk)
             if store.get(asked.model) is None and not receiving(asked.model):
                 raise StoreError(f"{asked.model} is not on node {node_id}")
-            answer = Ticket(url=url, token=tickets.issue(asked.model), ttl_s=tickets.ttl_s)
+            answer = Ticket(url=url, certificate=certificate, token=tickets.issue(asked.model), ttl_s=tickets.ttl_s)
         except (msgspec.MsgspecError, StoreError) as exc:
             answer = Ticket(error=str(exc))
         await msg.respond(encode(answer))
@@ -188,10 +191,10 @@ class NodeFiles:
     """This node's side: its file port and the tickets for it (what it serves), and the fetches the controller
     ordered (what it receives), with their progress for the node's status."""
 
-    def __init__(self, store: ModelStore, node_id: str, address: str):
-        self.store, self.node_id, self.address = store, node_id, address
+    def __init__(self, store: ModelStore, node_id: str, address: str, tls: Path):
+        self.store, self.node_id, self.address, self.tls = store, node_id, address, tls  # tls: a private folder
         self.tickets = Tickets()
-        self.url, self.server, self.serving = "", None, None
+        self.url, self.certificate, self.server, self.serving = "", "", None, None
         self.fetches: dict[str, asyncio.Task] = {}
         self.receiving: set[str] = set()  # models on their way here whole: passed on as they arrive
         self.progress: dict[str, FetchProgress] = {}
@@ -208,16 +211,17 @@ class NodeFiles:
         listener = socket.socket(socket.AF_INET6 if ":" in self.address else socket.AF_INET, socket.SOCK_STREAM)
         listener.bind((self.address, 0))
         port = listener.getsockname()[1]
+        certificate, key, self.certificate = self_signed(self.tls, "files", [self.address])
         # A peer in the middle of a large file does not hold this node's stop up for more than a few seconds.
         self.server = SignalFreeServer(uvicorn.Config(files_app(self.store, self.tickets, self.receiving.__contains__),
-                                                      log_level="warning",
-                                                      timeout_graceful_shutdown=2))
+                                                      log_level="warning", ssl_certfile=str(certificate),
+                                                      ssl_keyfile=str(key), timeout_graceful_shutdown=2))
         self.serving = asyncio.create_task(self.server.serve(sockets=[listener]))
         while not self.server.started:
             if self.serving.done():
                 raise FetchError(f"the model file port could not serve on {self.address}:{port}")
             await asyncio.sleep(0.02)
-        self.url = f"http://[{self.address}]:{port}" if ":" in self.address else f"http://{self.address}:{port}"
+        self.url = f"https://[{self.address}]:{port}" if ":" in self.address else f"https://{self.address}:{port}"
 
     async def stop(self) -> None:
         self.halt.set()
@@ -228,7 +232,8 @@ class NodeFiles:
             await asyncio.gather(self.serving, *self.fetches.values(), return_exceptions=True)
 
     async def answer(self, nc):
-        return await answer_tickets(nc, self.node_id, self.store, self.tickets, self.url, self.receiving.__contains__)
+        return await answer_tickets(nc, self.node_id, self.store, self.tickets, self.url, self.certificate,
+                                    self.receiving.__contains__)
 
     def fetch(self, link, model: str, sources: list[str], order: str, files: list[str] = ()) -> None:
         """Start fetching `model` (only the weight `files` and its other files, when given) unless it is here or on
@@ -245,12 +250,12 @@ class NodeFiles:
         self.fetches[model] = asyncio.create_task(self._fetch(link, model, [s for s in sources if s != self.node_id],
                                                               set(files)))
 
-    async def receive(self, url: str, token: str, model: str, moved: Callable[[int, int], None] | None = None):
-        """`model` whole from the file port at `url`, passed on to other receivers while it arrives."""
+    async def receive(self, ticket: Ticket, model: str, moved: Callable[[int, int], None] | None = None):
+        """`model` whole from the file port the ticket is for, passed on to other receivers while it arrives."""
         owned = model not in self.receiving  # (a fetch the controller ordered stays receiving between its sources)
         self.receiving.add(model)
         try:
-            return await fetch_model(url, token, model, self.store, moved, self.halt)
+            return await fetch_model(ticket, model, self.store, moved, self.halt)
         finally:
             if owned:
                 self.receiving.discard(model)
@@ -273,9 +278,9 @@ class NodeFiles:
                                                          total=total, source=source, bytes_per_s=round(rate))
 
                 if files:
-                    await fetch_part(ticket.url, ticket.token, model, self.store, files, moved, self.halt)
+                    await fetch_part(ticket, model, self.store, files, moved, self.halt)
                 else:
-                    await self.receive(ticket.url, ticket.token, model, moved)
+                    await self.receive(ticket, model, moved)
                 log.info("fetched %s from node %s in %.1fs", model, source, time.monotonic() - started)
                 self.receiving.discard(model)
                 self.progress.pop(model, None)

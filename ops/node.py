@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ops.catalogue import keep_catalogue
+from ops.cluster_tls import tls_dir
 from ops.agent import REPORT_S, Offer, keep_reporting, node_id
 from ops.deployment import DeploymentError
 from ops.brokers import follow_users, offer
@@ -166,7 +167,7 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
     link = await open_link(urls, f"conclave-agent:{own}", identities["agent"])
     await refuse_a_twin(link, own, offered)
     keeper = RankKeeper(home, own, offered.address, urls, lambda model: identities["worker"])
-    files = NodeFiles(ModelStore(home / "models"), own, offered.address)  # its model files, for other nodes
+    files = NodeFiles(ModelStore(home / "models"), own, offered.address, tls_dir(home))  # its model files, for others
     await files.start()
     server = standby = None
 
@@ -246,7 +247,6 @@ def broker_server(home: Path, own: str, membership):
     """This node's nats-server, one of the cluster's brokers (ops/brokers.py): on every address, TLS with the
     certificate the first machine made for it, routes to the other brokers; its store encrypted like the first
     machine's when CONCLAVE_JETSTREAM_KEY is set."""
-    from ops.cluster_tls import tls_dir
     from pipeline.nats_server import KEY_VARIABLE, EmbeddedNats
 
     mine = membership.own_broker

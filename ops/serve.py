@@ -32,7 +32,7 @@ from ops.node import LOST_BROKER_S, follow_the_controller
 from ops.ranks import RankKeeper, obey
 from pipeline.lease import change_plan, lead
 from ops.discovery import default_cluster_name, host_addresses
-from ops.cluster_tls import ensure_cluster_tls, fingerprint
+from ops.cluster_tls import ensure_cluster_tls, fingerprint, tls_dir
 from ops.config import ROUTE_PORT
 from ops.brokers import FirstBroker, broker_routes, keep_announcing_users, make_streams
 from ops.join import DEFAULT_BROKER_PORT, answer_joins, broker_url, make_token
@@ -229,7 +229,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         # makes one for every model added).
         keeper = RankKeeper(home, own, offer.address, nats_url, lambda model_id: replace(
             role_identity(home, worker_role(model_id)), ca_file=cluster_ca(home)))
-        files = NodeFiles(store, own, offer.address)  # this machine's model files, for the other nodes
+        files = NodeFiles(store, own, offer.address, tls_dir(home))  # this machine's model files, for the others
         await files.start()
         lease = Lease(node_id=own, session=offer.session, host=socket.gethostname())
 

@@ -43,10 +43,11 @@ class TicketAsk(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Ticket(Struct, kw_only=True):
-    """The answer: where the node's file port is, and a bearer token for it, for one model, for `ttl_s` seconds; or
-    why not."""
+    """The answer: where the node's file port is, its TLS certificate (PEM: the receiver trusts only it), and a
+    bearer token for it, for one model, for `ttl_s` seconds; or why not."""
 
     url: str = ""
+    certificate: str = ""
     token: str = ""
     ttl_s: float = 0.0
     error: str = ""

@@ -22,9 +22,10 @@ import uvicorn
 
 from ops.config import free_port
 from ops import model_fetch
-from ops.model_fetch import FetchError, check_room, fetch_model, fetch_part, sha256_of
+from ops.cluster_tls import self_signed
+from ops.model_fetch import FetchError, check_room, fetch_model, fetch_part, pinned, sha256_of
 from ops.model_files import Tickets, answer_tickets, ask_ticket, files_app, manifest
-from schemas.catalogue import ModelManifest
+from schemas.catalogue import ModelManifest, Ticket
 from workers.split import layer_files, stage_files
 from workers.store import ModelStore, model_revision
 
@@ -43,9 +44,12 @@ def make_model(store: ModelStore) -> Path:
 
 @contextlib.asynccontextmanager
 async def serving(store: ModelStore, tickets: Tickets, receiving=lambda model: False, before=None):
-    """The file port on loopback; yields its URL and the Range header of each request it got. `before(query)` is
-    awaited before a request is answered."""
+    """The file port on loopback, over TLS as a node serves it; yields a maker of tickets for it (for MODEL_ID) and
+    the Range header of each request it got. `before(query)` is awaited before a request is answered."""
     app, ranges = files_app(store, tickets, receiving), []
+    tls = store.root.parent / f"{store.root.name}-tls"
+    tls.mkdir(exist_ok=True)
+    certificate, key, pem = self_signed(tls, "files", ["127.0.0.1"])
 
     async def recording(scope, receive, send):
         if scope["type"] == "http":
@@ -55,12 +59,13 @@ async def serving(store: ModelStore, tickets: Tickets, receiving=lambda model: F
         await app(scope, receive, send)
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning",
+                                           ssl_certfile=str(certificate), ssl_keyfile=str(key)))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}", ranges
+        yield (lambda: Ticket(url=f"https://127.0.0.1:{port}", certificate=pem, token=tickets.issue(MODEL_ID))), ranges
     finally:
         server.should_exit = True
         await task
@@ -76,8 +81,8 @@ async def test_a_model_arrives_whole_and_as_its_manifest_says(source, tmp_path):
     store, path = source
     tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
     seen = []
-    async with serving(store, tickets) as (url, _):
-        fetched = await fetch_model(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, lambda done, total: seen.append(
+    async with serving(store, tickets) as (ticket, _):
+        fetched = await fetch_model(ticket(), MODEL_ID, receiver, lambda done, total: seen.append(
             (done, total)))
     assert fetched is not None and fetched.id == MODEL_ID and receiver.get(MODEL_ID) is not None
     for name in SIZES:
@@ -103,8 +108,8 @@ async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_la
             if f"name={name}" in query:
                 await gate.wait()
 
-    async with serving(store, tickets, before=gated) as (url, ranges):
-        folder = await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {second})
+    async with serving(store, tickets, before=gated) as (ticket, ranges):
+        folder = await fetch_part(ticket(), MODEL_ID, receiver, {second})
         assert sorted(p.name for p in folder.iterdir() if p.name[0] != ".") == ["config.json", second,
                                                                                   "tokenizer.json"]
         assert receiver.get(MODEL_ID) is None and receiver.list() == []  # a part is never a model of the store
@@ -112,11 +117,11 @@ async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_la
         assert model_revision(folder) == model_revision(path)  # the whole model's, for the audit log
         asked = len(ranges)
         # Another plan: this node's stage now needs both files; the one it has is not fetched again.
-        await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {first, second})
+        await fetch_part(ticket(), MODEL_ID, receiver, {first, second})
         assert len(ranges) == asked + 2  # the manifest and the first file
         assert receiver.shards() == {MODEL_ID: [first, second]}
         with pytest.raises(FetchError, match="no weight file"):
-            await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, receiver, {"model-00009.safetensors"})
+            await fetch_part(ticket(), MODEL_ID, receiver, {"model-00009.safetensors"})
         # Interrupted in its last file (files arrive several at a time: the last one's request is answered once the
         # others are whole): the files that arrived are recorded (the node reports them, and they are not fetched
         # again); the rest resumes from where it stopped.
@@ -131,13 +136,13 @@ async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_la
                 halt.set()
 
         with pytest.raises(FetchError, match="stopped"):
-            await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, other, {first, second}, moved, halt)
+            await fetch_part(ticket(), MODEL_ID, other, {first, second}, moved, halt)
         del gates[second]
         assert other.shards() == {MODEL_ID: [first]}
         have = (other.shard_path(MODEL_ID) / f"{second}.partial").stat().st_size
         assert 0 < have < SIZES[second]
         asked = len(ranges)
-        await fetch_part(url, tickets.issue(MODEL_ID), MODEL_ID, other, {first, second})
+        await fetch_part(ticket(), MODEL_ID, other, {first, second})
         assert ranges[asked:] == ["", f"bytes={have}-"]  # the manifest, then the last file from where it stopped
         assert other.shards() == {MODEL_ID: [first, second]}
     assert (folder / first).read_bytes() == (path / first).read_bytes()
@@ -173,16 +178,16 @@ async def test_a_receiver_passes_a_model_on_as_it_arrives_and_a_cut_relay_is_res
         failing.set() if cut else failing.clear()
         a_receiving.add(MODEL_ID)
         b_done = []
-        async with serving(store, source_tickets, before=hold_the_last_file) as (source_url, source_asked), \
-                serving(a_store, a_tickets, a_receiving.__contains__) as (a_url, a_asked):
+        async with serving(store, source_tickets, before=hold_the_last_file) as (source_ticket, source_asked), \
+                serving(a_store, a_tickets, a_receiving.__contains__) as (a_ticket, a_asked):
             async def a_fetches():
                 try:
-                    await fetch_model(source_url, source_tickets.issue(MODEL_ID), MODEL_ID, a_store)
+                    await fetch_model(source_ticket(), MODEL_ID, a_store)
                 finally:
                     a_receiving.discard(MODEL_ID)
 
             a = asyncio.create_task(a_fetches())
-            b = asyncio.create_task(fetch_model(a_url, a_tickets.issue(MODEL_ID), MODEL_ID, b_store,
+            b = asyncio.create_task(fetch_model(a_ticket(), MODEL_ID, b_store,
                                                 lambda done, total: b_done.append(done)))
             before_last = sum(size for name, size in SIZES.items() if name != last)
             while not b_done or b_done[-1] < before_last:  # B has what A has, from A, while A still waits
@@ -199,7 +204,7 @@ async def test_a_receiver_passes_a_model_on_as_it_arrives_and_a_cut_relay_is_res
                     await b
                 assert b_store.get(MODEL_ID) is None
                 failing.clear()
-                await fetch_model(source_url, source_tickets.issue(MODEL_ID), MODEL_ID, b_store)  # resumed there
+                await fetch_model(source_ticket(), MODEL_ID, b_store)  # resumed there
                 assert len(source_asked) == (1 + len(SIZES)) + 2  # A's; then B's manifest and the file it lacked
         assert all(r == "" for r in a_asked), a_asked  # B asked A for each file from its start
         assert all((b_store.get(MODEL_ID).path / n).read_bytes() == (path / n).read_bytes() for n in SIZES)
@@ -215,9 +220,9 @@ async def test_a_byte_flipped_at_the_source_is_detected_and_the_file_refused(sou
     damaged.write_bytes(bytes(data))
     os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # silent damage: size and time unchanged
     tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
-    async with serving(store, tickets) as (url, _):
+    async with serving(store, tickets) as (ticket, _):
         with pytest.raises(FetchError, match="does not match its SHA-256 after 2 tries: refused"):
-            await fetch_model(url, tickets.issue(MODEL_ID), MODEL_ID, receiver)
+            await fetch_model(ticket(), MODEL_ID, receiver)
     assert receiver.get(MODEL_ID) is None  # not in the store, not listed, no rank starts on it
     incoming = receiver.root / ".incoming" / receiver.path(MODEL_ID).name
     assert not (incoming / damaged.name).exists() and not (incoming / f"{damaged.name}.partial").exists()
@@ -232,22 +237,30 @@ async def test_an_interrupted_transfer_goes_on_from_where_it_stopped(source, tmp
     (incoming / f"{name}.partial").write_bytes((path / name).read_bytes()[:1_234_567])  # where a kill left it
     (incoming / "tokenizer.json").write_bytes(b"an older revision's")  # whole, but not this manifest's
     (incoming / "old-00003.safetensors").write_bytes(b"a file this manifest does not list")
-    async with serving(store, tickets) as (url, ranges):
-        fetched = await fetch_model(url, tickets.issue(MODEL_ID), MODEL_ID, receiver)
+    async with serving(store, tickets) as (ticket, ranges):
+        fetched = await fetch_model(ticket(), MODEL_ID, receiver)
     for file in SIZES:
         assert (fetched.path / file).read_bytes() == (path / file).read_bytes()
     assert not (fetched.path / "old-00003.safetensors").exists()
     assert "bytes=1234567-" in ranges and ranges.count("") == len(SIZES)  # the manifest and three whole files
 
 
-async def test_nothing_is_read_without_a_ticket_for_that_model_and_no_name_leaves_the_model(source):
+async def test_nothing_is_read_without_a_ticket_for_that_model_and_no_name_leaves_the_model(source, tmp_path):
     store, path = source
     (store.root / "secret.txt").write_text("not a model file")
     tickets = Tickets()
     other = tickets.issue("another-model")
     good = tickets.issue(MODEL_ID)
-    async with serving(store, tickets) as (url, _):
-        async with httpx.AsyncClient(base_url=url) as http:
+    async with serving(store, tickets) as (ticket, _):
+        door = ticket()
+        # TLS from the first byte: nothing answers plain HTTP, and a receiver trusts only the ticket's certificate.
+        with pytest.raises(httpx.HTTPError):
+            await httpx.AsyncClient().get(door.url.replace("https://", "http://") + "/manifest")
+        impostor = Ticket(url=door.url, certificate=self_signed(tmp_path, "impostor", ["127.0.0.1"])[2],
+                          token=door.token)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await fetch_model(impostor, MODEL_ID, ModelStore(tmp_path / "receiver"))
+        async with httpx.AsyncClient(base_url=door.url, verify=pinned(door)) as http:
             def get(name: str, token: str | None):
                 return http.get("/file", params={"model": MODEL_ID, "name": name},
                                 headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -282,10 +295,11 @@ async def test_tickets_are_asked_for_over_nats(bare_nats, source):
     server, nc = bare_nats
     store, _ = source
     tickets = Tickets()
-    subscription = await answer_tickets(nc, "0123456789ab", store, tickets, "http://10.0.0.2:8471")
+    subscription = await answer_tickets(nc, "0123456789ab", store, tickets, "https://10.0.0.2:8471", "PEM")
     try:
         ticket = await ask_ticket(nc, "0123456789ab", MODEL_ID)
-        assert ticket.url == "http://10.0.0.2:8471" and tickets.allows(ticket.token, MODEL_ID)
+        assert ticket.url == "https://10.0.0.2:8471" and ticket.certificate == "PEM"
+        assert tickets.allows(ticket.token, MODEL_ID)
         with pytest.raises(FetchError, match="is not on node 0123456789ab"):
             await ask_ticket(nc, "0123456789ab", "not-here")
     finally:
