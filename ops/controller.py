@@ -36,8 +36,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import msgspec
+from nats.errors import NoRespondersError
 
 from ops.catalogue import entry_for
 from ops.group import GroupSpec, HostSpec, RankLaunch, fit_group
@@ -105,10 +107,18 @@ class Orders:
             raise OSError(f"node {node} refused a {kind} order: {reply.error}")
         return reply
 
-    def tell(self, node: str, kind: str, order) -> None:
-        """Fire and forget, from a thread."""
-        asyncio.run_coroutine_threadsafe(self.link.nc.publish(f"{AGENTS_PREFIX}.{node}.orders.{kind}",
-                                                              encode(order)), self.loop)
+    def tell(self, node: str, kind: str, order, unheard: Callable[[], None]) -> None:
+        """From a thread, without waiting for the answer; `unheard()` if no agent of that node listens any more (it
+        is gone, and its ranks with it: NATS says so at once, where waiting for a report would take a timeout)."""
+        async def send() -> None:
+            try:
+                await self.ask(node, kind, order)
+            except NoRespondersError:
+                unheard()
+            except Exception:  # no answer in time: the supervisor's wait judges the rank
+                pass
+
+        asyncio.run_coroutine_threadsafe(send(), self.loop)
 
     async def on_event(self, msg) -> None:
         try:
@@ -147,7 +157,8 @@ class RemoteRank:
     def _stop(self, how: str) -> None:
         if self.returncode is None:
             self.orders.tell(self.node, "stop", StopOrder(controller=self.orders.session, group_id=self.group_id,
-                                                          rank=self.rank, signal=how))
+                                                          rank=self.rank, signal=how),
+                             lambda: self.ended(-signal.SIGKILL))
 
     def send_signal(self, sig: int) -> None:
         self._stop("TERM" if sig == signal.SIGTERM else "KILL")
