@@ -182,4 +182,8 @@ def fetch_line(node: str, progress: FetchProgress) -> str:
     rate = (f" at {gb(progress.bytes_per_s)}/s, {(progress.total - progress.done) / progress.bytes_per_s:.0f}s left"
             if progress.bytes_per_s else "")
     source = f" from {progress.source}" if progress.source else ""
-    return f"{node}: fetching {progress.model}{source}: {gb(progress.done)} of {gb(progress.total)}{rate}"
+    # Each file on its way, with its time left at its share of the rate (the files in flight share it).
+    files = "".join(f"; {f.name} {gb(f.done)} of {gb(f.total)}" + (
+        f", {(f.total - f.done) * len(progress.files) / progress.bytes_per_s:.0f}s left" if progress.bytes_per_s else "")
+        for f in progress.files)
+    return f"{node}: fetching {progress.model}{source}: {gb(progress.done)} of {gb(progress.total)}{rate}{files}"

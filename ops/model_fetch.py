@@ -18,12 +18,13 @@ import shutil
 import ssl
 import threading
 import urllib.parse
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import msgspec
 
-from schemas.catalogue import ModelFile, ModelManifest, Ticket
+from schemas.catalogue import FileProgress, ModelFile, ModelManifest, Ticket
 from workers.store import MANIFEST_CACHE, REVISION_FILE, ModelStore, StoredModel, is_model_dir
 
 log = logging.getLogger("conclave.files")
@@ -37,6 +38,7 @@ FETCH_TRIES = 2
 # receivers at once from 14.9 s to 16.6 s (README, Benchmark): one stream here.
 FETCH_PARALLEL = max(1, min(4, (os.cpu_count() or 2) // 2))
 INCOMING_MANIFEST = ".conclave-incoming.json"  # the source's manifest of a model on its way here
+Progress = Callable[[int, int, list[FileProgress]], None]  # bytes here, bytes in all, each file on its way
 
 
 def incoming_path(store: ModelStore, model_id: str) -> Path:
@@ -72,10 +74,10 @@ def keep_manifest(folder: Path, entries: dict) -> None:
 
 
 async def fetch_model(ticket: Ticket, model_id: str, store: ModelStore,
-                      progress: Callable[[int, int], None] | None = None,
+                      progress: Progress | None = None,
                       halt: threading.Event | None = None) -> StoredModel:
-    """Fetch `model_id` from the node whose `ticket` this is into `store` (see the module's docstring); `progress(done,
-    total)` after each chunk (from a thread). What was fetched before (an interrupted transfer) is kept and
+    """Fetch `model_id` from the node whose `ticket` this is into `store` (see the module's docstring); `progress`
+    after each chunk (from a thread: fetch_files). What was fetched before (an interrupted transfer) is kept and
     resumed; `halt` set stops it at the next chunk."""
     if (stored := store.get(model_id)) is not None:
         return stored
@@ -91,7 +93,7 @@ async def fetch_model(ticket: Ticket, model_id: str, store: ModelStore,
 
 
 async def fetch_part(ticket: Ticket, model_id: str, store: ModelStore, only: set[str],
-                     progress: Callable[[int, int], None] | None = None,
+                     progress: Progress | None = None,
                      halt: threading.Event | None = None) -> Path:
     """Fetch the weight files `only` of `model_id` (a pipeline rank's: workers/split.py, stage_files) and the
     model's other files (config, tokenizer) into this node's part of it (`store.shard_path`), beside the files an
@@ -119,27 +121,36 @@ async def fetch_part(ticket: Ticket, model_id: str, store: ModelStore, only: set
     return folder
 
 
-async def fetch_files(ticket: Ticket, listed: ModelManifest, folder: Path,
-                      progress: Callable[[int, int], None] | None, halt: threading.Event,
-                      arrived: Callable[[ModelFile], None] = lambda file: None) -> None:
+async def fetch_files(ticket: Ticket, listed: ModelManifest, folder: Path, progress: Progress | None,
+                      halt: threading.Event, arrived: Callable[[ModelFile], None] = lambda file: None) -> None:
     """Each file of `listed` not whole in `folder` yet, fetched (resumed from its part) and checked, after the disk
-    space it needs was; `arrived(file)` once each is. FETCH_PARALLEL files at a time, in the manifest's order."""
+    space it needs was; `arrived(file)` once each is. FETCH_PARALLEL files at a time, in the manifest's order.
+    `progress(done, total, files)` after each chunk: the bytes here of all of them, and of each file on its way."""
     check_room(folder, listed)
     done = sum(present(folder, f) for f in listed.files)
+    arriving: dict[str, FileProgress] = {}
     counting = threading.Lock()  # `moved` is called from every file's thread
 
-    def moved(count: int) -> None:
+    def moved(file: ModelFile, count: int) -> None:
         nonlocal done
         with counting:
             done += count
+            if file.name in arriving:
+                arriving[file.name].done += count
             if progress is not None:
-                progress(done, listed.size)
+                progress(done, listed.size, [msgspec.structs.replace(f) for f in arriving.values()])
 
     async def one(file: ModelFile) -> None:
         for attempt in range(1, FETCH_TRIES + 1):
             if attempt > 1:  # what the failed try moved no longer counts
-                moved(present(folder, file) - file.size)
-            await asyncio.to_thread(fetch_file, ticket, listed.model, file, folder, moved, halt)
+                moved(file, present(folder, file) - file.size)
+            with counting:
+                arriving[file.name] = FileProgress(name=file.name, done=present(folder, file), total=file.size)
+            try:
+                await asyncio.to_thread(fetch_file, ticket, listed.model, file, folder, partial(moved, file), halt)
+            finally:
+                with counting:
+                    arriving.pop(file.name, None)
             if halt.is_set():
                 raise FetchError(f"the fetch of {listed.model} was stopped")
             if (folder / file.name).is_file():

@@ -37,10 +37,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ops.cluster_tls import self_signed
-from ops.model_fetch import CHUNK, FetchError, fetch_model, fetch_part, keep_manifest, sha256_of
+from ops.model_fetch import CHUNK, FetchError, Progress, fetch_model, fetch_part, keep_manifest, sha256_of
 from ops.model_relay import arriving_manifest, relayed
 from pipeline.access import AGENTS_PREFIX
-from schemas.catalogue import FILE_NAME, FetchProgress, ModelFile, ModelManifest, Ticket, TicketAsk
+from schemas.catalogue import FILE_NAME, FetchProgress, FileProgress, ModelFile, ModelManifest, Ticket, TicketAsk
 from workers.store import (MANIFEST_CACHE, ModelStore, StoredModel, StoreError, model_revision)
 
 log = logging.getLogger("conclave.files")
@@ -250,7 +250,7 @@ class NodeFiles:
         self.fetches[model] = asyncio.create_task(self._fetch(link, model, [s for s in sources if s != self.node_id],
                                                               set(files)))
 
-    async def receive(self, ticket: Ticket, model: str, moved: Callable[[int, int], None] | None = None):
+    async def receive(self, ticket: Ticket, model: str, moved: Progress | None = None):
         """`model` whole from the file port the ticket is for, passed on to other receivers while it arrives."""
         owned = model not in self.receiving  # (a fetch the controller ordered stays receiving between its sources)
         self.receiving.add(model)
@@ -272,10 +272,11 @@ class NodeFiles:
             try:
                 ticket = await ask_ticket(link.nc, source, model)
 
-                def moved(done: int, total: int) -> None:
+                def moved(done: int, total: int, arriving: list[FileProgress]) -> None:
                     rate = done / max(time.monotonic() - started, 1e-3)
                     self.progress[model] = FetchProgress(model=model, order=self.progress[model].order, done=done,
-                                                         total=total, source=source, bytes_per_s=round(rate))
+                                                         total=total, source=source, bytes_per_s=round(rate),
+                                                         files=arriving)
 
                 if files:
                     await fetch_part(ticket, model, self.store, files, moved, self.halt)

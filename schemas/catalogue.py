@@ -53,6 +53,14 @@ class Ticket(Struct, kw_only=True):
     error: str = ""
 
 
+class FileProgress(Struct, kw_only=True):
+    """A file on its way to a node (several arrive at once): its bytes there, of `total`."""
+
+    name: str
+    done: int = 0
+    total: int = 0
+
+
 class FetchProgress(Struct, kw_only=True):
     """A model a node is fetching (or failed to fetch), in its status (`/v1/cluster`, `conclave nodes`)."""
 
@@ -63,6 +71,7 @@ class FetchProgress(Struct, kw_only=True):
     source: str = ""  # the node it fetches from
     bytes_per_s: Union[float, None] = None
     error: str = ""  # why the last try failed (it is tried again when the controller orders it again)
+    files: list[FileProgress] = []  # the files on their way now, which share `bytes_per_s`
 
 
 class ClusterModel(Struct, kw_only=True):

@@ -13,7 +13,7 @@ import psutil
 
 from ops.agent import nodes_table
 from pipeline.nodes import LOST_AFTER_S, state_of
-from schemas.catalogue import FetchProgress
+from schemas.catalogue import FetchProgress, FileProgress
 from schemas.cluster import NodeFacts, NodeStatus
 from tests.conftest import FRANCE, MODEL
 
@@ -64,10 +64,14 @@ def test_a_node_that_stopped_reporting_is_shown_lost_not_dropped():
     assert len(table) == 2 and table[1].endswith("12.0s ago (LOST)") and " - " in table[1]  # unmeasured: "-"
     # A model on its way to a node, under the table: how far, how fast, from where; or why it failed.
     arriving = msgspec.structs.replace(status, fetching=[
-        FetchProgress(model="qwen", done=3 * 10**9, total=8 * 10**9, source="n2", bytes_per_s=250 * 10**6),
+        FetchProgress(model="qwen", done=3 * 10**9, total=8 * 10**9, source="n2", bytes_per_s=250 * 10**6,
+                      files=[FileProgress(name="a.safetensors", done=10**9, total=2 * 10**9),
+                             FileProgress(name="b.safetensors", done=0, total=2 * 10**9)]),
         FetchProgress(model="llama", error="from node n2: no space")])
     assert nodes_table([arriving], now=1012.0).splitlines()[2:] == [
-        "n1: fetching qwen from n2: 3.0 GB of 8.0 GB at 250 MB/s, 20s left", "n1: fetching llama failed: from node n2: no space"]
+        "n1: fetching qwen from n2: 3.0 GB of 8.0 GB at 250 MB/s, 20s left; a.safetensors 1.0 GB of 2.0 GB, 8s left; "
+        "b.safetensors 0 MB of 2.0 GB, 16s left",  # the two files share the rate
+        "n1: fetching llama failed: from node n2: no space"]
 
 
 def test_prometheus_metrics_count_answers_and_show_queues_and_nodes(server, client, http):

@@ -82,14 +82,18 @@ async def test_a_model_arrives_whole_and_as_its_manifest_says(source, tmp_path):
     tickets, receiver = Tickets(), ModelStore(tmp_path / "receiver")
     seen = []
     async with serving(store, tickets) as (ticket, _):
-        fetched = await fetch_model(ticket(), MODEL_ID, receiver, lambda done, total: seen.append(
-            (done, total)))
+        fetched = await fetch_model(ticket(), MODEL_ID, receiver, lambda done, total, files: seen.append(
+            (done, total, files)))
     assert fetched is not None and fetched.id == MODEL_ID and receiver.get(MODEL_ID) is not None
     for name in SIZES:
         assert (fetched.path / name).read_bytes() == (path / name).read_bytes()
     listed = manifest(store.get(MODEL_ID))
     assert {f.name: f.sha256 for f in listed.files} == {n: sha256_of(path / n).hexdigest() for n in SIZES}
-    assert seen[-1] == (sum(SIZES.values()), sum(SIZES.values()))
+    assert seen[-1][:2] == (sum(SIZES.values()), sum(SIZES.values()))
+    # Each file's own progress, while it was on its way: up to its whole size, never past it.
+    for name, size in SIZES.items():
+        assert max(f.done for _, _, files in seen for f in files if f.name == name) == size
+    assert all(f.done <= f.total for _, _, files in seen for f in files)
     assert not any((receiver.root / ".incoming").iterdir())  # nothing half-arrived left behind
     # The hashes it was checked against came with it: serving it on to the next node hashes nothing again.
     assert (fetched.path / ".conclave-manifest.json").is_file() and manifest(fetched).files == listed.files
@@ -129,7 +133,7 @@ async def test_a_pipeline_rank_fetches_only_its_stages_files_and_keeps_what_a_la
         before_last = SIZES["config.json"] + SIZES["tokenizer.json"] + SIZES[first]
         loop, gates[second] = asyncio.get_running_loop(), asyncio.Event()
 
-        def moved(done: int, total: int) -> None:  # (from the fetch's threads)
+        def moved(done: int, total: int, files) -> None:  # (from the fetch's threads)
             if done >= before_last:
                 loop.call_soon_threadsafe(gates[second].set)
             if done > before_last:
@@ -188,7 +192,7 @@ async def test_a_receiver_passes_a_model_on_as_it_arrives_and_a_cut_relay_is_res
 
             a = asyncio.create_task(a_fetches())
             b = asyncio.create_task(fetch_model(a_ticket(), MODEL_ID, b_store,
-                                                lambda done, total: b_done.append(done)))
+                                                lambda done, total, files: b_done.append(done)))
             before_last = sum(size for name, size in SIZES.items() if name != last)
             while not b_done or b_done[-1] < before_last:  # B has what A has, from A, while A still waits
                 assert not b.done(), b.exception()
