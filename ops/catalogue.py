@@ -15,30 +15,41 @@ import logging
 import time
 from pathlib import Path
 
+import nats.errors
+
 from ops.model_facts import model_facts
 from ops.model_files import manifest
 from pipeline.catalogue import best_entry, delete_entry, put_entry, read_entries
 from pipeline.connection import sleep_unless
 from pipeline.nodes import read_nodes
+from schemas.catalogue import ModelFile
 from schemas.cluster import CatalogueEntry
 from workers.shard import refused_layouts
 from workers.split import layer_files, weight_map
-from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, StoreError, model_context_length
+from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, StoreError, model_context_length, model_revision
 
 log = logging.getLogger("conclave.catalogue")
 CATALOGUE_POLL_S = 2.0  # how often a node's agent compares its store with its entries
+CATALOGUE_CHECK_S = 30.0  # and its entries with what the bucket holds
 
 
-def catalogue_entry(model: StoredModel, node: str) -> CatalogueEntry:
-    """The model's entry as `node` holds it. Blocks (its files are hashed once, then kept: ops/model_files.py):
-    run it in a thread."""
-    listed = manifest(model)
+def catalogue_entry(model: StoredModel, node: str, files: list[ModelFile]) -> CatalogueEntry:
+    """The model's entry as `node` holds it, with `files` (ops/model_files.py: manifest, or [] where nobody reads
+    them). Refused (StoreError) while a weight file its index names is missing: a pull or a copy still writing it
+    would give facts too small. Blocks: run it in a thread."""
     weights = weight_map(model.path)
+    if weights and (missing := set(weights.values()) - {p.name for p in model.path.glob("*.safetensors")}):
+        raise StoreError(f"its weight files {', '.join(sorted(missing))} are not there (yet)")
     per_layer, shared = layer_files(weights) if weights and len(set(weights.values())) > 1 else ([], [])
-    return CatalogueEntry(id=model.id, node=node, revision=listed.revision, created=model.created,
+    return CatalogueEntry(id=model.id, node=node, revision=model_revision(model.path), created=model.created,
                           context_length=model_context_length(model.path), facts=model_facts(model.id, model.path),
                           refused_layouts=refused_layouts(model.path), layer_files=per_layer, shared_files=shared,
-                          files=listed.files, time=time.time())
+                          files=files, time=time.time())
+
+
+def published_entry(model: StoredModel, node: str) -> CatalogueEntry:
+    """The entry a node publishes: with every file's size and SHA-256 (hashed once, then kept beside the files)."""
+    return catalogue_entry(model, node, manifest(model).files)
 
 
 def files_stamp(path: Path) -> tuple:
@@ -48,34 +59,30 @@ def files_stamp(path: Path) -> tuple:
 
 
 async def keep_catalogue(link, store: ModelStore, node: str, stopping: asyncio.Event) -> None:
-    """Until `stopping`: this node's entries in the catalogue follow its store, every CATALOGUE_POLL_S. A model
-    whose facts cannot be read (a broken config) is said once and tried again when its files change."""
+    """Until `stopping`: this node's entries in the catalogue follow its store, every CATALOGUE_POLL_S, and are
+    compared with what the bucket holds every CATALOGUE_CHECK_S (an entry lost with a bucket made again is written
+    again). A model whose facts cannot be read (a broken config, files still arriving) has no entry, is said once,
+    and is read again when its files change; one model's trouble does not hold up the others'."""
     written: dict[str, tuple] = {}  # model -> the stamp of the files its entry was read from
-    leftover: set[str] | None = None  # entries an earlier run of this node wrote, until each is checked
-    failing = False
+    refused: dict[str, tuple] = {}  # model -> the stamp of the files whose facts could not be read
+    leftover: set[str] = set()  # entries in the bucket by this node that no model of its store may match
+    checked, failing = -CATALOGUE_CHECK_S, False
     while not stopping.is_set():
         try:
             js = link.nc.jetstream()
-            if leftover is None:
-                leftover = {e.id for e in await read_entries(js, node=node)}
+            if time.monotonic() - checked > CATALOGUE_CHECK_S:
+                there = {e.id for e in await read_entries(js, node=node)}
+                leftover |= there - written.keys()
+                written = {m: stamp for m, stamp in written.items() if m in there}
+                checked = time.monotonic()
             models = {m.id: m for m in await asyncio.to_thread(store.list)}
             for model_id in sorted((written.keys() | leftover) - models.keys()):
                 await delete_entry(js, model_id, node)
                 written.pop(model_id, None)
                 leftover.discard(model_id)
+            refused = {m: stamp for m, stamp in refused.items() if m in models}
             for model_id, model in models.items():
-                stamp = await asyncio.to_thread(files_stamp, model.path)
-                if written.get(model_id) == stamp:
-                    continue
-                try:
-                    entry = await asyncio.to_thread(catalogue_entry, model, node)
-                except Exception as exc:  # the model's own fault (or its files still being written)
-                    log.warning("%s is not in the cluster's catalogue: its facts could not be read (%s); read again "
-                                "when its files change", model_id, exc)
-                else:
-                    await put_entry(js, entry)
-                    log.info("%s (revision %s) is in the cluster's catalogue", model_id, entry.revision)
-                written[model_id] = stamp
+                await keep_entry(js, model, node, written, refused)
                 leftover.discard(model_id)
             if failing:
                 log.info("the catalogue is written again")
@@ -87,14 +94,44 @@ async def keep_catalogue(link, store: ModelStore, node: str, stopping: asyncio.E
         await sleep_unless(stopping, CATALOGUE_POLL_S)
 
 
+async def keep_entry(js, model: StoredModel, node: str, written: dict[str, tuple], refused: dict[str, tuple]) -> None:
+    """One model's entry, written again if its files changed since (`written` and `refused` updated); raises only
+    when NATS could not be reached."""
+    try:
+        stamp = await asyncio.to_thread(files_stamp, model.path)
+    except OSError:  # deleted while this round looked: the next round deletes its entry
+        return
+    if stamp in (written.get(model.id), refused.get(model.id)):
+        return
+    try:
+        entry = await asyncio.to_thread(published_entry, model, node)
+        await put_entry(js, entry)
+    except nats.errors.MaxPayloadError as exc:
+        problem = f"its entry is larger than the broker's message limit ({exc})"
+    except (nats.errors.Error, asyncio.TimeoutError):
+        raise
+    except Exception as exc:  # the model's own: facts unreadable, or files still arriving
+        problem = str(exc)
+    else:
+        log.info("%s (revision %s) is in the cluster's catalogue", model.id, entry.revision)
+        refused.pop(model.id, None)
+        written[model.id] = stamp
+        return
+    log.warning("%s is not in the cluster's catalogue: %s; read again when its files change", model.id, problem)
+    refused[model.id] = stamp
+    if written.pop(model.id, None) is not None:  # what it said no longer describes the files
+        await delete_entry(js, model.id, node)
+
+
 async def entry_for(js, store: ModelStore, model_id: str) -> CatalogueEntry | None:
     """The facts to place `model_id` by: its catalogue entry from a node that holds it (pipeline/catalogue.py:
-    best_entry); else, read here, the bundled model (every node can make it) or one in this machine's store whose
-    entry is not written yet; None if neither knows it."""
+    best_entry); else, read here without hashing its files, the bundled model (every node can make it) or one in
+    this machine's store whose entry is not written yet (its node hashes a large model for minutes first); None if
+    neither knows it."""
     if entries := await read_entries(js, model_id):
         return best_entry(entries, await read_nodes(js))
     try:
         model = await asyncio.to_thread(store.resolve if model_id == DEFAULT_MODEL else store.get, model_id)
+        return None if model is None else await asyncio.to_thread(catalogue_entry, model, "", [])
     except StoreError:
         return None
-    return None if model is None else await asyncio.to_thread(catalogue_entry, model, "")

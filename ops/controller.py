@@ -46,6 +46,7 @@ from ops.group import GroupSpec, HostSpec, RankLaunch, fit_group
 from ops.placement import offers, place
 from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX
+from pipeline.catalogue import best_entry, read_entries
 from pipeline.connection import sleep_unless
 from pipeline.lease import read_plan
 from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
@@ -277,6 +278,10 @@ class Controller:
             while not stopping.is_set():
                 try:
                     await orders.listen()
+                    # Its facts as the catalogue has them now: its files may have changed since the last placement.
+                    js = self.link.nc.jetstream()
+                    if (fresh := best_entry(await read_entries(js, self.model.id), await read_nodes(js))) is not None:
+                        self.model, self.facts = fresh, fresh.facts
                     placed = await self._plan(stopping, after)
                     if placed is None:
                         return

@@ -30,6 +30,7 @@ from ops.credentials import apply_authorization, role_identity
 from ops.catalogue import entry_for
 from ops.placement import offers, place
 from pipeline.access import INSTANCES_SUBJECT, PLACE_SUBJECT, worker_role
+from pipeline.catalogue import best_entry, read_entries
 from pipeline.connection import sleep_unless
 from pipeline.lease import change_plan, read_plan
 from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
@@ -243,7 +244,7 @@ def without(plan: ControllerPlan, models: list[str]) -> ControllerPlan:
                                    keep_alive={m: s for m, s in plan.keep_alive.items() if m not in models})
 
 
-async def keep_instances(link, store: ModelStore, stopping: asyncio.Event, changing: asyncio.Lock) -> None:
+async def keep_instances(link, stopping: asyncio.Event, changing: asyncio.Lock) -> None:
     """Until `stopping`, every KEEP_POLL_S: unload each added instance that has a keep-alive once it has served with
     no job queued or running for that long (from its consumer's last delivery, or when it started serving, whichever
     is later); and for each instance waiting to be placed, unload the idle instances that make room for it
@@ -253,13 +254,13 @@ async def keep_instances(link, store: ModelStore, stopping: asyncio.Event, chang
     while not stopping.is_set():
         try:
             async with changing:
-                await keep_round(link.nc.jetstream(), link.nc, store, busy)
+                await keep_round(link.nc.jetstream(), link.nc, busy)
         except Exception as exc:  # NATS away a moment: the next round sees
             log.warning("could not check the instances' keep-alive and room: %s", exc)
         await sleep_unless(stopping, KEEP_POLL_S)
 
 
-async def keep_round(js, nc, store: ModelStore, busy: dict[str, float]) -> None:
+async def keep_round(js, nc, busy: dict[str, float]) -> None:
     plan, instances = await read_plan(js), {i.model: i for i in await read_instances(js)}
     if plan is None:
         return
@@ -280,7 +281,8 @@ async def keep_round(js, nc, store: ModelStore, busy: dict[str, float]) -> None:
         if waiting is None or waiting.state != "placing":
             continue
         try:
-            if (model := await entry_for(js, store, entry.model)) is None:
+            # The catalogue's entry only: reading a model's files here every second would hold the lock up.
+            if (model := best_entry(await read_entries(js, entry.model), await read_nodes(js))) is None:
                 continue
             evicted = await make_room(js, model, entry.request, plan)
         except Refused:  # it does not fit at all: its `why` says so

@@ -168,10 +168,14 @@ async def fetch_files(ticket: Ticket, listed: ModelManifest, folder: Path, progr
         async with slots:
             await one(file)
 
-    # Every file is tried (a failure leaves the others' parts to resume), then the first failure is raised.
-    failures = [r for r in await asyncio.gather(*(in_turn(f) for f in waiting), return_exceptions=True) if r]
-    if failures:
-        raise failures[0]
+    # The model's small files (config, tokenizer) first, then its weights: a part's weight files never stand
+    # recorded without them. Every file is tried (a failure leaves the others' parts to resume), then the first
+    # failure is raised.
+    for batch in ([f for f in waiting if not f.name.endswith(".safetensors")],
+                  [f for f in waiting if f.name.endswith(".safetensors")]):
+        failures = [r for r in await asyncio.gather(*(in_turn(f) for f in batch), return_exceptions=True) if r]
+        if failures:
+            raise failures[0]
 
 
 def tidy_part(folder: Path, listed: ModelManifest, wanted: ModelManifest) -> dict:
@@ -311,6 +315,7 @@ def fetch_file(ticket: Ticket, model_id: str, file: ModelFile, incoming: Path,
                                headers=headers)
             got = connection.getresponse()
             if got.status == 200 and have:  # the source ignored the range: from the start
+                moved(-have)
                 have, digest = 0, hashlib.sha256()
             elif got.status not in (200, 206):
                 raise FetchError(f"{file.name} of {model_id}: HTTP {got.status}")

@@ -268,8 +268,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     if cluster is not None and first.route:
         background.append(asyncio.create_task(keep_announcing_users(control, home, stopping)))
     if cluster is not None:
-        background.append(asyncio.create_task(keep_instances(control, ModelStore(home / "models"), stopping,
-                                                             changing)))
+        background.append(asyncio.create_task(keep_instances(control, stopping, changing)))
         background.append(asyncio.create_task(keep_catalogue(control, ModelStore(home / "models"), own, stopping)))
     http_url = f"http://{host}:{port}/v1"
     # Other commands (conclave audit, ...) find this deployment's NATS through this record (ops/deployment.py).

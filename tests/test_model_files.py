@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -164,7 +165,7 @@ async def test_a_receiver_passes_a_model_on_as_it_arrives_and_a_cut_relay_is_res
     """Fan-out in a chain (ops/model_relay.py): B fetches from A while A fetches from the source. The source holds
     A's request for the last file until B has everything A has: B got those bytes from A before A had them all."""
     store, path = source
-    last = sorted(SIZES)[-1]
+    last = sorted(SIZES)[-2]  # the last to arrive: a model's weights come after its small files (config, tokenizer)
     release, failing = asyncio.Event(), asyncio.Event()
 
     async def hold_the_last_file(query: str) -> None:
@@ -194,8 +195,10 @@ async def test_a_receiver_passes_a_model_on_as_it_arrives_and_a_cut_relay_is_res
             b = asyncio.create_task(fetch_model(a_ticket(), MODEL_ID, b_store,
                                                 lambda done, total, files: b_done.append(done)))
             before_last = sum(size for name, size in SIZES.items() if name != last)
+            deadline = time.monotonic() + 60
             while not b_done or b_done[-1] < before_last:  # B has what A has, from A, while A still waits
                 assert not b.done(), b.exception()
+                assert time.monotonic() < deadline, f"B never had what A had: {b_done[-1:]} of {before_last}"
                 await asyncio.sleep(0.01)
             assert MODEL_ID in a_receiving and a_store.get(MODEL_ID) is None
             release.set()
