@@ -48,7 +48,7 @@ from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX
 from pipeline.catalogue import best_entry, read_entries
 from pipeline.connection import sleep_unless
-from pipeline.lease import read_plan
+from pipeline.lease import PLAN_SUBJECT, read_plan
 from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import jobs_in_hand, retire_consumer
 from pipeline.subjects import subject_token
@@ -442,9 +442,17 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
         run.task = asyncio.create_task(keep_instance(link, orders, store, entry, workdir, placing, ending, run))
         return run
 
+    # Woken as the plan is written (a switch waits for this), besides reading it every PLAN_POLL_S.
+    written = asyncio.Event()
+    watching = None
+
+    async def on_plan(msg) -> None:
+        written.set()
     try:
         while not lost.is_set():
             try:
+                if watching is None or watching[0] is not link.nc:  # the link may replace its connection
+                    watching = (link.nc, await link.nc.subscribe(PLAN_SUBJECT, cb=on_plan))
                 placed = {i.model for i in await read_instances(link.nc.jetstream())}
                 plan = await read_plan(link.nc.jetstream())
             except Exception as exc:
@@ -473,8 +481,15 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
                     running[model] = start(entry)
             for model in unwanted - running.keys() - retiring.keys():  # in the bucket, no plan names it
                 retiring[model] = asyncio.create_task(retire(link, model, None, True, lost))
-            await sleep_unless(lost, PLAN_POLL_S if settled else PLAN_CONFIRM_S)
+            if settled:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(written.wait(), PLAN_POLL_S)
+                written.clear()
+            await sleep_unless(lost, 0.0 if settled else PLAN_CONFIRM_S)
     finally:
+        if watching is not None:
+            with contextlib.suppress(Exception):
+                await watching[1].unsubscribe()
         for run in running.values():
             run.ending.set()
         await asyncio.gather(*(run.task for run in running.values()), *retiring.values(), return_exceptions=True)

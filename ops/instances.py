@@ -40,7 +40,7 @@ from schemas.membership import ControllerPlan, Instance, InstanceChange, Instanc
 from workers.store import DEFAULT_MODEL, ModelStore, StoreError
 
 log = logging.getLogger("conclave.instances")
-KEEP_POLL_S = 1.0  # how often idle instances are checked against their keep-alive, and placing ones for room
+KEEP_POLL_S = 0.25  # how often placing instances are judged for room (a switch waits for it), and idle ones aged
 encode = msgspec.json.Encoder().encode
 
 

@@ -158,8 +158,9 @@ def controller_permissions(role: str) -> Permissions:
     """A broker node's controller, when it holds the lease (pipeline/lease.py): it reads the nodes, orders every
     agent and hears their reports, publishes the instances, and writes the lease (not the plan: the operator's).
     An instance removed from the plan is drained and its consumer deleted (ops/controller.py: retire): it reads
-    and deletes the jobs stream's consumers. It reads the catalogue (a model's facts: pipeline/catalogue.py). It
-    also hears the users every broker admits (ops/brokers.py): only broker nodes have this role."""
+    and deletes the jobs stream's consumers. It reads the catalogue (a model's facts: pipeline/catalogue.py) and
+    hears the plan as it is written. It also hears the users every broker admits (ops/brokers.py): only broker
+    nodes have this role."""
     return Permissions(publish=(f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
                                 f"$JS.API.STREAM.INFO.{CATALOGUE_STREAM}",
                                 _direct_get(CATALOGUE_STREAM, f"{CATALOGUE_PREFIX}.>"),
@@ -168,7 +169,8 @@ def controller_permissions(role: str) -> Permissions:
                                 _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), f"{AGENTS_PREFIX}.*.orders.>",
                                 f"{CONTROL_PREFIX}.lease",
                                 _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.>")),
-                       subscribe=(f"{reply_prefix(role)}.>", f"{AGENTS_PREFIX}.*.events", USERS_SUBJECT))
+                       subscribe=(f"{reply_prefix(role)}.>", f"{AGENTS_PREFIX}.*.events", USERS_SUBJECT,
+                                  f"{CONTROL_PREFIX}.plan"))
 
 
 def union(*permissions: Permissions) -> Permissions:
