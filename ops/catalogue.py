@@ -3,9 +3,10 @@
 Each node's agent reads the facts of every model in its store once (`catalogue_entry`: the files with their sizes
 and SHA-256, what placement needs, the layouts its architecture allows, which weight files hold which layers) and
 writes them under its own key; again when the model's files change, and the key goes when the model leaves the
-store. So a model imported or pulled on any node is in the catalogue within seconds, and the first machine (which
-answers loads and previews) and the controller (which places it and orders each rank's files) read its facts from
-NATS: neither needs a copy of a model that another node holds.
+store. So a model imported or pulled on any node is in the catalogue once its node has read it (seconds; the first
+hashing of hundreds of GB takes minutes), and the first machine (which answers loads and previews) and the
+controller (which places it and orders each rank's files) read its facts from NATS: neither needs a copy of a model
+that another node holds.
 """
 
 from __future__ import annotations
