@@ -20,9 +20,8 @@ import nats.errors
 
 from ops.model_facts import model_facts
 from ops.model_files import manifest
-from pipeline.catalogue import best_entry, delete_entry, put_entry, read_entries
+from pipeline.catalogue import delete_entry, put_entry, read_entries, read_entry
 from pipeline.connection import sleep_unless
-from pipeline.nodes import read_nodes
 from schemas.catalogue import ModelFile
 from schemas.cluster import CatalogueEntry
 from workers.shard import refused_layouts
@@ -129,8 +128,8 @@ async def entry_for(js, store: ModelStore, model_id: str) -> CatalogueEntry | No
     best_entry); else, read here without hashing its files, the bundled model (every node can make it) or one in
     this machine's store whose entry is not written yet (its node hashes a large model for minutes first); None if
     neither knows it."""
-    if entries := await read_entries(js, model_id):
-        return best_entry(entries, await read_nodes(js))
+    if (entry := await read_entry(js, model_id)) is not None:
+        return entry
     try:
         model = await asyncio.to_thread(store.resolve if model_id == DEFAULT_MODEL else store.get, model_id)
         return None if model is None else await asyncio.to_thread(catalogue_entry, model, "", [])

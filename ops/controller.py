@@ -46,7 +46,7 @@ from ops.group import GroupSpec, HostSpec, RankLaunch, fit_group
 from ops.placement import offers, place
 from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX
-from pipeline.catalogue import best_entry, read_entries
+from pipeline.catalogue import read_entry
 from pipeline.connection import sleep_unless
 from pipeline.lease import PLAN_SUBJECT, read_plan
 from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
@@ -279,8 +279,7 @@ class Controller:
                 try:
                     await orders.listen()
                     # Its facts as the catalogue has them now: its files may have changed since the last placement.
-                    js = self.link.nc.jetstream()
-                    if (fresh := best_entry(await read_entries(js, self.model.id), await read_nodes(js))) is not None:
+                    if (fresh := await read_entry(self.link.nc.jetstream(), self.model.id)) is not None:
                         self.model, self.facts = fresh, fresh.facts
                     placed = await self._plan(stopping, after)
                     if placed is None:
@@ -448,6 +447,7 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
 
     async def on_plan(msg) -> None:
         written.set()
+
     try:
         while not lost.is_set():
             try:

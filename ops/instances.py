@@ -30,7 +30,7 @@ from ops.credentials import apply_authorization, role_identity
 from ops.catalogue import entry_for
 from ops.placement import offers, place
 from pipeline.access import INSTANCES_SUBJECT, PLACE_SUBJECT, worker_role
-from pipeline.catalogue import best_entry, read_entries
+from pipeline.catalogue import read_entry
 from pipeline.connection import sleep_unless
 from pipeline.lease import change_plan, read_plan
 from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
@@ -282,7 +282,7 @@ async def keep_round(js, nc, busy: dict[str, float]) -> None:
             continue
         try:
             # The catalogue's entry only: reading a model's files here every second would hold the lock up.
-            if (model := best_entry(await read_entries(js, entry.model), await read_nodes(js))) is None:
+            if (model := await read_entry(js, entry.model)) is None:
                 continue
             evicted = await make_room(js, model, entry.request, plan)
         except Refused:  # it does not fit at all: its `why` says so

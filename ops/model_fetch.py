@@ -98,15 +98,14 @@ async def fetch_part(ticket: Ticket, model_id: str, store: ModelStore, only: set
     """Fetch the weight files `only` of `model_id` (a pipeline rank's: workers/split.py, stage_files) and the
     model's other files (config, tokenizer) into this node's part of it (`store.shard_path`), beside the files an
     earlier plan brought that still match. Each file is checked as in `fetch_model` and enters the part by its own
-    rename; the part's manifest (what the node reports holding) is written once all of them are there, with the
-    whole model's revision (the audit log records that one, not a digest of the part)."""
+    rename and into the part's manifest (what the node reports holding) as it arrives, the small files before the
+    weights (fetch_files); the part keeps the whole model's revision (the audit log records that one, not a digest
+    of the part)."""
     listed = await read_manifest(ticket, model_id)
     if unknown := only - {f.name for f in listed.files if f.name.endswith(".safetensors")}:
         raise FetchError(f"{model_id} on {ticket.url} has no weight file {', '.join(sorted(unknown))}")
-    # The model's other files first: a stage's weight files are all recorded only once config and tokenizer are.
-    wanted = msgspec.structs.replace(listed, files=sorted(
-        (f for f in listed.files if not f.name.endswith(".safetensors") or f.name in only),
-        key=lambda f: f.name.endswith(".safetensors")))
+    wanted = msgspec.structs.replace(listed, files=[f for f in listed.files
+                                                    if not f.name.endswith(".safetensors") or f.name in only])
     folder = store.shard_path(model_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / REVISION_FILE).write_text(listed.revision)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import msgspec
 from nats.js.api import KeyValueConfig, StorageType
 
-from pipeline.nodes import read_bucket, state_of
+from pipeline.nodes import read_bucket, read_nodes, state_of
 from pipeline.subjects import CATALOGUE_BUCKET, CATALOGUE_PREFIX, CATALOGUE_STREAM, subject_token
 from schemas.cluster import CatalogueEntry, NodeStatus
 from workers.store import StoreError, check_model_id
@@ -67,3 +67,10 @@ def best_entry(entries: list[CatalogueEntry], statuses: list[NodeStatus]) -> Cat
     facts."""
     holding = {s.facts.id for s in statuses if entries and entries[0].id in s.facts.models and state_of(s) == "up"}
     return max(entries, key=lambda e: (e.node in holding, e.time), default=None)
+
+
+async def read_entry(js, model: str) -> CatalogueEntry | None:
+    """The entry to place `model` by (`best_entry` among its holders' entries, against the nodes' statuses now), or
+    None when the catalogue has none."""
+    entries = await read_entries(js, model)
+    return best_entry(entries, await read_nodes(js)) if entries else None
