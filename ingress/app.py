@@ -18,10 +18,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ingress import handlers
+from ingress import audit, dashboard, handlers, live
 from ingress.admission import Admission, WorkerTable
+from ingress.audit import AuditReader
 from ingress.errors import APIError, error_response
 from ingress.keys import ANONYMOUS, KeyRing, bearer_token
+from ingress.live import Live
 from ingress.metrics import Metrics
 from pipeline.access import Identity
 from pipeline.connection import Link
@@ -29,6 +31,7 @@ from pipeline.nodes import INSTANCES_REFRESH_S, STATUS_OF_STATE, cluster_models,
 from pipeline.subjects import INSTANCES_PREFIX, STATUS_PREFIX
 from schemas.catalogue import ClusterModel
 from schemas.jobs import WorkerStatus
+from schemas.membership import Instance
 from schemas.openai import ErrorDetail, ModelCard
 
 log = logging.getLogger("conclave.ingress")
@@ -50,6 +53,10 @@ class IngressConfig:
     api_keys: dict[str, str] = field(default_factory=dict)
     status_ttl_s: float = 10.0  # a worker not heard from for this long is not counted as live
     max_queue_wait_s: float = 60.0  # a request expected to wait longer for a batch is answered 429
+    # The auditor role's NATS credentials and the deployment's checkpoint signing key (public): the dashboard's audit
+    # view (ingress/audit.py). `conclave serve` alone has them; without, the view says where the audit log is read.
+    auditor: Identity | None = None
+    audit_key: str | None = None
 
 
 class Ingress:
@@ -60,10 +67,14 @@ class Ingress:
         self.models = {m.id: m for m in config.models}
         self.placements: dict[str, float] = {}  # model -> when the cluster's controller last placed it
         self.catalogue: dict[str, ClusterModel] = {}  # the cluster's models, loaded or not (pipeline/nodes.py)
+        self.instances: list[Instance] = []  # as last read
         self.instances_changed = asyncio.Event()
         self.workers = WorkerTable(config.status_ttl_s)
         self.admission = Admission(self.workers, config.max_queue_wait_s)
         self.metrics = Metrics()
+        self.live = Live(self)
+        self.audit = None if config.auditor is None else AuditReader(
+            config.nats_url, config.auditor, config.audit_key, lambda record: self.live.send("audit", record))
         self.link = Link(config.nats_url, "conclave-ingress", config.identity, on_open=self.on_open)
 
     async def on_open(self, nc) -> None:
@@ -78,13 +89,22 @@ class Ingress:
 
         await nc.subscribe(f"{STATUS_PREFIX}.>", cb=on_status)
         await nc.subscribe(f"{INSTANCES_PREFIX}.>", cb=on_instance)
+        await self.live.on_open(nc)
 
     async def start(self) -> None:
         await self.link.open()
+        # In the background: an existing NATS server configured before the auditor role existed refuses it, and
+        # that must cost the audit view only (it answers 503 meanwhile), never the serving.
+        self.auditing = asyncio.create_task(self.audit.link.open()) if self.audit is not None else None
         self.following = asyncio.create_task(self.follow_instances())
+        self.living = asyncio.create_task(self.live.run())
 
     async def stop(self) -> None:
         self.following.cancel()
+        self.living.cancel()
+        if self.auditing is not None:
+            self.auditing.cancel()
+            await self.audit.link.close()
         await self.link.close()
 
     async def placed_at(self, model: str, fresh: bool) -> float:
@@ -102,7 +122,7 @@ class Ingress:
             self.instances_changed.clear()  # (a change heard from now on is read at the next round)
             with contextlib.suppress(Exception):  # NATS away a moment: keep the list it has
                 js = self.link.nc.jetstream()
-                instances = await read_instances(js)
+                instances = self.instances = await read_instances(js)
                 self.placements.update({i.model: i.time for i in instances})
                 # A model being removed ("stopping") takes no new request: its last jobs are being answered.
                 cards = [ModelCard(id=i.model, created=i.created, context_length=i.context_length,
@@ -110,6 +130,8 @@ class Ingress:
                 self.models = {**{m.id: m for m in self.config.models}, **{c.id: c for c in cards}}
                 if self.config.cluster:
                     self.catalogue = {m.id: m for m in cluster_models(await read_nodes(js), instances)}
+                if self.live.pages:
+                    await self.live.push_cluster()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.instances_changed.wait(), INSTANCES_REFRESH_S)
 
@@ -214,9 +236,14 @@ def create_app(config: IngressConfig) -> Starlette:
         Route("/v1/cluster/instances", guarded(handlers.list_instances, keys), methods=["GET"]),
         Route("/v1/cluster/instances", guarded(handlers.add_instance, keys), methods=["POST"]),
         Route("/v1/cluster/instances/{model:path}", guarded(handlers.remove_instance, keys), methods=["DELETE"]),
+        Route("/v1/cluster/events", guarded(live.events, keys), methods=["GET"]),
+        Route("/v1/audit/records", guarded(audit.list_records, keys), methods=["GET"]),
+        Route("/v1/audit/records/{seq}", guarded(audit.get_record, keys), methods=["GET"]),
+        Route("/v1/audit/verify", guarded(audit.verify, keys), methods=["POST"]),
         Route("/metrics", guarded(handlers.metrics, keys), methods=["GET"]),
         # Up/down for anyone (a load balancer's probe has no key); hosts, pids and jobs only with a key.
         Route("/health", guarded(handlers.health, keys, open_to_all=True), methods=["GET"]),
+        *dashboard.routes(),  # the page itself holds no data: open to all; what it shows comes from the routes above
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={500: server_error, 404: not_found, 405: not_found})

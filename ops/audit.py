@@ -18,19 +18,17 @@ import uuid
 from pathlib import Path
 
 import msgspec
-from nats.js.errors import NotFoundError
 
 from ops.credentials import open_private
 from ops.deployment import DeploymentError
 from pipeline.access import OPERATOR
-from pipeline.audit import Entry, decode_record, read_entries, stream_facts
+from pipeline.audit_read import Log, read_audit_log, records_of
 from pipeline.audit_export import export_lines, verify_export
 from pipeline.audit_verify import verify_log
 from pipeline.connection import redacted
-from pipeline.checkpoints import (load_signing_key, parse_public_key, public_key_text, read_checkpoint_messages,
-                                  signing_key_path)
+from pipeline.checkpoints import (load_signing_key, parse_public_key, public_key_text, signing_key_path)
 from pipeline.subjects import reply_subject
-from schemas.audit import AuditRecord, StreamFacts
+from schemas.audit import AuditRecord
 from schemas.jobs import Done
 
 
@@ -59,17 +57,6 @@ def record_filter(args):
     return matches
 
 
-def records_of(entries: list[Entry]) -> list[tuple[Entry, AuditRecord]]:
-    """The entries that are audit records, decoded (a foreign message is left out here; verify reports it)."""
-    found = []
-    for entry in entries:
-        try:
-            found.append((entry, decode_record(entry.data)))
-        except (msgspec.MsgspecError, ValueError, TypeError):
-            continue
-    return found
-
-
 def summary_line(seq: int, record: AuditRecord) -> str:
     when = datetime.datetime.fromtimestamp(record.time, datetime.timezone.utc).isoformat(timespec="seconds")
     tokens = f"{record.usage.prompt_tokens}+{record.usage.completion_tokens}" if record.usage else "-"
@@ -78,37 +65,12 @@ def summary_line(seq: int, record: AuditRecord) -> str:
             f"{record.source}\t{record.outcome}\t{detail}\ttokens {tokens}\t{record.duration_ms:.0f} ms")
 
 
-class Log(msgspec.Struct):
-    """The audit log as read from NATS: the stream's information (None: no stream), entries, checkpoints."""
-
-    stream: StreamFacts | None
-    entries: list[Entry]
-    checkpoints: list[bytes]
-
-
 async def read_log(nc, with_checkpoints: bool = True) -> Log:
-    """Checkpoints first, then the stream: a checkpoint signed meanwhile could otherwise cover entries this
-    read did not reach, and look like entries cut off the end."""
-    js = nc.jetstream()
-    checkpoints = []
-    if with_checkpoints:
-        try:
-            checkpoints = [message for _, message in await read_checkpoint_messages(js)]
-        except NotFoundError:
-            pass
-    try:
-        facts = await stream_facts(js)
-        entries = [entry async for entry in read_entries(js, facts.first_seq, facts.last_seq)]
-        now_first = (await stream_facts(js)).first_seq
-    except NotFoundError:
-        facts, entries = None, []
-    if facts is not None and now_first > facts.first_seq:  # aged out while being read: not a gap
-        facts = msgspec.structs.replace(facts, first_seq=now_first)
-        entries = [entry for entry in entries if entry.seq >= now_first]
-    if facts is None and not checkpoints:
+    log = await read_audit_log(nc.jetstream(), with_checkpoints)
+    if log.stream is None and not log.checkpoints:
         raise DeploymentError(f"there is no audit log at {redacted(nc.connected_url.geturl())}: its stream does not exist "
                               f"(no conclave deployment has used this NATS server)")
-    return Log(stream=facts, entries=entries, checkpoints=checkpoints)
+    return log
 
 
 def pinned_key(args) -> tuple[str | None, str]:

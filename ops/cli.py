@@ -159,12 +159,12 @@ def cmd_audit(args) -> None:
 def cmd_credentials(args) -> None:
     from ops.credentials import (apply_authorization, issue_submitter, public_keys, revoke_submitter, role_identity,
                                  server_authorization, write_private)
-    from pipeline.access import INGRESS, OPERATOR, AccessError, inbox_prefix, worker_role
+    from pipeline.access import AUDITOR, INGRESS, OPERATOR, AccessError, inbox_prefix, worker_role
     from pipeline.subjects import JOBS_PREFIX, reply_prefix
 
     if args.action == "server-config":
         # The roles a deployment of these models connects as, made now if no `conclave serve` made them yet.
-        for role in (OPERATOR, INGRESS, *(worker_role(model) for model in args.model or [DEFAULT_MODEL])):
+        for role in (OPERATOR, INGRESS, AUDITOR, *(worker_role(model) for model in args.model or [DEFAULT_MODEL])):
             role_identity(args.home, role)
         print(server_authorization(args.home), end="")
         return

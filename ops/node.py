@@ -200,7 +200,7 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
     finally:
         stopping.set()
         if server is not None:
-            server.should_exit = True
+            server.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
         await files.stop()
         # A part that failed while stopping (an agent that failed stops its controller first, which sets `stopping`).

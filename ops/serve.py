@@ -40,7 +40,7 @@ from ops.credentials import cluster_ca, public_keys, role_identity, write_author
 from ops.deployment import Deployment, DeploymentError, claim_home, forget_deployment, record_deployment
 from ops.group import GroupSpec, GroupSpecError, plan_group, python_command, rank_arguments
 from ops.supervise import GroupSupervisor, keep_broker_running
-from pipeline.access import INGRESS, JOINER, OPERATOR, Identity, worker_role
+from pipeline.access import AUDITOR, INGRESS, JOINER, OPERATOR, Identity, worker_role
 from pipeline.checkpoints import (keep_checkpointing, load_signing_key, public_key_text, sign_new_entries,
                                   signing_key_path)
 from pipeline.connection import Link, NatsUnreachable, connect_once, persist, redacted
@@ -63,6 +63,11 @@ class SignalFreeServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+    def stop(self) -> None:
+        """Stop serving: through uvicorn's exit handler, which sse-starlette also hears, so the dashboard's live
+        streams end (ingress/live.py) instead of holding the shutdown open."""
+        self.handle_exit(signal.SIGTERM, None)
 
 
 @dataclass
@@ -150,7 +155,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
              "none configured, /v1 routes are open to anyone who reaches the port")
     stopping = asyncio.Event()
     # Every role's key exists before the server's authorization is written from them (ops/credentials.py).
-    operator, ingress = role_identity(home, OPERATOR), role_identity(home, INGRESS)
+    operator, ingress, auditor = (role_identity(home, role) for role in (OPERATOR, INGRESS, AUDITOR))
     worker = role_identity(home, worker_role(model.id))
     signing_key = load_signing_key(signing_key_path(home), create=True)
     nats_server = broker = tls = None
@@ -164,7 +169,8 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                                   "`conclave place`, and leave out --tensor-parallel, --pipeline-parallel and --group")
         tls = ensure_cluster_tls(home)
         role_identity(home, JOINER)  # the join token's key, in the authorization before the server starts
-        operator, ingress, worker = (replace(i, ca_file=cluster_ca(home)) for i in (operator, ingress, worker))
+        operator, ingress, auditor, worker = (replace(i, ca_file=cluster_ca(home))
+                                              for i in (operator, ingress, auditor, worker))
         first = cluster.first_broker(nats_port)
         if first.route is not None:
             replicas = cluster.brokers
@@ -278,12 +284,13 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
     app = create_app(IngressConfig(nats_url=nats_url, identity=ingress, models=[card], cluster=cluster is not None,
                                    queue_timeout_s=settings.queue_ttl_s,
                                    worker_timeout_s=worker_timeout_s, api_keys=api_keys,
-                                   status_ttl_s=4 * settings.heartbeat_s, max_queue_wait_s=max_queue_wait_s))
+                                   status_ttl_s=4 * settings.heartbeat_s, max_queue_wait_s=max_queue_wait_s,
+                                   auditor=auditor, audit_key=public_key_text(signing_key)))
     server = SignalFreeServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        loop.add_signal_handler(sig, server.stop)
 
     async def announce_when_ready():
         while not server.started:
@@ -297,7 +304,7 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
         if not server.should_exit:  # the workers' supervisor, or the controller and this machine's agent, failed
             log.error("the workers' supervision ended (%s): stopping, for the service manager to restart it",
                       "cancelled" if task.cancelled() else task.exception())
-            server.should_exit = True
+            server.stop()
 
     workers.add_done_callback(ended)
     try:

@@ -126,13 +126,13 @@ def spawn_node(home: Path, *flags: str, http: bool = False, timeout_s: float = 1
     return NodeProcess(process, home, output, f"http://127.0.0.1:{port}/v1" if port else None)
 
 
-def spawn_cluster(first_home: Path, node_homes: list[Path], memory_limit_gb: str,
+def spawn_cluster(first_home: Path, node_homes: list[Path], memory_limit_gb: str, *first_flags: str,
                   timeout_s: float = 240.0) -> tuple[ServerProcess, list[NodeProcess], str]:
-    """A cluster on loopback: `serve --cluster` and a `join` per home (each with an HTTP port), every machine
-    offering `memory_limit_gb`; returns once the model is served, with the join token. The tests' and
+    """A cluster on loopback: `serve --cluster FIRST_FLAGS...` and a `join` per home (each with an HTTP port), every
+    machine offering `memory_limit_gb`; returns once the model is served, with the join token. The tests' and
     `conclave bench --cluster`'s."""
     limit = ("--memory-limit", memory_limit_gb)
-    return _spawn_joined(first_home, (*limit, "--heartbeat", "0.5", "--worker-timeout", "5"),
+    return _spawn_joined(first_home, (*limit, "--heartbeat", "0.5", "--worker-timeout", "5", *first_flags),
                          {home: limit for home in node_homes}, timeout_s)
 
 

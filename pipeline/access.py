@@ -8,6 +8,9 @@ crosses the wire). The roles:
   only role that may create or change streams and consumers, or read the audit log.
 - `ingress`: the HTTP front; a submitter named "ingress" (below), and it may read consumer state (to
   answer 429 by the expected wait) and the workers' status messages.
+- `auditor`: the first machine's dashboard (ingress/audit.py): it reads the audit log and its checkpoints and
+  hears each record as it is stored; it writes nothing. Only `conclave serve` makes its key, so no joined
+  node's ingress reads the audit log.
 - `worker-<model>`: every rank of the model's worker group. It may take its model's jobs from its own
   consumer, ack them, publish events to submitters' reply subjects, store results and audit records of
   its model, and nothing else: it cannot read the audit log or another model's jobs, nor change a stream.
@@ -29,13 +32,14 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.subjects import (AUDIT_PREFIX, CATALOGUE_PREFIX, CATALOGUE_STREAM, CANCELS_PREFIX, CONTROL_PREFIX, CONTROL_STREAM, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
+from pipeline.subjects import (AUDIT_PREFIX, AUDIT_STREAM, CHECKPOINTS_STREAM, CATALOGUE_PREFIX, CATALOGUE_STREAM, CANCELS_PREFIX, CONTROL_PREFIX, CONTROL_STREAM, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
                                JOBS_STREAM, NODES_PREFIX, NODES_STREAM, RESULTS_PREFIX, RESULTS_STREAM, STATUS_PREFIX,
                                name_of_token, reply_prefix,
                                subject_token, worker_durable)
 
 OPERATOR = "operator"
 INGRESS = "ingress"
+AUDITOR = "auditor"
 UNAUTHENTICATED = "unauthenticated"  # the submitter of a job on a subject without one (sent before version 0.5)
 # Submitters whose job's `caller` is believed: the ingress states which API key made an HTTP request, the
 # operator's `conclave audit replay` which record it replays. Any other submitter's claim is kept as a claim.
@@ -46,7 +50,7 @@ JOINER = "joiner"  # whoever holds the cluster's join token, before it is a node
 # its signature gains nothing; the join token's own key is used only once the broker is verified (ops/join.py).
 CA_READER = "ca-reader"
 CA_READER_SEED = "SUAHCE3VMZUGMR56OFPRVX4P3GEBPDRP73DLTPP62DR2IYNHSTGFVC3BWQ"
-_RESERVED = {OPERATOR, INGRESS, UNAUTHENTICATED, JOINER, CA_READER}
+_RESERVED = {OPERATOR, INGRESS, AUDITOR, UNAUTHENTICATED, JOINER, CA_READER}
 _SUBMITTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 NODE_ID = re.compile(r"[0-9a-f]{8,32}")  # ops/agent.py makes 12; hex only: no '-', no `ingress` or `worker`
 # The subjects of cluster membership and of the controller's orders to node agents (ops/join.py, ops/controller.py, ops/ranks.py).
@@ -104,14 +108,22 @@ def ingress_permissions() -> Permissions:
     own = submitter_permissions(INGRESS)
     # Besides: the consumers' state (admission), the nodes' statuses, the instances and who holds the controller
     # lease (/v1/cluster, /v1/models), placement previews (/v1/cluster/placement) and instances added or removed
-    # (/v1/cluster/instances); and each change of an instance as it is written (its model list, at once).
+    # (/v1/cluster/instances); and each change of an instance and each node's status as it is written (its model
+    # list at once, and the dashboard's live view: ingress/live.py).
     return Permissions(publish=(*own.publish, f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*",
                                 f"$JS.API.STREAM.INFO.{NODES_STREAM}", _direct_get(NODES_STREAM, f"{NODES_PREFIX}.>"),
                                 f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
                                 _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), PLACE_SUBJECT,
                                 INSTANCES_SUBJECT,
                                 _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.lease")),
-                       subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>", f"{INSTANCES_PREFIX}.>"))
+                       subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>", f"{INSTANCES_PREFIX}.>", f"{NODES_PREFIX}.>"))
+
+
+def auditor_permissions() -> Permissions:
+    return Permissions(publish=(f"$JS.API.STREAM.INFO.{AUDIT_STREAM}", f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}",
+                                f"$JS.API.STREAM.INFO.{CHECKPOINTS_STREAM}",
+                                f"$JS.API.STREAM.MSG.GET.{CHECKPOINTS_STREAM}"),
+                       subscribe=(f"{reply_prefix(AUDITOR)}.>", f"{AUDIT_PREFIX}.>"))
 
 
 def worker_permissions(model: str) -> Permissions:
@@ -193,6 +205,8 @@ def permissions_of(role: str, models: list[str] = ()) -> Permissions | None:
         return union(*(worker_permissions(model) for model in models)) if models else Permissions((), ())
     if role.startswith("node-"):
         return agent_permissions(role.removeprefix("node-"))
+    if role == AUDITOR:
+        return auditor_permissions()
     if role == JOINER:
         return joiner_permissions()
     if role == CA_READER:

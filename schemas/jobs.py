@@ -139,3 +139,7 @@ class WorkerStatus(Struct):
     # Why it cannot settle jobs right now (its audit records are refused): it acks nothing meanwhile, and
     # the ingress's /health reports it. Empty when all is well.
     problem: str = ""
+    # Tokens its batch stepped through since it started (workers/status.py: Progress): the dashboard's tokens per
+    # second of the model are the growth of its workers' sums (ingress/live.py).
+    tokens: int = 0
+    ttft_s: float = 0.0  # moving average of its jobs' time to first token (0: no job yet)

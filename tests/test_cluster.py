@@ -129,3 +129,29 @@ def test_tokens_per_second_is_the_busiest_rank_since_the_last_report():
     assert rate == 15.0  # (130 - 100) / 2 s; a new rank (pid 3) counts from the next report
     rate, _ = tokens_per_s([rank(1, 5)], {1: (130, 12.0)}, at=13.0)
     assert rate is None  # a count that went back (a reused pid) is not a rate
+
+
+def test_the_live_stream_starts_with_a_snapshot_of_this_machine_then_its_reports(server):
+    """`GET /v1/cluster/events` (the dashboard's, ingress/live.py) read as any SSE client would: a snapshot first,
+    then each node report as it arrives, and throughput samples of the model served."""
+    node_id = (server.home / "node-id").read_text().strip()
+    events: list[tuple[str, dict]] = []
+    with httpx.stream("GET", server.base_url + "/cluster/events", timeout=30) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, msgspec.json.decode(line.removeprefix("data: "))))
+            if {"node", "throughput"} <= {n for n, _ in events}:
+                break
+    name, snapshot = events[0]
+    assert name == "snapshot" and [n["facts"]["id"] for n in snapshot["nodes"]] == [node_id]
+    assert snapshot["cluster"] is False and snapshot["audit"] is True and snapshot["controller"] is None
+    (model,) = snapshot["models"]
+    assert model["id"] == MODEL and model["status"] == "loaded"
+    node = next(data for n, data in events if n == "node")
+    assert node["facts"]["id"] == node_id and node["state"] == "up" and node["memory_used"] > 0
+    throughput = next(data for n, data in events if n == "throughput")
+    assert throughput["models"][MODEL]["in_flight"] >= 0 and throughput["models"][MODEL]["tokens_per_s"] >= 0

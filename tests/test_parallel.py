@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,35 +15,16 @@ import httpx
 import mlx.core as mx
 import openai
 import pytest
-from mlx.utils import tree_flatten
-from mlx_lm.models import llama
 
 from ops.group import generate_on_group, local_group
 from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken
+from tests.tiny import tiny_llama
 from tests.test_batching import PROMPTS, complete
 from tests.test_isolation import innocent_and_bad
 
-TINY = {
-    "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 49152,
-    "tie_word_embeddings": True, "max_position_embeddings": 2048, "rope_theta": 10000.0,
-}
-
-
 @pytest.fixture(scope="module")
 def tiny_model(server, tmp_path_factory) -> Path:
-    """A random-weight llama, float32, in a normal model directory with the bundled model's tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    mx.random.seed(7)
-    model = llama.Model(llama.ModelArgs.from_dict(TINY))
-    # Embeddings of unit scale spread the logits far apart, so that greedy choices cannot flip on the
-    # rounding differences of a different summation order (tensor parallel sums partial products).
-    model.model.embed_tokens.weight = mx.random.normal(model.model.embed_tokens.weight.shape)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(TINY))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(server.home / "models" / MODEL / name, path / name)
-    return path
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), server.home / "models" / MODEL)
 
 
 def generate(model_dir: Path, layout: str, ranks: int, split=None) -> dict:

@@ -16,7 +16,7 @@ from nats.js.api import StreamConfig
 
 from ops.config import free_port
 from ops.credentials import role_identity
-from pipeline.access import INGRESS, OPERATOR, worker_role
+from pipeline.access import AUDITOR, INGRESS, OPERATOR, worker_role
 from pipeline.connection import redacted
 from pipeline.nats_server import EmbeddedNats
 from pipeline.streams import ensure_streams
@@ -129,6 +129,19 @@ async def test_each_role_is_refused_what_it_may_not_do(server):
     finally:
         for role in (worker, submitter, ingress):
             await role.nc.close()
+    # The dashboard's auditor reads the audit log and changes nothing, nor submits or hears anyone's answers.
+    auditor = await as_role(server, AUDITOR)
+    try:
+        js = auditor.nc.jetstream()
+        assert (await js.stream_info(AUDIT_STREAM)).state.messages >= 0
+        await auditor.refused(lambda: js.update_stream(shorter), f"$JS.API.STREAM.UPDATE.{AUDIT_STREAM}")
+        await auditor.refused(lambda: js.delete_msg(AUDIT_STREAM, 1), f"$JS.API.STREAM.MSG.DELETE.{AUDIT_STREAM}")
+        await auditor.refused(lambda: js.publish(job_subject(MODEL, AUDITOR), b"{}"), job_subject(MODEL, AUDITOR))
+        forged = audit_subject(MODEL, SUBMITTER, "forged")
+        await auditor.refused(lambda: auditor.nc.publish(forged, b"{}"), forged)
+        await auditor.refused(lambda: auditor.nc.subscribe("conclave.replies.>"), "sub conclave.replies.>")
+    finally:
+        await auditor.nc.close()
     # The operator may: the same read works for it.
     operator = await server.connect(OPERATOR)
     try:

@@ -47,23 +47,26 @@ def alive_file(folder: Path, rank: int) -> Path:
 class ServiceTimes:
     """Moving averages of how long this worker's jobs take, for the ingress's admission control
     (ingress/admission.py): how long a job holds a batch slot, and how long its prefill holds the
-    batch's one joining slot (joins are prefilled one at a time)."""
+    batch's one joining slot (joins are prefilled one at a time). And its time to first token, for the dashboard."""
 
     weight = 0.2  # of the newest job
 
     def __init__(self):
         self.job_s = 0.0
         self.prefill_s = 0.0
+        self.ttft_s = 0.0
 
     def observe(self, generation: Generation, finished: float) -> None:
         if not generation.joined or not generation.first_token:
             return  # never joined the batch (cancelled or refused while waiting)
         job_s, prefill_s = finished - generation.joined, generation.first_token - generation.joined
+        ttft_s = generation.ttft_ms / 1000
         if not self.job_s:
-            self.job_s, self.prefill_s = job_s, prefill_s
+            self.job_s, self.prefill_s, self.ttft_s = job_s, prefill_s, ttft_s
             return
         self.job_s += self.weight * (job_s - self.job_s)
         self.prefill_s += self.weight * (prefill_s - self.prefill_s)
+        self.ttft_s += self.weight * (ttft_s - self.ttft_s)
 
 
 async def report_status(nc, status: Callable[[], WorkerStatus], heartbeat_s: float, stopping: asyncio.Event) -> None:

@@ -88,7 +88,7 @@ class Worker:
             active=len(consumer.active) if consumer else 0, max_batch=self.args.max_batch,
             job_s=consumer.times.job_s if consumer else 0.0, prefill_s=consumer.times.prefill_s if consumer else 0.0,
             problem=f"audit log: {consumer.settler.audit_failure}" if consumer and consumer.settler.audit_failure
-            else "",
+            else "", tokens=self.progress.tokens, ttft_s=consumer.times.ttft_s if consumer else 0.0,
         )
 
     async def run(self, stopping: asyncio.Event) -> None:
