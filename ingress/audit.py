@@ -11,6 +11,7 @@ this deployment's signing key: one verification at a time, however many pages as
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import msgspec
@@ -30,6 +31,7 @@ from schemas.audit import AuditRecord
 LISTED = 50  # records a page lists unless it asks for another number
 MOST_LISTED = 500
 FINDINGS_SHOWN = 50
+NUMBER = re.compile(r"[0-9]{1,19}")  # ASCII digits only (str.isdigit takes "²", which int() refuses), at most 2**63
 
 
 def summary(seq: int, record: AuditRecord) -> dict:
@@ -49,7 +51,7 @@ class AuditReader:
     def __init__(self, nats_url: str, identity: Identity, pinned_key: str | None, on_record):
         self.pinned_key = pinned_key  # the deployment's checkpoint signing key (public), which verify trusts
         self.on_record = on_record  # called with each record's summary as it is stored (the live view)
-        self.verifying = asyncio.Lock()
+        self.verifying: asyncio.Task | None = None
         self.link = Link(nats_url, "conclave-dashboard-auditor", identity, on_open=self.on_open)
 
     async def on_open(self, nc) -> None:
@@ -76,11 +78,18 @@ class AuditReader:
         return {"seq": seq, "subject": msg.subject, "record": msgspec.json.decode(msg.data or b"{}")}
 
     async def verify(self) -> dict:
-        async with self.verifying:
-            started = time.monotonic()
-            log = await read_audit_log(self.link.nc.jetstream())
-            verdict = verify_log(log.entries, log.checkpoints, log.stream, stream_missing=log.stream is None,
-                                 pinned=self.pinned_key)
+        """The verdict of a verification started now, or of the one running: asks that arrive while one runs share
+        its answer rather than each reading the whole log again."""
+        if self.verifying is None or self.verifying.done():
+            self.verifying = asyncio.create_task(self.verified())
+        return await asyncio.shield(self.verifying)
+
+    async def verified(self) -> dict:
+        started = time.monotonic()
+        log = await read_audit_log(self.link.nc.jetstream())
+        # In a thread: checking a long log is seconds of CPU, which would stall every request of this ingress.
+        verdict = await asyncio.to_thread(verify_log, log.entries, log.checkpoints, log.stream,
+                                          stream_missing=log.stream is None, pinned=self.pinned_key)
         result = "broken" if verdict.broken else "vouched" if verdict.exit_code == 0 else "not vouched"
         return {"result": result, "entries": verdict.entries, "records": verdict.records,
                 "vouched": verdict.vouched, "unvouched": verdict.unvouched, "checkpoints": verdict.checkpoints,
@@ -106,7 +115,7 @@ async def list_records(request: Request) -> Response:
     """`GET /v1/audit/records?limit=N`: the newest records first (N: 1 to 500, default 50)."""
     reader = reader_of(request)
     raw = request.query_params.get("limit", str(LISTED))
-    if not raw.isdigit() or not 1 <= int(raw) <= MOST_LISTED:
+    if not NUMBER.fullmatch(raw) or not 1 <= int(raw) <= MOST_LISTED:
         raise APIError(400, f"`limit` must be a whole number from 1 to {MOST_LISTED}.", param="limit",
                        code="invalid_value")
     try:
@@ -122,7 +131,7 @@ async def get_record(request: Request) -> Response:
     """`GET /v1/audit/records/{seq}`: the record stored at that sequence of the audit stream, whole."""
     reader = reader_of(request)
     raw = request.path_params["seq"]
-    if not raw.isdigit() or int(raw) < 1:
+    if not NUMBER.fullmatch(raw) or int(raw) < 1:
         raise APIError(400, "A record is named by its sequence in the audit log: a whole number from 1.",
                        param="seq", code="invalid_value")
     try:

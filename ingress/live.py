@@ -29,7 +29,7 @@ from starlette.requests import Request
 
 from ingress.errors import APIError
 from pipeline.lease import read_lease
-from pipeline.nodes import NODES_TTL_S, cluster_models, links_between, node_subject, read_nodes, state_of
+from pipeline.nodes import LOST_AFTER_S, NODES_TTL_S, cluster_models, links_between, node_subject, read_nodes, state_of
 from pipeline.subjects import NODES_PREFIX
 from schemas.cluster import NodeStatus
 from schemas.jobs import WorkerStatus
@@ -39,6 +39,7 @@ TICK_S = 0.5  # how often lost nodes, the cluster view and throughput are judged
 HISTORY = 240  # throughput samples kept per model for a page that connects: two minutes
 PAGE_QUEUE = 512  # events a page may fall behind by before it is dropped
 PING_S = 15.0  # a comment line on an idle stream, so that proxies keep it open
+SEND_TIMEOUT_S = 30.0
 decode_status = msgspec.json.Decoder(NodeStatus).decode
 encode = msgspec.json.Encoder().encode
 
@@ -77,6 +78,8 @@ class Live:
         self.pushing = asyncio.Lock()
         self.rates: dict[str, tuple[int, float, float]] = {}  # worker -> (its tokens, when heard, tokens/s)
         self.history: dict[str, deque] = {}
+        self.connected = True  # this ingress's NATS connection, at the last tick
+        self.since = 0.0  # when it last changed
 
     async def on_open(self, nc) -> None:
         await nc.subscribe(f"{NODES_PREFIX}.>", cb=self.on_node)
@@ -111,7 +114,26 @@ class Live:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.time()
-            for node_id, status in list(self.nodes.items()):
+            if (connected := self.ingress.link.is_connected) != self.connected:
+                self.connected, self.since = connected, now
+                self.send("nats", {"connected": connected})
+            # Without NATS nothing is heard from any node: that says nothing of the nodes, and none is judged lost
+            # until they have had time to report again.
+            if connected and now - self.since > LOST_AFTER_S:
+                self.judge(now)
+            with contextlib.suppress(Exception):  # NATS away a moment: the next tick tries again
+                sample = await self.throughput()
+                for model in set(self.history) - set(sample):  # no longer served
+                    del self.history[model]
+                for model, figures in sample.items():
+                    self.history.setdefault(model, deque(maxlen=HISTORY)).append({"time": now, **figures})
+                if self.pages:
+                    self.send("throughput", {"time": now, "models": sample})
+                    await self.push_cluster()
+
+    def judge(self, now: float) -> None:
+        """Lost nodes to every page; nodes the bucket forgot (a removed node), off them."""
+        for node_id, status in list(self.nodes.items()):
                 if now - status.time > NODES_TTL_S:  # gone from the bucket too (a removed node): off the page
                     del self.nodes[node_id]
                     self.lost.discard(node_id)
@@ -119,13 +141,6 @@ class Live:
                 elif node_id not in self.lost and state_of(status, now) == "lost":
                     self.lost.add(node_id)
                     self.send("node", node_view(status, now))
-            with contextlib.suppress(Exception):  # NATS away a moment: the next tick tries again
-                sample = await self.throughput()
-                for model, figures in sample.items():
-                    self.history.setdefault(model, deque(maxlen=HISTORY)).append({"time": now, **figures})
-                if self.pages:
-                    self.send("throughput", {"time": now, "models": sample})
-                    await self.push_cluster()
 
     async def push_cluster(self) -> None:
         """The cluster view to every page, if it changed: at each tick, and at once when the instances changed (a
@@ -138,16 +153,18 @@ class Live:
                 self.send("cluster", view)
 
     async def throughput(self) -> dict[str, dict]:
+        """Per model served: from its workers' statuses, and (only while a page looks: it asks NATS) its queue."""
         ingress = self.ingress
         sample = {}
-        for model in ingress.models:
-            workers = ingress.workers.live(model)
+        live = {model: ingress.workers.live(model) for model in ingress.models}
+        self.rates = {w: rate for w, rate in self.rates.items() if any(s.worker == w for ws in live.values() for s in ws)}
+        for model, workers in live.items():
             rate = sum(self.rate_of(w) for w in workers)
             in_flight = sum(w.active for w in workers)
-            held = await ingress.admission.queued(ingress.link.nc.jetstream(), model)
+            held = await ingress.admission.queued(ingress.link.nc.jetstream(), model) if self.pages else None
             ttfts = [w.ttft_s for w in workers if w.ttft_s]
             sample[model] = {"tokens_per_s": round(rate, 1), "in_flight": in_flight,
-                             "queued": max(0, held - in_flight),
+                             "queued": max(0, held - in_flight) if held is not None else None,
                              "ttft_s": round(sum(ttfts) / len(ttfts), 3) if ttfts else None}
         return sample
 
@@ -174,7 +191,8 @@ class Live:
 
     async def snapshot(self) -> dict:
         now = time.time()
-        return {"nodes": [node_view(s, now) for s in self.nodes.values()], **(await self.cluster_view()),
+        view = await self.cluster_view()
+        return {"nodes": [node_view(s, now) for s in self.nodes.values()], **view, "nats": self.connected,
                 "history": {model: list(samples) for model, samples in self.history.items()}}
 
 
@@ -182,12 +200,13 @@ async def events(request: Request):
     """`GET /v1/cluster/events`: the page's live stream (above), behind the API key like every /v1 route."""
     live: Live = request.app.state.ingress.live
     page: asyncio.Queue = asyncio.Queue(PAGE_QUEUE)
+    live.pages.add(page)  # before the snapshot: nothing sent meanwhile is missed (each event replaces, not adds)
     try:
         first = await live.snapshot()
     except Exception:  # NATS away: the page shows what it had, and its banner, and tries again
+        live.pages.discard(page)
         raise APIError(503, "The cluster's state cannot be read right now.", type="server_error",
                        code="nats_unavailable") from None
-    live.pages.add(page)
 
     async def stream():
         try:
@@ -197,4 +216,5 @@ async def events(request: Request):
         finally:
             live.pages.discard(page)
 
-    return EventSourceResponse(stream(), ping=PING_S, headers={"Cache-Control": "no-store"})
+    # A page that stops reading (its machine asleep) is let go after SEND_TIMEOUT_S, not kept until TCP gives up.
+    return EventSourceResponse(stream(), ping=PING_S, send_timeout=SEND_TIMEOUT_S, headers={"Cache-Control": "no-store"})

@@ -16,6 +16,7 @@ starts, and again, with a reload signal, when a submitter is issued or revoked w
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -27,6 +28,8 @@ import nkeys
 from pipeline.access import (CA_READER, CA_READER_SEED, JOINER, NODE_ID, AccessError, Identity, authorization_block,
                              check_submitter_name, node_role)
 from schemas.membership import JoinRequest
+
+log = logging.getLogger("conclave.credentials")
 
 AUTHORIZATION_FILE = "authorization.conf"  # next to nats-server.conf, which includes it
 
@@ -107,7 +110,12 @@ def public_keys(home: Path) -> dict[str, str]:
     """Every role and submitter of this home -> its public key."""
     folder = credentials_dir(home)
     keys = {path.stem: public_key_of_seed(path.read_bytes()) for path in sorted((folder / "roles").glob("*.nk"))}
-    keys.update({path.stem: path.read_text().strip() for path in sorted((folder / "submitters").glob("*.pub"))})
+    for path in sorted((folder / "submitters").glob("*.pub")):
+        if path.stem in keys:  # a name that became a role's (`auditor`, issued before it was reserved): not admitted
+            log.warning("the submitter %r is not admitted: that name is now a Conclave role's; issue its key again "
+                        "under another name", path.stem)
+            continue
+        keys[path.stem] = path.read_text().strip()
     if JOINER in keys:  # a cluster: joining nodes first fetch the CA as the public ca-reader (pipeline/access.py)
         keys[CA_READER] = public_key_of_seed(CA_READER_SEED.encode())
     for node in joined_nodes(home):

@@ -153,5 +153,6 @@ def test_the_live_stream_starts_with_a_snapshot_of_this_machine_then_its_reports
     assert model["id"] == MODEL and model["status"] == "loaded"
     node = next(data for n, data in events if n == "node")
     assert node["facts"]["id"] == node_id and node["state"] == "up" and node["memory_used"] > 0
-    throughput = next(data for n, data in events if n == "throughput")
-    assert throughput["models"][MODEL]["in_flight"] >= 0 and throughput["models"][MODEL]["tokens_per_s"] >= 0
+    sample = next(data for n, data in events if n == "throughput")["models"][MODEL]
+    assert set(sample) == {"tokens_per_s", "ttft_s", "in_flight", "queued"}
+    assert isinstance(sample["in_flight"], int) and isinstance(sample["queued"], int)  # counted: a page is reading

@@ -143,7 +143,7 @@ def test_chat_streams_the_answer_and_says_how_fast(page):
 def test_stop_ends_a_long_answer_and_the_server_records_it_cancelled(page, deployment):
     show(page, "Chat")
     p = page.page
-    p.get_by_label("Temperature", exact=True).fill("0.8")
+    p.get_by_label("Temperature", exact=True).fill("0")  # greedy: the same long story every time
     p.get_by_label("Max tokens", exact=True).fill("2000")
     p.get_by_label("Message", exact=True).fill(STORY[0]["content"])
     p.get_by_role("button", name="Send").click()
@@ -225,7 +225,7 @@ def test_a_model_load_shows_progress_then_loaded(page, deployment):
         const badge = document.querySelector("tr[data-model='{TINY_MODEL}'] .status");
         if (badge && window.statuses[window.statuses.length - 1] !== badge.textContent)
           window.statuses.push(badge.textContent);
-      }}).observe(document.querySelector('section tbody'), {{subtree: true, childList: true, characterData: true}}); }}""")
+      }}).observe(document.querySelector("section[aria-labelledby='models-title'] tbody"), {{subtree: true, childList: true, characterData: true}}); }}""")
     row.get_by_role("button", name="Load", exact=True).click()
     expect(row.locator(".status")).to_contain_text("loaded", timeout=120_000)
     statuses = p.evaluate("window.statuses")
@@ -248,6 +248,33 @@ def test_a_killed_node_is_shown_lost_within_5_s(page, deployment):
     expect(card).to_contain_text("last heard")
     page.screenshot("dashboard-node-lost")
     assert ARTEFACTS.is_dir() and page.errors == []
+
+
+def test_a_dropped_live_connection_shows_the_banner_and_reconnects(deployment, browser):
+    first, _ = deployment
+    url = first.base_url.removesuffix("/v1") + "/"
+    refused = []
+
+    def drop_the_first(route):  # the first connection fails as a network would; the next ones go through
+        if not refused:
+            refused.append(route.request.url)
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    context = browser.new_context()
+    context.add_init_script(f"sessionStorage.setItem('conclave-api-key', {KEY!r})")
+    page = context.new_page()
+    try:
+        page.route("**/v1/cluster/events", drop_the_first)
+        page.goto(url)
+        expect(page.get_by_role("alert").filter(has_text="live connection")).to_be_visible()
+        expect(page.locator(".live")).to_have_text("live", timeout=15_000)
+        expect(page.get_by_role("alert").filter(has_text="live connection")).to_be_hidden()
+        expect(page.locator("article.node")).to_have_count(2)
+        assert refused
+    finally:
+        context.close()
 
 
 def test_a_server_stopping_ends_the_live_stream_and_the_page_says_so(page, deployment):

@@ -21,6 +21,9 @@ function dashboard() {
     keyError: "",
     authorised: false,
     live: "connecting",
+    unreachable: "",
+    natsDown: false,
+    auditReload: null,
     notice: "",
     nodes: {},
     links: [],
@@ -50,7 +53,11 @@ function dashboard() {
     async init() {
       this.route();
       window.addEventListener("hashchange", () => this.route());
-      this.conversations = JSON.parse(localStorage.getItem(CONVERSATIONS_ITEM) || "[]");
+      try {
+        this.conversations = JSON.parse(localStorage.getItem(CONVERSATIONS_ITEM) || "[]") || [];
+      } catch (error) {
+        this.conversations = [];  // not ours, or damaged: started again
+      }
       if (!this.conversations.length) this.newConversation();
       this.currentId = this.conversations[0].id;
       await this.enter();
@@ -66,22 +73,27 @@ function dashboard() {
       return this.key ? { ...extra, Authorization: `Bearer ${this.key}` } : extra;
     },
 
-    // The page shows nothing until the server accepts the key (or wants none).
+    // The page shows nothing until the server accepts the key (or wants none); a server that cannot answer now
+    // is asked again every few seconds, and the page says why it waits.
     async enter() {
       let response;
       try {
         response = await fetch("/v1/models", { headers: this.headers() });
+        if (response.status === 401) {
+          this.unreachable = "";
+          this.lock(this.key ? (await apiError(response)) : "");
+          return;
+        }
+        if (!response.ok) throw new Error(await apiError(response));
+        this.setChatModels((await response.json()).data.map((m) => m.id));
       } catch (error) {
-        this.keyError = "The server cannot be reached.";
+        this.unreachable = `The server cannot answer right now (${error.message}); trying again…`;
+        setTimeout(() => this.enter(), 3000);
         return;
       }
-      if (response.status === 401) {
-        this.lock(this.key ? (await apiError(response)) : "");
-        return;
-      }
+      this.unreachable = "";
       this.keyNeeded = false;
       this.authorised = true;
-      this.setChatModels((await response.json()).data.map((m) => m.id));
       this.follow();
       if (this.view === "audit") this.loadRecords();
     },
@@ -125,6 +137,7 @@ function dashboard() {
       if (name === "snapshot") {
         this.nodes = Object.fromEntries(data.nodes.map((n) => [n.facts.id, n]));
         Charts.reset(data.history);
+        this.natsDown = !data.nats;
         this.cluster(data);
       } else if (name === "node") {
         this.nodes[data.facts.id] = data;
@@ -135,8 +148,11 @@ function dashboard() {
       } else if (name === "throughput") {
         this.throughput = data.models;
         for (const [model, sample] of Object.entries(data.models)) Charts.add(model, { time: data.time, ...sample });
+      } else if (name === "nats") {
+        this.natsDown = !data.connected;
       } else if (name === "audit" && this.view === "audit") {
-        this.loadRecords();
+        // Records may come many a second: the list is read again at most every 2 s.
+        this.auditReload ??= setTimeout(() => { this.auditReload = null; this.loadRecords(); }, 2000);
       }
     },
 
@@ -169,6 +185,10 @@ function dashboard() {
     ago(node) {
       return `${Math.round(node.last_seen_s)} s ago`;
     },
+    networkKinds(node) {
+      return [...new Set(node.interfaces.filter((i) => i.up && ["ethernet", "wifi", "thunderbolt"].includes(i.kind))
+        .map((i) => i.kind))].join(" + ");
+    },
     network(node) {
       const kinds = node.interfaces.filter((i) => i.up && i.kind !== "loopback" && i.kind !== "other")
         .map((i) => i.kind + (i.speed_mbps ? ` ${i.speed_mbps >= 1000 ? i.speed_mbps / 1000 + " Gb/s" : i.speed_mbps + " Mb/s"}` : ""));
@@ -195,9 +215,10 @@ function dashboard() {
         return element;
       };
       if (nodes.length > 1) {
-        for (const n of nodes) {
+        for (const n of nodes) {  // the way each node reaches the broker: its network interfaces' kinds
           const [x, y] = at.get(n.facts.id);
           make("line", { x1: middle, y1: middle, x2: x, y2: y, class: `fabric ${n.state}` });
+          make("text", { x: (middle + x) / 2 + 4, y: (middle + y) / 2, class: "label small" }, this.networkKinds(n));
         }
         make("circle", { cx: middle, cy: middle, r: 22, class: "broker" });
         make("text", { x: middle, y: middle + 4, "text-anchor": "middle", class: "label" }, "NATS");
@@ -307,7 +328,8 @@ function dashboard() {
       const conversation = this.current();
       conversation.title ||= text.slice(0, 40);
       conversation.messages.push({ role: "user", content: text });
-      const history = conversation.messages.map(({ role, content }) => ({ role, content }));
+      // A turn that failed before any text is not sent back as context.
+      const history = conversation.messages.filter((m) => m.content).map(({ role, content }) => ({ role, content }));
       conversation.messages.push({ role: "assistant", content: "", error: "", stats: "" });
       const answer = conversation.messages[conversation.messages.length - 1];
       this.draft = "";
