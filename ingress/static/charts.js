@@ -39,7 +39,9 @@ const Charts = (() => {
     const width = Math.max(200, element.clientWidth || 260);
     const plot = new uPlot({
       width, height: 110, title: spec.title, legend: { show: kind === "jobs" },
-      scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max || 0)] } },
+      // Always the last two minutes (a lone first sample would otherwise span years), from zero up.
+      scales: { x: { time: true, range: (u, min, max) => [max - KEEP / 2, max] },
+        y: { range: (u, min, max) => [0, Math.max(1, max || 0)] } },
       axes: [{ size: 24, space: 60 }, { size: 40 }],
       series: [{}, ...spec.lines.map(([, label, stroke]) => ({ label, stroke, width: 2, spanGaps: false }))],
     }, columns(model, kind), element);
