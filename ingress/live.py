@@ -108,7 +108,8 @@ class Live:
                 page.put_nowait(None)  # its stream ends
 
     async def run(self) -> None:
-        """Every TICK_S while a page is connected: lost nodes, the cluster view when it changed, throughput."""
+        """Every TICK_S: lost nodes, and a throughput sample (kept for pages that connect later); while pages are
+        connected, the sample and the cluster view (when it changed) to each."""
         with contextlib.suppress(Exception):
             self.nodes.update({s.facts.id: s for s in await read_nodes(self.ingress.link.nc.jetstream())})
         while True:
@@ -134,13 +135,13 @@ class Live:
     def judge(self, now: float) -> None:
         """Lost nodes to every page; nodes the bucket forgot (a removed node), off them."""
         for node_id, status in list(self.nodes.items()):
-                if now - status.time > NODES_TTL_S:  # gone from the bucket too (a removed node): off the page
-                    del self.nodes[node_id]
-                    self.lost.discard(node_id)
-                    self.send("forget", {"id": node_id})
-                elif node_id not in self.lost and state_of(status, now) == "lost":
-                    self.lost.add(node_id)
-                    self.send("node", node_view(status, now))
+            if now - status.time > NODES_TTL_S:  # gone from the bucket too (a removed node): off the page
+                del self.nodes[node_id]
+                self.lost.discard(node_id)
+                self.send("forget", {"id": node_id})
+            elif node_id not in self.lost and state_of(status, now) == "lost":
+                self.lost.add(node_id)
+                self.send("node", node_view(status, now))
 
     async def push_cluster(self) -> None:
         """The cluster view to every page, if it changed: at each tick, and at once when the instances changed (a
@@ -157,7 +158,8 @@ class Live:
         ingress = self.ingress
         sample = {}
         live = {model: ingress.workers.live(model) for model in ingress.models}
-        self.rates = {w: rate for w, rate in self.rates.items() if any(s.worker == w for ws in live.values() for s in ws)}
+        running = {status.worker for workers in live.values() for status in workers}
+        self.rates = {worker: rate for worker, rate in self.rates.items() if worker in running}
         for model, workers in live.items():
             rate = sum(self.rate_of(w) for w in workers)
             in_flight = sum(w.active for w in workers)
