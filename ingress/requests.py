@@ -9,11 +9,12 @@ import uuid
 from ingress.errors import APIError
 from pipeline.access import INGRESS
 from pipeline.subjects import reply_subject
-from schemas.jobs import Job, SamplingParams
+from schemas.jobs import MAX_TOP_LOGPROBS, Job, SamplingParams
 from schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
 TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions
 
 
 def _unsupported(name: str, given: bool, why: str = "") -> None:
@@ -22,12 +23,11 @@ def _unsupported(name: str, given: bool, why: str = "") -> None:
         raise APIError(400, f"'{name}' is not supported by this server{why}.", name, "unsupported_parameter")
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     # Ranges are checked by the worker (workers/prepare.py: check_params), for NATS submitters too.
     if req.n != 1:
         raise APIError(400, f"Invalid 'n': only n=1 is supported, got {req.n}.", "n", "unsupported_value")
     # max_tokens < 1 is refused by the worker (workers/prepare.py: check_limits), for NATS submitters too.
-    _unsupported("logprobs", bool(req.logprobs), " yet")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
@@ -47,7 +47,36 @@ def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingPara
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=bias,
+        logprobs=logprobs,
     )
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    """Chat's `logprobs` (a boolean) and `top_logprobs` (0 to 20 alternatives, only with it) as the job's number."""
+    if isinstance(req.logprobs, int) and not isinstance(req.logprobs, bool):
+        raise APIError(400, "Invalid type for 'logprobs': expected a boolean, but got an integer instead.",
+                       "logprobs", "invalid_type")
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise APIError(400, "Invalid value for 'top_logprobs': 'logprobs' must be set to true when "
+                           "'top_logprobs' is given.", "top_logprobs", "invalid_value")
+        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"Invalid 'top_logprobs': expected a value between 0 and {MAX_TOP_LOGPROBS}, but "
+                           f"got {req.top_logprobs} instead.", "top_logprobs", "invalid_value")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def completion_logprobs(req: CompletionRequest) -> int | None:
+    """Completions' `logprobs`: how many alternatives to list at each token, 0 to 5 (OpenAI's limit there)."""
+    if req.logprobs is None:
+        return None
+    if isinstance(req.logprobs, bool):
+        raise APIError(400, "Invalid type for 'logprobs': expected an integer, but got a boolean instead.",
+                       "logprobs", "invalid_type")
+    if not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise APIError(400, f"Invalid 'logprobs': expected a value between 0 and {MAX_COMPLETION_LOGPROBS}, but got "
+                       f"{req.logprobs} instead.", "logprobs", "invalid_value")
+    return req.logprobs
 
 
 def new_job(kind: str, model: str, params: SamplingParams, stream: bool, **fields) -> Job:
@@ -63,11 +92,17 @@ def chat_job(req: ChatCompletionRequest, caller: str) -> Job:
                        "messages", "empty_array")
     _unsupported("tools", bool(req.tools), " (no tool calling yet)")
     _unsupported("tool_choice", req.tool_choice not in (None, "none"))
-    _unsupported("top_logprobs", bool(req.top_logprobs))
+    if req.modalities is not None and set(req.modalities) - {"text"}:
+        raise APIError(400, f"Invalid 'modalities': this model writes text only, got {req.modalities}.", "modalities",
+                       "unsupported_value")
+    if req.reasoning_effort is not None:  # as OpenAI answers for a model without reasoning
+        raise APIError(400, "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+                       "reasoning_effort", "unsupported_parameter")
     if req.response_format is not None and req.response_format.type != "text":
         _unsupported("response_format", True, f" with type {req.response_format.type!r} (only 'text')")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return new_job("chat", req.model, sampling_params(req, max_tokens), req.stream, messages=req.messages,
+    return new_job("chat", req.model, sampling_params(req, max_tokens, chat_logprobs(req)), req.stream,
+                   messages=req.messages,
                    caller=caller)
 
 
@@ -83,5 +118,6 @@ def completion_job(req: CompletionRequest, caller: str) -> Job:
         prompt = prompt[0]
     if not prompt:
         raise APIError(400, "Invalid 'prompt': the prompt is empty.", "prompt", "invalid_value")
-    return new_job("completion", req.model, sampling_params(req, req.max_tokens), req.stream, prompt=prompt,
+    return new_job("completion", req.model, sampling_params(req, req.max_tokens, completion_logprobs(req)), req.stream,
+                   prompt=prompt,
                    caller=caller)

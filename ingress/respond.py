@@ -66,6 +66,8 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
     """OpenAI's SSE stream: one `data:` line per chunk, the finish chunk, optional usage, `[DONE]`."""
     attempt = first.attempt if isinstance(first, Accepted) else None
     sent_text = False
+    sent_chars = 0  # of the answer: where the next chunk's tokens start (completions' text_offset)
+    wants_logprobs = job.params.logprobs is not None
     try:
         yield shape.chunk(job, role=True)
         if isinstance(first, Waiting):
@@ -88,7 +90,9 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
                 attempt = event.attempt
             elif isinstance(event, Chunk):
                 sent_text = True
-                yield shape.chunk(job, text=event.text)
+                yield shape.chunk(job, text=event.text, logprobs=event.logprobs if wants_logprobs else None,
+                                  offset=sent_chars)
+                sent_chars += len(event.text)
             elif isinstance(event, Done):
                 if sent_text and event.attempt != attempt:  # another run's answer: it would not match the text sent
                     raise APIError(503, "The worker serving this request was replaced mid-generation; the partial "

@@ -8,8 +8,8 @@ from typing import Callable
 import msgspec
 
 from schemas.jobs import Done, Job
-from schemas.openai import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, ChunkDelta,
-                            Completion, CompletionChoice, Usage)
+from schemas.openai import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, ChunkChoice,
+                            ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, TokenLogprob, Usage)
 
 encode = msgspec.json.Encoder().encode
 
@@ -19,35 +19,53 @@ def sse(message: msgspec.Struct) -> bytes:
 
 
 def chat_chunk(job: Job, role: bool = False, text: str | None = None, finish: str | None = None,
-               usage: Usage | None = None) -> bytes:
+               usage: Usage | None = None, logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> bytes:
     choices = [] if usage else [ChunkChoice(index=0, delta=ChunkDelta(
-        role="assistant" if role else None, content="" if role else text), finish_reason=finish)]
+        role="assistant" if role else None, content="" if role else text), finish_reason=finish,
+        logprobs=ChatLogprobs(content=logprobs) if logprobs is not None else None)]
     return sse(ChatCompletionChunk(id=job.id, created=int(job.created), model=job.model, choices=choices, usage=usage))
 
 
 def chat_body(job: Job, done: Done) -> ChatCompletion:
+    logprobs = ChatLogprobs(content=done.logprobs) if done.logprobs is not None else None
     return ChatCompletion(id=job.id, created=int(job.created), model=job.model, usage=done.usage, choices=[
-        ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)])
+        ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=done.finish_reason,
+                   logprobs=logprobs)])
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs | None:
+    """The legacy shape of `entries`, whose text starts `offset` characters into the answer."""
+    if entries is None:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                              top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+                              text_offset=offsets)
 
 
 def completion_chunk(job: Job, role: bool = False, text: str | None = None, finish: str | None = None,
-                     usage: Usage | None = None) -> bytes:
+                     usage: Usage | None = None, logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> bytes:
     if role:
         return b""  # completion streams have no role chunk
-    choices = [] if usage else [CompletionChoice(index=0, text=text or "", finish_reason=finish)]
+    choices = [] if usage else [CompletionChoice(index=0, text=text or "", finish_reason=finish,
+                                                 logprobs=completion_logprobs(logprobs, offset))]
     return sse(Completion(id=job.id, created=int(job.created), model=job.model, choices=choices, usage=usage))
 
 
 def completion_body(job: Job, done: Done) -> Completion:
     return Completion(id=job.id, created=int(job.created), model=job.model, usage=done.usage, choices=[
-        CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason)])
+        CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason,
+                         logprobs=completion_logprobs(done.logprobs, 0))])
 
 
 @dataclass(frozen=True)
 class Shape:
     """How one endpoint writes a job's answer."""
 
-    chunk: Callable[..., bytes]  # (job, role=, text=, finish=, usage=) -> one SSE event
+    chunk: Callable[..., bytes]  # (job, role=, text=, finish=, usage=, logprobs=, offset=) -> one SSE event
     body: Callable[[Job, Done], msgspec.Struct]  # the whole answer, not streamed
 
 

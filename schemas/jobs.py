@@ -10,7 +10,10 @@ from typing import Literal, Union
 import msgspec
 from msgspec import Struct
 
-from schemas.openai import ChatMessage, ErrorDetail, Usage
+from schemas.openai import ChatMessage, ErrorDetail, TokenLogprob, Usage
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives listed at each token, at most (OpenAI's top_logprobs)
 
 
 class SamplingParams(Struct, forbid_unknown_fields=True):
@@ -25,6 +28,9 @@ class SamplingParams(Struct, forbid_unknown_fields=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    # None: no log probabilities; n: each generated token's, with the n most likely tokens at its place (0 to 20),
+    # from the distribution the sampler drew from (after logit_bias and penalties, before temperature and filters)
+    logprobs: Union[int, None] = None
 
 
 class Job(Struct, forbid_unknown_fields=True):
@@ -78,6 +84,7 @@ class Chunk(Struct, tag="chunk"):
     text: str
     tokens: int  # completion tokens generated so far
     attempt: int = 1  # the delivery that produced it: a later attempt's Accepted supersedes it
+    logprobs: list[TokenLogprob] = []  # with params.logprobs: the tokens whose text this chunk brings
 
 
 class Heartbeat(Struct, tag="heartbeat"):
@@ -97,6 +104,7 @@ class Done(Struct, tag="done"):
     duration_ms: float
     worker: str
     attempt: int = 1
+    logprobs: Union[list[TokenLogprob], None] = None  # with params.logprobs: every token of `text`
 
 
 class Failed(Struct, tag="failed"):

@@ -24,6 +24,8 @@ class ChatMessage(Struct, forbid_unknown_fields=True):
 
 class StreamOptions(Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    # vLLM's: usage in every chunk. Accepted (clients built for vLLM send it); usage comes in the last chunk only.
+    continuous_usage_stats: bool = False
 
 
 class ResponseFormat(Struct):
@@ -50,6 +52,11 @@ class SamplingFields(Struct, forbid_unknown_fields=True, kw_only=True):
     logit_bias: Union[dict[str, float], None] = None
     logprobs: Union[bool, int, None] = None
     user: Union[str, None] = None
+    # Accepted as OpenAI accepts them, and without effect on the answer: routing and caching hints and tags that
+    # current SDKs and tools send (README: API).
+    service_tier: Union[Literal["auto", "default", "flex", "scale", "priority"], None] = None
+    prompt_cache_key: Union[str, None] = None
+    safety_identifier: Union[str, None] = None
 
 
 class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True):
@@ -62,6 +69,8 @@ class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=
     parallel_tool_calls: Union[bool, None] = None
     metadata: Union[dict[str, str], None] = None
     store: Union[bool, None] = None
+    modalities: Union[list[str], None] = None  # only ["text"]: Conclave's models write text
+    reasoning_effort: Union[str, None] = None  # refused: no model served here reasons on demand
 
 
 class CompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True):
@@ -97,6 +106,35 @@ class ErrorResponse(Struct):
 # --- responses -------------------------------------------------------------------------------
 
 
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: Union[list[int], None]
+
+
+class TokenLogprob(Struct):
+    """One generated token's log probability and the most likely alternatives at its place (OpenAI's chat shape)."""
+
+    token: str
+    logprob: float
+    bytes: Union[list[int], None]
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(Struct):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(Struct):
+    """The legacy completions shape: parallel lists, the alternatives as {token: logprob}."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(Struct):
     content: str
     role: str = "assistant"
@@ -106,7 +144,7 @@ class ChatChoice(Struct):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: Union[ChatLogprobs, None] = None
 
 
 class ChatCompletion(Struct):
@@ -128,7 +166,7 @@ class ChunkChoice(Struct):
     index: int
     delta: ChunkDelta
     finish_reason: Union[str, None] = None
-    logprobs: None = None
+    logprobs: Union[ChatLogprobs, None] = None
 
 
 class ChatCompletionChunk(Struct):
@@ -145,7 +183,7 @@ class CompletionChoice(Struct):
     index: int
     text: str
     finish_reason: Union[str, None] = None
-    logprobs: None = None
+    logprobs: Union[CompletionLogprobs, None] = None
 
 
 class Completion(Struct):

@@ -14,11 +14,8 @@ from tests.conftest import FRANCE, MODEL, wait_for_audit_record
 # different lengths, budgets and one stop rule, so that rows join and leave the batch at different steps.
 PROMPTS = [
     ("The capital of France is", 10, None), ("Once upon a time", 14, None), ("1, 2, 3, 4,", 12, None),
-    ("The best way to cook rice is", 8, None), ("def fibonacci(n):", 16, None), ("Water boils at", 9, None),
-    ("The largest planet in our solar system", 11, None), ("Roses are red,", 13, "\n"),
-    ("In 1492, Columbus", 10, None), ("The opposite of hot is", 6, None), ("My favourite colour is", 12, None),
-    ("The chemical symbol for gold is", 7, None), ("A haiku about autumn:", 15, None), ("SELECT * FROM", 10, None),
-    ("The speed of light is", 12, None), ("Dear Sir or Madam,", 14, None),
+    ("Roses are red,", 13, "\n"), ("def fibonacci(n):", 16, None), ("Water boils at", 9, None),
+    ("The largest planet in our solar system", 11, None), ("The opposite of hot is", 6, None),
 ]
 
 
@@ -39,7 +36,7 @@ def complete(client, prompt: str, max_tokens: int, stop: str | None, events: lis
 
 def test_concurrent_greedy_requests_match_sequential_ones(client):
     alone = [complete(client, *p) for p in PROMPTS]
-    events: list = []  # from 16 client threads, in the order the text arrived (list.append is atomic)
+    events: list = []  # from one client thread per prompt, in the order the text arrived (list.append is atomic)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda p: complete(client, *p, events=events), PROMPTS))
     assert together == alone

@@ -74,8 +74,9 @@ def test_context_length_exceeded(client, stream):
 
 
 def test_unsupported_feature_is_explicit(http, client):
-    response = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE, "logprobs": True})
-    assert response.status_code == 400 and error_of(response)["param"] == "logprobs"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    response = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE, "tools": [tool]})
+    assert response.status_code == 400 and error_of(response)["param"] == "tools"
     response = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE,
                                                     "response_format": {"type": "json_object"}})
     assert response.status_code == 400 and error_of(response)["param"] == "response_format"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -97,6 +98,12 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, client, tmp
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
         assert "Paris" in reply.choices[0].message.content
         assert srv.health()["models"][MODEL]["live_workers"][0]["layout"] == "pipeline"
+        # Log probabilities come from the leader's sampler: the group's are the single process's.
+        asked = dict(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2)
+        grouped = client.chat.completions.create(**asked).choices[0].logprobs.content
+        alone = server_client.chat.completions.create(**asked).choices[0].logprobs.content
+        assert [e.token for e in grouped] == [e.token for e in alone] and len(alone) > 1
+        assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-3) for a, b in zip(grouped, alone))
         # A batch on the group: rows join and leave at different steps (different budgets, one stop rule),
         # every rank follows the leader's plan, and each text is the single process's text for it.
         batch = PROMPTS[:6]

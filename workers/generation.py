@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 import mlx.core as mx
 
 from pipeline.limits import encoded_size
 from schemas.jobs import Chunk, Done, Failed, Job
-from schemas.openai import ErrorDetail, PromptTokensDetails, Usage
+from schemas.openai import ErrorDetail, PromptTokensDetails, TokenLogprob, TopLogprob, Usage
 from workers.sampling import chooser, has_processors
 from workers.stops import StopMatcher
 
@@ -42,7 +43,18 @@ class Generation:
         # JSON-encoded bytes of output after which generation stops (`length`): pipeline/limits.py.
         self.output_limit = output_limit
         self.output_bytes = 0
-        self.greedy = job.params.temperature == 0 and not has_processors(job.params)
+        # Greedy rows are stepped by one argmax over the batch (workers/lockstep.py), which has no log probabilities.
+        self.greedy = (job.params.temperature == 0 and not has_processors(job.params)
+                       and job.params.logprobs is None)
+        self.tokenizer = tokenizer
+        # With params.logprobs: each sampled token's (logprob, top ids, top logprobs), in the order sampled; a token
+        # is sampled one step before on_token takes it, so they wait here.
+        self.sampled: deque = deque()
+        self.unsent: list[TokenLogprob] = []  # taken tokens whose text has not gone out in a Chunk yet
+        self.sent: list[TokenLogprob] = []
+        # mlx-lm's BPE detokeniser drops the first token's leading space: right for a chat answer, wrong for a
+        # completion, whose text continues the prompt (" Paris" after "The capital of France is"). None: no token yet.
+        self.lead_space: bool | None = None
         self.cached_tokens = 0  # set by the batch when the job joins it
         self.joined = 0.0  # when it left the waiting line for the batch (perf_counter)
         self.first_token = 0.0
@@ -57,8 +69,38 @@ class Generation:
 
     def choose(self, logits: mx.array) -> mx.array:
         if self._choose is None:
-            self._choose = chooser(self.job.params, self.prompt, self.vocab_size)
+            observe = self.observe if self.job.params.logprobs is not None else None
+            self._choose = chooser(self.job.params, self.prompt, self.vocab_size, observe)
         return self._choose(logits)
+
+    def observe(self, logprobs: mx.array, token: mx.array) -> None:
+        """The distribution `token` was drawn from: its log probability and the `logprobs` most likely tokens', kept
+        (as MLX arrays, evaluated with the step) until on_token takes the token."""
+        logprobs = logprobs.reshape(-1)
+        top = self.job.params.logprobs
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top] if top else mx.array([], dtype=mx.uint32)
+        self.sampled.append((logprobs[token[0]], ids, logprobs[ids]))
+
+    def logprob_entry(self, token: int) -> TokenLogprob:
+        chosen, ids, values = self.sampled.popleft()
+        alternatives = sorted(zip(ids.tolist(), values.tolist()), key=lambda pair: -pair[1])
+        return TokenLogprob(**self.piece(token), logprob=chosen.item(),
+                            top_logprobs=[TopLogprob(**self.piece(i), logprob=lp) for i, lp in alternatives])
+
+    def piece(self, token: int) -> dict:
+        """A token as OpenAI shows it: its text, and the UTF-8 bytes of that text (a token that is part of a
+        character decodes to U+FFFD)."""
+        text = self.tokenizer.decode([token])
+        return {"token": text, "bytes": list(text.encode("utf-8"))}
+
+    def chunk(self, text: str) -> Chunk:
+        """The next Chunk: `text`, with the log probabilities of the tokens that brought it."""
+        entries, self.unsent = self.unsent, []
+        self.sent += entries
+        chunk = Chunk(id=self.job.id, index=self.index, text=text, tokens=self.generated, attempt=self.attempt,
+                      logprobs=entries)
+        self.index += 1
+        return chunk
 
     def on_token(self, token: int) -> bool:
         """Take the next generated token; True when the job is finished (its Done is emitted)."""
@@ -67,6 +109,11 @@ class Generation:
             self.first_token = time.perf_counter()
             self.ttft_ms = (self.first_token - self.start) * 1000
         eos = token in self.eos
+        if self.job.params.logprobs is not None:
+            entry = self.logprob_entry(token)
+            if not eos:  # the end token brings no text, and OpenAI lists none for it
+                self.unsent.append(entry)
+                self.output_bytes += encoded_size(entry)
         end = eos or self.generated == self.max_tokens
         if eos:
             self.finish = "stop"
@@ -74,7 +121,13 @@ class Generation:
             self.detokenizer.add_token(token)
         if end:
             self.detokenizer.finalize()
-        text, stopped = self.stops.feed(self.detokenizer.last_segment)
+        segment = self.detokenizer.last_segment
+        if self.lead_space is None and not eos:
+            self.lead_space = self.job.kind == "completion" and self.tokenizer.decode([token]).startswith(" ")
+        if self.lead_space and segment:
+            segment = segment if segment.startswith(" ") else " " + segment
+            self.lead_space = False
+        text, stopped = self.stops.feed(segment)
         if stopped:
             self.finish = "stop"
         elif end:
@@ -82,17 +135,13 @@ class Generation:
         if text:
             self.text_parts.append(text)
             self.output_bytes += encoded_size(text)
-            self.emit(Chunk(id=self.job.id, index=self.index, text=text, tokens=self.generated,
-                            attempt=self.attempt))
-            self.index += 1
+            self.emit(self.chunk(text))
         if not end and not stopped and self.output_bytes >= self.output_limit:
             end = True  # as large as a message may carry: finish_reason stays "length"
             text = self.stops.flush()
             if text:
                 self.text_parts.append(text)
-                self.emit(Chunk(id=self.job.id, index=self.index, text=text, tokens=self.generated,
-                                attempt=self.attempt))
-                self.index += 1
+                self.emit(self.chunk(text))
         if not (end or stopped or self.cancelled.is_set()):
             return False
         self.emit(self.result())
@@ -112,6 +161,8 @@ class Generation:
             duration_ms=(time.perf_counter() - self.start) * 1000,
             worker=self.worker,
             attempt=self.attempt,
+            # The tokens whose text went out (those of a stop sequence, cut from the text, are left out too).
+            logprobs=self.sent if self.job.params.logprobs is not None else None,
         )
 
     def fail(self, exc: Exception) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from schemas.jobs import Job, SamplingParams
+from schemas.jobs import MAX_TOP_LOGPROBS, Job, SamplingParams
 from schemas.openai import ChatMessage, ErrorDetail
 from workers.shard import Shard, load_shard
 from workers.store import model_context_length, model_revision
@@ -108,6 +108,9 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
     if any(not 0 <= token < vocab_size for token in params.logit_bias):
         raise JobError(400, f"Invalid 'logit_bias': token ids must be in [0, {vocab_size}).", "logit_bias",
                        "invalid_value")
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+        raise JobError(400, f"Invalid 'logprobs': expected a number of alternatives between 0 and {MAX_TOP_LOGPROBS}, "
+                       f"but got {params.logprobs} instead.", "logprobs", "invalid_value")
     if params.seed is not None and not 0 <= params.seed < 2**64:
         raise JobError(400, f"Invalid 'seed': expected an integer in [0, 2**64), got {params.seed}.", "seed",
                        "invalid_value")

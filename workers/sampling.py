@@ -40,9 +40,11 @@ def sampling_parts(params: SamplingParams, vocab_size: int) -> tuple[list, list]
     return processors, filters
 
 
-def chooser(params: SamplingParams, prompt: list[int], vocab_size: int) -> Callable[[mx.array], mx.array]:
+def chooser(params: SamplingParams, prompt: list[int], vocab_size: int,
+            observe: Callable[[mx.array, mx.array], None] | None = None) -> Callable[[mx.array], mx.array]:
     """One request's sampler, as mlx-lm's `generate_step` samples: logits processors (which see the
-    tokens so far), log-softmax, filters, then argmax or a draw at the temperature.
+    tokens so far), log-softmax, filters, then argmax or a draw at the temperature. `observe(logprobs, token)`,
+    if given, sees the log-softmax the token was drawn from (before temperature and filters) and the token.
 
     The draw uses a random key of the request's own, from its `seed` (or a random one): MLX's global
     generator is shared by every request in the batch, so a seeded request would otherwise depend on
@@ -65,6 +67,8 @@ def chooser(params: SamplingParams, prompt: list[int], vocab_size: int) -> Calla
             key, draw = mx.random.split(key)
             token = mx.random.categorical(logprobs * (1 / params.temperature), key=draw)
         token = token.astype(mx.int32).reshape(1)
+        if observe is not None:
+            observe(logprobs, token)
         if processors:
             history = mx.concatenate([history, token])
         return token
