@@ -6,11 +6,13 @@ import re
 import time
 import uuid
 
+import msgspec
+
 from ingress.errors import APIError
 from pipeline.access import INGRESS
 from pipeline.subjects import reply_subject
 from schemas.jobs import MAX_TOP_LOGPROBS, Job, SamplingParams
-from schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from schemas.openai import ChatCompletionRequest, CompletionRequest, ResponseFormat, SamplingFields
 
 
 TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
@@ -66,6 +68,19 @@ def chat_logprobs(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
+def json_schema_of(response_format: ResponseFormat | None) -> dict | None:
+    """The JSON Schema the answer must match: json_object is any object; json_schema's own (the worker compiles it
+    and answers 400 for what it cannot honour, NATS jobs alike)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {"type": "object"}
+    if response_format.json_schema is None:
+        raise APIError(400, "Missing required parameter: 'response_format.json_schema'.", "response_format.json_schema",
+                       "missing_required_parameter")
+    return response_format.json_schema.schema or {"type": "object"}
+
+
 def completion_logprobs(req: CompletionRequest) -> int | None:
     """Completions' `logprobs`: how many alternatives to list at each token, 0 to 5 (OpenAI's limit there)."""
     if req.logprobs is None:
@@ -98,11 +113,10 @@ def chat_job(req: ChatCompletionRequest, caller: str) -> Job:
     if req.reasoning_effort is not None:  # as OpenAI answers for a model without reasoning
         raise APIError(400, "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
                        "reasoning_effort", "unsupported_parameter")
-    if req.response_format is not None and req.response_format.type != "text":
-        _unsupported("response_format", True, f" with type {req.response_format.type!r} (only 'text')")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return new_job("chat", req.model, sampling_params(req, max_tokens, chat_logprobs(req)), req.stream,
-                   messages=req.messages,
+    params = msgspec.structs.replace(sampling_params(req, max_tokens, chat_logprobs(req)),
+                                     json_schema=json_schema_of(req.response_format))
+    return new_job("chat", req.model, params, req.stream, messages=req.messages,
                    caller=caller)
 
 

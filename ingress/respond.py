@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ingress.errors import APIError
 from ingress.relay import Waiting, submit
-from ingress.shapes import Shape
+from ingress.shapes import Shape, prompt_chars
 from pipeline.access import INGRESS
 from schemas.jobs import Accepted, Chunk, Done, Event, Failed, Heartbeat, Job, Requeued
 
@@ -66,7 +66,7 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
     """OpenAI's SSE stream: one `data:` line per chunk, the finish chunk, optional usage, `[DONE]`."""
     attempt = first.attempt if isinstance(first, Accepted) else None
     sent_text = False
-    sent_chars = 0  # of the answer: where the next chunk's tokens start (completions' text_offset)
+    sent_chars = prompt_chars(job)  # where the next chunk's tokens start (completions' text_offset counts the prompt)
     wants_logprobs = job.params.logprobs is not None
     try:
         yield shape.chunk(job, role=True)

@@ -58,7 +58,13 @@ def completion_chunk(job: Job, role: bool = False, text: str | None = None, fini
 def completion_body(job: Job, done: Done) -> Completion:
     return Completion(id=job.id, created=int(job.created), model=job.model, usage=done.usage, choices=[
         CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason,
-                         logprobs=completion_logprobs(done.logprobs, 0))])
+                         logprobs=completion_logprobs(done.logprobs, prompt_chars(job)))])
+
+
+def prompt_chars(job: Job) -> int:
+    """Where the answer starts in `text_offset`'s count, which includes the prompt (OpenAI's: prompt "test" gives
+    its first token offset 4); a prompt of token ids counts 0."""
+    return len(job.prompt) if isinstance(job.prompt, str) else 0
 
 
 @dataclass(frozen=True)

@@ -73,11 +73,11 @@ def raw_run(model, tokenizer, prompt: str, max_tokens: int) -> dict:
     return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens}
 
 
-def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy chat request; times relative to its start, plus its start and end on the
-    perf_counter clock (for aggregate throughput under concurrency)."""
+def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int, **extra) -> dict:
+    """One streamed greedy chat request (with `extra` fields in its body); times relative to its start, plus its
+    start and end on the perf_counter clock (for aggregate throughput under concurrency)."""
     body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}, **extra}
     start = time.perf_counter()
     first = last = None
     tokens = cached = 0

@@ -126,7 +126,11 @@ def parse_levels(text: str) -> list[int]:
 def cmd_bench(args) -> None:
     from ops.bench import run_bench, run_concurrency_bench, run_group_bench
 
-    if args.cluster:
+    if args.json_schema:
+        from ops.bench_schema import run_schema_bench
+
+        report = run_schema_bench(args)
+    elif args.cluster:
         from ops.bench_cluster import run_cluster_bench
 
         report = run_cluster_bench(args)
@@ -303,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: compare one process, a pipeline-parallel group of N and --tensor-parallel")
     b.add_argument("--concurrency", type=parse_levels, default=None, metavar="N,M,..",
                    help="instead: the served path with N, then M, ... requests in flight (continuous batching)")
+    b.add_argument("--json-schema", action="store_true", help="instead: the served path's decode speed with and "
+                   "without a JSON Schema (response_format, constrained decoding) on the same prompts")
     b.add_argument("--cluster", action="store_true", help="instead: placement time on a synthetic 100-node cluster, "
                    "and on three local nodes the time to detect a lost node and to serve again")
     b.add_argument("--files", action="store_true", help="instead: model files between nodes on loopback (one and "

@@ -5,7 +5,7 @@ Non-Python submitters publish the same JSON; `conclave schemas` writes these typ
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import msgspec
 from msgspec import Struct
@@ -31,6 +31,9 @@ class SamplingParams(Struct, forbid_unknown_fields=True):
     # None: no log probabilities; n: each generated token's, with the n most likely tokens at its place (0 to 20),
     # from the distribution the sampler drew from (after logit_bias and penalties, before temperature and filters)
     logprobs: Union[int, None] = None
+    # The answer must be JSON matching this JSON Schema (response_format; {"type": "object"} for json_object):
+    # decoding is constrained to it (workers/constrain.py). A schema the engine cannot honour is a 400 naming why.
+    json_schema: Union[dict[str, Any], None] = None
 
 
 class Job(Struct, forbid_unknown_fields=True):

@@ -6,7 +6,7 @@ Requests are decoded straight into these types, so a wrong type or an unknown fi
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from msgspec import Struct
 
@@ -28,8 +28,16 @@ class StreamOptions(Struct, forbid_unknown_fields=True):
     continuous_usage_stats: bool = False
 
 
-class ResponseFormat(Struct):
-    type: str
+class JsonSchemaFormat(Struct, forbid_unknown_fields=True):
+    name: str
+    schema: Union[dict[str, Any], None] = None  # None: any JSON object
+    strict: Union[bool, None] = None  # Conclave always constrains the answer to the schema
+    description: Union[str, None] = None
+
+
+class ResponseFormat(Struct, forbid_unknown_fields=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Union[JsonSchemaFormat, None] = None
 
 
 class SamplingFields(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -17,11 +17,10 @@ def test_chat_logprobs_are_the_greedy_choice_with_its_alternatives(client):
     entries = reply.choices[0].logprobs.content
     assert entries and "".join(e.token for e in entries) == reply.choices[0].message.content
     for entry in entries:
-        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
-        assert len(entry.top_logprobs) == 3
-        # At temperature 0 the chosen token is the most likely one, listed first among the alternatives.
-        assert entry.top_logprobs[0].token == entry.token
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # At temperature 0 the chosen token is the most likely one: first among the alternatives (or tied with it).
         assert math.isclose(entry.top_logprobs[0].logprob, entry.logprob, abs_tol=1e-6)
+        assert entry.token in [t.token for t in entry.top_logprobs if math.isclose(t.logprob, entry.logprob, abs_tol=1e-6)]
         assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
     # The same request streamed brings the same tokens, with the text of the chunks that carry them.
     stream = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12,
@@ -41,13 +40,23 @@ def test_chat_without_logprobs_has_none_and_logprobs_alone_lists_no_alternatives
     assert entries and all(e.top_logprobs == [] and e.logprob <= 0 for e in entries)
 
 
+def test_filters_leave_the_reported_distribution_whole(client):
+    """top_p/top_k remove tokens from the draw, not from what is reported: every alternative has a finite value."""
+    reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=1.0, top_p=0.3, seed=1, extra_body={"top_k": 2},
+                                           max_tokens=8, logprobs=True, top_logprobs=5)
+    entries = reply.choices[0].logprobs.content
+    assert entries and all(len(e.top_logprobs) == 5 for e in entries)
+    assert all(-9999 < t.logprob <= 0 for e in entries for t in e.top_logprobs)
+
+
 def test_completion_logprobs_in_the_legacy_shape(client):
-    reply = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8,
-                                      logprobs=2)
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, logprobs=2)
     logprobs = reply.choices[0].logprobs
     assert "".join(logprobs.tokens) == reply.choices[0].text
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset)
-    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    # Offsets count from the prompt's start, as OpenAI's: the answer's first token is at the prompt's length.
+    assert logprobs.text_offset[0] == len(prompt) and logprobs.text_offset == sorted(logprobs.text_offset)
     for token, chosen, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
         assert len(top) == 2 and math.isclose(top[token], chosen, abs_tol=1e-6) and chosen == max(top.values())
 

@@ -16,8 +16,12 @@ import mlx.core as mx
 from pipeline.limits import encoded_size
 from schemas.jobs import Chunk, Done, Failed, Job
 from schemas.openai import ErrorDetail, PromptTokensDetails, TokenLogprob, TopLogprob, Usage
+from workers.constrain import Constraint
 from workers.sampling import chooser, has_processors
 from workers.stops import StopMatcher
+
+
+LOGPROB_FLOOR = -9999.0
 
 
 class Halted:
@@ -29,7 +33,7 @@ class Generation:
 
     def __init__(self, job: Job, prompt: list[int], max_tokens: int, tokenizer, vocab_size: int, worker: str,
                  emit: Callable, cancelled: threading.Event, start: float, attempt: int = 1,
-                 output_limit: int = 1 << 62):
+                 output_limit: int = 1 << 62, constraint: Constraint | None = None):
         self.job = job
         self.eos = tokenizer.eos_token_ids
         self.prompt = prompt
@@ -45,13 +49,15 @@ class Generation:
         self.output_bytes = 0
         # Greedy rows are stepped by one argmax over the batch (workers/lockstep.py), which has no log probabilities.
         self.greedy = (job.params.temperature == 0 and not has_processors(job.params)
-                       and job.params.logprobs is None)
+                       and job.params.logprobs is None and constraint is None)
+        self.constraint = constraint  # the grammar its answer must follow (response_format): workers/constrain.py
         self.tokenizer = tokenizer
         # With params.logprobs: each sampled token's (logprob, top ids, top logprobs), in the order sampled; a token
         # is sampled one step before on_token takes it, so they wait here.
         self.sampled: deque = deque()
         self.unsent: list[TokenLogprob] = []  # taken tokens whose text has not gone out in a Chunk yet
         self.sent: list[TokenLogprob] = []
+        self.pieces: dict[int, dict] = {}
         # mlx-lm's BPE detokeniser drops the first token's leading space: right for a chat answer, wrong for a
         # completion, whose text continues the prompt (" Paris" after "The capital of France is"). None: no token yet.
         self.lead_space: bool | None = None
@@ -71,15 +77,23 @@ class Generation:
         if self._choose is None:
             observe = self.observe if self.job.params.logprobs is not None else None
             self._choose = chooser(self.job.params, self.prompt, self.vocab_size, observe)
-        return self._choose(logits)
+        if self.constraint is None:
+            return self._choose(logits)
+        # The grammar needs the token drawn before the next mask: this row's draw is read now, not a step later.
+        token = self._choose(self.constraint.mask(logits))
+        self.constraint.take(token.item())
+        return token
 
     def observe(self, logprobs: mx.array, token: mx.array) -> None:
         """The distribution `token` was drawn from: its log probability and the `logprobs` most likely tokens', kept
         (as MLX arrays, evaluated with the step) until on_token takes the token."""
-        logprobs = logprobs.reshape(-1)
+        # OpenAI's floor for a token that cannot come (a constrained row's masked tokens are -inf): JSON has no -inf.
+        logprobs = mx.maximum(logprobs.reshape(-1), LOGPROB_FLOOR)
         top = self.job.params.logprobs
         ids = mx.argpartition(-logprobs, kth=top - 1)[:top] if top else mx.array([], dtype=mx.uint32)
-        self.sampled.append((logprobs[token[0]], ids, logprobs[ids]))
+        entry = (logprobs[token[0]], ids, logprobs[ids])
+        mx.async_eval(*entry)  # with the step's tokens: reading them in on_token then waits for nothing
+        self.sampled.append(entry)
 
     def logprob_entry(self, token: int) -> TokenLogprob:
         chosen, ids, values = self.sampled.popleft()
@@ -89,9 +103,11 @@ class Generation:
 
     def piece(self, token: int) -> dict:
         """A token as OpenAI shows it: its text, and the UTF-8 bytes of that text (a token that is part of a
-        character decodes to U+FFFD)."""
-        text = self.tokenizer.decode([token])
-        return {"token": text, "bytes": list(text.encode("utf-8"))}
+        character decodes to U+FFFD), decoded once per job."""
+        if token not in self.pieces:
+            text = self.tokenizer.decode([token])
+            self.pieces[token] = {"token": text, "bytes": list(text.encode("utf-8"))}
+        return self.pieces[token]
 
     def chunk(self, text: str) -> Chunk:
         """The next Chunk: `text`, with the log probabilities of the tokens that brought it."""
@@ -161,8 +177,9 @@ class Generation:
             duration_ms=(time.perf_counter() - self.start) * 1000,
             worker=self.worker,
             attempt=self.attempt,
-            # The tokens whose text went out (those of a stop sequence, cut from the text, are left out too).
-            logprobs=self.sent if self.job.params.logprobs is not None else None,
+            # The tokens whose text went out (those of a stop sequence, cut from the text, are left out too); a
+            # streamed job had them in its chunks.
+            logprobs=self.sent if self.job.params.logprobs is not None and not self.job.stream else None,
         )
 
     def fail(self, exc: Exception) -> None:

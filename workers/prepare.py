@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from schemas.jobs import MAX_TOP_LOGPROBS, Job, SamplingParams
 from schemas.openai import ChatMessage, ErrorDetail
+from workers.constrain import Grammars, SchemaError
 from workers.shard import Shard, load_shard
 from workers.store import model_context_length, model_revision
 
@@ -36,6 +37,7 @@ class LoadedModel:
     context_length: int
     revision: str  # workers/store.py: model_revision, recorded in the audit log
     max_token_bytes: int  # UTF-8 bytes of the longest vocabulary entry: no token covers more text than that
+    grammars: Grammars  # response_format's JSON Schemas (workers/constrain.py)
 
 
 def open_model(model_id: str, model_dir: Path, layout: str = "whole", group: mx.distributed.Group | None = None,
@@ -43,7 +45,8 @@ def open_model(model_id: str, model_dir: Path, layout: str = "whole", group: mx.
     shard = load_shard(model_dir, layout, group, split)
     context = model_context_length(Path(model_dir)) or int(getattr(shard.tokenizer, "model_max_length", 4096))
     longest = max((len(piece.encode()) for piece in shard.tokenizer.get_vocab()), default=1)
-    return LoadedModel(model_id, shard, context, model_revision(Path(model_dir)), max(longest, 1))
+    return LoadedModel(model_id, shard, context, model_revision(Path(model_dir)), max(longest, 1),
+                       Grammars(model_dir, shard.vocab_size, list(shard.tokenizer.eos_token_ids)))
 
 
 def message_text(message: ChatMessage) -> str:
@@ -141,8 +144,9 @@ def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str
     return params.max_tokens if params.max_tokens is not None else min(default_max_tokens, context - n_prompt)
 
 
-def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[list[int], int]:
-    """The job's prompt ids and how many tokens it may generate; JobError if it cannot run.
+def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[list[int], int, str | None]:
+    """The job's prompt ids, how many tokens it may generate, and the grammar its answer must follow (None: free);
+    JobError if it cannot run.
 
     A prompt whose text is longer than the context could hold even in the longest tokens is refused
     before it is tokenised: tokenising megabytes takes seconds on the one tokenizing thread, which every
@@ -157,4 +161,11 @@ def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[lis
     tokens = prompt_tokens(job, loaded.shard.tokenizer)
     max_tokens = check_limits(len(tokens), job.params, loaded.context_length, param, default_max_tokens)
     check_params(job.params, loaded.shard.vocab_size)
-    return tokens, max_tokens
+    grammar = None
+    if job.params.json_schema is not None:
+        try:
+            grammar = loaded.grammars.grammar(job.params.json_schema)
+        except SchemaError as exc:
+            detail = exc.detail("response_format")
+            raise JobError(400, detail.message, detail.param, detail.code) from None
+    return tokens, max_tokens, grammar

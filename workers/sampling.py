@@ -59,6 +59,10 @@ def chooser(params: SamplingParams, prompt: list[int], vocab_size: int,
         for processor in processors:
             logits = processor(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        # What is reported: before the filters (which set what they remove to -inf), in float32 (bf16 logits would
+        # round a log probability to 0.03).
+        wide = logits.astype(mx.float32) if observe is not None else None
+        observed = None if wide is None else wide - mx.logsumexp(wide, axis=-1, keepdims=True)
         if params.temperature == 0:
             token = mx.argmax(logprobs, axis=-1)
         else:
@@ -68,7 +72,7 @@ def chooser(params: SamplingParams, prompt: list[int], vocab_size: int,
             token = mx.random.categorical(logprobs * (1 / params.temperature), key=draw)
         token = token.astype(mx.int32).reshape(1)
         if observe is not None:
-            observe(logprobs, token)
+            observe(observed, token)
         if processors:
             history = mx.concatenate([history, token])
         return token
