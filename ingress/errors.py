@@ -35,6 +35,7 @@ _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`" + _AT)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`" + _AT)
 _TYPE = re.compile(r"Expected `(?P<expected>[^`]+)`, got `(?P<got>[^`]+)`" + _AT)
 _ENUM = re.compile(r"Invalid enum value (?P<value>.+?)" + _AT)
+_CONSTRAINT = re.compile(r"(?P<what>.+?)" + _AT)  # a value out of its bounds: "Expected `str` matching regex ..."
 
 
 def _param(path: str | None, field: str | None = None) -> str | None:
@@ -67,4 +68,6 @@ def validation_error(exc: msgspec.MsgspecError) -> APIError:
     if m := _ENUM.match(text):
         param = _param(m["path"])
         return APIError(400, f"Invalid value for '{param}': {m['value']} is not supported.", param, "invalid_value")
+    if (m := _CONSTRAINT.match(text)) and (param := _param(m["path"])) is not None:
+        return APIError(400, f"Invalid value for '{param}': {m['what']}.", param, "invalid_value")
     return APIError(400, text, None, "invalid_request")

@@ -107,7 +107,8 @@ class Done(Struct, tag="done"):
     duration_ms: float
     worker: str
     attempt: int = 1
-    logprobs: Union[list[TokenLogprob], None] = None  # with params.logprobs: every token of `text`
+    # With params.logprobs, for a job not streamed: every token of `text` (a streamed job had them in its chunks).
+    logprobs: Union[list[TokenLogprob], None] = None
 
 
 class Failed(Struct, tag="failed"):

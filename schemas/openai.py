@@ -6,9 +6,9 @@ Requests are decoded straight into these types, so a wrong type or an unknown fi
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 
 class TextPart(Struct, forbid_unknown_fields=True):
@@ -29,7 +29,7 @@ class StreamOptions(Struct, forbid_unknown_fields=True):
 
 
 class JsonSchemaFormat(Struct, forbid_unknown_fields=True):
-    name: str
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # as OpenAI's
     schema: Union[dict[str, Any], None] = None  # None: any JSON object
     strict: Union[bool, None] = None  # Conclave always constrains the answer to the schema
     description: Union[str, None] = None

@@ -21,14 +21,15 @@ CITY = {"type": "object", "properties": {"city": {"type": "string"}, "country": 
         "required": ["city", "country"], "additionalProperties": False}
 SCHEMAS = {
     "nested": {"type": "object", "properties": {
-        "name": {"type": "string"},
-        "address": {"type": "object", "properties": {"street": {"type": "string"}, "number": {"type": "integer"}},
+        "name": {"type": "string", "maxLength": 40},
+        "address": {"type": "object", "properties": {"street": {"type": "string", "maxLength": 40},
+                                                     "number": {"type": "integer", "minimum": 1, "maximum": 9999}},
                     "required": ["street", "number"], "additionalProperties": False}},
         "required": ["name", "address"], "additionalProperties": False},
     "enum": {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
                                                "sure": {"type": "boolean"}},
              "required": ["colour", "sure"], "additionalProperties": False},
-    "array": {"type": "object", "properties": {"primes": {"type": "array", "items": {"type": "integer"},
+    "array": {"type": "object", "properties": {"primes": {"type": "array", "items": {"type": "integer", "maximum": 999},
                                                           "minItems": 3, "maxItems": 5}},
               "required": ["primes"], "additionalProperties": False},
 }
@@ -72,6 +73,11 @@ def test_a_streamed_schema_answer_is_the_same(client):
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {"required": ["a"]}}}},
      "not"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strange"}}}, "strange"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {  # the schema cannot loosen the engine
+        "type": "object", "not": {"required": ["a"]}, "x-guidance": {"lenient": True}}}}, "not"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "description": "x" * 100_001}}},
+     "larger"),
+    ({"type": "json_schema", "json_schema": {"name": "a name", "schema": {"type": "object"}}}, "name"),
     ({"type": "json_schema"}, "json_schema"),
     ({"type": "yaml"}, "type"),
 ])
@@ -81,6 +87,18 @@ def test_what_the_engine_cannot_honour_is_a_400_naming_it(http, response_format,
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"].startswith("response_format") and words in error["message"] + error["param"], error
+
+
+def test_a_wide_object_is_honoured(client):
+    """600 optional properties: beyond the parser's default row limit (2,000 items), which fails a request only once
+    its answer reaches the object's keys, right after `{"`. Eight tokens get there."""
+    wide = {"type": "object", "properties": {f"field_{i}": {"type": "integer", "maximum": 9} for i in range(600)},
+            "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Fill in some fields."}], temperature=0, max_tokens=8,
+        response_format={"type": "json_schema", "json_schema": {"name": "wide", "schema": wide}})
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].message.content.startswith('{"field_')
 
 
 async def test_a_nats_job_gets_the_schema_and_the_logprobs_too(server):

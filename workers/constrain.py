@@ -14,6 +14,7 @@ every backend.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -25,8 +26,13 @@ import numpy as np
 
 from schemas.openai import ErrorDetail
 
-# A small model free to put whitespace anywhere can loop on it forever: the JSON it writes is compact.
-COMPILE_OPTIONS = {"whitespace_flexible": False}
+# Forced on every schema, whatever its own "x-guidance" asks: a small model free to put whitespace anywhere can loop
+# on it forever (the JSON it writes is compact), and a keyword the engine cannot honour is an error, never ignored.
+COMPILE_OPTIONS = {"whitespace_flexible": False, "lenient": False}
+MAX_SCHEMA_BYTES = 100_000  # a schema's JSON: compiling one this large takes about a second here
+# The parser's widest grammar row: its default (2,000) refuses an object of about 500 properties only once the answer
+# reaches it; OpenAI accepts 5,000 properties, which a schema under MAX_SCHEMA_BYTES stays within.
+LIMITS = llguidance.LLParserLimits(max_items_in_row=25_000)
 
 
 class SchemaError(ValueError):
@@ -37,9 +43,22 @@ class SchemaError(ValueError):
                            param=param, code="invalid_json_schema")
 
 
+def engine_call(call, *args):
+    """`call(*args)` with llguidance's Rust panics (pyo3's PanicException, a BaseException that `except Exception`
+    lets through, to the end of the batch) turned into RuntimeError."""
+    try:
+        return call(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"the grammar engine failed: {exc}") from None
+
+
 class Grammars:
     """One model's: its vocabulary as llguidance reads it (made at the first constrained request, about 0.5 s, from
-    the model directory's tokenizer files), and the check of each request's schema."""
+    the model directory's tokenizer files), and each request's constraint."""
 
     def __init__(self, model_dir: Path, vocab_size: int, eos_ids: list[int]):
         self.model_dir = Path(model_dir)
@@ -57,18 +76,20 @@ class Grammars:
                 self._tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab_size, eos_token=self.eos_ids)
             return self._tokenizer
 
-    def grammar(self, schema: dict) -> str:
-        """The compiled grammar of `schema`; SchemaError naming what cannot be honoured."""
+    def constraint(self, schema: dict) -> Constraint:
+        """A fresh constraint to `schema`, compiled here (on the tokenizing thread, not the event loop's); SchemaError
+        naming what cannot be honoured."""
+        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+            raise SchemaError(f"the schema is larger than {MAX_SCHEMA_BYTES} bytes of JSON")
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=COMPILE_OPTIONS)
-        except (ValueError, TypeError) as exc:
+            grammar = engine_call(lambda: llguidance.LLMatcher.grammar_from_json_schema(
+                schema, overrides=COMPILE_OPTIONS))
+            matcher = engine_call(lambda: llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0, limits=LIMITS))
+        except (ValueError, TypeError, RuntimeError) as exc:
             raise SchemaError(str(exc)) from None
-        if problem := llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer()):
-            raise SchemaError(problem)
-        return grammar
-
-    def constraint(self, grammar: str) -> Constraint:
-        return Constraint(llguidance.LLMatcher(self.tokenizer(), grammar), self.vocab_size)
+        if matcher.is_error():
+            raise SchemaError(matcher.get_error())
+        return Constraint(matcher, self.vocab_size)
 
 
 class Constraint:
@@ -81,11 +102,13 @@ class Constraint:
 
     def mask(self, logits: mx.array) -> mx.array:
         """`logits` (1, vocab) with every token the grammar refuses next at -inf."""
-        llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        engine_call(llguidance.numpy.fill_next_token_bitmask, self.matcher, self.bitmask, 0)
         # Bit i of the mask's 32-bit words (little-endian) allows token i. Unpacked with numpy, on this thread: an
         # MLX array made on another thread would belong to that thread's stream.
         allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:logits.shape[-1]]
         return mx.where(mx.array(allowed.astype(np.bool_)).reshape(1, -1), logits, -mx.inf)
 
     def take(self, token: int) -> None:
-        self.matcher.consume_token(token)
+        """The token drawn; a grammar that fails here (beyond a limit of the parser) fails the row, with why."""
+        if not engine_call(self.matcher.consume_token, token):
+            raise RuntimeError(f"the JSON Schema's grammar failed while generating: {self.matcher.get_error()}")

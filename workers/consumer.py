@@ -227,7 +227,7 @@ class JobConsumer:
         job, start = delivery.job, time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            prompt, max_tokens, grammar = await loop.run_in_executor(
+            prompt, max_tokens, constraint = await loop.run_in_executor(
                 self.tokenizing, prepare, self.loaded, job, self.default_max_tokens)
         except JobError as exc:
             await self.fail(delivery, exc.status, exc.detail)
@@ -246,8 +246,7 @@ class JobConsumer:
         shard = self.loaded.shard
         generation = Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name,
                                 lambda event: loop.call_soon_threadsafe(events.put_nowait, event), cancelled, start,
-                                delivery.attempt, self.limits.output_bytes,
-                                self.loaded.grammars.constraint(grammar) if grammar is not None else None)
+                                delivery.attempt, self.limits.output_bytes, constraint)
         self.scheduler.submit(generation)
         alive = asyncio.create_task(self.keep_alive(delivery, generation))
         try:

@@ -97,7 +97,9 @@ class Generation:
 
     def logprob_entry(self, token: int) -> TokenLogprob:
         chosen, ids, values = self.sampled.popleft()
-        alternatives = sorted(zip(ids.tolist(), values.tolist()), key=lambda pair: -pair[1])
+        # Tokens that could not come (a constrained row's masked ones, at the floor) are no alternatives.
+        alternatives = sorted(((i, lp) for i, lp in zip(ids.tolist(), values.tolist()) if lp > LOGPROB_FLOOR),
+                              key=lambda pair: -pair[1])
         return TokenLogprob(**self.piece(token), logprob=chosen.item(),
                             top_logprobs=[TopLogprob(**self.piece(i), logprob=lp) for i, lp in alternatives])
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from schemas.jobs import MAX_TOP_LOGPROBS, Job, SamplingParams
 from schemas.openai import ChatMessage, ErrorDetail
-from workers.constrain import Grammars, SchemaError
+from workers.constrain import Constraint, Grammars, SchemaError
 from workers.shard import Shard, load_shard
 from workers.store import model_context_length, model_revision
 
@@ -144,7 +144,7 @@ def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str
     return params.max_tokens if params.max_tokens is not None else min(default_max_tokens, context - n_prompt)
 
 
-def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[list[int], int, str | None]:
+def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[list[int], int, Constraint | None]:
     """The job's prompt ids, how many tokens it may generate, and the grammar its answer must follow (None: free);
     JobError if it cannot run.
 
@@ -161,11 +161,11 @@ def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[lis
     tokens = prompt_tokens(job, loaded.shard.tokenizer)
     max_tokens = check_limits(len(tokens), job.params, loaded.context_length, param, default_max_tokens)
     check_params(job.params, loaded.shard.vocab_size)
-    grammar = None
+    constraint = None
     if job.params.json_schema is not None:
         try:
-            grammar = loaded.grammars.grammar(job.params.json_schema)
+            constraint = loaded.grammars.constraint(job.params.json_schema)
         except SchemaError as exc:
             detail = exc.detail("response_format")
             raise JobError(400, detail.message, detail.param, detail.code) from None
-    return tokens, max_tokens, grammar
+    return tokens, max_tokens, constraint
