@@ -77,9 +77,8 @@ def test_unsupported_feature_is_explicit(http, client):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     response = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE, "tools": [tool]})
     assert response.status_code == 400 and error_of(response)["param"] == "tools"
-    response = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE,
-                                                    "response_format": {"type": "json_object"}})
-    assert response.status_code == 400 and error_of(response)["param"] == "response_format"
+    response = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE, "tool_choice": "required"})
+    assert response.status_code == 400 and error_of(response)["param"] == "tool_choice"
     still_serves(client)
 
 

