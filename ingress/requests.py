@@ -6,8 +6,6 @@ import re
 import time
 import uuid
 
-import msgspec
-
 from ingress.errors import APIError
 from pipeline.access import INGRESS
 from pipeline.subjects import reply_subject
@@ -25,7 +23,8 @@ def _unsupported(name: str, given: bool, why: str = "") -> None:
         raise APIError(400, f"'{name}' is not supported by this server{why}.", name, "unsupported_parameter")
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    json_schema: dict | None = None) -> SamplingParams:
     # Ranges are checked by the worker (workers/prepare.py: check_params), for NATS submitters too.
     if req.n != 1:
         raise APIError(400, f"Invalid 'n': only n=1 is supported, got {req.n}.", "n", "unsupported_value")
@@ -50,6 +49,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=bias,
         logprobs=logprobs,
+        json_schema=json_schema,
     )
 
 
@@ -114,10 +114,8 @@ def chat_job(req: ChatCompletionRequest, caller: str) -> Job:
         raise APIError(400, "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
                        "reasoning_effort", "unsupported_parameter")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = msgspec.structs.replace(sampling_params(req, max_tokens, chat_logprobs(req)),
-                                     json_schema=json_schema_of(req.response_format))
-    return new_job("chat", req.model, params, req.stream, messages=req.messages,
-                   caller=caller)
+    params = sampling_params(req, max_tokens, chat_logprobs(req), json_schema_of(req.response_format))
+    return new_job("chat", req.model, params, req.stream, messages=req.messages, caller=caller)
 
 
 def completion_job(req: CompletionRequest, caller: str) -> Job:
