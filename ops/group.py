@@ -39,6 +39,7 @@ import msgspec
 
 from ops.config import free_port
 from pipeline.nats_server import child_preexec, stop_process
+from workers.cpu_path import blas_environment
 from workers.rank import BACKENDS, format_split
 from workers.shard import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel, pipeline_split,
                            refused_layouts, tensor_parallel_sizes)
@@ -167,7 +168,7 @@ class LocalLauncher:
         return free_port(host.ip)
 
     def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> subprocess.Popen:
-        env = {**os.environ, **launch.env}
+        env = blas_environment({**os.environ, **launch.env})  # the Linux CPU path's BLAS (workers/cpu_path.py)
         for name, content in launch.files.items():
             path = workdir / f"{name.lower()}-rank{launch.rank}.json"
             path.write_text(content)

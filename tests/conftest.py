@@ -15,6 +15,7 @@ import pytest
 from ops.credentials import cluster_ca, issue_submitter, role_identity, write_private
 from ops.spawn import ServerProcess, spawn_server
 from pipeline.access import OPERATOR, Identity
+from workers.cpu_path import blas_environment
 
 MODEL = "SmolLM2-135M-Instruct"
 SUBMITTER = "tests"  # the suite's own NATS submitter, issued in every home before its server starts
@@ -154,7 +155,7 @@ def start_worker(server, broker, *flags: str) -> WorkerProcess:
     process = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
                                 str(server.home / "models" / MODEL), "--nats-url", broker.nats_url, "--nats-seed", str(seed),
                                 "--heartbeat", "0.5", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, env=blas_environment())
     worker = WorkerProcess(process)
 
     def read_lines():

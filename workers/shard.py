@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
+from workers.cpu_path import dense_weights
 from workers.split import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel,  # noqa: F401 (re-exported)
                            layer_files, pipeline_split, stage_files, tensor_parallel_sizes, weight_map)
 
@@ -41,6 +42,7 @@ class Shard:
     vocab_size: int
     dtype: mx.Dtype
     load_s: float = 0.0
+    cpu_path: str = ""  # on Linux CPU, which BLAS and weights it runs (workers/cpu_path.py), for the log
     last_step: float = field(default_factory=time.monotonic)  # read by the leader's watchdog
 
     @property
@@ -163,10 +165,13 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
         check_layout(model, layout)
     if layout == "tensor":
         check_tensor_parallel(config, size)
+    if layout == "pipeline" and size > 1:
+        layers = _cut_pipeline_stage(model, rank, size, split or pipeline_split(num_layers, size))
+    # After the cut (a stage dequantizes only its own layers), before tensor sharding (whose quantized
+    # layers are other classes, and whose float32 ones shard as any Linear).
+    cpu_path = dense_weights(model)
     if layout == "tensor" and size > 1:
         model.shard(group)
-    elif layout == "pipeline" and size > 1:
-        layers = _cut_pipeline_stage(model, rank, size, split or pipeline_split(num_layers, size))
     needed = stage_files(*layer_files(weights), *layers) if missing and layout == "pipeline" and size > 1 else missing
     if lacking := sorted(missing & needed):
         raise ShardError(f"{model_dir} lacks {', '.join(lacking)}, which layers {layers[0]}-{layers[1]} of this rank "
@@ -181,4 +186,4 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
     dtype = next(v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight"))
     return Shard(model=model, tokenizer=tokenizer, layout=layout, group=group, layers=layers,
                  hidden_size=config["hidden_size"], vocab_size=config["vocab_size"], dtype=dtype,
-                 load_s=time.perf_counter() - started)
+                 load_s=time.perf_counter() - started, cpu_path=cpu_path)

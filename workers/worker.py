@@ -107,7 +107,8 @@ class Worker:
             self.nc, args.model_id, self.loaded, self.scheduler, settler, self.name, args.heartbeat, args.queue_ttl,
             args.max_batch, args.default_max_tokens, PayloadLimits(self.nc.max_payload))
         self.state = "ready"
-        log.info("model %s ready (context %d)", args.model_id, self.loaded.context_length)
+        log.info("model %s ready (context %d). %s", args.model_id, self.loaded.context_length,
+                 self.loaded.shard.cpu_path)
         thread = loop.run_in_executor(self.executor, self.scheduler.run, self.wake_followers, self.batch_failed)
         watchdog = asyncio.create_task(self.watch_steps(stopping))
         try:
@@ -188,7 +189,8 @@ async def follow(nc, args, executor: ThreadPoolExecutor, rank: RankArgs, group: 
     loaded = await loop.run_in_executor(
         executor, open_model, args.model_id, Path(args.model_dir), rank.layout, group, rank.split)
     await loop.run_in_executor(executor, barrier, group)
-    log.info("rank %d/%d of %s ready (layers %s)", group.rank(), group.size(), args.model_id, loaded.shard.layers)
+    log.info("rank %d/%d of %s ready (layers %s). %s", group.rank(), group.size(), args.model_id, loaded.shard.layers,
+             loaded.shard.cpu_path)
     engine = await make_engine(loop, executor, loaded.shard, args, progress)
     while not stopping.is_set():
         try:
