@@ -26,8 +26,6 @@ def _unsupported(name: str, given: bool, why: str = "") -> None:
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                     json_schema: dict | None = None) -> SamplingParams:
     # Ranges are checked by the worker (workers/prepare.py: check_params), for NATS submitters too.
-    if req.n != 1:
-        raise APIError(400, f"Invalid 'n': only n=1 is supported, got {req.n}.", "n", "unsupported_value")
     # max_tokens < 1 is refused by the worker (workers/prepare.py: check_limits), for NATS submitters too.
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias: dict[int, float] = {}
@@ -50,6 +48,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         logit_bias=bias,
         logprobs=logprobs,
         json_schema=json_schema,
+        n=req.n,  # 1 to MAX_CHOICES: checked by the worker, for NATS submitters too
     )
 
 
@@ -105,8 +104,6 @@ def chat_job(req: ChatCompletionRequest, caller: str) -> Job:
     if not req.messages:
         raise APIError(400, "Invalid 'messages': empty array. Expected an array with minimum length 1.",
                        "messages", "empty_array")
-    _unsupported("tools", bool(req.tools), " (no tool calling yet)")
-    _unsupported("tool_choice", req.tool_choice not in (None, "none"))
     if req.modalities is not None and set(req.modalities) - {"text"}:
         raise APIError(400, f"Invalid 'modalities': this model writes text only, got {req.modalities}.", "modalities",
                        "unsupported_value")
@@ -115,7 +112,10 @@ def chat_job(req: ChatCompletionRequest, caller: str) -> Job:
                        "reasoning_effort", "unsupported_parameter")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, chat_logprobs(req), json_schema_of(req.response_format))
-    return new_job("chat", req.model, params, req.stream, messages=req.messages, caller=caller)
+    # tools and tool_choice are checked by the worker (workers/tools.py: check_tools), for NATS submitters too.
+    return new_job("chat", req.model, params, req.stream, messages=req.messages, caller=caller, tools=req.tools,
+                   tool_choice=req.tool_choice or "auto",
+                   parallel_tool_calls=req.parallel_tool_calls is not False)
 
 
 def completion_job(req: CompletionRequest, caller: str) -> Job:

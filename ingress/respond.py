@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ingress.errors import APIError
 from ingress.relay import Waiting, submit
-from ingress.shapes import Shape, prompt_chars
+from ingress.shapes import Shape, choices_of, prompt_chars
 from pipeline.access import INGRESS
 from schemas.jobs import Accepted, Chunk, Done, Event, Failed, Heartbeat, Job, Requeued
 
@@ -66,10 +66,14 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
     """OpenAI's SSE stream: one `data:` line per chunk, the finish chunk, optional usage, `[DONE]`."""
     attempt = first.attempt if isinstance(first, Accepted) else None
     sent_text = False
-    sent_chars = prompt_chars(job)  # where the next chunk's tokens start (completions' text_offset counts the prompt)
+    # Per answer (`n`): where its next chunk's tokens start (completions' text_offset counts the prompt), and how many
+    # tool calls it sent (the next one's index).
+    sent_chars = [prompt_chars(job)] * job.params.n
+    calls = [0] * job.params.n
     wants_logprobs = job.params.logprobs is not None
     try:
-        yield shape.chunk(job, role=True)
+        for choice in range(job.params.n):
+            yield shape.chunk(job, role=True, choice=choice)
         if isinstance(first, Waiting):
             yield WAITING_COMMENT
         async for event in events:
@@ -89,15 +93,23 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
                                    "answer cannot be resumed.", code="worker_lost")
                 attempt = event.attempt
             elif isinstance(event, Chunk):
-                sent_text = True
-                yield shape.chunk(job, text=event.text, logprobs=event.logprobs if wants_logprobs else None,
-                                  offset=sent_chars)
-                sent_chars += len(event.text)
+                sent_text, choice = True, event.choice
+                if not 0 <= choice < job.params.n:
+                    raise APIError(502, f"The worker sent an answer numbered {choice}, of {job.params.n} asked for.",
+                                   code="worker_error")
+                if event.text or not event.tool_calls:
+                    yield shape.chunk(job, text=event.text, logprobs=event.logprobs if wants_logprobs else None,
+                                      offset=sent_chars[choice], choice=choice)
+                    sent_chars[choice] += len(event.text)
+                for call in event.tool_calls:
+                    yield shape.chunk(job, call=(calls[choice], call), choice=choice)
+                    calls[choice] += 1
             elif isinstance(event, Done):
                 if sent_text and event.attempt != attempt:  # another run's answer: it would not match the text sent
                     raise APIError(503, "The worker serving this request was replaced mid-generation; the partial "
                                    "answer cannot be completed.", code="worker_lost")
-                yield shape.chunk(job, finish=event.finish_reason)
+                for answer in choices_of(event):
+                    yield shape.chunk(job, finish=answer.finish_reason, choice=answer.index)
                 if include_usage:
                     yield shape.chunk(job, usage=event.usage)
             elif isinstance(event, Failed):

@@ -7,9 +7,10 @@ from typing import Callable
 
 import msgspec
 
-from schemas.jobs import Done, Job
+from schemas.jobs import Choice, Done, Job
 from schemas.openai import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, ChunkChoice,
-                            ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, TokenLogprob, Usage)
+                            ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, FunctionDelta, TokenLogprob,
+                            ToolCall, ToolCallDelta, Usage)
 
 encode = msgspec.json.Encoder().encode
 
@@ -18,19 +19,36 @@ def sse(message: msgspec.Struct) -> bytes:
     return b"data: " + encode(message) + b"\n\n"
 
 
+def choices_of(done: Done) -> list[Choice]:
+    """Every answer of a job (`n`): the first is Done's own fields."""
+    return [Choice(index=0, text=done.text, finish_reason=done.finish_reason, logprobs=done.logprobs,
+                   tool_calls=done.tool_calls), *done.choices]
+
+
 def chat_chunk(job: Job, role: bool = False, text: str | None = None, finish: str | None = None,
-               usage: Usage | None = None, logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> bytes:
-    choices = [] if usage else [ChunkChoice(index=0, delta=ChunkDelta(
+               usage: Usage | None = None, logprobs: list[TokenLogprob] | None = None, offset: int = 0,
+               call: tuple[int, ToolCall] | None = None, choice: int = 0) -> bytes:
+    """One SSE event of answer `choice`; with `call` (its index in the answer, the call), two: as OpenAI streams a
+    call, its id and name first, then its arguments."""
+    if call is not None:
+        index, tool_call = call
+        return b"".join(sse(ChatCompletionChunk(id=job.id, created=int(job.created), model=job.model, choices=[
+            ChunkChoice(index=choice, delta=ChunkDelta(tool_calls=[delta]))])) for delta in (
+            ToolCallDelta(index=index, id=tool_call.id, type="function",
+                          function=FunctionDelta(name=tool_call.function.name, arguments="")),
+            ToolCallDelta(index=index, function=FunctionDelta(arguments=tool_call.function.arguments))))
+    choices = [] if usage else [ChunkChoice(index=choice, delta=ChunkDelta(
         role="assistant" if role else None, content="" if role else text), finish_reason=finish,
         logprobs=ChatLogprobs(content=logprobs) if logprobs is not None else None)]
     return sse(ChatCompletionChunk(id=job.id, created=int(job.created), model=job.model, choices=choices, usage=usage))
 
 
 def chat_body(job: Job, done: Done) -> ChatCompletion:
-    logprobs = ChatLogprobs(content=done.logprobs) if done.logprobs is not None else None
     return ChatCompletion(id=job.id, created=int(job.created), model=job.model, usage=done.usage, choices=[
-        ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=done.finish_reason,
-                   logprobs=logprobs)])
+        ChatChoice(index=c.index, finish_reason=c.finish_reason,
+                   message=AssistantMessage(role="assistant", content=c.text or None if c.tool_calls else c.text, tool_calls=c.tool_calls),
+                   logprobs=ChatLogprobs(content=c.logprobs) if c.logprobs is not None else None)
+        for c in choices_of(done)])
 
 
 def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs | None:
@@ -47,18 +65,19 @@ def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> Comp
 
 
 def completion_chunk(job: Job, role: bool = False, text: str | None = None, finish: str | None = None,
-                     usage: Usage | None = None, logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> bytes:
+                     usage: Usage | None = None, logprobs: list[TokenLogprob] | None = None, offset: int = 0,
+                     choice: int = 0) -> bytes:
     if role:
         return b""  # completion streams have no role chunk
-    choices = [] if usage else [CompletionChoice(index=0, text=text or "", finish_reason=finish,
+    choices = [] if usage else [CompletionChoice(index=choice, text=text or "", finish_reason=finish,
                                                  logprobs=completion_logprobs(logprobs, offset))]
     return sse(Completion(id=job.id, created=int(job.created), model=job.model, choices=choices, usage=usage))
 
 
 def completion_body(job: Job, done: Done) -> Completion:
     return Completion(id=job.id, created=int(job.created), model=job.model, usage=done.usage, choices=[
-        CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason,
-                         logprobs=completion_logprobs(done.logprobs, prompt_chars(job)))])
+        CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+                         logprobs=completion_logprobs(c.logprobs, prompt_chars(job))) for c in choices_of(done)])
 
 
 def prompt_chars(job: Job) -> int:
@@ -71,7 +90,7 @@ def prompt_chars(job: Job) -> int:
 class Shape:
     """How one endpoint writes a job's answer."""
 
-    chunk: Callable[..., bytes]  # (job, role=, text=, finish=, usage=, logprobs=, offset=) -> one SSE event
+    chunk: Callable[..., bytes]  # (job, role=, text=, finish=, usage=, logprobs=, offset=, call=, choice=)
     body: Callable[[Job, Done], msgspec.Struct]  # the whole answer, not streamed
 
 

@@ -20,8 +20,8 @@ import msgspec
 import rfc8785
 from msgspec import Struct
 
-from schemas.jobs import Job
-from schemas.openai import ErrorDetail, Usage
+from schemas.jobs import Choice, Job
+from schemas.openai import ErrorDetail, ToolCall, Usage
 
 GENESIS = "0" * 64  # c_0: the chain value before the first entry of a segment (32 zero bytes, in hex)
 LEGACY_FIELDS = ("n", "prev_hash", "hash")  # the chain each record carried before version 0.5
@@ -44,7 +44,9 @@ class AuditRecord(Struct, kw_only=True):
     claimed_caller: Union[str, None] = None
     claimed_source: Union[str, None] = None
     job: Union[Job, None]  # the request as queued: messages/prompt and parameters (None: undecodable)
-    output: str = ""
+    output: str = ""  # the answer's text (without its tool calls)
+    tool_calls: Union[list[ToolCall], None] = None  # the calls the answer made
+    choices: Union[list[Choice], None] = None  # with `n` > 1, the other answers (the fields above are the first's)
     finish_reason: Union[str, None] = None
     usage: Union[Usage, None] = None
     ttft_ms: float = 0.0

@@ -10,10 +10,11 @@ from typing import Any, Literal, Union
 import msgspec
 from msgspec import Struct
 
-from schemas.openai import ChatMessage, ErrorDetail, TokenLogprob, Usage
+from schemas.openai import ChatMessage, ErrorDetail, NamedToolChoice, TokenLogprob, Tool, ToolCall, Usage
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives listed at each token, at most (OpenAI's top_logprobs)
+MAX_CHOICES = 16  # answers to one request (`n`), each a row of the batch
 
 
 class SamplingParams(Struct, forbid_unknown_fields=True):
@@ -34,6 +35,9 @@ class SamplingParams(Struct, forbid_unknown_fields=True):
     # The answer must be JSON matching this JSON Schema (response_format; {"type": "object"} for json_object):
     # decoding is constrained to it (workers/constrain.py). A schema the engine cannot honour is a 400 naming why.
     json_schema: Union[dict[str, Any], None] = None
+    # Answers to generate (OpenAI's `n`, 1 to MAX_CHOICES): one row each, sharing the prompt's prefill; choice i draws
+    # from seed + i when a seed is given.
+    n: int = 1
 
 
 class Job(Struct, forbid_unknown_fields=True):
@@ -45,6 +49,11 @@ class Job(Struct, forbid_unknown_fields=True):
     reply_subject: str
     kind: Literal["chat", "completion"]
     messages: Union[list[ChatMessage], None] = None  # kind == "chat"
+    # kind == "chat": functions the model may call (workers/tools.py). "auto": it decides; "none": it is not shown
+    # them; "required" or a named function: its answer is constrained to be calls (to that one) matching the schemas.
+    tools: Union[list[Tool], None] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice] = "auto"
+    parallel_tool_calls: bool = True  # False: at most one call per answer
     prompt: Union[str, list[int], None] = None  # kind == "completion": text or token ids
     params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     stream: bool = True  # False: only the final Done (or Failed) is sent
@@ -83,11 +92,13 @@ class Accepted(Struct, tag="accepted"):
 
 class Chunk(Struct, tag="chunk"):
     id: str
-    index: int  # 0, 1, 2... lets a consumer detect a gap or a restart
+    index: int  # 0, 1, 2... (per choice) lets a consumer detect a gap or a restart
     text: str
     tokens: int  # completion tokens generated so far
     attempt: int = 1  # the delivery that produced it: a later attempt's Accepted supersedes it
     logprobs: list[TokenLogprob] = []  # with params.logprobs: the tokens whose text this chunk brings
+    tool_calls: list[ToolCall] = []  # calls completed with this chunk, in the order made (each whole: workers/tools.py)
+    choice: int = 0  # which of the job's `n` answers it belongs to
 
 
 class Heartbeat(Struct, tag="heartbeat"):
@@ -98,10 +109,20 @@ class Heartbeat(Struct, tag="heartbeat"):
     attempt: int = 1
 
 
+class Choice(Struct):
+    """One answer of a job asked for several (`n`): what Done carries for its first."""
+
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: Union[list[TokenLogprob], None] = None
+    tool_calls: Union[list[ToolCall], None] = None
+
+
 class Done(Struct, tag="done"):
     id: str
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     usage: Usage
     ttft_ms: float
     duration_ms: float
@@ -109,6 +130,9 @@ class Done(Struct, tag="done"):
     attempt: int = 1
     # With params.logprobs, for a job not streamed: every token of `text` (a streamed job had them in its chunks).
     logprobs: Union[list[TokenLogprob], None] = None
+    tool_calls: Union[list[ToolCall], None] = None  # the calls the answer made (`text` is the rest of it)
+    # With params.n > 1: the other answers (choice 1 on; the fields above are choice 0's). `usage` counts them all.
+    choices: list[Choice] = []
 
 
 class Failed(Struct, tag="failed"):

@@ -16,10 +16,46 @@ class TextPart(Struct, forbid_unknown_fields=True):
     text: str
 
 
+class FunctionCall(Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's)
+
+
+class ToolCall(Struct, forbid_unknown_fields=True):
+    """A call the model made: in an answer, and in the history of the next request."""
+
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(Struct, forbid_unknown_fields=True):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Union[str, None] = None
+    tool_calls: Union[list[ToolCall], None] = None  # an assistant's calls
+    tool_call_id: Union[str, None] = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # as OpenAI's
+    description: Union[str, None] = None
+    parameters: Union[dict[str, Any], None] = None  # a JSON Schema of the arguments; None: no arguments
+    strict: Union[bool, None] = None  # a forced call always matches its schema (workers/tools.py)
+
+
+class Tool(Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(Struct, forbid_unknown_fields=True):
@@ -72,8 +108,8 @@ class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=
     max_completion_tokens: Union[int, None] = None
     top_logprobs: Union[int, None] = None
     response_format: Union[ResponseFormat, None] = None
-    tools: Union[list[dict], None] = None
-    tool_choice: Union[str, dict, None] = None
+    tools: Union[list[Tool], None] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Union[bool, None] = None
     metadata: Union[dict[str, str], None] = None
     store: Union[bool, None] = None
@@ -143,9 +179,10 @@ class CompletionLogprobs(Struct):
     text_offset: list[int]
 
 
-class AssistantMessage(Struct):
-    content: str
-    role: str = "assistant"
+class AssistantMessage(Struct, omit_defaults=True):
+    role: Literal["assistant"]  # without a default: always written
+    content: Union[str, None]  # None (null) when the answer is only tool calls, as OpenAI's
+    tool_calls: Union[list[ToolCall], None] = None  # left out when there are none, as OpenAI's
 
 
 class ChatChoice(Struct):
@@ -165,9 +202,24 @@ class ChatCompletion(Struct):
     system_fingerprint: Union[str, None] = None
 
 
+class FunctionDelta(Struct, omit_defaults=True):
+    name: Union[str, None] = None
+    arguments: Union[str, None] = None
+
+
+class ToolCallDelta(Struct, omit_defaults=True):
+    """A streamed call: the first delta of call `index` brings its id, type and name, the next its arguments."""
+
+    index: int
+    id: Union[str, None] = None
+    type: Union[str, None] = None
+    function: Union[FunctionDelta, None] = None
+
+
 class ChunkDelta(Struct, omit_defaults=True):
     role: Union[str, None] = None
     content: Union[str, None] = None
+    tool_calls: Union[list[ToolCallDelta], None] = None
 
 
 class ChunkChoice(Struct):

@@ -86,3 +86,27 @@ def test_seeded_sampling_repeats(client):
                                               max_tokens=12, extra_body={"top_k": 40, "min_p": 0.05})
 
     assert sample().choices[0].message.content == sample().choices[0].message.content
+
+
+def test_n_answers_are_rows_of_their_own_repeatable_with_a_seed_and_streamed_alike(client):
+    asked = dict(model=MODEL, messages=FRANCE, temperature=1.0, seed=7, max_tokens=10, n=3)
+    first, again = client.chat.completions.create(**asked), client.chat.completions.create(**asked)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]  # repeatable: each answer draws from seed + index
+    assert len(set(texts)) > 1  # ... and its own draws
+    # The first answer is what n=1 with the same seed gives; usage counts every answer's tokens, the prompt once.
+    one = client.chat.completions.create(**{**asked, "n": 1})
+    assert texts[0] == one.choices[0].message.content
+    assert first.usage.prompt_tokens == one.usage.prompt_tokens
+    assert first.usage.completion_tokens > one.usage.completion_tokens
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    # Streamed: each chunk names its answer; every answer reassembles to the same text and has its finish.
+    parts, finishes = {}, {}
+    for chunk in client.chat.completions.create(**asked, stream=True):
+        for choice in chunk.choices:
+            parts[choice.index] = parts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert [parts[i] for i in range(3)] == texts
+    assert finishes == {i: c.finish_reason for i, c in enumerate(first.choices)}

@@ -29,7 +29,8 @@ def still_serves(client):
         ({"model": MODEL, "messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
         ({"model": MODEL, "messages": FRANCE, "temperature": 7}, "temperature", "invalid_value"),
-        ({"model": MODEL, "messages": FRANCE, "n": 2}, "n", "unsupported_value"),
+        ({"model": MODEL, "messages": FRANCE, "n": 17}, "n", "invalid_value"),
+        ({"model": MODEL, "messages": FRANCE, "n": 0}, "n", "invalid_value"),
         ({"model": MODEL, "messages": FRANCE, "max_tokens": 0}, "max_tokens", "integer_below_min_value"),
         ({"model": MODEL, "messages": FRANCE, "frobnicate": True}, "frobnicate", "unknown_parameter"),
         ({"model": MODEL, "messages": []}, "messages", "empty_array"),
@@ -74,11 +75,10 @@ def test_context_length_exceeded(client, stream):
 
 
 def test_unsupported_feature_is_explicit(http, client):
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    response = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE, "tools": [tool]})
-    assert response.status_code == 400 and error_of(response)["param"] == "tools"
-    response = http.post("/chat/completions", json={"model": MODEL, "messages": FRANCE, "tool_choice": "required"})
-    assert response.status_code == 400 and error_of(response)["param"] == "tool_choice"
+    for field, value in (("echo", True), ("best_of", 2)):
+        response = http.post("/completions", json={"model": MODEL, "prompt": "Hi", field: value})
+        assert response.status_code == 400 and error_of(response)["param"] == field
+        assert error_of(response)["code"] == "unsupported_parameter"
     still_serves(client)
 
 

@@ -23,6 +23,7 @@ from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken
 from tests.test_structured import CITY
 from tests.tiny import tiny_llama
 from tests.test_batching import PROMPTS, complete
+from tests.test_tools import QUESTION, TOOLS
 from tests.test_isolation import innocent_and_bad
 
 @pytest.fixture(scope="module")
@@ -112,9 +113,18 @@ def test_pipeline_parallel_serves_and_survives_a_killed_rank(server, client, tmp
         grouped = client.chat.completions.create(**asked).choices[0].message.content
         assert grouped == server_client.chat.completions.create(**asked).choices[0].message.content
         assert json.loads(grouped)["city"]
+        # And a forced tool call, and several answers (`n`) drawn from a seed: the single process's.
+        asked = dict(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=60)
+        grouped = client.chat.completions.create(**asked).choices[0].message.tool_calls
+        alone = server_client.chat.completions.create(**asked).choices[0].message.tool_calls
+        assert [(c.function.name, c.function.arguments) for c in grouped] == [
+            (c.function.name, c.function.arguments) for c in alone]
+        asked = dict(model=MODEL, messages=FRANCE, temperature=1.0, seed=11, max_tokens=8, n=2)
+        assert [c.message.content for c in client.chat.completions.create(**asked).choices] == [
+            c.message.content for c in server_client.chat.completions.create(**asked).choices]
         # A batch on the group: rows join and leave at different steps (different budgets, one stop rule),
         # every rank follows the leader's plan, and each text is the single process's text for it.
-        batch = PROMPTS[:6]
+        batch = PROMPTS[:4]
         single = [complete(server_client, *p) for p in batch]
         with ThreadPoolExecutor(len(batch)) as pool:
             assert list(pool.map(lambda p: complete(client, *p), batch)) == single
@@ -158,6 +168,7 @@ class Greedy:
     """One greedy request for BatchEngine (a `Row`): its tokens, up to `n`."""
 
     greedy = True
+    share_prefill = False
     cancelled = threading.Event()  # never set
 
     def __init__(self, prompt: list[int], n: int):
@@ -207,6 +218,13 @@ def test_batch_engine_prefix_cache_reuses_and_stays_within_its_bytes(tiny_model)
     rows = [Greedy(p, n) for p, n in zip(turns, (5, 12, 8))]
     run_rows(BatchEngine(shard, prefix_cache_bytes=0), rows)
     assert [r.tokens for r in rows] == [a[:n] for a, n in zip(alone, (5, 12, 8))]
+    # Answers to one prompt (`n`): all but the last leave their prompt's cache for the next, which prefills nothing.
+    rows = [Greedy(turns[0], 12) for _ in range(3)]
+    for row in rows[:-1]:
+        row.share_prefill = True
+    run_rows(BatchEngine(shard, prefix_cache_bytes=per_token * 60), rows)
+    assert [r.cached_tokens for r in rows] == [0, len(turns[0]) - 1, len(turns[0]) - 1]
+    assert all(r.tokens == alone[0] for r in rows)
 
 
 def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(tiny_model):

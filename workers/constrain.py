@@ -77,14 +77,19 @@ class Grammars:
             return self._tokenizer
 
     def constraint(self, schema: dict) -> Constraint:
-        """A fresh constraint to `schema`, compiled here (on the tokenizing thread, not the event loop's); SchemaError
-        naming what cannot be honoured."""
+        """A fresh constraint to JSON matching `schema`, compiled here (on the tokenizing thread, not the event
+        loop's); SchemaError naming what cannot be honoured."""
         if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
             raise SchemaError(f"the schema is larger than {MAX_SCHEMA_BYTES} bytes of JSON")
+        return self.compile(lambda: llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=COMPILE_OPTIONS))
+
+    def constraint_of_lark(self, grammar: str) -> Constraint:
+        """A fresh constraint to an llguidance Lark grammar (a forced tool call: workers/tools.py)."""
+        return self.compile(lambda: llguidance.LLMatcher.grammar_from_lark(grammar))
+
+    def compile(self, grammar) -> Constraint:
         try:
-            grammar = engine_call(lambda: llguidance.LLMatcher.grammar_from_json_schema(
-                schema, overrides=COMPILE_OPTIONS))
-            matcher = engine_call(lambda: llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0, limits=LIMITS))
+            matcher = engine_call(lambda: llguidance.LLMatcher(self.tokenizer(), grammar(), log_level=0, limits=LIMITS))
         except (ValueError, TypeError, RuntimeError) as exc:
             raise SchemaError(str(exc)) from None
         if matcher.is_error():

@@ -33,7 +33,7 @@ from pipeline.limits import LARGE_MESSAGE, PayloadLimits
 from pipeline.settle import Delivery, Settler
 from pipeline.streams import MAX_DELIVER
 from pipeline.subjects import CANCELS_STREAM, DEAD_STREAM, JOBS_STREAM, cancel_subject, dead_subject, worker_durable
-from schemas.jobs import Accepted, Cancel, Chunk, Done, Failed, Heartbeat, Requeued
+from schemas.jobs import Accepted, Cancel, Choice, Chunk, Done, Failed, Heartbeat, Requeued
 from schemas.openai import ErrorDetail
 from workers.generation import Generation, Halted
 from workers.prepare import JobError, LoadedModel, prepare
@@ -53,6 +53,22 @@ def read_cancel(data: bytes) -> Cancel:
         return decode_cancel(data)
     except msgspec.MsgspecError:
         return Cancel(id="", reason="an unreadable cancel")
+
+
+def joined(answers: list[Done]) -> Done:
+    """A job's final event from the Done of each of its answers (`n`, in choice order): the first's, with the others
+    as `choices`, and the usage of all (the prompt counted once, as OpenAI's)."""
+    first = answers[0]
+    if len(answers) == 1:
+        return first
+    usage = first.usage
+    generated = sum(a.usage.completion_tokens for a in answers)
+    return msgspec.structs.replace(
+        first, usage=msgspec.structs.replace(usage, completion_tokens=generated,
+                                             total_tokens=usage.prompt_tokens + generated),
+        duration_ms=max(a.duration_ms for a in answers), ttft_ms=min(a.ttft_ms for a in answers),
+        choices=[Choice(index=i, text=a.text, finish_reason=a.finish_reason, logprobs=a.logprobs,
+                        tool_calls=a.tool_calls) for i, a in enumerate(answers) if i])
 
 
 class JobConsumer:
@@ -227,7 +243,7 @@ class JobConsumer:
         job, start = delivery.job, time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            prompt, max_tokens, constraint = await loop.run_in_executor(
+            prompt, max_tokens, constraints = await loop.run_in_executor(
                 self.tokenizing, prepare, self.loaded, job, self.default_max_tokens)
         except JobError as exc:
             await self.fail(delivery, exc.status, exc.detail)
@@ -244,14 +260,22 @@ class JobConsumer:
             Accepted(id=job.id, prompt_tokens=len(prompt), worker=self.name, attempt=delivery.attempt)))
         events: asyncio.Queue = asyncio.Queue()
         shard = self.loaded.shard
-        generation = Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name,
-                                lambda event: loop.call_soon_threadsafe(events.put_nowait, event), cancelled, start,
-                                delivery.attempt, self.limits.output_bytes, constraint)
-        self.scheduler.submit(generation)
-        alive = asyncio.create_task(self.keep_alive(delivery, generation))
+        # One row per answer asked for (`n`), in choice order: each after the first starts from the prompt cache
+        # its predecessor left (workers/lockstep.py: share_prefill).
+        def emitter(choice: int):
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (choice, event))
+
+        share = self.limits.output_bytes // len(constraints)  # of the one Done that carries every answer
+        generations = [Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name, emitter(choice),
+                                  cancelled, start, delivery.attempt, share, constraint, choice)
+                       for choice, constraint in enumerate(constraints)]
+        for generation in generations:
+            self.scheduler.submit(generation)
+        alive = asyncio.create_task(self.keep_alive(delivery, generations))
+        answers: dict[int, Done] = {}
         try:
             while True:
-                event = await events.get()
+                choice, event = await events.get()
                 if isinstance(event, Chunk):
                     if job.stream:
                         await self.nc.publish(delivery.reply_subject, encode(event))
@@ -262,29 +286,34 @@ class JobConsumer:
                     log.info("job %s handed back to the queue (the worker is stopping)", job.id)
                     return
                 elif isinstance(event, Failed):
+                    cancelled.set()  # the job's other answers, if any, stop too
                     await self.fail(delivery, event.status, event.error)
-                    self.log_end(delivery, "failed", generation)
+                    self.log_end(delivery, "failed", generations)
                     return
                 else:
+                    answers[choice] = event
+                    if len(answers) < len(generations):
+                        continue
                     finished = time.perf_counter()
+                    done = joined([answers[i] for i in range(len(generations))])
                     if cancelled.is_set():
-                        await self.withdraw(delivery, refused, partial=event)
+                        await self.withdraw(delivery, refused, partial=done)
                     else:
-                        await self.settler.settle(delivery, event)
-                    self.times.observe(generation, finished)
+                        await self.settler.settle(delivery, done)
+                    self.times.observe(generations[0], finished)
                     self.jobs_done += 1
-                    self.log_end(delivery, "cancelled" if cancelled.is_set() else event.finish_reason, generation)
+                    self.log_end(delivery, "cancelled" if cancelled.is_set() else done.finish_reason, generations)
                     return
         finally:
             alive.cancel()
             if delivery.final is None:
                 cancelled.set()  # not settled (an error above): the row leaves the batch at its next step
 
-    def log_end(self, delivery: Delivery, how: str, generation: Generation) -> None:
-        log.info("job %s ended (%s): %d tokens in %.1fs", delivery.job_id, how, generation.generated,
-                 time.perf_counter() - generation.start)
+    def log_end(self, delivery: Delivery, how: str, generations: list[Generation]) -> None:
+        log.info("job %s ended (%s): %d tokens in %.1fs", delivery.job_id, how, sum(g.generated for g in generations),
+                 time.perf_counter() - generations[0].start)
 
-    async def keep_alive(self, delivery: Delivery, generation: Generation) -> None:
+    async def keep_alive(self, delivery: Delivery, generations: list[Generation]) -> None:
         """Every heartbeat: `in_progress` (so only a dead worker's job is redelivered) and a heartbeat event
         (so the requester can tell a long prefill from a dead worker)."""
         while True:
@@ -292,7 +321,8 @@ class JobConsumer:
             try:
                 await delivery.msg.in_progress()
                 await self.nc.publish(delivery.reply_subject, encode(
-                    Heartbeat(id=delivery.job_id, tokens=generation.generated, attempt=delivery.attempt)))
+                    Heartbeat(id=delivery.job_id, tokens=sum(g.generated for g in generations),
+                              attempt=delivery.attempt)))
             except nats.errors.Error:  # NATS reconnecting: try again at the next beat
                 pass
 

@@ -61,6 +61,7 @@ class _Once:
     """The leader's one greedy request (a `Row` of workers/lockstep.py)."""
 
     greedy = True
+    share_prefill = False
     cancelled = threading.Event()  # never set
 
     def __init__(self, prompt: list[int], max_tokens: int):

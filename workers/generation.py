@@ -12,13 +12,15 @@ from collections import deque
 from typing import Callable
 
 import mlx.core as mx
+import msgspec
 
 from pipeline.limits import encoded_size
 from schemas.jobs import Chunk, Done, Failed, Job
-from schemas.openai import ErrorDetail, PromptTokensDetails, TokenLogprob, TopLogprob, Usage
+from schemas.openai import ErrorDetail, PromptTokensDetails, TokenLogprob, ToolCall, TopLogprob, Usage
 from workers.constrain import Constraint
 from workers.sampling import chooser, has_processors
 from workers.stops import StopMatcher
+from workers.tools import CallSplitter, call_format, offered
 
 
 LOGPROB_FLOOR = -9999.0
@@ -33,8 +35,10 @@ class Generation:
 
     def __init__(self, job: Job, prompt: list[int], max_tokens: int, tokenizer, vocab_size: int, worker: str,
                  emit: Callable, cancelled: threading.Event, start: float, attempt: int = 1,
-                 output_limit: int = 1 << 62, constraint: Constraint | None = None):
+                 output_limit: int = 1 << 62, constraint: Constraint | None = None, choice: int = 0):
         self.job = job
+        self.choice = choice  # which of the job's `n` answers this row writes
+        self.share_prefill = choice < job.params.n - 1  # the next answer starts from this one's prompt cache
         self.eos = tokenizer.eos_token_ids
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -67,6 +71,10 @@ class Generation:
         self._choose = None  # built on the model's thread, at the first step
         self.detokenizer = tokenizer.detokenizer  # a fresh copy per access
         self.stops = StopMatcher(job.params.stop)
+        # With tools offered: the answer's calls, split from its text (workers/tools.py).
+        format = call_format(job, tokenizer)
+        self.calls = CallSplitter(format, offered(job)) if format is not None else None
+        self.tool_calls: list[ToolCall] = []
         self.text_parts: list[str] = []
         self.generated = 0
         self.index = 0
@@ -76,7 +84,10 @@ class Generation:
     def choose(self, logits: mx.array) -> mx.array:
         if self._choose is None:
             observe = self.observe if self.job.params.logprobs is not None else None
-            self._choose = chooser(self.job.params, self.prompt, self.vocab_size, observe)
+            params = self.job.params
+            if params.seed is not None and self.choice:  # each answer its own draws, repeatable
+                params = msgspec.structs.replace(params, seed=(params.seed + self.choice) % 2**64)
+            self._choose = chooser(params, self.prompt, self.vocab_size, observe)
         if self.constraint is None:
             return self._choose(logits)
         # The grammar needs the token drawn before the next mask: this row's draw is read now, not a step later.
@@ -111,14 +122,29 @@ class Generation:
             self.pieces[token] = {"token": text, "bytes": list(text.encode("utf-8"))}
         return self.pieces[token]
 
-    def chunk(self, text: str) -> Chunk:
-        """The next Chunk: `text`, with the log probabilities of the tokens that brought it."""
+    def chunk(self, text: str, calls: list[ToolCall]) -> Chunk:
+        """The next Chunk: `text` and `calls`, with the log probabilities of the tokens that brought them."""
         entries, self.unsent = self.unsent, []
         self.sent += entries
         chunk = Chunk(id=self.job.id, index=self.index, text=text, tokens=self.generated, attempt=self.attempt,
-                      logprobs=entries)
+                      logprobs=entries, tool_calls=calls, choice=self.choice)
         self.index += 1
         return chunk
+
+    def send(self, text: str, last: bool) -> None:
+        """Emit the next piece of the answer: its text, and the tool calls it completed (workers/tools.py)."""
+        calls: list[ToolCall] = []
+        if self.calls is not None:
+            text, calls = self.calls.feed(text)
+            if last:
+                rest, more = self.calls.flush()
+                text, calls = text + rest, calls + more
+        if not text and not calls:
+            return
+        self.text_parts.append(text)
+        self.tool_calls += calls
+        self.output_bytes += encoded_size(text) + (encoded_size(calls) if calls else 0)
+        self.emit(self.chunk(text, calls))
 
     def on_token(self, token: int) -> bool:
         """Take the next generated token; True when the job is finished (its Done is emitted)."""
@@ -150,16 +176,10 @@ class Generation:
             self.finish = "stop"
         elif end:
             text += self.stops.flush()
-        if text:
-            self.text_parts.append(text)
-            self.output_bytes += encoded_size(text)
-            self.emit(self.chunk(text))
+        self.send(text, last=end or stopped)
         if not end and not stopped and self.output_bytes >= self.output_limit:
             end = True  # as large as a message may carry: finish_reason stays "length"
-            text = self.stops.flush()
-            if text:
-                self.text_parts.append(text)
-                self.emit(self.chunk(text))
+            self.send(self.stops.flush(), last=True)
         if not (end or stopped or self.cancelled.is_set()):
             return False
         self.emit(self.result())
@@ -171,7 +191,8 @@ class Generation:
         return Done(
             id=self.job.id,
             text="".join(self.text_parts),
-            finish_reason=self.finish,
+            finish_reason="tool_calls" if self.tool_calls and self.finish == "stop" else self.finish,
+            tool_calls=self.tool_calls or None,
             usage=Usage(prompt_tokens=n_prompt, completion_tokens=self.generated,
                         total_tokens=n_prompt + self.generated,
                         prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens)),

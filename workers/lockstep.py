@@ -58,6 +58,9 @@ class Row(Protocol):
     greedy: bool  # argmax without logits processors: sampled for the whole batch at once
     cached_tokens: int  # set when it joins: prompt tokens taken from the prefix cache
     cancelled: threading.Event  # read by the leader: a cancelled request stops its prefill
+    # One of several answers to a prompt (`n`) with more to join after it: its prompt's cache goes into the prefix
+    # cache once prefilled, so that the others start from it instead of a prefill of their own.
+    share_prefill: bool
 
     def choose(self, logits: mx.array) -> mx.array: ...  # [1, vocab] -> [1]
 
@@ -73,8 +76,9 @@ class FollowerRow:
 
     cached_tokens = 0
 
-    def __init__(self, prompt: list[int]):
+    def __init__(self, prompt: list[int], share_prefill: bool):
         self.prompt = prompt
+        self.share_prefill = share_prefill
 
     def on_leave(self, reason: str) -> None:
         pass
@@ -173,19 +177,20 @@ class BatchEngine:
                 self.joining = admit((prefilling is None or abandon) and len(keep) < self.max_batch)
             done = not keep and self.joining is None and (prefilling is None or abandon)
             prompt = self.joining.prompt if self.joining is not None else []
-            header = [int(done), len(prompt), int(abandon)] + [1 if i in keep else 0 for i in range(size)]
+            share = self.joining is not None and self.joining.share_prefill
+            header = [int(done), len(prompt), int(abandon), int(share)] + [1 if i in keep else 0 for i in range(size)]
         else:
             header = None
-        header = broadcast_list(shard, header, 3 + size)
-        done, prompt_length, abandon = header[:3]
-        keep = [i for i, flag in enumerate(header[3:]) if flag]
+        header = broadcast_list(shard, header, 4 + size)
+        done, prompt_length, abandon, share = header[:4]
+        keep = [i for i, flag in enumerate(header[4:]) if flag]
         if abandon:
             row, self.prefilling = self.prefilling.row, None
             row.on_leave("halted" if halted else "cancelled")
         if prompt_length:
             prompt = broadcast_list(shard, self.joining.prompt if shard.is_leader else None, prompt_length)
             if not shard.is_leader:
-                self.joining = FollowerRow(prompt)
+                self.joining = FollowerRow(prompt, bool(share))
         return bool(done), keep
 
     def _reuse(self, row) -> tuple[list | None, int]:
@@ -275,6 +280,11 @@ class BatchEngine:
         if prefill.rest:
             return
         row = prefill.row
+        if self.prefixes is not None and row.share_prefill:  # (every rank alike: the leader's plan said so)
+            entry = [c.extract(0) for c in prefill.cache]
+            mx.eval([c.state for c in entry])
+            self.prefixes.insert_cache(PREFIX_KEY, row.prompt[:-1], entry)
+            self._evict()
         self.members.append(_Member(row, row.prompt[:-1]))
         self.prefilling = None
         self.cache = _extend_cache(self.cache, prefill.cache)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from schemas.jobs import MAX_TOP_LOGPROBS, Job, SamplingParams
-from schemas.openai import ChatMessage, ErrorDetail
-from workers.constrain import Constraint, Grammars, SchemaError
+from schemas.jobs import MAX_CHOICES, MAX_TOP_LOGPROBS, Job, SamplingParams
+from schemas.openai import ErrorDetail
+from workers.constrain import COMPILE_OPTIONS, Constraint, Grammars, SchemaError
 from workers.shard import Shard, load_shard
 from workers.store import model_context_length, model_revision
+from workers.tools import NO_ARGUMENTS, ToolsError, check_tools, forced, forced_grammar, template_inputs, text_of
 
 class JobError(Exception):
     """A job that cannot run; carries the OpenAI error the requester gets."""
@@ -49,18 +50,10 @@ def open_model(model_id: str, model_dir: Path, layout: str = "whole", group: mx.
                        Grammars(model_dir, shard.vocab_size, list(shard.tokenizer.eos_token_ids)))
 
 
-def message_text(message: ChatMessage) -> str:
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
-    return "\n".join(part.text for part in message.content)
-
-
 def text_bytes(job: Job) -> int:
     """UTF-8 bytes of the job's prompt text (0 for token ids)."""
     if job.kind == "chat":
-        return sum(len(message_text(m).encode()) for m in job.messages or [])
+        return sum(len(text_of(m).encode()) for m in job.messages or [])
     return len(job.prompt.encode()) if isinstance(job.prompt, str) else 0
 
 
@@ -69,12 +62,10 @@ def prompt_tokens(job: Job, tokenizer) -> list[int]:
     if job.kind == "chat":
         if not job.messages:
             raise JobError(400, "'messages' must be a non-empty array.", "messages", "missing_required_parameter")
-        # Templates know system/user/assistant; OpenAI's newer "developer" role is a system message.
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
-            for m in job.messages
-        ]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        # Templates know system/user/assistant; OpenAI's newer "developer" role is a system message (and tools and
+        # their calls are shown as the template can: workers/tools.py).
+        messages, extra = template_inputs(job, tokenizer)
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
     if isinstance(job.prompt, list):
         vocab = tokenizer.vocab_size
         if any(t < 0 or t >= vocab for t in job.prompt):
@@ -114,6 +105,9 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
     if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
         raise JobError(400, f"Invalid 'logprobs': expected a number of alternatives between 0 and {MAX_TOP_LOGPROBS}, "
                        f"but got {params.logprobs} instead.", "logprobs", "invalid_value")
+    if not 1 <= params.n <= MAX_CHOICES:
+        raise JobError(400, f"Invalid 'n': expected a value between 1 and {MAX_CHOICES}, but got {params.n} instead.",
+                       "n", "invalid_value")
     if params.seed is not None and not 0 <= params.seed < 2**64:
         raise JobError(400, f"Invalid 'seed': expected an integer in [0, 2**64), got {params.seed}.", "seed",
                        "invalid_value")
@@ -144,9 +138,9 @@ def check_limits(n_prompt: int, params: SamplingParams, context: int, param: str
     return params.max_tokens if params.max_tokens is not None else min(default_max_tokens, context - n_prompt)
 
 
-def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[list[int], int, Constraint | None]:
-    """The job's prompt ids, how many tokens it may generate, and the grammar its answer must follow (None: free);
-    JobError if it cannot run.
+def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[list[int], int, list[Constraint | None]]:
+    """The job's prompt ids, how many tokens it may generate, and the grammar each of its `n` answers must follow
+    (None: free); JobError if it cannot run.
 
     A prompt whose text is longer than the context could hold even in the longest tokens is refused
     before it is tokenised: tokenising megabytes takes seconds on the one tokenizing thread, which every
@@ -161,11 +155,29 @@ def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[lis
     tokens = prompt_tokens(job, loaded.shard.tokenizer)
     max_tokens = check_limits(len(tokens), job.params, loaded.context_length, param, default_max_tokens)
     check_params(job.params, loaded.shard.vocab_size)
-    constraint = None
-    if job.params.json_schema is not None:
+    return tokens, max_tokens, [constraint_of(loaded.grammars, job, checked=i > 0) for i in range(job.params.n)]
+
+
+def constraint_of(grammars: Grammars, job: Job, checked: bool = False) -> Constraint | None:
+    """The grammar one answer to the job must follow (each answer its own): its response_format's schema, or calls to
+    the tools its tool_choice forces (workers/tools.py); None when it is free. Unless `checked` already, every tool's
+    parameters must compile, forced or not."""
+    try:
+        check_tools(job)
+    except ToolsError as exc:
+        raise JobError(400, str(exc), exc.param, exc.code) from None
+    for i, tool in enumerate([] if checked else job.tools or []):
         try:
-            constraint = loaded.grammars.constraint(job.params.json_schema)
+            grammars.constraint(tool.function.parameters or NO_ARGUMENTS)
         except SchemaError as exc:
-            detail = exc.detail("response_format")
-            raise JobError(400, detail.message, detail.param, detail.code) from None
-    return tokens, max_tokens, constraint
+            raise JobError(400, f"Invalid schema for function '{tool.function.name}': {exc}",
+                           f"tools[{i}].function.parameters", "invalid_function_parameters") from None
+    try:
+        if (tools := forced(job)) is not None:
+            return grammars.constraint_of_lark(forced_grammar(tools, job.parallel_tool_calls, COMPILE_OPTIONS))
+        if job.params.json_schema is not None:
+            return grammars.constraint(job.params.json_schema)
+    except SchemaError as exc:
+        detail = exc.detail("tools" if job.tools else "response_format")
+        raise JobError(400, detail.message, detail.param, detail.code) from None
+    return None
