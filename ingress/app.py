@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ingress import audit, dashboard, handlers, live
+from ingress import anthropic, audit, dashboard, handlers, live
 from ingress.admission import Admission, WorkerTable
 from ingress.audit import AuditReader
 from ingress.errors import APIError, error_response
@@ -153,12 +153,13 @@ class Ingress:
         return self.models[name]
 
 
-def guarded(handler, api_keys: dict[str, str], open_to_all: bool = False):
+def guarded(handler, api_keys: dict[str, str], open_to_all: bool = False, render=error_response):
     """The route with OpenAI's error object for every APIError, and the API key checked first.
 
     The handler finds who asked in `request.state.caller`: `key:<name>:<fingerprint>` (ingress/keys.py),
     or "anonymous" when no key is configured. A route `open_to_all` is also called without a valid key,
-    with `request.state.caller` None; any other answers 401.
+    with `request.state.caller` None; any other answers 401. `render` writes the error in the route's API's own
+    shape (OpenAI's by default; Anthropic's for /v1/messages).
     """
     keys = KeyRing(api_keys)
 
@@ -172,7 +173,7 @@ def guarded(handler, api_keys: dict[str, str], open_to_all: bool = False):
                 request.state.caller = None
             return await handler(request)
         except APIError as exc:
-            return error_response(exc.status, exc.detail, exc.headers)
+            return render(exc.status, exc.detail, exc.headers)
         except Exception:
             log.exception("unhandled error in %s", request.url.path)
             raise
@@ -188,6 +189,8 @@ def authenticate(request: Request, keys: KeyRing) -> str:
     if not keys:
         return ANONYMOUS
     header = request.headers.get("authorization")
+    if header is None and (key := request.headers.get("x-api-key")) is not None:
+        header = f"Bearer {key}"  # how Anthropic's SDK sends its key (/v1/messages); the same keys
     if header is None:
         raise APIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
                        "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", None, "invalid_api_key",
@@ -229,6 +232,7 @@ def create_app(config: IngressConfig) -> Starlette:
     routes = [
         Route("/v1/chat/completions", guarded(handlers.chat_completions, keys), methods=["POST"]),
         Route("/v1/completions", guarded(handlers.completions, keys), methods=["POST"]),
+        Route("/v1/messages", guarded(anthropic.messages, keys, render=anthropic.error_response), methods=["POST"]),
         Route("/v1/models", guarded(handlers.list_models, keys), methods=["GET"]),
         Route("/v1/models/{model:path}", guarded(handlers.get_model, keys), methods=["GET"]),
         Route("/v1/cluster", guarded(handlers.cluster, keys), methods=["GET"]),

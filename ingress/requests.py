@@ -26,30 +26,35 @@ def _unsupported(name: str, given: bool, why: str = "") -> None:
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                     json_schema: dict | None = None) -> SamplingParams:
     # Ranges are checked by the worker (workers/prepare.py: check_params), for NATS submitters too.
-    # max_tokens < 1 is refused by the worker (workers/prepare.py: check_limits), for NATS submitters too.
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
         if not TOKEN_ID.fullmatch(key):  # str.isdigit() accepts "²", which int() refuses
             raise APIError(400, f"Invalid 'logit_bias': keys must be token ids (integers), got {key!r}.",
                            "logit_bias", "invalid_value")
         bias[int(key)] = value
+    return sampling_params_of(
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
+        max_tokens=max_tokens, stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=bias, logprobs=logprobs, json_schema=json_schema,
+        n=req.n)  # n: 1 to MAX_CHOICES, checked by the worker, for NATS submitters too
+
+
+def sampling_params_of(*, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                       min_p: float | None = None, presence_penalty: float | None = None,
+                       frequency_penalty: float | None = None, repetition_penalty: float | None = None,
+                       **given) -> SamplingParams:
+    """A job's parameters from an API's fields, `None` meaning not given (each API's own defaults are OpenAI's)."""
+    # max_tokens < 1 is refused by the worker (workers/prepare.py: check_limits), for NATS submitters too.
     return SamplingParams(
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,  # 0 and vLLM's -1 mean off
-        min_p=req.min_p or 0.0,
-        seed=req.seed,
-        max_tokens=max_tokens,
-        stop=stops,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        logit_bias=bias,
-        logprobs=logprobs,
-        json_schema=json_schema,
-        n=req.n,  # 1 to MAX_CHOICES: checked by the worker, for NATS submitters too
-    )
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,  # 0 and vLLM's -1 mean off
+        min_p=min_p or 0.0,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        **given)
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -93,9 +98,9 @@ def completion_logprobs(req: CompletionRequest) -> int | None:
     return req.logprobs
 
 
-def new_job(kind: str, model: str, params: SamplingParams, stream: bool, **fields) -> Job:
-    prefix = "chatcmpl" if kind == "chat" else "cmpl"
-    job_id = f"{prefix}-{uuid.uuid4().hex}"
+def new_job(kind: str, model: str, params: SamplingParams, stream: bool, prefix: str | None = None, **fields) -> Job:
+    """A job with a fresh id: OpenAI's `chatcmpl-`/`cmpl-` ids, or another API's `prefix` (Anthropic's `msg_`)."""
+    job_id = (prefix or ("chatcmpl-" if kind == "chat" else "cmpl-")) + uuid.uuid4().hex
     return Job(id=job_id, model=model, reply_subject=reply_subject(INGRESS, job_id), kind=kind, params=params,
                stream=stream, created=time.time(), source="http", **fields)
 

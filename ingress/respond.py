@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ingress.errors import APIError
 from ingress.relay import Waiting, submit
-from ingress.shapes import Shape, choices_of, prompt_chars
+from ingress.shapes import Shape, prompt_chars
 from pipeline.access import INGRESS
 from schemas.jobs import Accepted, Chunk, Done, Event, Failed, Heartbeat, Job, Requeued
 
@@ -108,21 +108,18 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
                 if sent_text and event.attempt != attempt:  # another run's answer: it would not match the text sent
                     raise APIError(503, "The worker serving this request was replaced mid-generation; the partial "
                                    "answer cannot be completed.", code="worker_lost")
-                for answer in choices_of(event):
-                    yield shape.chunk(job, finish=answer.finish_reason, choice=answer.index)
-                if include_usage:
-                    yield shape.chunk(job, usage=event.usage)
+                yield shape.finish(job, event, include_usage)
             elif isinstance(event, Failed):
                 raise APIError.from_detail(event.status, event.error)
     except APIError as exc:
-        # Headers are gone already: OpenAI clients raise on a `data:` event carrying an error object.
-        yield b"data: " + encode({"error": exc.detail}) + b"\n\n"
+        # Headers are gone already: the API's clients raise on its error event (OpenAI's: a `data:` error object).
+        yield shape.error(exc.status, exc.detail)
         return
     finally:
         release()
         with anyio.CancelScope(shield=True):  # the relay cancels the job if it did not finish
             await events.aclose()
-    yield b"data: [DONE]\n\n"
+    yield shape.end
 
 
 async def unless_disconnected(request: Request, work):

@@ -9,8 +9,8 @@ import msgspec
 
 from schemas.jobs import Choice, Done, Job
 from schemas.openai import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, ChunkChoice,
-                            ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, FunctionDelta, TokenLogprob,
-                            ToolCall, ToolCallDelta, Usage)
+                            ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, ErrorDetail, ErrorResponse,
+                            FunctionDelta, TokenLogprob, ToolCall, ToolCallDelta, Usage)
 
 encode = msgspec.json.Encoder().encode
 
@@ -86,13 +86,29 @@ def prompt_chars(job: Job) -> int:
     return len(job.prompt) if isinstance(job.prompt, str) else 0
 
 
+def openai_finish(chunk: Callable[..., bytes]) -> Callable[[Job, Done, bool], bytes]:
+    """The end of an OpenAI stream: each answer's finish chunk, then the usage chunk if asked for."""
+    def finish(job: Job, done: Done, include_usage: bool) -> bytes:
+        ends = b"".join(chunk(job, finish=c.finish_reason, choice=c.index) for c in choices_of(done))
+        return ends + (chunk(job, usage=done.usage) if include_usage else b"")
+    return finish
+
+
+def openai_error(status: int, detail: ErrorDetail) -> bytes:
+    return b"data: " + encode(ErrorResponse(error=detail)) + b"\n\n"  # OpenAI's SDKs raise on it
+
+
 @dataclass(frozen=True)
 class Shape:
-    """How one endpoint writes a job's answer."""
+    """How one endpoint writes a job's answer: streamed (`chunk` as events arrive, `finish` with the final one, `error`
+    for a failure after the stream started, `end` last) or whole (`body`)."""
 
-    chunk: Callable[..., bytes]  # (job, role=, text=, finish=, usage=, logprobs=, offset=, call=, choice=)
-    body: Callable[[Job, Done], msgspec.Struct]  # the whole answer, not streamed
+    chunk: Callable[..., bytes]  # (job, role=, text=, logprobs=, offset=, call=, choice=) -> SSE events
+    body: Callable[[Job, Done], msgspec.Struct]
+    finish: Callable[[Job, Done, bool], bytes]  # (job, done, include_usage)
+    error: Callable[[int, ErrorDetail], bytes] = openai_error
+    end: bytes = b"data: [DONE]\n\n"
 
 
-CHAT = Shape(chat_chunk, chat_body)
-COMPLETION = Shape(completion_chunk, completion_body)
+CHAT = Shape(chat_chunk, chat_body, openai_finish(chat_chunk))
+COMPLETION = Shape(completion_chunk, completion_body, openai_finish(completion_chunk))

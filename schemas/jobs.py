@@ -133,6 +133,7 @@ class Done(Struct, tag="done"):
     tool_calls: Union[list[ToolCall], None] = None  # the calls the answer made (`text` is the rest of it)
     # With params.n > 1: the other answers (choice 1 on; the fields above are choice 0's). `usage` counts them all.
     choices: list[Choice] = []
+    stop_sequence: Union[str, None] = None  # the stop sequence that ended the (first) answer, if one did
 
 
 class Failed(Struct, tag="failed"):

@@ -193,6 +193,7 @@ class Generation:
             text="".join(self.text_parts),
             finish_reason="tool_calls" if self.tool_calls and self.finish == "stop" else self.finish,
             tool_calls=self.tool_calls or None,
+            stop_sequence=self.stops.matched,
             usage=Usage(prompt_tokens=n_prompt, completion_tokens=self.generated,
                         total_tokens=n_prompt + self.generated,
                         prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens)),

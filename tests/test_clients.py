@@ -1,0 +1,102 @@
+"""The clients agent frameworks are built on, unchanged, against the session's server: Anthropic's SDK on
+`/v1/messages` (ingress/anthropic.py), and LangChain's `ChatOpenAI` with tools and structured output."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import jsonschema
+import pytest
+from langchain_core.messages import ToolMessage
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
+
+from tests.conftest import MODEL
+from tests.test_tools import TOOLS, WEATHER
+
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city now", "input_schema": WEATHER}
+
+
+@pytest.fixture(scope="module")
+def claude(server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.base_url.removesuffix("/v1"), api_key="not-needed", max_retries=0,
+                               timeout=300)
+
+
+def test_anthropic_messages_plain_and_streamed(claude, client):
+    message = claude.messages.create(model=MODEL, max_tokens=24, extra_body={"temperature": 0}, messages=ASK,
+                                     system="You are a helpful assistant.")
+    assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    assert message.stop_reason in ("end_turn", "max_tokens") and "Paris" in message.content[0].text
+    # The same answer as the OpenAI endpoint gives for the same messages.
+    same = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, messages=[
+        {"role": "system", "content": "You are a helpful assistant."}, *ASK])
+    assert message.content[0].text == same.choices[0].message.content
+    assert message.usage.input_tokens == same.usage.prompt_tokens
+    with claude.messages.stream(model=MODEL, max_tokens=24, extra_body={"temperature": 0}, messages=ASK,
+                                system="You are a helpful assistant.") as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == message.content[0].text and final.stop_reason == message.stop_reason
+    assert final.usage.output_tokens == message.usage.output_tokens
+    # A stop sequence is named as Anthropic names it.
+    cut = claude.messages.create(model=MODEL, max_tokens=24, extra_body={"temperature": 0}, messages=ASK,
+                                 stop_sequences=["Paris"])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == "Paris"
+
+
+def test_anthropic_tool_use_forced_streamed_and_answered(claude):
+    asked = dict(model=MODEL, max_tokens=80, extra_body={"temperature": 0}, tools=[WEATHER_TOOL],
+                 tool_choice={"type": "tool", "name": "get_weather"},
+                 messages=[{"role": "user", "content": "What is the weather like in Paris?"}])
+    message = claude.messages.create(**asked)
+    assert message.stop_reason == "tool_use"
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.id.startswith("toolu_")
+    jsonschema.validate(use.input, WEATHER)
+    with claude.messages.stream(**asked) as stream:
+        final = stream.get_final_message()
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(use.name, use.input)]
+    # The next turn: the call and its result in the history.
+    answer = claude.messages.create(model=MODEL, max_tokens=30, extra_body={"temperature": 0}, tools=[WEATHER_TOOL],
+                                    messages=[
+        *asked["messages"], {"role": "assistant", "content": [use.model_dump()]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "21 C, sunny"}]}],
+        tool_choice={"type": "none"})
+    assert answer.content[0].type == "text" and answer.content[0].text
+
+
+def test_anthropic_errors_are_anthropics(claude):
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.messages.create(model="no-such-model", max_tokens=8, messages=ASK)
+    assert missing.value.body["type"] == "error" and missing.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude.messages.create(model=MODEL, max_tokens=8, messages=ASK, extra_body={"temperature": 1.5})
+    assert bad.value.body["error"]["type"] == "invalid_request_error" and "temperature" in bad.value.message
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
+
+
+class City(BaseModel):
+    """A city and the country it is in."""
+
+    city: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+
+
+def test_langchain_tools_and_structured_output(server):
+    llm = ChatOpenAI(model=MODEL, base_url=server.base_url, api_key="not-needed", temperature=0, max_tokens=80,
+                     max_retries=0)
+    message = llm.bind_tools([TOOLS[0]], tool_choice="get_weather").invoke("What is the weather like in Paris?")
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather"
+    jsonschema.validate(call["args"], WEATHER)
+    # The agent loop's next turn goes through LangChain's own message types.
+    answer = llm.invoke(["What is the weather like in Paris?", message,
+                         ToolMessage(content=json.dumps({"temperature": 21}), tool_call_id=call["id"])])
+    assert isinstance(answer.content, str) and answer.content
+    city = llm.with_structured_output(City).invoke("What is the capital of France, and its country?")
+    assert isinstance(city, City) and city.city
