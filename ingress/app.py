@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ingress import anthropic, audit, dashboard, handlers, live
+from ingress import anthropic, audit, dashboard, handlers, live, responses
 from ingress.admission import Admission, WorkerTable
 from ingress.audit import AuditReader
 from ingress.errors import APIError, error_response
@@ -233,6 +233,7 @@ def create_app(config: IngressConfig) -> Starlette:
         Route("/v1/chat/completions", guarded(handlers.chat_completions, keys), methods=["POST"]),
         Route("/v1/completions", guarded(handlers.completions, keys), methods=["POST"]),
         Route("/v1/messages", guarded(anthropic.messages, keys, render=anthropic.error_response), methods=["POST"]),
+        Route("/v1/responses", guarded(responses.responses, keys), methods=["POST"]),
         Route("/v1/models", guarded(handlers.list_models, keys), methods=["GET"]),
         Route("/v1/models/{model:path}", guarded(handlers.get_model, keys), methods=["GET"]),
         Route("/v1/cluster", guarded(handlers.cluster, keys), methods=["GET"]),

@@ -7,6 +7,7 @@ import json
 
 import anthropic
 import jsonschema
+import openai
 import pytest
 from langchain_core.messages import ToolMessage
 from langchain_openai import ChatOpenAI
@@ -100,3 +101,45 @@ def test_langchain_tools_and_structured_output(server):
     assert isinstance(answer.content, str) and answer.content
     city = llm.with_structured_output(City).invoke("What is the capital of France, and its country?")
     assert isinstance(city, City) and city.city
+
+
+def test_openai_responses_plain_streamed_tools_and_format(client):
+    asked = dict(model=MODEL, input="What is the capital of France?", instructions="You are a helpful assistant.",
+                 temperature=0, max_output_tokens=24)
+    response = client.responses.create(**asked)
+    assert response.object == "response" and response.status in ("completed", "incomplete")
+    same = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, messages=[
+        {"role": "system", "content": "You are a helpful assistant."}, *ASK])
+    assert response.output_text == same.choices[0].message.content and "Paris" in response.output_text
+    assert response.usage.input_tokens == same.usage.prompt_tokens
+    # Streamed: the SDK's typed events, text deltas adding up to the same text, the completed response last.
+    events = list(client.responses.create(**asked, stream=True))
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # A forced function call, then its output in the next input.
+    tool = {"type": "function", "name": "get_weather", "description": "The weather in a city now",
+            "parameters": WEATHER, "strict": True}
+    question = [{"role": "user", "content": "What is the weather like in Paris?"}]
+    called = client.responses.create(model=MODEL, input=question, tools=[tool], tool_choice="required",
+                                     temperature=0, max_output_tokens=80)
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    streamed = [e for e in client.responses.create(model=MODEL, input=question, tools=[tool], tool_choice="required",
+                                                   temperature=0, max_output_tokens=80, stream=True)
+                if e.type == "response.function_call_arguments.done"]
+    assert [e.arguments for e in streamed] == [call.arguments]
+    answer = client.responses.create(model=MODEL, tools=[tool], tool_choice="none", temperature=0,
+                                     max_output_tokens=30, input=[*question, call.model_dump(), {
+                                         "type": "function_call_output", "call_id": call.call_id, "output": "21 C"}])
+    assert answer.output_text
+    # text.format: the answer is JSON of the schema.
+    city = client.responses.create(model=MODEL, input="The capital of France, with its country?", temperature=0,
+                                   max_output_tokens=60, text={"format": {
+                                       "type": "json_schema", "name": "city", "schema": City.model_json_schema()}})
+    City.model_validate_json(city.output_text)
+    # Stateless: a response cannot be continued by its id.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=MODEL, input="And Germany?", previous_response_id=response.id)
+    assert refused.value.param == "previous_response_id"

@@ -1,0 +1,221 @@
+"""`POST /v1/responses`: OpenAI's Responses API, a thin translation onto the same chat jobs as chat completions.
+
+In: `instructions` is the system message; `input` is a string (one user message) or items: messages (text parts),
+`function_call` items (an assistant's tool calls) and `function_call_output` items (`tool` messages); `tools`
+(flat function tools), `tool_choice`, `parallel_tool_calls` and `text.format` (chat's `response_format`, flat) map
+onto chat's. Out: a Response whose `output` holds a `message` item with `output_text` and `function_call` items,
+`status` `incomplete` (reason `max_output_tokens`) when cut; streamed, its typed events with `sequence_number`.
+Stateless: `previous_response_id` is a 400 (README, Limits).
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ingress.errors import APIError, validation_error
+from ingress.handlers import model_for, request_limit
+from ingress.reading import read_request
+from ingress.requests import json_schema_of, new_job, sampling_params_of
+from ingress.respond import respond
+from ingress.shapes import Shape
+from schemas.jobs import Done, Job
+from schemas.openai import (ChatMessage, ErrorDetail, FunctionCall, FunctionDefinition, FunctionName, NamedToolChoice,
+                            ResponseFormat, Tool, ToolCall)
+from schemas.responses import FunctionCallItem, FunctionCallOutputItem, MessageItem, ResponsesRequest
+
+encode = msgspec.json.Encoder().encode
+TEXT_PARTS = ("input_text", "output_text", "text")
+ITEMS = {"message": MessageItem, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem}
+
+
+def parts_text(content: str | list[dict], where: str) -> str:
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise APIError(400, f"Invalid '{where}[{j}]': this model reads text only (input_text parts), got "
+                           f"{part.get('type')!r}.", f"{where}[{j}]", "unsupported_value")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
+    messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+    if isinstance(req.input, str):
+        return messages + [ChatMessage(role="user", content=req.input)]
+    for i, raw in enumerate(req.input):
+        kind = ITEMS.get(raw.get("type", "message"))
+        if kind is None:
+            raise APIError(400, f"Invalid 'input[{i}]': items of type {raw.get('type')!r} are not supported here.",
+                           f"input[{i}].type", "unsupported_value")
+        try:
+            item = msgspec.convert(raw, kind)
+        except msgspec.ValidationError as exc:
+            error = validation_error(exc)
+            raise APIError(400, error.detail.message, f"input[{i}]" + (f".{error.detail.param}" if error.detail.param
+                                                                        else ""), error.detail.code) from None
+        if isinstance(item, MessageItem):
+            messages.append(ChatMessage(role=item.role, content=parts_text(item.content, f"input[{i}].content")))
+        elif isinstance(item, FunctionCallItem):
+            call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant" and (last.tool_calls or not last.content):
+                last.tool_calls = [*(last.tool_calls or []), call]  # calls made together: one assistant turn
+            else:
+                messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+        else:
+            messages.append(ChatMessage(role="tool", tool_call_id=item.call_id,
+                                        content=parts_text(item.output, f"input[{i}].output")))
+    return messages
+
+
+def responses_job(req: ResponsesRequest, caller: str) -> Job:
+    if req.previous_response_id is not None:
+        raise APIError(400, "Unsupported parameter: 'previous_response_id': this server keeps no responses to "
+                       "continue from; send the conversation in 'input'.", "previous_response_id",
+                       "unsupported_parameter")
+    if req.reasoning and req.reasoning.get("effort") is not None:  # as OpenAI answers for a model without reasoning
+        raise APIError(400, "Unsupported parameter: 'reasoning.effort' is not supported with this model.",
+                       "reasoning.effort", "unsupported_parameter")
+    if req.include:
+        raise APIError(400, f"Invalid 'include': {req.include[0]!r} is not supported by this server.", "include",
+                       "unsupported_value")
+    tools = [Tool(type="function", function=FunctionDefinition(name=t.name, description=t.description,
+                                                               parameters=t.parameters, strict=t.strict))
+             for t in req.tools or []]
+    choice = req.tool_choice or "auto"
+    if not isinstance(choice, str):
+        choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name))
+    fmt = req.text.format if req.text else None
+    schema = json_schema_of(ResponseFormat(type=fmt.type, json_schema=fmt.json_schema()) if fmt else None)
+    params = sampling_params_of(temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
+                                json_schema=schema)
+    return new_job("chat", req.model, params, req.stream, prefix="resp_", messages=chat_messages(req),
+                   caller=caller, tools=tools or None, tool_choice=choice,
+                   parallel_tool_calls=req.parallel_tool_calls is not False)
+
+
+def message_item(job: Job, text: str, status: str) -> dict:
+    return {"type": "message", "id": "msg_" + job.id.removeprefix("resp_"), "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text else []}
+
+
+def call_item(call: ToolCall, status: str, arguments: str | None = None) -> dict:
+    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+            "name": call.function.name, "arguments": call.function.arguments if arguments is None else arguments,
+            "status": status}
+
+
+def response_object(job: Job, done: Done | None, output: list[dict]) -> dict:
+    """The Response: in progress (`done` None) or finished, echoing what was asked."""
+    system = job.messages[0].content if job.messages and job.messages[0].role == "system" else None
+    status = "in_progress" if done is None else "incomplete" if done.finish_reason == "length" else "completed"
+    usage = None
+    if done is not None:
+        details = done.usage.prompt_tokens_details
+        usage = {"input_tokens": done.usage.prompt_tokens,
+                 "input_tokens_details": {"cached_tokens": details.cached_tokens if details else 0},
+                 "output_tokens": done.usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": done.usage.total_tokens}
+    choice = job.tool_choice if isinstance(job.tool_choice, str) else {"type": "function",
+                                                                       "name": job.tool_choice.function.name}
+    return {
+        "id": job.id, "object": "response", "created_at": int(job.created), "status": status, "model": job.model,
+        "output": output, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": system, "max_output_tokens": job.params.max_tokens, "temperature": job.params.temperature,
+        "top_p": job.params.top_p, "parallel_tool_calls": job.parallel_tool_calls, "tool_choice": choice,
+        "tools": [{"type": "function", "name": t.function.name, "description": t.function.description,
+                   "parameters": t.function.parameters, "strict": t.function.strict} for t in job.tools or []],
+        "text": {"format": {"type": "json_schema", "name": "schema", "schema": job.params.json_schema}
+                 if job.params.json_schema is not None else {"type": "text"}},
+        "usage": usage, "metadata": {}, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
+        "store": False, "truncation": "disabled", "completed_at": int(time.time()) if done is not None else None,
+    }
+
+
+def response_body(job: Job, done: Done) -> dict:
+    output = [message_item(job, done.text, "completed")] if done.text else []
+    return response_object(job, done, output + [call_item(c, "completed") for c in done.tool_calls or []])
+
+
+class ResponsesStream:
+    """One streamed Response's events: the message item opened at its first text and closed before a call or at the
+    end; each call an item of its own."""
+
+    def __init__(self):
+        self.sequence = 0
+        self.items = 0  # output items started
+        self.text: str | None = None  # the open message item's text so far; None: none open
+
+    def event(self, kind: str, /, **data) -> bytes:
+        out = b"event: " + kind.encode() + b"\ndata: " + encode({"type": kind, "sequence_number": self.sequence,
+                                                                   **data}) + b"\n\n"
+        self.sequence += 1
+        return out
+
+    def close(self, job: Job) -> bytes:
+        if self.text is None:
+            return b""
+        text, self.text = self.text, None
+        item, index = message_item(job, text, "completed"), self.items - 1
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return (self.event("response.output_text.done", **where, text=text, logprobs=[])
+                + self.event("response.content_part.done", **where, part=item["content"][0])
+                + self.event("response.output_item.done", output_index=index, item=item))
+
+    def chunk(self, job: Job, role: bool = False, text: str | None = None, call: tuple[int, ToolCall] | None = None,
+              **_) -> bytes:
+        if role:
+            start = response_object(job, None, [])
+            return self.event("response.created", response=start) + self.event("response.in_progress", response=start)
+        if call is not None:
+            out, index = self.close(job), self.items
+            self.items += 1
+            item = call_item(call[1], "in_progress", arguments="")
+            done = call_item(call[1], "completed")
+            return out + b"".join((
+                self.event("response.output_item.added", output_index=index, item=item),
+                self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                           delta=done["arguments"]),
+                self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                           name=done["name"], arguments=done["arguments"]),
+                self.event("response.output_item.done", output_index=index, item=done)))
+        if not text:
+            return b""
+        out = b""
+        if self.text is None:
+            self.text, index = "", self.items
+            self.items += 1
+            item = message_item(job, "", "in_progress")
+            out = (self.event("response.output_item.added", output_index=index, item=item)
+                   + self.event("response.content_part.added", item_id=item["id"], output_index=index,
+                                content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+        self.text += text
+        return out + self.event("response.output_text.delta", item_id="msg_" + job.id.removeprefix("resp_"),
+                                output_index=self.items - 1, content_index=0, delta=text, logprobs=[])
+
+    def finish(self, job: Job, done: Done, include_usage: bool) -> bytes:
+        body = response_body(job, done)
+        kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
+        return self.close(job) + self.event(kind, response=body)
+
+    def error(self, status: int, detail: ErrorDetail) -> bytes:
+        # OpenAI's SDK raises on an event whose data carries `error`.
+        return self.event("error", code=detail.code, message=detail.message, param=detail.param,
+                          error=msgspec.to_builtins(detail))
+
+
+async def responses(request: Request) -> Response:
+    ingress = request.app.state.ingress
+    req = await read_request(request, ResponsesRequest, request_limit(ingress))
+    job = responses_job(req, request.state.caller)
+    await model_for(ingress, req.model)
+    stream = ResponsesStream()
+    shape = Shape(stream.chunk, response_body, stream.finish, stream.error, b"")
+    return await respond(request, ingress, job, req.stream, False, shape)
