@@ -126,6 +126,15 @@ async def test_a_nats_job_gets_tool_calls_too(server):
                                      headers={"Nats-Msg-Id": bad.id})
         failed = await final_event(sub)
         assert isinstance(failed, Failed) and failed.status == 400 and failed.error.param == "tool_choice"
+        # Several answers (`params.n`): the first in Done's own fields, the others in `choices`, usage of all.
+        several = msgspec.structs.replace(job, id="tools-3", tools=None, tool_choice="auto", params=SamplingParams(
+            temperature=1.0, seed=5, max_tokens=6, n=3))
+        await nc.jetstream().publish(job_subject(MODEL, SUBMITTER), msgspec.json.encode(several),
+                                     headers={"Nats-Msg-Id": several.id})
+        done = await final_event(sub)
+        assert isinstance(done, Done) and [c.index for c in done.choices] == [1, 2], done
+        assert done.usage.completion_tokens > 6  # more than one answer of at most 6 tokens
+        assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
     finally:
         await nc.close()
 
