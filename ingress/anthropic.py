@@ -131,6 +131,8 @@ def message_body(job: Job, done: Done) -> Message:
 
 
 def stop_reason(done: Done) -> str:
+    if done.tool_calls and done.finish_reason != "length":  # a named tool_choice is "stop" in OpenAI's terms only
+        return "tool_use"
     return "stop_sequence" if done.stop_sequence is not None else STOP_REASONS[done.finish_reason]
 
 

@@ -9,7 +9,7 @@ import uuid
 from ingress.errors import APIError
 from pipeline.access import INGRESS
 from pipeline.subjects import reply_subject
-from schemas.jobs import MAX_TOP_LOGPROBS, Job, SamplingParams
+from schemas.jobs import MAX_CHOICES, MAX_TOP_LOGPROBS, Job, SamplingParams
 from schemas.openai import ChatCompletionRequest, CompletionRequest, ResponseFormat, SamplingFields
 
 
@@ -25,7 +25,11 @@ def _unsupported(name: str, given: bool, why: str = "") -> None:
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                     json_schema: dict | None = None) -> SamplingParams:
-    # Ranges are checked by the worker (workers/prepare.py: check_params), for NATS submitters too.
+    # Ranges are checked by the worker (workers/prepare.py: check_params), for NATS submitters too; `n` here as well,
+    # since a stream that starts before a worker took the job writes a first chunk per answer.
+    if not 1 <= req.n <= MAX_CHOICES:
+        raise APIError(400, f"Invalid 'n': expected a value between 1 and {MAX_CHOICES}, but got {req.n} instead.",
+                       "n", "invalid_value")
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
         if not TOKEN_ID.fullmatch(key):  # str.isdigit() accepts "²", which int() refuses
@@ -37,7 +41,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         max_tokens=max_tokens, stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=bias, logprobs=logprobs, json_schema=json_schema,
-        n=req.n)  # n: 1 to MAX_CHOICES, checked by the worker, for NATS submitters too
+        n=req.n)
 
 
 def sampling_params_of(*, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,

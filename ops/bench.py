@@ -75,12 +75,13 @@ def raw_run(model, tokenizer, prompt: str, max_tokens: int) -> dict:
 
 def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int, **extra) -> dict:
     """One streamed greedy chat request (with `extra` fields in its body); times relative to its start, plus its
-    start and end on the perf_counter clock (for aggregate throughput under concurrency)."""
+    start and end on the perf_counter clock (for aggregate throughput under concurrency), and its text."""
     body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}, **extra}
     start = time.perf_counter()
     first = last = None
     tokens = cached = 0
+    parts = []
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -91,11 +92,12 @@ def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int, 
                 tokens = chunk["usage"]["completion_tokens"]
                 cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                parts.append(chunk["choices"][0]["delta"]["content"])
                 now = time.perf_counter()
                 first = first or now
                 last = now
     return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens,
-            "cached_tokens": cached, "start": start, "end": time.perf_counter()}
+            "cached_tokens": cached, "start": start, "end": time.perf_counter(), "text": "".join(parts)}
 
 
 def machine() -> dict:

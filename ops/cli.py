@@ -126,7 +126,11 @@ def parse_levels(text: str) -> list[int]:
 def cmd_bench(args) -> None:
     from ops.bench import run_bench, run_concurrency_bench, run_group_bench
 
-    if args.json_schema:
+    if args.against:
+        from ops.bench_llama import run_llama_bench
+
+        report = run_llama_bench(args)
+    elif args.json_schema:
         from ops.bench_schema import run_schema_bench
 
         report = run_schema_bench(args)
@@ -307,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: compare one process, a pipeline-parallel group of N and --tensor-parallel")
     b.add_argument("--concurrency", type=parse_levels, default=None, metavar="N,M,..",
                    help="instead: the served path with N, then M, ... requests in flight (continuous batching)")
+    b.add_argument("--against", choices=["llama.cpp"], default=None, help="instead: raw mlx-lm, served Conclave and "
+                   "llama.cpp (llama-cpp-python, all cores) on the same GGUF and prompt tokens, greedy, with the ratios")
     b.add_argument("--json-schema", action="store_true", help="instead: the served path's decode speed with and "
                    "without a JSON Schema (response_format, constrained decoding) on the same prompts")
     b.add_argument("--cluster", action="store_true", help="instead: placement time on a synthetic 100-node cluster, "

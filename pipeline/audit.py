@@ -82,8 +82,8 @@ def record_for(job_id: str, job: Job | None, final: Done | Failed, partial: Done
     return AuditRecord(
         time=time.time(), job_id=job_id, outcome=outcome, model=model, model_revision=revision, submitter=submitter,
         caller=caller, source=source, claimed_caller=claimed_caller, claimed_source=claimed_source, job=job,
-        output=done.text if done else "", tool_calls=done.tool_calls if done else None,
-        choices=done.choices if done and done.choices else None, finish_reason=done.finish_reason if outcome == "done" else None,
+        output=done.text if done else "", tool_calls=msgspec.to_builtins(done.tool_calls) if done and done.tool_calls else None,
+        choices=msgspec.to_builtins(done.choices) if done and done.choices else None, finish_reason=done.finish_reason if outcome == "done" else None,
         usage=done.usage if done else None, ttft_ms=done.ttft_ms if done else 0.0,
         duration_ms=done.duration_ms if done else 0.0, load_wait_ms=round(load_wait_ms, 1), worker=worker,
         ranks=ranks, attempt=attempt, error=error,

@@ -20,8 +20,8 @@ import msgspec
 import rfc8785
 from msgspec import Struct
 
-from schemas.jobs import Choice, Job
-from schemas.openai import ErrorDetail, ToolCall, Usage
+from schemas.jobs import Job
+from schemas.openai import ErrorDetail, Usage
 
 GENESIS = "0" * 64  # c_0: the chain value before the first entry of a segment (32 zero bytes, in hex)
 LEGACY_FIELDS = ("n", "prev_hash", "hash")  # the chain each record carried before version 0.5
@@ -45,8 +45,10 @@ class AuditRecord(Struct, kw_only=True):
     claimed_source: Union[str, None] = None
     job: Union[Job, None]  # the request as queued: messages/prompt and parameters (None: undecodable)
     output: str = ""  # the answer's text (without its tool calls)
-    tool_calls: Union[list[ToolCall], None] = None  # the calls the answer made
-    choices: Union[list[Choice], None] = None  # with `n` > 1, the other answers (the fields above are the first's)
+    # The calls the answer made, and with `n` > 1 the other answers (the fields above are the first's): as
+    # schemas/jobs.py's ToolCall and Choice, read loosely so that a newer writer's extra fields still decode.
+    tool_calls: Union[list[dict[str, Any]], None] = None
+    choices: Union[list[dict[str, Any]], None] = None
     finish_reason: Union[str, None] = None
     usage: Union[Usage, None] = None
     ttft_ms: float = 0.0

@@ -218,13 +218,17 @@ def test_batch_engine_prefix_cache_reuses_and_stays_within_its_bytes(tiny_model)
     rows = [Greedy(p, n) for p, n in zip(turns, (5, 12, 8))]
     run_rows(BatchEngine(shard, prefix_cache_bytes=0), rows)
     assert [r.tokens for r in rows] == [a[:n] for a, n in zip(alone, (5, 12, 8))]
-    # Answers to one prompt (`n`): all but the last leave their prompt's cache for the next, which prefills nothing.
+    # Answers to one prompt (`n`): the first leaves its prompt's cache for the others, which prefill nothing.
     rows = [Greedy(turns[0], 12) for _ in range(3)]
-    for row in rows[:-1]:
-        row.share_prefill = True
+    rows[0].share_prefill = True
     run_rows(BatchEngine(shard, prefix_cache_bytes=per_token * 60), rows)
     assert [r.cached_tokens for r in rows] == [0, len(turns[0]) - 1, len(turns[0]) - 1]
     assert all(r.tokens == alone[0] for r in rows)
+    # A one-token prompt prefills nothing, so it has nothing to share: the batch goes on.
+    rows = [Greedy([5], 3), Greedy([5], 3)]
+    rows[0].share_prefill = True
+    run_rows(BatchEngine(shard, prefix_cache_bytes=per_token * 60), rows)
+    assert rows[0].tokens == rows[1].tokens and len(rows[0].tokens) == 3
 
 
 def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(tiny_model):

@@ -113,6 +113,10 @@ class Constraint:
         allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:logits.shape[-1]]
         return mx.where(mx.array(allowed.astype(np.bool_)).reshape(1, -1), logits, -mx.inf)
 
+    def copy(self) -> Constraint:
+        """The same grammar from the same state, for another answer (no second compile)."""
+        return Constraint(engine_call(self.matcher.deep_copy), self.vocab_size)
+
     def take(self, token: int) -> None:
         """The token drawn; a grammar that fails here (beyond a limit of the parser) fails the row, with why."""
         if not engine_call(self.matcher.consume_token, token):

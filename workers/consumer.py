@@ -90,6 +90,7 @@ class JobConsumer:
         # The job is kept alive every heartbeat; missing five in a row means this worker is gone.
         self.ack_wait_s = 5 * heartbeat_s
         self.active: dict[int, Delivery] = {}  # jobs taken and not yet settled, by stream sequence
+        self.extra_rows = 0  # rows beyond one per job taken (answers 2 to n of jobs asking for several): room they use
         self.jobs_done = 0
         self.times = ServiceTimes()
         # Templating and tokenising off the event loop, on one thread: a Hugging Face fast tokenizer can
@@ -109,7 +110,7 @@ class JobConsumer:
                           self.ack_wait_s * 10)
             sub = await self.js.pull_subscribe_bind(durable=worker_durable(self.model_id), stream=JOBS_STREAM)
             while not stopping.is_set():
-                if len(tasks) >= self.max_batch:
+                if len(tasks) + self.extra_rows >= self.max_batch:
                     room.clear()
                     waits = [asyncio.create_task(room.wait()), asyncio.create_task(stopping.wait())]
                     _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -269,6 +270,7 @@ class JobConsumer:
         generations = [Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name, emitter(choice),
                                   cancelled, start, delivery.attempt, share, constraint, choice)
                        for choice, constraint in enumerate(constraints)]
+        self.extra_rows += len(generations) - 1
         for generation in generations:
             self.scheduler.submit(generation)
         alive = asyncio.create_task(self.keep_alive(delivery, generations))
@@ -305,6 +307,7 @@ class JobConsumer:
                     self.log_end(delivery, "cancelled" if cancelled.is_set() else done.finish_reason, generations)
                     return
         finally:
+            self.extra_rows -= len(generations) - 1  # (its task's end wakes the fetch loop)
             alive.cancel()
             if delivery.final is None:
                 cancelled.set()  # not settled (an error above): the row leaves the batch at its next step

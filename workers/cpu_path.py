@@ -28,8 +28,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model
 
-# Float32 weights may take at most this share of the memory available when the worker loads; beyond it the
-# worker keeps the stored (quantized) weights and says so. Placement counts weights as stored (README, Limits).
+# Float32 weights may take at most this share of the memory available when the worker loads (several ranks loading
+# at once on one machine each see the same memory: a quarter leaves room for a few); beyond it the worker keeps the
+# stored (quantized) weights and says so. Placement counts weights as stored (README, Limits).
 DENSE_SHARE = 0.25
 LIBRARIES = ("mkl_rt", "openblas")  # as they appear in a loaded library's file name
 
@@ -55,27 +56,40 @@ def blas_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     library, _ = fast_blas()
     if library and library not in env.get("LD_PRELOAD", "").split(":"):
-        env["LD_PRELOAD"] = ":".join(filter(None, (library, env.get("LD_PRELOAD"))))
+        # After what is preloaded already (a sanitizer's runtime must stay first); before libmlx either way.
+        env["LD_PRELOAD"] = ":".join(filter(None, (env.get("LD_PRELOAD"), library)))
     return env
 
 
 def loaded_blas() -> str | None:
-    """The optimised BLAS this process has loaded (its file name), or None: read from /proc/self/maps."""
+    """The optimised BLAS preloaded into this process (its file name), or None: one named in LD_PRELOAD and mapped
+    (/proc/self/maps). Mapped alone is not enough: numpy's own OpenBLAS is mapped too, with suffixed symbols that
+    libmlx never binds to."""
+    preloaded = {Path(p).name for p in os.environ.get("LD_PRELOAD", "").split(":") if p}
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
     for line in maps.splitlines():
         name = line.rpartition("/")[2]
-        if any(f"lib{library}" in name for library in LIBRARIES):
+        if name in preloaded and any(f"lib{library}" in name for library in LIBRARIES):
             return name
     return None
 
 
 def memory_available() -> int:
+    """The machine's available memory, or less where this process's cgroup (a container) allows less."""
     import psutil
 
-    return psutil.virtual_memory().available
+    available = psutil.virtual_memory().available
+    cgroup = Path("/sys/fs/cgroup")  # v2: the process's own group is the root of its namespace in a container
+    try:
+        limit, used = (cgroup / "memory.max").read_text().strip(), int((cgroup / "memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def dense_bytes(model: nn.Module) -> int:

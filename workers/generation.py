@@ -16,11 +16,12 @@ import msgspec
 
 from pipeline.limits import encoded_size
 from schemas.jobs import Chunk, Done, Failed, Job
-from schemas.openai import ErrorDetail, PromptTokensDetails, TokenLogprob, ToolCall, TopLogprob, Usage
+from schemas.openai import (ErrorDetail, NamedToolChoice, PromptTokensDetails, TokenLogprob, ToolCall, TopLogprob,
+                            Usage)
 from workers.constrain import Constraint
 from workers.sampling import chooser, has_processors
 from workers.stops import StopMatcher
-from workers.tools import CallSplitter, call_format, offered
+from workers.tools import CallSplitter, call_format, forced, offered
 
 
 LOGPROB_FLOOR = -9999.0
@@ -38,7 +39,8 @@ class Generation:
                  output_limit: int = 1 << 62, constraint: Constraint | None = None, choice: int = 0):
         self.job = job
         self.choice = choice  # which of the job's `n` answers this row writes
-        self.share_prefill = choice < job.params.n - 1  # the next answer starts from this one's prompt cache
+        # The first of several answers leaves its prompt's cache for the others (workers/lockstep.py).
+        self.share_prefill = choice == 0 and job.params.n > 1
         self.eos = tokenizer.eos_token_ids
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -70,7 +72,8 @@ class Generation:
         self.first_token = 0.0
         self._choose = None  # built on the model's thread, at the first step
         self.detokenizer = tokenizer.detokenizer  # a fresh copy per access
-        self.stops = StopMatcher(job.params.stop)
+        # A forced tool call's end is the grammar's; a stop string (say "\n") must not cut it into text.
+        self.stops = StopMatcher(job.params.stop if forced(job) is None else [])
         # With tools offered: the answer's calls, split from its text (workers/tools.py).
         format = call_format(job, tokenizer)
         self.calls = CallSplitter(format, offered(job)) if format is not None else None
@@ -177,7 +180,9 @@ class Generation:
         elif end:
             text += self.stops.flush()
         self.send(text, last=end or stopped)
-        if not end and not stopped and self.output_bytes >= self.output_limit:
+        # Text held back as a possible tool call counts too: it goes out as one piece at the end.
+        held = len(self.calls.held.encode()) if self.calls is not None else 0
+        if not end and not stopped and self.output_bytes + held >= self.output_limit:
             end = True  # as large as a message may carry: finish_reason stays "length"
             self.send(self.stops.flush(), last=True)
         if not (end or stopped or self.cancelled.is_set()):
@@ -191,7 +196,7 @@ class Generation:
         return Done(
             id=self.job.id,
             text="".join(self.text_parts),
-            finish_reason="tool_calls" if self.tool_calls and self.finish == "stop" else self.finish,
+            finish_reason=self.finish_reason(),
             tool_calls=self.tool_calls or None,
             stop_sequence=self.stops.matched,
             usage=Usage(prompt_tokens=n_prompt, completion_tokens=self.generated,
@@ -205,6 +210,13 @@ class Generation:
             # streamed job had them in its chunks.
             logprobs=self.sent if self.job.params.logprobs is not None and not self.job.stream else None,
         )
+
+    def finish_reason(self) -> str:
+        """"tool_calls" when the answer made calls, as OpenAI's, except when tool_choice named the function: then
+        "stop", as OpenAI's too."""
+        if self.tool_calls and self.finish == "stop" and not isinstance(self.job.tool_choice, NamedToolChoice):
+            return "tool_calls"
+        return self.finish
 
     def fail(self, exc: Exception) -> None:
         """Sampling or finishing this row raised: this job fails, the rest of the batch goes on."""

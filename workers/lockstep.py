@@ -58,8 +58,8 @@ class Row(Protocol):
     greedy: bool  # argmax without logits processors: sampled for the whole batch at once
     cached_tokens: int  # set when it joins: prompt tokens taken from the prefix cache
     cancelled: threading.Event  # read by the leader: a cancelled request stops its prefill
-    # One of several answers to a prompt (`n`) with more to join after it: its prompt's cache goes into the prefix
-    # cache once prefilled, so that the others start from it instead of a prefill of their own.
+    # The first of several answers to a prompt (`n`): its prompt's cache goes into the prefix cache once prefilled,
+    # so that the others start from it instead of a prefill of their own.
     share_prefill: bool
 
     def choose(self, logits: mx.array) -> mx.array: ...  # [1, vocab] -> [1]
@@ -280,7 +280,9 @@ class BatchEngine:
         if prefill.rest:
             return
         row = prefill.row
-        if self.prefixes is not None and row.share_prefill:  # (every rank alike: the leader's plan said so)
+        # (every rank alike: the leader's plan said so, and each rank has the prompt). A one-token prompt left
+        # nothing in its cache to share.
+        if self.prefixes is not None and row.share_prefill and len(row.prompt) > 1:
             entry = [c.extract(0) for c in prefill.cache]
             mx.eval([c.state for c in entry])
             self.prefixes.insert_cache(PREFIX_KEY, row.prompt[:-1], entry)

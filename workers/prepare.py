@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import msgspec
 
 from schemas.jobs import MAX_CHOICES, MAX_TOP_LOGPROBS, Job, SamplingParams
 from schemas.openai import ErrorDetail
@@ -51,9 +52,11 @@ def open_model(model_id: str, model_dir: Path, layout: str = "whole", group: mx.
 
 
 def text_bytes(job: Job) -> int:
-    """UTF-8 bytes of the job's prompt text (0 for token ids)."""
+    """UTF-8 bytes of the job's prompt text, its tools and past calls included (0 for token ids)."""
     if job.kind == "chat":
-        return sum(len(text_of(m).encode()) for m in job.messages or [])
+        calls = [c.function.arguments for m in job.messages or [] for c in m.tool_calls or []]
+        return (sum(len(text_of(m).encode()) for m in job.messages or []) + sum(len(a.encode()) for a in calls)
+                + (len(msgspec.json.encode(job.tools)) if job.tools else 0))
     return len(job.prompt.encode()) if isinstance(job.prompt, str) else 0
 
 
@@ -147,6 +150,10 @@ def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[lis
     other job waits for.
     """
     param = "messages" if job.kind == "chat" else "prompt"
+    try:  # before the tools are rendered into the prompt
+        check_tools(job)
+    except ToolsError as exc:
+        raise JobError(400, str(exc), exc.param, exc.code) from None
     least = text_bytes(job) // loaded.max_token_bytes
     if least > loaded.context_length:
         raise JobError(400, f"This model's maximum context length is {loaded.context_length} tokens. However, your "
@@ -155,18 +162,14 @@ def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[lis
     tokens = prompt_tokens(job, loaded.shard.tokenizer)
     max_tokens = check_limits(len(tokens), job.params, loaded.context_length, param, default_max_tokens)
     check_params(job.params, loaded.shard.vocab_size)
-    return tokens, max_tokens, [constraint_of(loaded.grammars, job, checked=i > 0) for i in range(job.params.n)]
+    constraint = constraint_of(loaded.grammars, job)  # compiled once; each further answer gets a copy of its state
+    return tokens, max_tokens, [constraint] + [constraint and constraint.copy() for _ in range(job.params.n - 1)]
 
 
-def constraint_of(grammars: Grammars, job: Job, checked: bool = False) -> Constraint | None:
-    """The grammar one answer to the job must follow (each answer its own): its response_format's schema, or calls to
-    the tools its tool_choice forces (workers/tools.py); None when it is free. Unless `checked` already, every tool's
-    parameters must compile, forced or not."""
-    try:
-        check_tools(job)
-    except ToolsError as exc:
-        raise JobError(400, str(exc), exc.param, exc.code) from None
-    for i, tool in enumerate([] if checked else job.tools or []):
+def constraint_of(grammars: Grammars, job: Job) -> Constraint | None:
+    """The grammar the job's answers must follow: its response_format's schema, or calls to the tools its tool_choice
+    forces (workers/tools.py); None when they are free. Every tool's parameters must compile, forced or not."""
+    for i, tool in enumerate(job.tools or []):
         try:
             grammars.constraint(tool.function.parameters or NO_ARGUMENTS)
         except SchemaError as exc:

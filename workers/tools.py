@@ -31,6 +31,7 @@ from schemas.jobs import Job
 from schemas.openai import ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
 
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+MAX_TOOLS_BYTES = 100_000  # the functions' JSON, all together: as a response_format schema (workers/constrain.py)
 
 # Ollama's SmolLM2 system prompt for tools (ollama.com/library/smollm2), the functions where it says.
 TOOLS_PROMPT = (
@@ -95,12 +96,17 @@ def call_format(job: Job, tokenizer) -> CallFormat | None:
 
 def check_tools(job: Job) -> None:
     """What OpenAI refuses about `tools` and `tool_choice`, for every submitter (the ingress and NATS jobs)."""
+    if job.kind != "chat" and (job.tools or job.tool_choice != "auto"):
+        raise ToolsError("'tools' and 'tool_choice' are for chat jobs.", "tools", "unsupported_parameter")
     if job.tools is not None and not job.tools:
         raise ToolsError("Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty "
                          "array instead.", "tools", "empty_array")
     if job.tool_choice != "auto" and not job.tools and job.tool_choice != "none":
         raise ToolsError("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
                          "tool_choice")
+    if len(json.dumps([schema_of(t) for t in job.tools or []])) > MAX_TOOLS_BYTES:
+        raise ToolsError(f"Invalid 'tools': more than {MAX_TOOLS_BYTES} bytes of JSON (a grammar that large takes "
+                         f"seconds to compile).", "tools", "invalid_value")
     names = [t.function.name for t in job.tools or []]
     if len(set(names)) < len(names):
         raise ToolsError("Invalid 'tools': function names must be unique.", "tools")
