@@ -5,7 +5,9 @@ In: `instructions` is the system message; `input` is a string (one user message)
 (flat function tools), `tool_choice`, `parallel_tool_calls` and `text.format` (chat's `response_format`, flat) map
 onto chat's. Out: a Response whose `output` holds a `message` item with `output_text` and `function_call` items,
 `status` `incomplete` (reason `max_output_tokens`) when cut; streamed, its typed events with `sequence_number`.
-Stateless: `previous_response_id` is a 400 (README, Limits).
+`previous_response_id` continues a response of the last day: its input is kept by its id in CONCLAVE_CONVERSATIONS
+(unless `store` is false) and its answer is its job's stored result in CONCLAVE_RESULTS, both as long as results
+are (CONCLAVE_RESULTS_TTL_HOURS, default 24).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import time
 
 import msgspec
+from nats.js.errors import NotFoundError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,12 +25,16 @@ from ingress.reading import read_request
 from ingress.requests import json_schema_of, new_job, sampling_params_of
 from ingress.respond import respond
 from ingress.shapes import Shape
+from pipeline.access import INGRESS
+from pipeline.settle import stored_result
+from pipeline.subjects import CONVERSATIONS_STREAM, conversation_subject
 from schemas.jobs import Done, Job
 from schemas.openai import (ChatMessage, ErrorDetail, FunctionCall, FunctionDefinition, FunctionName, NamedToolChoice,
                             ResponseFormat, Tool, ToolCall)
-from schemas.responses import FunctionCallItem, FunctionCallOutputItem, MessageItem, ResponsesRequest
+from schemas.responses import Conversation, FunctionCallItem, FunctionCallOutputItem, MessageItem, ResponsesRequest
 
 encode = msgspec.json.Encoder().encode
+decode_conversation = msgspec.json.Decoder(Conversation).decode
 TEXT_PARTS = ("input_text", "output_text", "text")
 ITEMS = {"message": MessageItem, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem}
 
@@ -44,8 +51,10 @@ def parts_text(content: str | list[dict], where: str) -> str:
     return "\n".join(texts)
 
 
-def chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
+def chat_messages(req: ResponsesRequest, before: list[ChatMessage]) -> list[ChatMessage]:
+    """The job's messages: the instructions, the conversation `before` (a previous response's), then the input."""
     messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+    messages += before
     if isinstance(req.input, str):
         return messages + [ChatMessage(role="user", content=req.input)]
     for i, raw in enumerate(req.input):
@@ -74,11 +83,7 @@ def chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
     return messages
 
 
-def responses_job(req: ResponsesRequest, caller: str) -> Job:
-    if req.previous_response_id is not None:
-        raise APIError(400, "Unsupported parameter: 'previous_response_id': this server keeps no responses to "
-                       "continue from; send the conversation in 'input'.", "previous_response_id",
-                       "unsupported_parameter")
+def responses_job(req: ResponsesRequest, caller: str, before: list[ChatMessage]) -> Job:
     if req.reasoning and req.reasoning.get("effort") is not None:  # as OpenAI answers for a model without reasoning
         raise APIError(400, "Unsupported parameter: 'reasoning.effort' is not supported with this model.",
                        "reasoning.effort", "unsupported_parameter")
@@ -95,7 +100,7 @@ def responses_job(req: ResponsesRequest, caller: str) -> Job:
     schema = json_schema_of(ResponseFormat(type=fmt.type, json_schema=fmt.json_schema()) if fmt else None)
     params = sampling_params_of(temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
                                 json_schema=schema)
-    return new_job("chat", req.model, params, req.stream, prefix="resp_", messages=chat_messages(req),
+    return new_job("chat", req.model, params, req.stream, prefix="resp_", messages=chat_messages(req, before),
                    caller=caller, tools=tools or None, tool_choice=choice,
                    parallel_tool_calls=req.parallel_tool_calls is not False)
 
@@ -135,7 +140,7 @@ def response_object(job: Job, done: Done | None, output: list[dict]) -> dict:
         "text": {"format": {"type": "json_schema", "name": "schema", "schema": job.params.json_schema}
                  if job.params.json_schema is not None else {"type": "text"}},
         "usage": usage, "metadata": {}, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
-        "store": False, "truncation": "disabled", "completed_at": int(time.time()) if done is not None else None,
+        "truncation": "disabled", "completed_at": int(time.time()) if done is not None else None,
     }
 
 
@@ -211,11 +216,32 @@ class ResponsesStream:
                           error=msgspec.to_builtins(detail))
 
 
+async def previous(js, response_id: str) -> list[ChatMessage]:
+    """The conversation a response continues: what response `response_id` was asked, and its answer."""
+    missing = APIError(400, f"Previous response with id '{response_id}' not found.", "previous_response_id",
+                       "previous_response_not_found")
+    try:
+        msg = await js.get_last_msg(CONVERSATIONS_STREAM, conversation_subject(response_id), direct=True)
+    except NotFoundError:
+        raise missing from None
+    asked = decode_conversation(msg.data)
+    done = await stored_result(js, asked.model, INGRESS, response_id)
+    if not isinstance(done, Done):  # failed, or not finished (yet)
+        raise missing
+    return [*asked.messages, ChatMessage(role="assistant", content=done.text or None, tool_calls=done.tool_calls)]
+
+
 async def responses(request: Request) -> Response:
     ingress = request.app.state.ingress
     req = await read_request(request, ResponsesRequest, request_limit(ingress))
-    job = responses_job(req, request.state.caller)
+    js = ingress.link.nc.jetstream()
+    before = await previous(js, req.previous_response_id) if req.previous_response_id else []
+    job = responses_job(req, request.state.caller, before)
     await model_for(ingress, req.model)
+    if req.store is not False:  # kept before it runs: its answer may be continued as soon as it is settled
+        # Without this request's instructions (OpenAI does not carry them over to the next response).
+        asked = Conversation(model=job.model, messages=job.messages[1:] if req.instructions else job.messages)
+        await js.publish(conversation_subject(job.id), encode(asked), stream=CONVERSATIONS_STREAM)
     stream = ResponsesStream()
     shape = Shape(stream.chunk, response_body, stream.finish, stream.error, b"")
     return await respond(request, ingress, job, req.stream, False, shape)

@@ -65,12 +65,15 @@ def raw_run(model, tokenizer, prompt: str, max_tokens: int) -> dict:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     first = last = None
     tokens = 0
+    parts = []
     for response in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(0.0)):
         now = time.perf_counter()
         if response.text and first is None:
             first = now
         last, tokens = now, response.generation_tokens
-    return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens}
+        parts.append(response.text)
+    return {"ttft_ms": (first - start) * 1000, "decode_tps": (tokens - 1) / (last - first), "tokens": tokens,
+            "text": "".join(parts)}
 
 
 def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int, **extra) -> dict:

@@ -82,8 +82,11 @@ def run_llama_bench(args) -> dict:
                     served.append(served_run(http, model.path.name, prompt, args.max_tokens))
         finally:
             server.stop()
+    # The served path's weights and BLAS differ from stock mlx-lm's (workers/cpu_path.py): its greedy text against
+    # theirs, prompt by prompt.
     report = {"model": model.id, "machine": machine(), "max_tokens": args.max_tokens, "prompts": len(prompts),
-              "threads": threads, "raw_mlx_lm": summary(raw), "served": summary(served)}
+              "threads": threads, "raw_mlx_lm": summary(raw), "served": summary(served),
+              "same_text_as_raw_mlx_lm": f"{sum(r['text'] == s['text'] for r, s in zip(raw, served))}/{len(prompts)}"}
     if isinstance(llama, str):
         return {**report, "llama_cpp": llama}
     llama_s, served_s = summary(llama), report["served"]

@@ -32,7 +32,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.subjects import (AUDIT_PREFIX, AUDIT_STREAM, CHECKPOINTS_STREAM, CATALOGUE_PREFIX, CATALOGUE_STREAM, CANCELS_PREFIX, CONTROL_PREFIX, CONTROL_STREAM, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
+from pipeline.subjects import (AUDIT_PREFIX, AUDIT_STREAM, CHECKPOINTS_STREAM, CONVERSATIONS_PREFIX, CONVERSATIONS_STREAM, CATALOGUE_PREFIX, CATALOGUE_STREAM, CANCELS_PREFIX, CONTROL_PREFIX, CONTROL_STREAM, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
                                JOBS_STREAM, NODES_PREFIX, NODES_STREAM, RESULTS_PREFIX, RESULTS_STREAM, STATUS_PREFIX,
                                name_of_token, reply_prefix,
                                subject_token, worker_durable)
@@ -115,7 +115,9 @@ def ingress_permissions() -> Permissions:
                                 f"$JS.API.STREAM.INFO.{INSTANCES_STREAM}",
                                 _direct_get(INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"), PLACE_SUBJECT,
                                 INSTANCES_SUBJECT,
-                                _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.lease")),
+                                _direct_get(CONTROL_STREAM, f"{CONTROL_PREFIX}.lease"),
+                                # Responses API conversations (ingress/responses.py), shared by every ingress.
+                                f"{CONVERSATIONS_PREFIX}.>", _direct_get(CONVERSATIONS_STREAM, f"{CONVERSATIONS_PREFIX}.>")),
                        subscribe=(*own.subscribe, f"{STATUS_PREFIX}.>", f"{INSTANCES_PREFIX}.>", f"{NODES_PREFIX}.>"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -15,8 +16,9 @@ from pipeline.checkpoints import checkpoints_stream_config
 from pipeline.catalogue import catalogue_bucket_config
 from pipeline.nodes import instances_bucket_config, nodes_bucket_config
 from pipeline.lease import control_bucket_config
-from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, DEAD_PREFIX, DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM,
-                               RESULTS_PREFIX, RESULTS_STREAM, job_subject, worker_durable)
+from pipeline.subjects import (CANCELS_PREFIX, CANCELS_STREAM, CONVERSATIONS_PREFIX, CONVERSATIONS_STREAM, DEAD_PREFIX,
+                               DEAD_STREAM, JOBS_PREFIX, JOBS_STREAM, RESULTS_PREFIX, RESULTS_STREAM, job_subject,
+                               worker_durable)
 
 log = logging.getLogger("conclave.streams")
 DAY = 24 * 3600
@@ -81,6 +83,12 @@ def results_stream_config() -> StreamConfig:
                         max_age=hours * 3600, max_msgs_per_subject=1, allow_direct=True)
 
 
+def conversations_stream_config() -> StreamConfig:
+    # A response's input, kept as long as its output (the job's result) is: continuing one needs both.
+    return dataclasses.replace(results_stream_config(), name=CONVERSATIONS_STREAM,
+                               subjects=[f"{CONVERSATIONS_PREFIX}.>"])
+
+
 def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:
     # Every submitter's jobs for the model: conclave.jobs.<model>.<submitter>.
     return ConsumerConfig(
@@ -103,7 +111,7 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     said in the log; `conclave audit verify` reports a configuration that changed since a checkpoint.
     """
     for config in (jobs_stream_config(), cancels_stream_config(), dead_letter_stream_config(),
-                   results_stream_config()):
+                   results_stream_config(), conversations_stream_config()):
         config.num_replicas = replicas
         try:
             await js.add_stream(config)

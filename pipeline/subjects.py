@@ -15,6 +15,9 @@ GROUPS_PREFIX = "conclave.groups"
 DEAD_STREAM = "CONCLAVE_DEAD"
 RESULTS_STREAM = "CONCLAVE_RESULTS"
 RESULTS_PREFIX = "conclave.results"
+# The input of each Responses API response, by its id (the output is its job's result): previous_response_id.
+CONVERSATIONS_STREAM = "CONCLAVE_CONVERSATIONS"
+CONVERSATIONS_PREFIX = "conclave.conversations"
 DEAD_PREFIX = "conclave.dead"
 AUDIT_STREAM = "CONCLAVE_AUDIT"
 AUDIT_PREFIX = "conclave.audit"  # one subject per job message: conclave.audit.<model>.<submitter>.<id>.<seq>
@@ -122,6 +125,11 @@ def result_subject(model: str, submitter: str, job_id: str) -> str:
     """The final event (done or failed) of a job, kept in CONCLAVE_RESULTS for a submitter that reconnects.
     Job ids are the submitter's own: two submitters' jobs with the same id never share a result."""
     return f"{RESULTS_PREFIX}.{subject_token(model)}.{submitter}.{subject_token(job_id)}"
+
+
+def conversation_subject(response_id: str) -> str:
+    """What a Responses API response was asked (ingress/responses.py), for a later one that continues it."""
+    return f"{CONVERSATIONS_PREFIX}.{subject_token(response_id)}"
 
 
 def audit_subject(model: str, submitter: str, job_id: str, job_seq: int = 0) -> str:

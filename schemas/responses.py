@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 
 from msgspec import Meta, Struct
 
-from schemas.openai import JsonSchemaFormat
+from schemas.openai import ChatMessage, JsonSchemaFormat
 
 
 class FunctionTool(Struct, forbid_unknown_fields=True):
@@ -76,13 +76,12 @@ class ResponsesRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     tool_choice: Union[Literal["none", "auto", "required"], FunctionChoice, None] = None
     parallel_tool_calls: Union[bool, None] = None
     text: Union[TextConfig, None] = None
-    # Refused with a 400 naming them: nothing is kept to continue from (send the whole conversation in `input`), and
-    # no model served here reasons on demand.
-    previous_response_id: Union[str, None] = None
+    previous_response_id: Union[str, None] = None  # a response of the last CONCLAVE_RESULTS_TTL_HOURS to continue
+    # Refused with a 400 naming them: no model served here reasons on demand.
     reasoning: Union[dict[str, Any], None] = None
     include: Union[list[str], None] = None
+    store: Union[bool, None] = None  # False: nothing is kept to continue this response from
     # Accepted without effect on the answer, as OpenAI accepts them.
-    store: Union[bool, None] = None
     metadata: Union[dict[str, str], None] = None
     user: Union[str, None] = None
     safety_identifier: Union[str, None] = None
@@ -90,3 +89,12 @@ class ResponsesRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     service_tier: Union[Literal["auto", "default", "flex", "scale", "priority"], None] = None
     truncation: Union[Literal["disabled"], None] = None  # "auto" (dropping the conversation's start) is not done
     stream_options: Union[dict[str, Any], None] = None
+
+
+class Conversation(Struct):
+    """What a response was asked, kept by its id (CONCLAVE_CONVERSATIONS) for one that continues it
+    (`previous_response_id`): the model and the messages, without the instructions (OpenAI does not carry them
+    over). Its answer is its job's result (CONCLAVE_RESULTS)."""
+
+    model: str
+    messages: list[ChatMessage]

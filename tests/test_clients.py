@@ -139,7 +139,16 @@ def test_openai_responses_plain_streamed_tools_and_format(client):
                                    max_output_tokens=60, text={"format": {
                                        "type": "json_schema", "name": "city", "schema": City.model_json_schema()}})
     City.model_validate_json(city.output_text)
-    # Stateless: a response cannot be continued by its id.
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.responses.create(model=MODEL, input="And Germany?", previous_response_id=response.id)
-    assert refused.value.param == "previous_response_id"
+    # A response continued by its id: the model sees the first question and answer before the new input.
+    follow = client.responses.create(model=MODEL, input="And Germany?", previous_response_id=response.id,
+                                     temperature=0, max_output_tokens=16)
+    again = client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0, messages=[
+        *ASK, {"role": "assistant", "content": response.output_text}, {"role": "user", "content": "And Germany?"}])
+    assert follow.output_text == again.choices[0].message.content
+    assert follow.usage.input_tokens == again.usage.prompt_tokens
+    # One asked not to be stored, or one that never was, cannot be continued.
+    unstored = client.responses.create(model=MODEL, input="Hi", store=False, max_output_tokens=2)
+    for response_id in (unstored.id, "resp_nothing"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model=MODEL, input="And Germany?", previous_response_id=response_id)
+        assert refused.value.param == "previous_response_id"
