@@ -216,8 +216,9 @@ class ResponsesStream:
                           error=msgspec.to_builtins(detail))
 
 
-async def previous(js, response_id: str) -> list[ChatMessage]:
-    """The conversation a response continues: what response `response_id` was asked, and its answer."""
+async def previous(js, response_id: str, caller: str) -> list[ChatMessage]:
+    """The conversation a response continues: what response `response_id` was asked, and its answer. Only its own
+    caller (the same API key) may continue it; to anyone else it does not exist."""
     missing = APIError(400, f"Previous response with id '{response_id}' not found.", "previous_response_id",
                        "previous_response_not_found")
     try:
@@ -225,6 +226,8 @@ async def previous(js, response_id: str) -> list[ChatMessage]:
     except NotFoundError:
         raise missing from None
     asked = decode_conversation(msg.data)
+    if asked.caller != caller:
+        raise missing
     done = await stored_result(js, asked.model, INGRESS, response_id)
     if not isinstance(done, Done):  # failed, or not finished (yet)
         raise missing
@@ -235,12 +238,14 @@ async def responses(request: Request) -> Response:
     ingress = request.app.state.ingress
     req = await read_request(request, ResponsesRequest, request_limit(ingress))
     js = ingress.link.nc.jetstream()
-    before = await previous(js, req.previous_response_id) if req.previous_response_id else []
-    job = responses_job(req, request.state.caller, before)
+    caller = request.state.caller
+    before = await previous(js, req.previous_response_id, caller) if req.previous_response_id else []
+    job = responses_job(req, caller, before)
     await model_for(ingress, req.model)
     if req.store is not False:  # kept before it runs: its answer may be continued as soon as it is settled
         # Without this request's instructions (OpenAI does not carry them over to the next response).
-        asked = Conversation(model=job.model, messages=job.messages[1:] if req.instructions else job.messages)
+        asked = Conversation(model=job.model, messages=job.messages[1:] if req.instructions else job.messages,
+                             caller=caller)
         await js.publish(conversation_subject(job.id), encode(asked), stream=CONVERSATIONS_STREAM)
     stream = ResponsesStream()
     shape = Shape(stream.chunk, response_body, stream.finish, stream.error, b"")

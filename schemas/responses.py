@@ -98,3 +98,4 @@ class Conversation(Struct):
 
     model: str
     messages: list[ChatMessage]
+    caller: str = ""  # who asked (the API key's name): only they may continue it
