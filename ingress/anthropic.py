@@ -83,7 +83,7 @@ def chat_messages(req: MessagesRequest) -> list[ChatMessage]:
 
 
 def messages_job(req: MessagesRequest, caller: str) -> Job:
-    if req.thinking is not None:  # as Anthropic answers for a model without extended thinking
+    if req.thinking is not None and req.thinking.get("type") != "disabled":  # as Anthropic answers for such a model
         raise APIError(400, "thinking: this model does not support extended thinking.", "thinking")
     if req.output_config is not None and req.output_config.effort is not None:
         raise APIError(400, "output_config.effort: this model does not support effort.", "output_config.effort")
@@ -111,10 +111,14 @@ def messages_job(req: MessagesRequest, caller: str) -> Job:
 
 
 def tool_use(call: ToolCall) -> ToolUseOut:
+    """A call as a tool_use block, whose `input` is always an object (the SDK and this API insist): an unconstrained
+    call's arguments that are not a JSON object are passed on whole as {"arguments": <their text>}."""
     try:
         arguments = json.loads(call.function.arguments)
-    except ValueError:  # an unconstrained call's arguments that are not JSON: passed on as text
-        arguments = call.function.arguments
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        arguments = {"arguments": call.function.arguments}
     return ToolUseOut(id=call.id.replace("call_", "toolu_", 1), name=call.function.name, input=arguments)
 
 
@@ -160,7 +164,7 @@ class MessagesStream:
             out = self.close() + event("content_block_start", {"index": self.blocks, "content_block": {
                 "type": "tool_use", "id": use.id, "name": use.name, "input": {}}})
             out += event("content_block_delta", {"index": self.blocks, "delta": {
-                "type": "input_json_delta", "partial_json": call[1].function.arguments}})
+                "type": "input_json_delta", "partial_json": json.dumps(use.input)}})
             out += event("content_block_stop", {"index": self.blocks})
             self.blocks += 1
             return out

@@ -108,6 +108,8 @@ async def sse(job: Job, events: AsyncIterator[Event | Waiting], first: Accepted 
                 if sent_text and event.attempt != attempt:  # another run's answer: it would not match the text sent
                     raise APIError(503, "The worker serving this request was replaced mid-generation; the partial "
                                    "answer cannot be completed.", code="worker_lost")
+                if shape.on_done is not None:
+                    await shape.on_done(job, event)
                 yield shape.finish(job, event, include_usage)
             elif isinstance(event, Failed):
                 raise APIError.from_detail(event.status, event.error)
@@ -207,4 +209,6 @@ async def answer(request: Request, ingress, job: Job, stream: bool, include_usag
 
     done = await unless_disconnected(request, whole)
     release()
+    if shape.on_done is not None:
+        await shape.on_done(job, done)
     return Response(encode(shape.body(job, done)), media_type="application/json", headers=headers)

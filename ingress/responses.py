@@ -12,9 +12,11 @@ are (CONCLAVE_RESULTS_TTL_HOURS, default 24).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import msgspec
+import nats.errors
 from nats.js.errors import NotFoundError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,6 +35,7 @@ from schemas.openai import (ChatMessage, ErrorDetail, FunctionCall, FunctionDefi
                             ResponseFormat, Tool, ToolCall)
 from schemas.responses import Conversation, FunctionCallItem, FunctionCallOutputItem, MessageItem, ResponsesRequest
 
+log = logging.getLogger("conclave.ingress")
 encode = msgspec.json.Encoder().encode
 decode_conversation = msgspec.json.Decoder(Conversation).decode
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -58,7 +61,8 @@ def chat_messages(req: ResponsesRequest, before: list[ChatMessage]) -> list[Chat
     if isinstance(req.input, str):
         return messages + [ChatMessage(role="user", content=req.input)]
     for i, raw in enumerate(req.input):
-        kind = ITEMS.get(raw.get("type", "message"))
+        given = raw.get("type", "message")
+        kind = ITEMS.get(given) if isinstance(given, str) else None
         if kind is None:
             raise APIError(400, f"Invalid 'input[{i}]': items of type {raw.get('type')!r} are not supported here.",
                            f"input[{i}].type", "unsupported_value")
@@ -105,8 +109,10 @@ def responses_job(req: ResponsesRequest, caller: str, before: list[ChatMessage])
                    parallel_tool_calls=req.parallel_tool_calls is not False)
 
 
-def message_item(job: Job, text: str, status: str) -> dict:
-    return {"type": "message", "id": "msg_" + job.id.removeprefix("resp_"), "status": status, "role": "assistant",
+def message_item(job: Job, text: str, status: str, index: int = 0) -> dict:
+    """A message output item; its id names its place in the output (text may come again after a call)."""
+    return {"type": "message", "id": f"msg_{job.id.removeprefix('resp_')}_{index}", "status": status,
+            "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text else []}
 
 
@@ -123,8 +129,9 @@ def response_object(job: Job, done: Done | None, output: list[dict]) -> dict:
     usage = None
     if done is not None:
         details = done.usage.prompt_tokens_details
+        cached = details.cached_tokens if details else 0
         usage = {"input_tokens": done.usage.prompt_tokens,
-                 "input_tokens_details": {"cached_tokens": details.cached_tokens if details else 0},
+                 "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                  "output_tokens": done.usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": done.usage.total_tokens}
     choice = job.tool_choice if isinstance(job.tool_choice, str) else {"type": "function",
@@ -150,12 +157,12 @@ def response_body(job: Job, done: Done) -> dict:
 
 
 class ResponsesStream:
-    """One streamed Response's events: the message item opened at its first text and closed before a call or at the
-    end; each call an item of its own."""
+    """One streamed Response's events: a message item opened at text and closed before a call or at the end, each call
+    an item of its own; the final Response's output is the items as they were streamed."""
 
     def __init__(self):
         self.sequence = 0
-        self.items = 0  # output items started
+        self.output: list[dict] = []  # items done, in order
         self.text: str | None = None  # the open message item's text so far; None: none open
 
     def event(self, kind: str, /, **data) -> bytes:
@@ -167,10 +174,11 @@ class ResponsesStream:
     def close(self, job: Job) -> bytes:
         if self.text is None:
             return b""
-        text, self.text = self.text, None
-        item, index = message_item(job, text, "completed"), self.items - 1
+        index = len(self.output)
+        item, self.text = message_item(job, self.text, "completed", index), None
+        self.output.append(item)
         where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        return (self.event("response.output_text.done", **where, text=text, logprobs=[])
+        return (self.event("response.output_text.done", **where, text=item["content"][0]["text"], logprobs=[])
                 + self.event("response.content_part.done", **where, part=item["content"][0])
                 + self.event("response.output_item.done", output_index=index, item=item))
 
@@ -180,10 +188,10 @@ class ResponsesStream:
             start = response_object(job, None, [])
             return self.event("response.created", response=start) + self.event("response.in_progress", response=start)
         if call is not None:
-            out, index = self.close(job), self.items
-            self.items += 1
-            item = call_item(call[1], "in_progress", arguments="")
-            done = call_item(call[1], "completed")
+            out = self.close(job)
+            index = len(self.output)
+            item, done = call_item(call[1], "in_progress", arguments=""), call_item(call[1], "completed")
+            self.output.append(done)
             return out + b"".join((
                 self.event("response.output_item.added", output_index=index, item=item),
                 self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
@@ -193,22 +201,23 @@ class ResponsesStream:
                 self.event("response.output_item.done", output_index=index, item=done)))
         if not text:
             return b""
-        out = b""
+        index, out = len(self.output), b""
+        item_id = message_item(job, "", "in_progress", index)["id"]
         if self.text is None:
-            self.text, index = "", self.items
-            self.items += 1
-            item = message_item(job, "", "in_progress")
-            out = (self.event("response.output_item.added", output_index=index, item=item)
-                   + self.event("response.content_part.added", item_id=item["id"], output_index=index,
+            self.text = ""
+            out = (self.event("response.output_item.added", output_index=index,
+                              item=message_item(job, "", "in_progress", index))
+                   + self.event("response.content_part.added", item_id=item_id, output_index=index,
                                 content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
         self.text += text
-        return out + self.event("response.output_text.delta", item_id="msg_" + job.id.removeprefix("resp_"),
-                                output_index=self.items - 1, content_index=0, delta=text, logprobs=[])
+        return out + self.event("response.output_text.delta", item_id=item_id, output_index=index, content_index=0,
+                                delta=text, logprobs=[])
 
     def finish(self, job: Job, done: Done, include_usage: bool) -> bytes:
-        body = response_body(job, done)
+        out = self.close(job)
+        body = response_object(job, done, self.output)
         kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
-        return self.close(job) + self.event(kind, response=body)
+        return out + self.event(kind, response=body)
 
     def error(self, status: int, detail: ErrorDetail) -> bytes:
         # OpenAI's SDK raises on an event whose data carries `error`.
@@ -223,30 +232,46 @@ async def previous(js, response_id: str, caller: str) -> list[ChatMessage]:
                        "previous_response_not_found")
     try:
         msg = await js.get_last_msg(CONVERSATIONS_STREAM, conversation_subject(response_id), direct=True)
+        asked = decode_conversation(msg.data)
+        done = await stored_result(js, asked.model, INGRESS, response_id) if asked.caller == caller else None
     except NotFoundError:
         raise missing from None
-    asked = decode_conversation(msg.data)
-    if asked.caller != caller:
-        raise missing
-    done = await stored_result(js, asked.model, INGRESS, response_id)
-    if not isinstance(done, Done):  # failed, or not finished (yet)
+    except (nats.errors.Error, msgspec.DecodeError) as exc:
+        raise APIError(503, f"The stored responses could not be read ({type(exc).__name__}); retry.",
+                       code="queue_unavailable") from None
+    if not isinstance(done, Done):  # another caller's, failed, or not finished (yet)
         raise missing
     return [*asked.messages, ChatMessage(role="assistant", content=done.text or None, tool_calls=done.tool_calls)]
 
 
+def keeper(js, limit: int, caller: str, instructions: bool):
+    """What keeps an answered response's input for `previous_response_id` (its answer is its job's result). Best
+    effort: a response that cannot be kept (NATS away, larger than a job may be) is answered all the same."""
+    async def keep(job: Job, done: Done) -> None:
+        # Without this request's instructions (OpenAI does not carry them over to the next response).
+        asked = encode(Conversation(model=job.model, messages=job.messages[1:] if instructions else job.messages,
+                                    caller=caller))
+        if len(asked) > limit:
+            log.warning("response %s is not kept for previous_response_id: %d bytes, more than %d", job.id,
+                        len(asked), limit)
+            return
+        try:
+            await js.publish(conversation_subject(job.id), asked, stream=CONVERSATIONS_STREAM)
+        except nats.errors.Error as exc:
+            log.warning("response %s is not kept for previous_response_id: %s", job.id, exc)
+    return keep
+
+
 async def responses(request: Request) -> Response:
     ingress = request.app.state.ingress
-    req = await read_request(request, ResponsesRequest, request_limit(ingress))
+    limit = request_limit(ingress)
+    req = await read_request(request, ResponsesRequest, limit)
     js = ingress.link.nc.jetstream()
     caller = request.state.caller
     before = await previous(js, req.previous_response_id, caller) if req.previous_response_id else []
     job = responses_job(req, caller, before)
     await model_for(ingress, req.model)
-    if req.store is not False:  # kept before it runs: its answer may be continued as soon as it is settled
-        # Without this request's instructions (OpenAI does not carry them over to the next response).
-        asked = Conversation(model=job.model, messages=job.messages[1:] if req.instructions else job.messages,
-                             caller=caller)
-        await js.publish(conversation_subject(job.id), encode(asked), stream=CONVERSATIONS_STREAM)
     stream = ResponsesStream()
-    shape = Shape(stream.chunk, response_body, stream.finish, stream.error, b"")
+    keep = keeper(js, limit, caller, bool(req.instructions)) if req.store is not False else None
+    shape = Shape(stream.chunk, response_body, stream.finish, stream.error, b"", on_done=keep)
     return await respond(request, ingress, job, req.stream, False, shape)

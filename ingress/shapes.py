@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 import msgspec
 
@@ -108,6 +108,7 @@ class Shape:
     finish: Callable[[Job, Done, bool], bytes]  # (job, done, include_usage)
     error: Callable[[int, ErrorDetail], bytes] = openai_error
     end: bytes = b"data: [DONE]\n\n"
+    on_done: Callable[[Job, Done], Awaitable[None]] | None = None  # once answered (the Responses API keeps its input)
 
 
 CHAT = Shape(chat_chunk, chat_body, openai_finish(chat_chunk))

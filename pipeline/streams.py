@@ -84,9 +84,13 @@ def results_stream_config() -> StreamConfig:
 
 
 def conversations_stream_config() -> StreamConfig:
-    # A response's input, kept as long as its output (the job's result) is: continuing one needs both.
+    # A response's input, kept as long as its output (the job's result) is: continuing one needs both. At most
+    # CONCLAVE_CONVERSATIONS_MAX_GB (default 1) on disk, the oldest dropped first: it never crowds out the jobs and
+    # the audit log, which share the disk.
+    gigabytes = float(os.environ.get("CONCLAVE_CONVERSATIONS_MAX_GB") or 1)
     return dataclasses.replace(results_stream_config(), name=CONVERSATIONS_STREAM,
-                               subjects=[f"{CONVERSATIONS_PREFIX}.>"])
+                               subjects=[f"{CONVERSATIONS_PREFIX}.>"], max_bytes=int(gigabytes * 1e9),
+                               discard=DiscardPolicy.OLD)
 
 
 def worker_consumer_config(model: str, ack_wait_s: float) -> ConsumerConfig:

@@ -152,3 +152,30 @@ def test_openai_responses_plain_streamed_tools_and_format(client):
         with pytest.raises(openai.BadRequestError) as refused:
             client.responses.create(model=MODEL, input="And Germany?", previous_response_id=response_id)
         assert refused.value.param == "previous_response_id"
+
+
+def test_a_streamed_response_with_text_after_a_call_keeps_its_items_apart():
+    """Text may follow a call (or a span that was not one): each message item has its own id, and the completed
+    Response's output is the items as they were streamed, each event valid as the `openai` SDK's types."""
+    from pydantic import TypeAdapter
+    from openai.types.responses import ResponseStreamEvent
+
+    from ingress.responses import ResponsesStream
+    from schemas.jobs import Done, Job
+    from schemas.openai import ChatMessage, FunctionCall, ToolCall, Usage
+
+    job = Job(id="resp_abc", model=MODEL, reply_subject="r", kind="chat",
+              messages=[ChatMessage(role="user", content="hi")])
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city": "Oslo"}'))
+    done = Done(id=job.id, text="Checking. Done.", finish_reason="tool_calls", tool_calls=[call], ttft_ms=1.0,
+                duration_ms=2.0, worker="w", usage=Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7))
+    stream = ResponsesStream()
+    data = b"".join([stream.chunk(job, role=True), stream.chunk(job, text="Checking."),
+                     stream.chunk(job, call=(0, call)), stream.chunk(job, text=" Done."), stream.finish(job, done, False)])
+    events = [TypeAdapter(ResponseStreamEvent).validate_json(block.split(b"\ndata: ", 1)[1])
+              for block in data.strip().split(b"\n\n")]
+    finished = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [i.type for i in finished] == ["message", "function_call", "message"]
+    assert len({i.id for i in finished}) == 3
+    assert [i.id for i in events[-1].response.output] == [i.id for i in finished]
+    assert events[-1].response.output_text == "Checking. Done."
