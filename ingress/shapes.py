@@ -46,7 +46,8 @@ def chat_chunk(job: Job, role: bool = False, text: str | None = None, finish: st
 def chat_body(job: Job, done: Done) -> ChatCompletion:
     return ChatCompletion(id=job.id, created=int(job.created), model=job.model, usage=done.usage, choices=[
         ChatChoice(index=c.index, finish_reason=c.finish_reason,
-                   message=AssistantMessage(role="assistant", content=c.text or None if c.tool_calls else c.text, tool_calls=c.tool_calls),
+                   message=AssistantMessage(role="assistant", content=c.text or None if c.tool_calls else c.text,
+                                            tool_calls=c.tool_calls),
                    logprobs=ChatLogprobs(content=c.logprobs) if c.logprobs is not None else None)
         for c in choices_of(done)])
 

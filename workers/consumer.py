@@ -261,14 +261,14 @@ class JobConsumer:
             Accepted(id=job.id, prompt_tokens=len(prompt), worker=self.name, attempt=delivery.attempt)))
         events: asyncio.Queue = asyncio.Queue()
         shard = self.loaded.shard
-        # One row per answer asked for (`n`), in choice order: each after the first starts from the prompt cache
-        # its predecessor left (workers/lockstep.py: share_prefill).
+        # One row per answer asked for (`n`), in choice order: the others start from the prompt cache the first one
+        # leaves (workers/lockstep.py: share_prefill).
         def emitter(choice: int):
             return lambda event: loop.call_soon_threadsafe(events.put_nowait, (choice, event))
 
         share = self.limits.output_bytes // len(constraints)  # of the one Done that carries every answer
-        generations = [Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name, emitter(choice),
-                                  cancelled, start, delivery.attempt, share, constraint, choice)
+        generations = [Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name,
+                                  emitter(choice), cancelled, start, delivery.attempt, share, constraint, choice)
                        for choice, constraint in enumerate(constraints)]
         self.extra_rows += len(generations) - 1
         for generation in generations:
