@@ -39,7 +39,7 @@ class SchemaError(ValueError):
     """A schema the engine cannot honour; the message says what (it becomes the request's 400)."""
 
     def detail(self, param: str) -> ErrorDetail:
-        return ErrorDetail(message=f"Invalid schema for 'response_format': {self}", type="invalid_request_error",
+        return ErrorDetail(message=f"Invalid schema for '{param}': {self}", type="invalid_request_error",
                            param=param, code="invalid_json_schema")
 
 
