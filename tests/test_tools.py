@@ -6,6 +6,7 @@ NATS job."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import jsonschema
@@ -14,7 +15,7 @@ import pytest
 
 from pipeline.subjects import job_subject
 from schemas.jobs import Done, Failed, Job, SamplingParams
-from schemas.openai import ChatMessage, Tool
+from schemas.openai import ChatMessage, Tool, ToolCall
 from tests.conftest import MODEL, SUBMITTER
 from tests.test_durability import final_event
 from workers.tools import FORCED, CallSplitter
@@ -163,3 +164,42 @@ def test_the_call_splitter_passes_text_and_holds_only_what_may_be_a_call():
     # An answer cut inside a call that is complete JSON still makes it; "[]" calls nothing.
     assert split(["<tool_call>" + call]) == ("", [("get_weather", {"city": "Oslo", "unit": "celsius"})])
     assert split(["<tool_call>[]</tool_call>"]) == ("", [])
+
+
+# A Qwen-like template that knows tools: mlx-lm finds `<tool_call>` and `tool_call.name` in it (its json_tools parser).
+TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }} {% endfor %}</tools>"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for tool_call in m.tool_calls or [] %}{% set tool_call = tool_call.function %}<tool_call>\n"
+    "{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_knows_tools_renders_them_and_its_markers_read_the_calls(server, tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    from workers.tools import call_format, template_inputs
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(server.home / "models" / MODEL / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.has_tool_calling
+    tools = [msgspec.convert(TOOLS[0], Tool)]
+    job = Job(id="t", model=MODEL, reply_subject="r", kind="chat", tools=tools, messages=[
+        ChatMessage(role="user", content="Weather in Oslo?"),
+        ChatMessage(role="assistant", tool_calls=[msgspec.convert(
+            {"id": "call_1", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}, ToolCall)]),
+        ChatMessage(role="tool", tool_call_id="call_1", content="5 C")])
+    messages, extra = template_inputs(job, tokenizer)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+    # The template's own rendering: the tools, the past call's arguments as an object, the tool's turn.
+    assert "<tools>get_weather </tools>" in text and '"arguments": {"city": "Oslo"}' in text
+    assert "<|im_start|>tool\n5 C" in text
+    # Its answers are read with its own markers and parser; a forced call is in the grammar's format whatever the model.
+    splitter = CallSplitter(call_format(job, tokenizer), tools)
+    text, calls = splitter.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    assert text == "" and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo"})]
+    assert call_format(msgspec.structs.replace(job, tool_choice="required"), tokenizer) is FORCED
