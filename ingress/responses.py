@@ -202,11 +202,11 @@ class ResponsesStream:
         if not text:
             return b""
         index, out = len(self.output), b""
-        item_id = message_item(job, "", "in_progress", index)["id"]
+        item = message_item(job, "", "in_progress", index)
+        item_id = item["id"]
         if self.text is None:
             self.text = ""
-            out = (self.event("response.output_item.added", output_index=index,
-                              item=message_item(job, "", "in_progress", index))
+            out = (self.event("response.output_item.added", output_index=index, item=item)
                    + self.event("response.content_part.added", item_id=item_id, output_index=index,
                                 content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
         self.text += text

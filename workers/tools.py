@@ -199,7 +199,6 @@ class CallSplitter:
         self.names = {t.function.name for t in tools}
         self.held = ""  # text that may be (the start of) a call
         self.in_call = False
-        self.made = 0
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         """Text to send now, and the calls completed by `text`."""
@@ -256,5 +255,4 @@ class CallSplitter:
                 arguments = json.dumps(arguments, ensure_ascii=False)
             calls.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
                                   function=FunctionCall(name=call["name"], arguments=arguments)))
-        self.made += len(calls)
         return calls  # [] for "[]": the format's way of calling nothing
