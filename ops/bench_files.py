@@ -31,7 +31,6 @@ from pathlib import Path
 
 import msgspec
 
-from ops.group import python_command
 from ops.model_files import NodeFiles, manifest
 from ops.netns import Network
 from schemas.catalogue import Ticket
@@ -94,7 +93,7 @@ def fetch_chain(source: Path, folders: list[Path], chain: bool = True, network: 
     `chain`, each from the source. On `network`'s nodes (one each, the source first), else on loopback."""
     def start(i: int, folder: Path) -> subprocess.Popen:
         address = network.nodes[i].address if network else "127.0.0.1"
-        argv = python_command("ops.bench_files", str(folder), address, "receiver" if i else "source")
+        argv = [sys.executable, "-m", "ops.bench_files", str(folder), address, "receiver" if i else "source"]
         return (network.popen(network.nodes[i], *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 if network else subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
 

@@ -27,7 +27,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 import tomllib
@@ -39,7 +38,7 @@ import msgspec
 
 from ops.config import free_port
 from pipeline.nats_server import child_preexec, stop_process
-from workers.cpu_path import blas_environment
+from workers.cpu_path import RANKS_HERE, rank_command
 from workers.rank import BACKENDS, format_split
 from workers.shard import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel, pipeline_split,
                            refused_layouts, tensor_parallel_sizes)
@@ -168,7 +167,7 @@ class LocalLauncher:
         return free_port(host.ip)
 
     def start(self, launch: RankLaunch, argv: list[str], workdir: Path) -> subprocess.Popen:
-        env = blas_environment({**os.environ, **launch.env})  # the Linux CPU path's BLAS (workers/cpu_path.py)
+        env = {**os.environ, **launch.env, RANKS_HERE: str(launch.host.ranks)}  # read by workers/cpu_path.py
         for name, content in launch.files.items():
             path = workdir / f"{name.lower()}-rank{launch.rank}.json"
             path.write_text(content)
@@ -190,7 +189,8 @@ class SshLauncher:
         script = "set -e; "
         for name, content in launch.files.items():
             script += f"f=$(mktemp); printf '%s' {shlex.quote(content)} > $f; export {name}=$f; "
-        script += "".join(f"export {k}={shlex.quote(v)}; " for k, v in launch.env.items())
+        env = {**launch.env, RANKS_HERE: str(launch.host.ranks)}
+        script += "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items())
         script += "exec " + shlex.join(argv)
         return subprocess.Popen(["ssh", "-tt", "-o", "BatchMode=yes", launch.host.ssh, script],
                                 stdin=subprocess.DEVNULL, preexec_fn=child_preexec)
@@ -227,10 +227,6 @@ def start_group(spec: GroupSpec, argv: list[str], workdir: Path,
             process.wait()
         raise
     return started
-
-
-def python_command(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
 
 
 def rank_arguments(spec: GroupSpec) -> list[str]:
@@ -275,9 +271,9 @@ def generate_on_group(spec: GroupSpec, model_dir: Path, prompt: str | list[str],
     with tempfile.TemporaryDirectory(prefix="conclave-generate-") as tmp:
         workdir = Path(tmp)
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        argv = python_command("workers.generate", "--model-dir", str(model_dir),
-                              *[arg for text in prompts for arg in ("--prompt", text)], "--max-tokens", str(max_tokens),
-                              "--report-dir", str(workdir), *rank_arguments(spec))
+        argv = rank_command("workers.generate", "--model-dir", str(model_dir),
+                            *[arg for text in prompts for arg in ("--prompt", text)], "--max-tokens", str(max_tokens),
+                            "--report-dir", str(workdir), *rank_arguments(spec))
         if raw:
             argv.append("--raw")
         processes = start_group(spec, argv, workdir)

@@ -31,13 +31,14 @@ import msgspec
 
 from ops.config import free_port
 from ops.model_files import NodeFiles
-from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, python_command, rank_arguments
+from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, rank_arguments
 from ops.supervise import STALE_HEARTBEATS, describe_exit
 from pipeline.access import AGENTS_PREFIX, Identity
 from pipeline.connection import sleep_unless
 from pipeline.nats_server import stop_process
 from schemas.membership import (ORDER_ENV, ORDER_FILES, FetchOrder, OrderReply, PortOrder, RankExit, StartOrder,
                                 StopOrder)
+from workers.cpu_path import rank_command
 from workers.status import alive_file
 from workers.store import DEFAULT_MODEL, ModelStore
 
@@ -94,7 +95,7 @@ class RankKeeper:
                              f"`import` it there)")
         spec = GroupSpec(layout=order.layout, backend=order.backend, split=order.split or None)
         identity = self.worker(order.model_id)
-        return python_command(
+        return rank_command(
             "workers.worker", "--model-id", order.model_id, "--model-dir", str(model_dir), "--nats-url", self.nats_url,
             "--nats-seed", str(identity.seed_file), "--nats-ca", str(identity.ca_file), "--group-id",
             order.group_id, "--alive-dir", str(folder), *order.settings.arguments(), *rank_arguments(spec))

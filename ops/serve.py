@@ -38,7 +38,7 @@ from ops.brokers import FirstBroker, broker_routes, keep_announcing_users, make_
 from ops.join import DEFAULT_BROKER_PORT, answer_joins, broker_url, make_token
 from ops.credentials import cluster_ca, public_keys, role_identity, write_authorization
 from ops.deployment import Deployment, DeploymentError, claim_home, forget_deployment, record_deployment
-from ops.group import GroupSpec, GroupSpecError, plan_group, python_command, rank_arguments
+from ops.group import GroupSpec, GroupSpecError, plan_group, rank_arguments
 from ops.supervise import GroupSupervisor, keep_broker_running
 from pipeline.access import AUDITOR, INGRESS, JOINER, OPERATOR, Identity, worker_role
 from pipeline.checkpoints import (keep_checkpointing, load_signing_key, public_key_text, sign_new_entries,
@@ -51,6 +51,7 @@ from pipeline.unrouted import keep_sweeping
 from schemas.cluster import PlacementRequest
 from schemas.membership import ControllerPlan, Instance, InstancePlan, Lease, WorkerSettings
 from schemas.openai import ModelCard
+from workers.cpu_path import rank_command
 from workers.store import ModelStore, StoredModel, StoreError, model_context_length
 
 log = logging.getLogger("conclave.serve")
@@ -115,7 +116,7 @@ def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity:
     # The seed's path, not the seed: arguments are visible to every local user (ps). Ranks on other hosts
     # read the same path there (copy the home's credentials/roles/worker-*.nk with the model).
     def command(group_id: str, folder: Path) -> list[str]:
-        return python_command("workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
+        return rank_command("workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
                               "--nats-url", nats_url, "--nats-seed", str(identity.seed_file), "--group-id",
                               group_id, "--alive-dir", str(folder), *settings.arguments(), *rank_arguments(spec),
                               *(["--nats-ca", str(identity.ca_file)] if identity.ca_file else []))

@@ -15,7 +15,7 @@ import pytest
 from ops.credentials import cluster_ca, issue_submitter, role_identity, write_private
 from ops.spawn import ServerProcess, spawn_server
 from pipeline.access import OPERATOR, Identity
-from workers.cpu_path import blas_environment
+from workers.cpu_path import rank_command
 
 MODEL = "SmolLM2-135M-Instruct"
 SUBMITTER = "tests"  # the suite's own NATS submitter, issued in every home before its server starts
@@ -152,10 +152,10 @@ def start_worker(server, broker, *flags: str) -> WorkerProcess:
     from pipeline.access import worker_role
 
     seed = role_identity(broker.home, worker_role(MODEL)).seed_file
-    process = subprocess.Popen([sys.executable, "-m", "workers.worker", "--model-id", MODEL, "--model-dir",
+    process = subprocess.Popen([*rank_command("workers.worker"), "--model-id", MODEL, "--model-dir",
                                 str(server.home / "models" / MODEL), "--nats-url", broker.nats_url, "--nats-seed", str(seed),
                                 "--heartbeat", "0.5", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=blas_environment())
+                               text=True)
     worker = WorkerProcess(process)
 
     def read_lines():
