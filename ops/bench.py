@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -104,8 +105,23 @@ def served_run(http: httpx.Client, model_id: str, prompt: str, max_tokens: int, 
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
-            "mlx_device": str(mx.default_device()), "mlx": mx.__version__}
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_model": cpu_model(),
+            "cpus": os.cpu_count(), "mlx_device": str(mx.default_device()), "mlx": mx.__version__}
+
+
+def cpu_model() -> str:
+    """The CPU's name where the system says it (Linux: /proc/cpuinfo; macOS: sysctl): figures differ by machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    try:
+        return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor()
 
 
 def run_bench(args) -> dict:
