@@ -119,7 +119,7 @@ def cpu_model() -> str:
         pass
     try:
         return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                              timeout=5).stdout.strip()
+                              timeout=5).stdout.strip() or platform.processor()
     except (OSError, subprocess.SubprocessError):
         return platform.processor()
 

@@ -116,7 +116,10 @@ class RankKeeper:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             argv = self.command(order, folder)
-            launch = RankLaunch(order.rank, HostSpec(ip=self.address), dict(order.env), dict(order.files))
+            # (ranks: how many this node runs with this one, so that their BLAS threads share its cores)
+            with self.lock:
+                here = 1 + sum(rank.process.poll() is None for rank in self.ranks.values())
+            launch = RankLaunch(order.rank, HostSpec(ip=self.address, ranks=here), dict(order.env), dict(order.files))
             process = LocalLauncher().start(launch, argv, folder)
         except (OSError, ValueError) as exc:
             return OrderReply(ok=False, error=str(exc))

@@ -17,19 +17,32 @@ from ops.spawn import wait_for_line
 from tests.conftest import MODEL
 from tests.tiny import tiny_llama
 from workers import cpu_path
-from workers.cpu_path import RANKS_HERE, blas_environment, compile_small_ops, dense_weights, fast_blas
+from workers.cpu_path import (RANKS_HERE, blas_environment, compile_small_ops, dense_weights, fast_blas,
+                               preloaded_blas)
 
 
 def test_the_served_worker_says_which_path_it_took(server):
-    """The session's worker was started as every rank is (`rank_command`): on this machine it reports the BLAS it
-    found and what it did with its weights."""
-    line = wait_for_line(server.output, "CPU path", 5)
+    """The session's worker was started as every rank is (`rank_command`): it reports the BLAS it found on this
+    machine and what it did with its weights."""
+    line = wait_for_line(server.output, " ready (context", 5)
     library, why = fast_blas()
+    if mx.default_device() != mx.cpu:  # Metal or CUDA: as they were
+        assert "weights as stored" in line and "compiled" not in line
+        return
+    assert "RoPE and RMSNorm modules compiled" in line
     if library is None:
         assert why in line and "weights as stored" in line
     else:
-        assert Path(library).name in line and "quantized weights held as float32" in line
-    assert "RoPE and RMSNorm modules compiled" in line
+        assert f"CPU path: {Path(library).name}" in line and "quantized weights held as float32" in line
+
+
+def test_the_preloaded_blas_is_found_behind_links_and_not_confused_with_numpys():
+    debian = ["libc.so.6", "libopenblasp-r0.3.21.so", "libmlx.so"]
+    assert preloaded_blas("libopenblas.so.0", debian) == "libopenblasp-r0.3.21.so"
+    assert preloaded_blas("/venv/lib/libmkl_rt.so.3", ["libmkl_rt.so.3", "libmlx.so"]) == "libmkl_rt.so.3"
+    numpy = ["libscipy_openblas64_-56d6093b.so", "libmlx.so"]  # mapped, but not preloaded: libmlx does not use it
+    assert preloaded_blas("", numpy) is None
+    assert preloaded_blas("libopenblas.so.0", numpy) is None  # named, but not loaded (ld.so ignored it)
 
 
 def test_several_ranks_on_one_machine_share_its_cores():
@@ -40,14 +53,17 @@ def test_several_ranks_on_one_machine_share_its_cores():
         assert "LD_PRELOAD" not in one
         return
     assert one["LD_PRELOAD"].endswith(library)
-    two = blas_environment({RANKS_HERE: "2"})
-    assert two["MKL_NUM_THREADS"] == two["OPENBLAS_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
-    assert blas_environment({RANKS_HERE: "2", "MKL_NUM_THREADS": "7"})["MKL_NUM_THREADS"] == "7"
-    # Open MPI's count of ranks on this machine, for ranks mpirun started
-    assert blas_environment({"OMPI_COMM_WORLD_LOCAL_SIZE": "64"})["MKL_NUM_THREADS"] == "1"
     # already preloaded (a sanitizer first): not twice
     again = blas_environment({"LD_PRELOAD": f"/lib/asan.so:{library}"})
     assert again["LD_PRELOAD"] == f"/lib/asan.so:{library}"
+    assert blas_environment({RANKS_HERE: "2", "MKL_NUM_THREADS": "7"})["MKL_NUM_THREADS"] == "7"
+    two = blas_environment({RANKS_HERE: "2"})
+    if len(os.sched_getaffinity(0)) < os.cpu_count():  # bound to some cores already: those are its share
+        assert "MKL_NUM_THREADS" not in two
+        return
+    assert two["MKL_NUM_THREADS"] == two["OPENBLAS_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
+    # Open MPI's count of ranks on this machine, for ranks mpirun started
+    assert blas_environment({"OMPI_COMM_WORLD_LOCAL_SIZE": "64"})["MKL_NUM_THREADS"] == "1"
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +72,19 @@ def tiny(server, tmp_path_factory) -> Path:
 
 
 def greedy(model, prompt: list[int], steps: int, batch_cache: bool) -> tuple[list[int], mx.array]:
-    """`steps` greedy tokens and the first step's logits, with mlx-lm's plain cache (int offsets) or the batch's
+    """`steps` greedy tokens and every decode step's logits, with mlx-lm's plain cache (int offsets) or the batch's
     (array offsets, as workers/lockstep.py runs it)."""
     cache = make_prompt_cache(model)
     if batch_cache:
         cache = _merge_caches([cache])
     logits = model(mx.array([prompt]), cache=cache)[:, -1]
-    first, tokens = logits, []
+    tokens, steps_logits = [], []
     for _ in range(steps):
         token = mx.argmax(logits, axis=-1)
         tokens.append(token.item())
         logits = model(token[:, None], cache=cache)[:, -1]
-    return tokens, first
+        steps_logits.append(logits)
+    return tokens, mx.concatenate(steps_logits)
 
 
 @pytest.mark.parametrize("batch_cache", [False, True])
@@ -81,6 +98,7 @@ def test_compiled_small_ops_change_no_token(tiny, batch_cache):
     assert "model.norm.weight" in dict(tree_flatten(model.parameters()))  # names and weights as they were
     compiled_tokens, compiled_logits = greedy(model, prompt, 24, batch_cache)
     assert compiled_tokens == tokens
+    # every step's logits, each at its own position (offset)
     assert mx.allclose(compiled_logits, logits, atol=1e-4).item()
 
 

@@ -67,8 +67,10 @@ def blas_environment(base: dict[str, str] | None = None) -> dict[str, str]:
         # After what is preloaded already (a sanitizer's runtime must stay first); before libmlx either way.
         env["LD_PRELOAD"] = ":".join(filter(None, (env.get("LD_PRELOAD"), library)))
     ranks = int(env.get(RANKS_HERE) or env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or 1)
-    if library and ranks > 1:
-        threads = str(max(1, len(os.sched_getaffinity(0)) // ranks))
+    cores = len(os.sched_getaffinity(0))
+    # A rank already bound to some of the cores (mpirun binds each rank) uses those; one free to use them all, its share.
+    if library and ranks > 1 and cores == os.cpu_count():
+        threads = str(max(1, cores // ranks))
         for name in ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(name, threads)  # the operator's own setting wins
     return env
@@ -80,19 +82,22 @@ def rank_command(module: str, *args: str) -> list[str]:
 
 
 def loaded_blas() -> str | None:
-    """The optimised BLAS preloaded into this process (its file name), or None: one named in LD_PRELOAD and mapped
-    (/proc/self/maps). Mapped alone is not enough: numpy's own OpenBLAS is mapped too, with suffixed symbols that
-    libmlx never binds to."""
-    preloaded = {Path(p).name for p in os.environ.get("LD_PRELOAD", "").split(":") if p}
+    """The optimised BLAS preloaded into this process (its file name), or None (see `preloaded_blas`)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    for line in maps.splitlines():
-        name = line.rpartition("/")[2]
-        if name in preloaded and any(f"lib{library}" in name for library in LIBRARIES):
-            return name
-    return None
+    return preloaded_blas(os.environ.get("LD_PRELOAD", ""), [line.rpartition("/")[2] for line in maps.splitlines()])
+
+
+def preloaded_blas(preload: str, mapped: list[str]) -> str | None:
+    """Of the library files `mapped` into a process, the optimised BLAS that `preload` (LD_PRELOAD) named. Mapped
+    alone is not enough: numpy's own OpenBLAS is mapped too, with suffixed symbols that libmlx never binds to. By
+    library, not by file name: LD_PRELOAD may name a link (Debian's libopenblas.so.0 leads to
+    openblas-pthread/libopenblasp-r0.3.21.so), and a process's map shows the file behind it."""
+    names = [Path(p).name for p in preload.split(":") if p]
+    wanted = [f"lib{library}" for library in LIBRARIES if any(f"lib{library}" in name for name in names)]
+    return next((name for name in mapped if any(name.startswith(prefix) for prefix in wanted)), None)
 
 
 def memory_available() -> int:
@@ -142,29 +147,49 @@ def dense_weights(model: nn.Module) -> str:
     return f"CPU path: {blas}; quantized weights held as float32 (+{(needed - stored) / 1e6:.0f} MB)"
 
 
+# One compiled function per kind, for every module of the model: its settings are constants to mx.compile (a trace
+# per distinct value and input shape), its arrays are inputs.
+@mx.compile
+def _rope(x, offset, dims, traditional, base, scale):
+    return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
+
+
+@mx.compile
+def _rms_norm(x, weight, eps):
+    return mx.fast.rms_norm(x, weight, eps)
+
+
 class CompiledRoPE(nn.RoPE):
+    """nn.RoPE, compiled for decode steps. A prefill's input (several positions) takes the plain path: each new
+    prompt length would be one more trace kept for good, and a prefill's ops are big enough for their overhead not
+    to count."""
+
     def __call__(self, x, offset=0):
+        if x.shape[-2] != 1:
+            return super().__call__(x, offset)
         # An array, not an int: a Python int is a constant to mx.compile, and a new one each step would retrace.
-        return self.compiled(x, offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32))
+        offset = offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
+        return _rope(x, offset, self.dims, self.traditional, self.base, self.scale)
 
 
 class CompiledRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm, compiled for decode steps (see CompiledRoPE)."""
+
     def __call__(self, x):
-        return self.compiled(x, self["weight"])
+        return _rms_norm(x, self["weight"], self.eps) if x.ndim > 1 and x.shape[-2] == 1 else super().__call__(x)
 
 
 def compile_small_ops(model: nn.Module) -> int:
-    """On the CPU backend: run the model's RoPE and RMSNorm modules compiled (see the module docstring); returns how
-    many. Each keeps its place, name and weights in the model (only its class changes), so checkpoints, sharding
-    and parameter names are untouched. Other RoPE variants (scaled, YaRN) are left as they are."""
+    """On the CPU backend: run the model's RoPE and RMSNorm modules compiled in decode steps (see the module
+    docstring); returns how many. Each keeps its place, name and weights in the model (only its class changes), so
+    checkpoints, sharding and parameter names are untouched. Other RoPE variants (scaled, YaRN) are left as they
+    are."""
     count = 0
     for _, module in model.named_modules():
         if type(module) is nn.RoPE:
             module.__class__ = CompiledRoPE
-            module.compiled = mx.compile(lambda x, offset, rope=module: nn.RoPE.__call__(rope, x, offset))
         elif type(module) is nn.RMSNorm:
             module.__class__ = CompiledRMSNorm
-            module.compiled = mx.compile(lambda x, weight, eps=module.eps: mx.fast.rms_norm(x, weight, eps))
         else:
             continue
         count += 1
@@ -173,6 +198,8 @@ def compile_small_ops(model: nn.Module) -> int:
 
 def main() -> None:
     """`python -m workers.cpu_path MODULE ARGS`: exec `python -m MODULE ARGS` with `blas_environment`."""
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m workers.cpu_path MODULE [ARGS...]")
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-m", *sys.argv[1:]], blas_environment())
 
