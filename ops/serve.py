@@ -117,9 +117,9 @@ def worker_command(model: StoredModel, spec: GroupSpec, nats_url: str, identity:
     # read the same path there (copy the home's credentials/roles/worker-*.nk with the model).
     def command(group_id: str, folder: Path) -> list[str]:
         return rank_command("workers.worker", "--model-id", model.id, "--model-dir", str(model.path),
-                              "--nats-url", nats_url, "--nats-seed", str(identity.seed_file), "--group-id",
-                              group_id, "--alive-dir", str(folder), *settings.arguments(), *rank_arguments(spec),
-                              *(["--nats-ca", str(identity.ca_file)] if identity.ca_file else []))
+                            "--nats-url", nats_url, "--nats-seed", str(identity.seed_file), "--group-id",
+                            group_id, "--alive-dir", str(folder), *settings.arguments(), *rank_arguments(spec),
+                            *(["--nats-ca", str(identity.ca_file)] if identity.ca_file else []))
 
     return command
 
