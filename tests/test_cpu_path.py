@@ -17,8 +17,8 @@ from ops.spawn import wait_for_line
 from tests.conftest import MODEL
 from tests.tiny import tiny_llama
 from workers import cpu_path
-from workers.cpu_path import (RANKS_HERE, blas_environment, compile_small_ops, dense_weights, fast_blas,
-                               preloaded_blas)
+from workers.cpu_path import (RANKS_HERE, blas_environment, column_major_weights, compile_small_ops, dense_weights,
+                               fast_blas, preloaded_blas)
 
 
 def test_the_served_worker_says_which_path_it_took(server):
@@ -34,6 +34,7 @@ def test_the_served_worker_says_which_path_it_took(server):
         assert why in line and "weights as stored" in line
     else:
         assert f"CPU path: {Path(library).name}" in line and "quantized weights held as float32" in line
+        assert "weight matrices held column-major" in line
 
 
 def test_the_preloaded_blas_is_found_behind_links_and_not_confused_with_numpys():
@@ -100,6 +101,38 @@ def test_compiled_small_ops_change_no_token(tiny, batch_cache):
     assert compiled_tokens == tokens
     # every step's logits, each at its own position (offset)
     assert mx.allclose(compiled_logits, logits, atol=1e-4).item()
+
+
+def test_column_major_weights_are_the_same_arrays_and_change_no_token(tiny):
+    """Several rows at once, as a batched decode step runs them (the case the layout is for)."""
+    model = load_model(tiny)[0]
+    prompts = mx.array([list(range(5 + row, 40 + row)) for row in range(4)])
+
+    def rows_greedy(steps: int = 16) -> tuple[list[list[int]], mx.array]:
+        cache = make_prompt_cache(model)
+        logits = model(prompts, cache=cache)[:, -1]
+        tokens, steps_logits = [], []
+        for _ in range(steps):
+            token = mx.argmax(logits, axis=-1)
+            tokens.append(token.tolist())
+            logits = model(token[:, None], cache=cache)[:, -1]
+            steps_logits.append(logits)
+        return tokens, mx.stack(steps_logits)
+
+    before = dict(tree_flatten(model.parameters()))
+    tokens, logits = rows_greedy()
+    linears = sum(isinstance(m, (nn.Linear, nn.Embedding)) for _, m in model.named_modules())
+    assert column_major_weights(model) == linears
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    assert all(after[k].shape == before[k].shape and mx.array_equal(after[k], before[k]).item() for k in before)
+    mx.eval(model.parameters())
+    up = model.model.layers[0].mlp.up_proj.weight  # [out, in], laid out as its transpose: a column steps 4 bytes
+    assert memoryview(up).strides == (4, 4 * up.shape[0])
+    laid_out_tokens, laid_out_logits = rows_greedy()
+    assert laid_out_tokens == tokens
+    # the BLAS sums in another order: the same logits to rounding
+    assert mx.allclose(laid_out_logits, logits, atol=1e-4).item()
 
 
 def quantized_tiny(tiny: Path) -> nn.Module:

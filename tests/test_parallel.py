@@ -190,7 +190,7 @@ class Greedy:
 
 def run_rows(engine, rows: list) -> None:
     waiting = list(rows)
-    engine.run(lambda take: waiting.pop(0) if take and waiting else None)
+    engine.run(lambda fits: waiting.pop(0) if fits and waiting and fits(waiting[0]) else None)
 
 
 def test_batch_engine_prefix_cache_reuses_and_stays_within_its_bytes(tiny_model):
@@ -214,7 +214,7 @@ def test_batch_engine_prefix_cache_reuses_and_stays_within_its_bytes(tiny_model)
         assert row.tokens == expected
     assert row.cached_tokens == len(turns[1])  # the last turn started from all of the previous one's prompt
     assert len(engine.prefixes) == 1 and engine.prefixes.nbytes <= per_token * 60
-    # Several rows at once, joining one per step and leaving at different steps: the same tokens.
+    # Several rows at once, joining together and leaving at different steps: the same tokens.
     rows = [Greedy(p, n) for p, n in zip(turns, (5, 12, 8))]
     run_rows(BatchEngine(shard, prefix_cache_bytes=0), rows)
     assert [r.tokens for r in rows] == [a[:n] for a, n in zip(alone, (5, 12, 8))]
@@ -259,6 +259,74 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(tiny_model
     # The long prompt joined while the short one ran (one join per step): its 8 chunks took 8 steps, in each
     # of which the short row decoded a token, instead of one stall before the short row's second token.
     assert log.index("long") >= 8 and log[:8] == ["short"] * 8
+
+
+def test_requests_waiting_together_join_as_one_group(tiny_model):
+    """Prompts of different lengths, one of them from the prefix cache, prefilled together (right-padded, then
+    rolled into the batch's left padding), in one chunk and over several: each gets the tokens it gets alone, and all
+    first tokens come out of the same step."""
+    from workers.lockstep import BatchEngine
+    from workers.shard import load_shard
+
+    shard = load_shard(tiny_model)
+    base = list(range(100, 106))
+    prompts = [list(range(200, 205)), base + [7, 8], list(range(300, 307)), [9]]  # 4 x 8 tokens padded: one group
+    alone = []
+    for prompt in prompts:
+        row = Greedy(prompt, 10)
+        run_rows(BatchEngine(shard, prefix_cache_bytes=0), [row])
+        alone.append(row.tokens)
+    log: list[int] = []
+
+    class Logged(Greedy):
+        def on_token(self, token: int) -> bool:
+            log.append(prompts.index(self.prompt))
+            return super().on_token(token)
+
+    for chunk in (512, 8):  # one chunk; then 4 chunks of 2 columns (8 tokens a step, over 4 rows)
+        engine = BatchEngine(shard, prefix_cache_bytes=1 << 20, prefill_chunk=chunk)
+        run_rows(engine, [Greedy(base, 4)])  # leaves `base` and its answer in the prefix cache
+        log.clear()
+        rows = [Logged(p, 10) for p in prompts]
+        run_rows(engine, rows)
+        assert [r.tokens for r in rows] == alone
+        assert [r.cached_tokens for r in rows] == [0, len(base), 0, 0]
+        assert sorted(log[:4]) == [0, 1, 2, 3]  # one group, one first step: no row had a second token before
+
+        # The first of several answers to a prompt (`n`) ends its group, so the next starts from its cache.
+        first, second = Greedy(prompts[2], 10), Greedy(prompts[2], 10)
+        first.share_prefill = True
+        rows = [Greedy(prompts[0], 10), first, second]
+        run_rows(BatchEngine(shard, prefix_cache_bytes=1 << 20, prefill_chunk=chunk), rows)
+        assert [r.cached_tokens for r in rows] == [0, 0, len(prompts[2]) - 1]
+        assert [r.tokens for r in rows] == [alone[0], alone[2], alone[2]]
+
+    # A group whose requests are all cancelled stops its prefill; the row already running is untouched.
+    left: list[str] = []
+
+    class Cancellable(Greedy):
+        def on_leave(self, reason: str) -> None:
+            left.append(reason)
+
+    doomed = [Cancellable(list(range(300 + 30 * i, 313 + 30 * i)), 6) for i in range(2)]  # 3 chunks of 2 x 4
+    for row in doomed:
+        row.cancelled = threading.Event()
+
+    class Canceller(Greedy):
+        def on_token(self, token: int) -> bool:
+            if len(self.tokens) == 1:  # they arrive while this row runs, and join together at the next step
+                waiting.extend(doomed)
+            elif len(self.tokens) == 2:  # their group has had one of its three chunks
+                for row in doomed:
+                    row.cancelled.set()
+            return super().on_token(token)
+
+    runner = Canceller(prompts[0], 10)
+    engine = BatchEngine(shard, prefix_cache_bytes=0, prefill_chunk=8)
+    waiting = [runner]
+    engine.run(lambda fits: waiting.pop(0) if fits and waiting and fits(waiting[0]) else None)
+    assert left == ["cancelled", "cancelled"] and all(r.tokens == [] for r in doomed)
+    assert runner.tokens == alone[0] and engine.prefilling is None
 
 
 def test_a_prefill_stops_when_its_request_is_cancelled(tiny_model):

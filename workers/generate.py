@@ -94,7 +94,7 @@ def generate_once(engine: BatchEngine, text: str, max_tokens: int, raw: bool) ->
     once = _Once(list(prompt), max_tokens)
     pending = [once]
     start = time.perf_counter()
-    engine.run(lambda take: pending.pop() if pending and take else None)
+    engine.run(lambda fits: pending.pop() if pending and fits and fits(pending[-1]) else None)
     times = once.times
     return {
         "prompt_tokens": len(prompt), "tokens": once.tokens, "text": tokenizer.decode(once.tokens),

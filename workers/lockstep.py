@@ -2,10 +2,14 @@
 
 One decode step runs every request in the batch at once (mlx-lm's `BatchKVCache`: left-padded rows,
 one mask). Between steps the leader changes the batch: requests that finished leave, new ones join.
-A joining request is prefilled alone, into its own cache (or into a copy of a cached prefix: see
-below), one chunk of its prompt per step, so the rows already running keep decoding meanwhile; then
-it is merged into the batch, and its last prompt token goes in with the next batched step, so its
-first token comes out of the same kind of step as every later one.
+Requests waiting together join together: they are prefilled as one group (mlx-lm's right padding of
+the shorter prompts, rolled into left padding once all are in), into a cache of their own, each row
+starting empty or from a copy of its cached prefix (see below), one chunk of the group's prompts per
+step, so the rows already running keep decoding meanwhile; then the group is merged into the batch,
+and each row's last prompt token goes in with the next batched step, so its first token comes out of
+the same kind of step as every later one. Why groups: prefilled one by one, the 16th of 16 requests
+arriving at once waited for 15 prefills and 15 steps (10 s to its first token on a 2-core CPU);
+prefilled together, the weights are read once per chunk for all of them.
 
 Like mlx-lm's `GenerationBatch`, step k+1 is queued before step k's tokens are read, so host work
 (detokenising, stop strings, publishing) overlaps the model; a request that finishes at step k has
@@ -19,7 +23,7 @@ Groups: only the leader samples and decides. Each step ends with one broadcast (
 only the leader contributes) of the sampled tokens, so every rank feeds the same tokens to the next
 step. Before each step the leader broadcasts the plan: which rows stay, which requests join (their
 prompt ids, then how much of each comes from the prefix cache), whether the prefill under way is
-abandoned (its request was cancelled, or the leader is stopping), and whether the batch is done; every
+abandoned (all its requests were cancelled, or the leader is stopping), and whether the batch is done; every
 rank applies it the same way, so batch shapes and collectives match on every rank. A single process
 runs the same loop with the broadcasts reduced to nothing.
 
@@ -48,6 +52,11 @@ from workers.status import Progress
 # A longer prompt is prefilled over several steps, between which the rows already running each decode a
 # token: a long prompt slows the others down instead of stopping them.
 PREFILL_CHUNK = 512
+# A group of joining requests holds at most this many chunks of prompt tokens, every prompt counted whole (a cached
+# prefix too: the group's cache is padded to its longest) and as long as the longest (a request that would take it
+# past joins with the next group; one alone always joins). Padding is work thrown away, so a long prompt does not join
+# short ones: their first tokens would wait for its whole prefill.
+PREFILL_GROUP_CHUNKS = 4
 PREFIX_KEY = "model"  # LRUPromptCache keys by model; a worker serves one
 
 
@@ -57,9 +66,9 @@ class Row(Protocol):
     prompt: list[int]
     greedy: bool  # argmax without logits processors: sampled for the whole batch at once
     cached_tokens: int  # set when it joins: prompt tokens taken from the prefix cache
-    cancelled: threading.Event  # read by the leader: a cancelled request stops its prefill
+    cancelled: threading.Event  # read by the leader: a prefill stops once all its requests are cancelled
     # The first of several answers to a prompt (`n`): its prompt's cache goes into the prefix cache once prefilled,
-    # so that the others start from it instead of a prefill of their own.
+    # so that the others start from it instead of a prefill of their own (it is the last of its group).
     share_prefill: bool
 
     def choose(self, logits: mx.array) -> mx.array: ...  # [1, vocab] -> [1]
@@ -69,6 +78,11 @@ class Row(Protocol):
     def fail(self, exc: Exception) -> None: ...  # sampling or finishing this row raised: it ends here
 
     def on_leave(self, reason: str) -> None: ...  # "finished", "halted" (the leader stops) or "cancelled"
+
+
+# The leader's source of joining requests: `admit(fits)` hands over the first request waiting if `fits(it)`, else None;
+# `admit(None)` hands over none (the caller may still end waiting requests that were cancelled).
+Admit = Callable[[Callable[[Row], bool] | None], Row | None]
 
 
 class FollowerRow:
@@ -127,12 +141,14 @@ class _Member:
 
 
 class _Prefill:
-    """A request joining the batch, prefilled one chunk per step into a cache of its own."""
+    """Requests joining the batch together, prefilled one chunk per step into a batch cache of their own."""
 
-    def __init__(self, row, cache: list, rest: list[int]):
-        self.row = row
-        self.cache = cache  # a batch of one, extended into the batch once the prompt is in
-        self.rest = rest  # prompt ids still to prefill (all but the last: it goes in with a decode step)
+    def __init__(self, rows: list, cache: list, tokens: list[list[int]], padded: bool):
+        self.rows = rows
+        self.cache = cache  # extended into the batch once the prompts are in
+        self.tokens = tokens  # per row, the prompt ids to prefill (not the last: it goes in with a decode step)
+        self.padded = padded  # right-padded to the longest when their lengths differ
+        self.done = 0  # columns of `tokens` prefilled
 
 
 class BatchEngine:
@@ -146,9 +162,14 @@ class BatchEngine:
         self.prefill_chunk = prefill_chunk
         # Bounded by the leader's bytes alone (no count limit): see `_evict`.
         self.prefix_cache_bytes = prefix_cache_bytes
-        self.prefixes = LRUPromptCache(max_size=1 << 62) if prefix_cache_bytes > 0 and plain_kv(shard) else None
+        # Only plain KV caches take right padding safely (mlx-lm's rotating and recurrent caches would run the padding
+        # through their window or state): other models join in groups of equal prompt lengths, and without a prefix
+        # cache (see `plain_kv`).
+        self.plain = plain_kv(shard)
+        self.prefixes = LRUPromptCache(max_size=1 << 62) if prefix_cache_bytes > 0 and self.plain else None
         self.members: list[_Member] = []
-        self.joining = None  # admitted by the plan, not yet prefilling: `drop` must hand it back too
+        self.prefill_group_tokens = PREFILL_GROUP_CHUNKS * prefill_chunk
+        self.joining: list = []  # admitted by the plan, not yet prefilling: `drop` must hand them back too
         self.prefilling: _Prefill | None = None
         self.cache: list = []  # one BatchKVCache per layer (of this rank)
         self.next_tokens: mx.array | None = None  # the tokens the next step feeds, one per row
@@ -156,14 +177,13 @@ class BatchEngine:
 
     # -- the plan ------------------------------------------------------------------------------------
 
-    def _plan(self, admit: Callable[[bool], Row | None] | None) -> tuple[bool, list[int]]:
-        """(done, rows to keep), the leader's decision on every rank. A request that starts joining is put
-        in `joining`; a prefill the leader abandons (its request was cancelled, or the leader is stopping)
+    def _plan(self, admit: Admit | None) -> tuple[bool, list[int]]:
+        """(done, rows to keep), the leader's decision on every rank. Requests that start joining are put in
+        `joining`; a prefill the leader abandons (all its requests were cancelled, or the leader is stopping)
         ends here on every rank.
 
-        One request joins at a time, the next once the previous one's prefill is done: each is prefilled
-        on its own (so that it can start from its own prefix-cache entry), so starting several at once
-        would gain nothing and would delay the first tokens of all of them.
+        A group joins only when no prefill is under way: its requests are prefilled together (each from its own
+        prefix-cache entry), and a request arriving meanwhile joins with the next group.
         """
         shard = self.shard
         size = len(self.members)
@@ -171,51 +191,79 @@ class BatchEngine:
         if shard.is_leader:
             keep = [i for i, m in enumerate(self.members) if not m.finished and not halted]
             prefilling = self.prefilling
-            abandon = prefilling is not None and (halted or prefilling.row.cancelled.is_set())
+            abandon = prefilling is not None and (halted or all(r.cancelled.is_set() for r in prefilling.rows))
             if not halted and admit is not None:
-                # admit(False) still lets the caller end waiting jobs that were cancelled.
-                self.joining = admit((prefilling is None or abandon) and len(keep) < self.max_batch)
-            done = not keep and self.joining is None and (prefilling is None or abandon)
-            prompt = self.joining.prompt if self.joining is not None else []
-            share = self.joining is not None and self.joining.share_prefill
-            header = [int(done), len(prompt), int(abandon), int(share)] + [1 if i in keep else 0 for i in range(size)]
+                self.joining = self._admit_group(admit, self.max_batch - len(keep) if prefilling is None or abandon
+                                                 else 0)
+            done = not keep and not self.joining and (prefilling is None or abandon)
+            header = [int(done), int(abandon), len(self.joining)] + [1 if i in keep else 0 for i in range(size)]
         else:
             header = None
-        header = broadcast_list(shard, header, 4 + size)
-        done, prompt_length, abandon, share = header[:4]
-        keep = [i for i, flag in enumerate(header[4:]) if flag]
+        header = broadcast_list(shard, header, 3 + size)
+        done, abandon, joining = header[:3]
+        keep = [i for i, flag in enumerate(header[3:]) if flag]
         if abandon:
-            row, self.prefilling = self.prefilling.row, None
-            row.on_leave("halted" if halted else "cancelled")
-        if prompt_length:
-            prompt = broadcast_list(shard, self.joining.prompt if shard.is_leader else None, prompt_length)
+            rows, self.prefilling = self.prefilling.rows, None
+            for row in rows:
+                row.on_leave("halted" if halted else "cancelled")
+        if joining:
+            rows = self.joining if shard.is_leader else None
+            shape = broadcast_list(shard, [len(r.prompt) for r in rows] + [int(r.share_prefill) for r in rows]
+                                   if rows else None, 2 * joining)
+            lengths, shares = shape[:joining], shape[joining:]
+            ids = broadcast_list(shard, [t for r in rows for t in r.prompt] if rows else None, sum(lengths))
             if not shard.is_leader:
-                self.joining = FollowerRow(prompt, bool(share))
+                starts = [sum(lengths[:i]) for i in range(joining)]
+                self.joining = [FollowerRow(ids[a:a + n], bool(share)) for a, n, share in zip(starts, lengths, shares)]
         return bool(done), keep
 
-    def _reuse(self, row) -> tuple[list | None, int]:
-        """The joining row's prefix-cache entry (a copy) and how many prompt tokens it covers, the
+    def _admit_group(self, admit: Admit, room: int) -> list:
+        """The leader's next joining group: waiting requests in their order, while there is room in the batch and
+        the group's padded prompts stay within `prefill_group_tokens`. A request that shares its prefill (`n`) ends
+        its group: the others wait for its cache."""
+        rows: list = []
+
+        def fits(row) -> bool:
+            if not rows:
+                return True
+            if not self.plain and len(row.prompt) != len(rows[0].prompt):
+                return False
+            longest = max(len(row.prompt), *(len(r.prompt) for r in rows))
+            return (len(rows) < room and not (rows[-1].share_prefill and self.prefixes is not None)
+                    and (len(rows) + 1) * longest <= self.prefill_group_tokens)
+
+        while (row := admit(fits if room > 0 else None)) is not None:
+            rows.append(row)
+        return rows
+
+    def _reuse(self, rows: list) -> list[tuple[list | None, int]]:
+        """Each joining row's prefix-cache entry (a copy) and how many prompt tokens it covers, the
         leader's choice on every rank. Ranks hold different layers, and whether an entry can be trimmed
         depends on a rank's cache types, so followers do not choose: they cut their entry to the
         leader's length, and a follower that has less fails the batch (the group restarts) rather than
         prefill a different number of tokens from its peers."""
-        head = row.prompt[:-1]
-        cache, rest = (None, head)
-        if self.prefixes is not None and head:
-            cache, rest = self.prefixes.fetch_nearest_cache(PREFIX_KEY, head)
-        n = len(head) - len(rest) if cache is not None else 0
+        found = []
+        for row in rows:
+            head = row.prompt[:-1]
+            cache, rest = (None, head)
+            if self.prefixes is not None and head:
+                cache, rest = self.prefixes.fetch_nearest_cache(PREFIX_KEY, head)
+            found.append((cache, len(head) - len(rest) if cache is not None else 0))
         if self.shard.group is None:
-            return cache, n
-        (want,) = broadcast_list(self.shard, [n] if self.shard.is_leader else None, 1)
-        if n < want:
-            raise RuntimeError(f"prefix cache out of step with the leader: {n} tokens cached, {want} expected")
-        if want == 0:
-            cache = None
-        elif n > want:
-            if not can_trim_prompt_cache(cache):
-                raise RuntimeError("prefix cache out of step with the leader: cannot trim an entry")
-            trim_prompt_cache(cache, n - want)
-        return cache, want
+            return found
+        wants = broadcast_list(self.shard, [n for _, n in found] if self.shard.is_leader else None, len(rows))
+        reused = []
+        for (cache, n), want in zip(found, wants):
+            if n < want:
+                raise RuntimeError(f"prefix cache out of step with the leader: {n} tokens cached, {want} expected")
+            if want == 0:
+                cache = None
+            elif n > want:
+                if not can_trim_prompt_cache(cache):
+                    raise RuntimeError("prefix cache out of step with the leader: cannot trim an entry")
+                trim_prompt_cache(cache, n - want)
+            reused.append((cache, want))
+        return reused
 
     # -- changing the batch --------------------------------------------------------------------------
 
@@ -257,40 +305,57 @@ class BatchEngine:
             self.prefixes.trim_to(n_sequences=before - evicted)
 
     def _start(self) -> None:
-        """Begin a joining row's prefill: its cache (a batch of one) starts as its prefix-cache entry or
-        empty; the rest of its prompt, all but the last token, is prefilled by `_prefill_chunk`.
+        """Begin the joining group's prefill: its cache (a batch of its rows) starts as their prefix-cache entries,
+        or empty; the rest of each prompt, all but the last token, is prefilled by `_prefill_chunk`.
 
-        Batch caches from the start: prefilling a plain cache and merging it afterwards costs a copy, and
+        Batch caches from the start: prefilling plain caches and merging them afterwards costs a copy, and
         a second one at the first step (the merged buffer has no room to grow): about 10 ms of time to
         first token on the development machine."""
-        row = self.joining
-        entry, reused = self._reuse(row)
-        row.cached_tokens = reused
-        cache = _merge_caches([entry if entry is not None else make_prompt_cache(self.shard.model)])
-        self.prefilling, self.joining = _Prefill(row, cache, row.prompt[reused:-1]), None
+        rows = self.joining  # still there for `drop` until `prefilling` holds them
+        entries, tokens = [], []
+        for row, (entry, reused) in zip(rows, self._reuse(rows)):
+            row.cached_tokens = reused
+            entries.append(entry if entry is not None else make_prompt_cache(self.shard.model))
+            tokens.append(row.prompt[reused:-1])
+        cache = _merge_caches(entries)
+        lengths = [len(t) for t in tokens]
+        longest = max(lengths)
+        padding = [longest - n for n in lengths]
+        if any(padding):  # as mlx-lm's PromptProcessingBatch: the cache rolls the padding to the left at the end
+            for c in cache:
+                c.prepare(lengths=lengths, right_padding=padding)
+        tokens = [t + [0] * pad for t, pad in zip(tokens, padding)]
+        self.prefilling, self.joining = _Prefill(rows, cache, tokens, any(padding)), []
 
     def _prefill_chunk(self) -> None:
-        """One chunk of the joining row's prompt; once all of it is in, the row joins the batch."""
+        """One chunk of the joining group's prompts (`prefill_chunk` tokens in all); once all of them are in, the
+        group joins the batch."""
         prefill = self.prefilling
-        chunk, prefill.rest = prefill.rest[:self.prefill_chunk], prefill.rest[self.prefill_chunk:]
-        if chunk:
-            self.shard.forward(mx.array(chunk, dtype=mx.int32)[None], prefill.cache, logits=False)
+        width = max(1, self.prefill_chunk // len(prefill.rows))
+        chunk = [t[prefill.done:prefill.done + width] for t in prefill.tokens]
+        if chunk[0]:
+            self.shard.forward(mx.array(chunk, dtype=mx.int32), prefill.cache, logits=False)
             mx.eval([c.state for c in prefill.cache])
+            prefill.done += len(chunk[0])
             self.shard.last_step = time.monotonic()
-        if prefill.rest:
+        if prefill.done < len(prefill.tokens[0]):
             return
-        row = prefill.row
-        # (every rank alike: the leader's plan said so, and each rank has the prompt). A one-token prompt left
+        if prefill.padded:
+            for c in prefill.cache:
+                c.finalize()
+        rows = prefill.rows
+        # (every rank alike: the leader's plan said so, and each rank has the prompts). A one-token prompt left
         # nothing in its cache to share.
-        if self.prefixes is not None and row.share_prefill and len(row.prompt) > 1:
-            entry = [c.extract(0) for c in prefill.cache]
-            mx.eval([c.state for c in entry])
-            self.prefixes.insert_cache(PREFIX_KEY, row.prompt[:-1], entry)
-            self._evict()
-        self.members.append(_Member(row, row.prompt[:-1]))
+        for i, row in enumerate(rows):
+            if self.prefixes is not None and row.share_prefill and len(row.prompt) > 1:
+                entry = [c.extract(i) for c in prefill.cache]
+                mx.eval([c.state for c in entry])
+                self.prefixes.insert_cache(PREFIX_KEY, row.prompt[:-1], entry)
+                self._evict()
+        self.members.extend(_Member(row, row.prompt[:-1]) for row in rows)
         self.prefilling = None
         self.cache = _extend_cache(self.cache, prefill.cache)
-        last = mx.array([row.prompt[-1]], dtype=mx.int32)
+        last = mx.array([row.prompt[-1] for row in rows], dtype=mx.int32)
         self.next_tokens = last if self.next_tokens is None else mx.concatenate([self.next_tokens, last])
 
     # -- one step ------------------------------------------------------------------------------------
@@ -341,10 +406,10 @@ class BatchEngine:
                 except Exception as exc:
                     self._fail(member, exc)
 
-    def run(self, admit: Callable[[bool], Row | None] | None = None) -> None:
-        """Step until the batch is empty and nothing joins (the leader's call: `admit(True)` hands over
-        the next request waiting to join, or None). Followers call it without `admit` and return when
-        the leader's plan says the batch is done.
+    def run(self, admit: Admit | None = None) -> None:
+        """Step until the batch is empty and nothing joins (the leader's call, with the requests waiting to
+        join: `Admit`). Followers call it without `admit` and return when the leader's plan says the batch is
+        done.
 
         On an exception the batch is kept as it was: the caller takes its rows with `drop`.
         """
@@ -354,7 +419,7 @@ class BatchEngine:
                 self._leave(keep)
                 if done:
                     return
-                if self.joining is not None:
+                if self.joining:
                     self._start()
                 if self.prefilling is not None:
                     self._prefill_chunk()
@@ -367,8 +432,7 @@ class BatchEngine:
         """Empty the batch (after a failed step) and return the rows it held."""
         rows = [m.row for m in self.members]
         if self.prefilling is not None:
-            rows.append(self.prefilling.row)
-        if self.joining is not None:
-            rows.append(self.joining)
-        self.members, self.joining, self.prefilling, self.cache, self.next_tokens = [], None, None, [], None
+            rows.extend(self.prefilling.rows)
+        rows.extend(self.joining)
+        self.members, self.joining, self.prefilling, self.cache, self.next_tokens = [], [], None, [], None
         return rows

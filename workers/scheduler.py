@@ -1,7 +1,7 @@
 """The model's thread: runs the batch (workers/lockstep.py) whenever jobs wait to join it.
 
 MLX work is synchronous, so the model lives on one dedicated thread. The asyncio side `submit`s
-validated jobs; the thread hands them to the batch between steps (`admit`), one join at a time. The
+validated jobs; the thread hands them to the batch between steps (`admit`), in their order. The
 asyncio side reads `stalled_s` to tell a batch that stopped making progress (a hung rank, a hung
 kernel, a stopped process) from one that is merely busy.
 """
@@ -61,15 +61,15 @@ class BatchScheduler:
             self.waiting.append(generation)
             self.work.set()
 
-    def admit(self, take: bool) -> Generation | None:
-        """With `take`, the first waiting job, which joins the batch now. Jobs cancelled while waiting end
-        here, whether or not one is taken."""
+    def admit(self, fits: Callable[[Generation], bool] | None) -> Generation | None:
+        """The first waiting job if `fits(it)` (the batch's test: room, and its joining group's size), which
+        joins the batch now. Jobs cancelled while waiting end here, whether or not one is taken."""
         joining = None
         with self.lock:
             for generation in [g for g in self.waiting if g.cancelled.is_set()]:  # even when the batch is full
                 self.waiting.remove(generation)
                 generation.on_leave("cancelled")
-            if take and self.waiting:
+            if fits is not None and self.waiting and fits(self.waiting[0]):
                 joining = self.waiting.popleft()
                 joining.joined = time.perf_counter()
             if not self.waiting:

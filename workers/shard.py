@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
-from workers.cpu_path import compile_small_ops, dense_weights
+from workers.cpu_path import column_major_weights, compile_small_ops, dense_weights, loaded_blas
 from workers.split import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel,  # noqa: F401 (re-exported)
                            layer_files, pipeline_split, stage_files, tensor_parallel_sizes, weight_map)
 
@@ -181,6 +181,8 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)
         cpu_path += f"; {compile_small_ops(model)} RoPE and RMSNorm modules compiled"
+        if loaded_blas() is not None:  # (after the cast and the tensor sharding: both would copy it back)
+            cpu_path += f"; {column_major_weights(model)} weight matrices held column-major"
     mx.eval(model.parameters())  # reads only the weights this rank kept
     model.eval()
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
