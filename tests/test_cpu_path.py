@@ -135,6 +135,18 @@ def test_column_major_weights_are_the_same_arrays_and_change_no_token(tiny):
     assert mx.allclose(laid_out_logits, logits, atol=1e-4).item()
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_affine_dequantize_gives_mx_dequantize_values(bits):
+    weights = mx.random.normal((96, 256), key=mx.random.key(bits))
+    for layer in (nn.QuantizedLinear.from_linear(nn.Linear(256, 96), group_size=64, bits=bits),
+                  nn.QuantizedEmbedding.from_embedding(nn.Embedding(96, 256), group_size=64, bits=bits)):
+        layer.weight, layer.scales, layer.biases = mx.quantize(weights, group_size=64, bits=bits)
+        expected = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=bits)
+        dense = cpu_path.affine_dequantize(layer)
+        assert dense.dtype == mx.float32 and dense.shape == weights.shape
+        assert mx.allclose(dense, expected, rtol=1e-6, atol=1e-6).item()
+
+
 def quantized_tiny(tiny: Path) -> nn.Module:
     model = load_model(tiny)[0]
     nn.quantize(model, group_size=32, bits=4)

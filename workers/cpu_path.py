@@ -123,6 +123,19 @@ def dense_bytes(model: nn.Module) -> int:
                if "scales" in module and hasattr(module, "bits"))
 
 
+def affine_dequantize(module: nn.Module) -> mx.array:
+    """A quantized layer's weight as float32 (affine mode, 2, 4 or 8 bits: whole values in each uint32), from MLX's
+    element-wise ops. Why not mx.dequantize: its CPU kernel is scalar, and turning the bundled model's weights dense
+    took 3.6 s of a worker's 6.3 s start on a 2-core Xeon VM; these ops do its 49,152 x 576 embedding in 0.26 s
+    against 0.98. The values are exact in float32 (mx.dequantize rounds them to the scales' float16)."""
+    weight, bits = module.weight, module.bits
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    values = (weight[..., None] >> shifts) & ((1 << bits) - 1)  # [out, in / (32 / bits), 32 / bits]: low bits first
+    groups = values.reshape(*weight.shape[:-1], -1, module.group_size).astype(mx.float32)
+    scales, biases = module.scales.astype(mx.float32), module.biases.astype(mx.float32)
+    return (groups * scales[..., None] + biases[..., None]).reshape(*weight.shape[:-1], -1)
+
+
 def dense_weights(model: nn.Module) -> str:
     """On the Linux CPU path, turn the quantized layers into float32 ones (lazily: only what is evaluated is
     computed); returns the line the worker logs about the path it took."""
@@ -144,7 +157,14 @@ def dense_weights(model: nn.Module) -> str:
     # exec the rank without that delay
 
     stored = sum(v.nbytes for _, v in tree_flatten(model.parameters()) if v.dtype == mx.uint32)
+    # mlx-lm swaps the modules; the weights of the common kinds are then computed by `affine_dequantize` instead.
+    fast = {name: affine_dequantize(module) for name, module in model.named_modules()
+            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+            and getattr(module, "mode", "affine") == "affine" and 32 % module.bits == 0}
     dequantize_model(model)
+    modules = dict(model.named_modules())
+    for name, weight in fast.items():
+        modules[name].weight = weight
     return f"CPU path: {blas}; quantized weights held as float32 (+{(needed - stored) / 1e6:.0f} MB)"
 
 
