@@ -124,7 +124,8 @@ def dense_bytes(model: nn.Module) -> int:
 
 
 def affine_dequantize(module: nn.Module) -> mx.array:
-    """A quantized layer's weight as float32 (affine mode, 2, 4 or 8 bits: whole values in each uint32), from MLX's
+    """A quantized layer's weight (2-D, or 3-D for MoE experts) as float32 (affine mode, 2, 4 or 8 bits: whole values
+    in each uint32), from MLX's
     element-wise ops. Why not mx.dequantize: its CPU kernel is scalar, and turning the bundled model's weights dense
     took 3.6 s of a worker's 6.3 s start on a 2-core Xeon VM; these ops do its 49,152 x 576 embedding in 0.26 s
     against 0.98. The values are exact in float32 (mx.dequantize rounds them to the scales' float16)."""
@@ -153,13 +154,14 @@ def dense_weights(model: nn.Module) -> str:
     if needed > DENSE_SHARE * available:
         return (f"CPU path: {blas}, but weights as stored: float32 would take {needed / 1e9:.1f} GB, more than "
                 f"{DENSE_SHARE:.0%} of the {available / 1e9:.1f} GB available")
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear  # (MoE experts)
     from mlx_lm.utils import dequantize_model  # here: mlx_lm.utils imports transformers (3 s), and `main` must
     # exec the rank without that delay
 
     stored = sum(v.nbytes for _, v in tree_flatten(model.parameters()) if v.dtype == mx.uint32)
     # mlx-lm swaps the modules; the weights of the common kinds are then computed by `affine_dequantize` instead.
     fast = {name: affine_dequantize(module) for name, module in model.named_modules()
-            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))
             and getattr(module, "mode", "affine") == "affine" and 32 % module.bits == 0}
     dequantize_model(model)
     modules = dict(model.named_modules())
@@ -173,20 +175,22 @@ def dense_weights(model: nn.Module) -> str:
 MATMUL_MODULES = (nn.Linear, nn.AllToShardedLinear, nn.ShardedToAllLinear)
 
 
-def column_major_weights(model: nn.Module) -> int:
+def column_major_weights(model: nn.Module, output_head: bool = True) -> int:
     """Hold every float matrix the model multiplies by as `x @ W.T` column-major: the same array (shape, name, values)
     over a buffer laid out as its transpose, so that the BLAS gets a plain, untransposed gemm. Returns how many.
 
     Why: MKL and OpenBLAS take a slow path for `x @ W.T` with a few rows. On a 2-core Xeon VM one SmolLM2 layer's
     matmuls take 6.5 ms for 16 rows (a batched decode step) against 2.5 ms column-major, and 1.0 against 0.75 ms for
     one row; from a few hundred rows (a long prefill) the two are within a few percent (512 rows: 31.9 ms as stored,
-    33.9 column-major). An embedding is included when no `lm_head` exists (tied: the same matrix is the output head;
-    otherwise it is only looked up, and a lookup reads rows). Quantized and 3-D (MoE) weights are left as they are:
-    their kernels are MLX's own."""
-    tied = not any(name.split(".")[-1] == "lm_head" for name, _ in model.named_modules())
+    33.9 column-major). The token embedding is included only where it is the output head too: tied
+    (`args.tie_word_embeddings`, as workers/shard.py reads it) on a rank that computes the logits (`output_head`: not
+    an earlier pipeline stage); elsewhere it is only looked up, and a lookup reads rows. Quantized and 3-D (MoE)
+    weights are left as they are: their kernels are MLX's own."""
+    tied = output_head and getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    head = getattr(getattr(model, "model", None), "embed_tokens", None) if tied else None
     count = 0
     for _, module in model.named_modules():
-        if not (isinstance(module, MATMUL_MODULES) or (tied and isinstance(module, nn.Embedding))):
+        if not (isinstance(module, MATMUL_MODULES) or (head is not None and module is head)):
             continue
         if "scales" not in module and module.weight.ndim == 2:
             # mx.contiguous copies into the transpose's row-major order; .T is then a view with swapped strides.

@@ -182,7 +182,8 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
         model.set_dtype(mx.float32)
         cpu_path += f"; {compile_small_ops(model)} RoPE and RMSNorm modules compiled"
         if loaded_blas() is not None:  # (after the cast and the tensor sharding: both would copy it back)
-            cpu_path += f"; {column_major_weights(model)} weight matrices held column-major"
+            output_head = layout != "pipeline" or rank == size - 1  # (earlier stages pass a hidden state on)
+            cpu_path += f"; {column_major_weights(model, output_head)} weight matrices held column-major"
     mx.eval(model.parameters())  # reads only the weights this rank kept
     model.eval()
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
