@@ -73,32 +73,32 @@ def tiny(server, tmp_path_factory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), server.home / "models" / MODEL)
 
 
-def greedy(model, prompt: list[int], steps: int, batch_cache: bool) -> tuple[list[int], mx.array]:
-    """`steps` greedy tokens and every decode step's logits, with mlx-lm's plain cache (int offsets) or the batch's
-    (array offsets, as workers/lockstep.py runs it)."""
+def greedy(model, prompts: list[list[int]], steps: int, batch_cache: bool) -> tuple[list[list[int]], mx.array]:
+    """`steps` greedy tokens of each row (prompts of one length) and every decode step's logits, with mlx-lm's plain
+    cache (int offsets) or the batch's (array offsets, as workers/lockstep.py runs it)."""
     cache = make_prompt_cache(model)
     if batch_cache:
         cache = _merge_caches([cache])
-    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    logits = model(mx.array(prompts), cache=cache)[:, -1]
     tokens, steps_logits = [], []
     for _ in range(steps):
         token = mx.argmax(logits, axis=-1)
-        tokens.append(token.item())
+        tokens.append(token.tolist())
         logits = model(token[:, None], cache=cache)[:, -1]
         steps_logits.append(logits)
-    return tokens, mx.concatenate(steps_logits)
+    return tokens, mx.stack(steps_logits)
 
 
 @pytest.mark.parametrize("batch_cache", [False, True])
 def test_compiled_small_ops_change_no_token(tiny, batch_cache):
     model = load_model(tiny)[0]
     prompt = list(range(5, 40))
-    tokens, logits = greedy(model, prompt, 24, batch_cache)
+    tokens, logits = greedy(model, [prompt], 24, batch_cache)
     layers = len(model.model.layers)
     assert compile_small_ops(model) == 3 * layers + 1  # a RoPE and two norms per layer, and the final norm
     assert isinstance(model.model.layers[0].self_attn.rope, cpu_path.CompiledRoPE)
     assert "model.norm.weight" in dict(tree_flatten(model.parameters()))  # names and weights as they were
-    compiled_tokens, compiled_logits = greedy(model, prompt, 24, batch_cache)
+    compiled_tokens, compiled_logits = greedy(model, [prompt], 24, batch_cache)
     assert compiled_tokens == tokens
     # every step's logits, each at its own position (offset)
     assert mx.allclose(compiled_logits, logits, atol=1e-4).item()
@@ -107,21 +107,10 @@ def test_compiled_small_ops_change_no_token(tiny, batch_cache):
 def test_column_major_weights_are_the_same_arrays_and_change_no_token(tiny):
     """Several rows at once, as a batched decode step runs them (the case the layout is for)."""
     model = load_model(tiny)[0]
-    prompts = mx.array([list(range(5 + row, 40 + row)) for row in range(4)])
-
-    def rows_greedy(steps: int = 16) -> tuple[list[list[int]], mx.array]:
-        cache = make_prompt_cache(model)
-        logits = model(prompts, cache=cache)[:, -1]
-        tokens, steps_logits = [], []
-        for _ in range(steps):
-            token = mx.argmax(logits, axis=-1)
-            tokens.append(token.tolist())
-            logits = model(token[:, None], cache=cache)[:, -1]
-            steps_logits.append(logits)
-        return tokens, mx.stack(steps_logits)
+    prompts = [list(range(5 + row, 40 + row)) for row in range(4)]
 
     before = dict(tree_flatten(model.parameters()))
-    tokens, logits = rows_greedy()
+    tokens, logits = greedy(model, prompts, 16, False)
     linears = sum(isinstance(m, (nn.Linear, nn.Embedding)) for _, m in model.named_modules())
     assert column_major_weights(model) == linears
     # An earlier pipeline stage only looks its (tied) embedding up: that one stays as it is.
@@ -132,7 +121,7 @@ def test_column_major_weights_are_the_same_arrays_and_change_no_token(tiny):
     mx.eval(model.parameters())
     up = model.model.layers[0].mlp.up_proj.weight  # [out, in], laid out as its transpose: a column steps 4 bytes
     assert memoryview(up).strides == (4, 4 * up.shape[0])
-    laid_out_tokens, laid_out_logits = rows_greedy()
+    laid_out_tokens, laid_out_logits = greedy(model, prompts, 16, False)
     assert laid_out_tokens == tokens
     # the BLAS sums in another order: the same logits to rounding
     assert mx.allclose(laid_out_logits, logits, atol=1e-4).item()
@@ -166,7 +155,7 @@ def quantized_tiny(tiny: Path) -> nn.Module:
 def test_quantized_weights_become_float32_only_where_they_fit(tiny, monkeypatch):
     monkeypatch.setattr(cpu_path, "loaded_blas", lambda: "libmkl_rt.so.3")
     model = quantized_tiny(tiny)
-    tokens = greedy(model, list(range(5, 40)), 16, True)[0]
+    tokens = greedy(model, [list(range(5, 40))], 16, True)[0]
     needed = cpu_path.dense_bytes(model)
     monkeypatch.setattr(cpu_path, "memory_available", lambda: int(needed / cpu_path.DENSE_SHARE) - 1)
     line = dense_weights(model)
@@ -179,4 +168,4 @@ def test_quantized_weights_become_float32_only_where_they_fit(tiny, monkeypatch)
     assert type(up) is nn.Linear and up.weight.dtype == mx.float32
     assert not any(v.dtype == mx.uint32 for _, v in tree_flatten(model.parameters()))
     # the same numbers, so the same greedy tokens
-    assert greedy(model, list(range(5, 40)), 16, True)[0] == tokens
+    assert greedy(model, [list(range(5, 40))], 16, True)[0] == tokens

@@ -125,10 +125,10 @@ def dense_bytes(model: nn.Module) -> int:
 
 def affine_dequantize(module: nn.Module) -> mx.array:
     """A quantized layer's weight (2-D, or 3-D for MoE experts) as float32 (affine mode, 2, 4 or 8 bits: whole values
-    in each uint32), from MLX's
-    element-wise ops. Why not mx.dequantize: its CPU kernel is scalar, and turning the bundled model's weights dense
-    took 3.6 s of a worker's 6.3 s start on a 2-core Xeon VM; these ops do its 49,152 x 576 embedding in 0.26 s
-    against 0.98. The values are exact in float32 (mx.dequantize rounds them to the scales' float16)."""
+    in each uint32), from MLX's element-wise ops. Why not mx.dequantize: its CPU kernel is scalar, and turning the
+    bundled model's weights dense took 3.6 s of a worker's 6.3 s start on a 2-core Xeon VM; these ops do its
+    49,152 x 576 embedding in 0.26 s against 0.98. The values are exact in float32 (mx.dequantize rounds them to the
+    scales' float16)."""
     weight, bits = module.weight, module.bits
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
     values = (weight[..., None] >> shifts) & ((1 << bits) - 1)  # [out, in / (32 / bits), 32 / bits]: low bits first
