@@ -189,8 +189,9 @@ class Greedy:
 
 
 def run_rows(engine, rows: list) -> None:
-    waiting = list(rows)
-    engine.run(lambda fits: waiting.pop(0) if fits and waiting and fits(waiting[0]) else None)
+    from workers.lockstep import admit_from
+
+    engine.run(admit_from(list(rows)))
 
 
 def test_batch_engine_prefix_cache_reuses_and_stays_within_its_bytes(tiny_model):
@@ -265,7 +266,7 @@ def test_requests_waiting_together_join_as_one_group(tiny_model):
     """Prompts of different lengths, one of them from the prefix cache, prefilled together (right-padded, then
     rolled into the batch's left padding), in one chunk and over several: each gets the tokens it gets alone, and all
     first tokens come out of the same step."""
-    from workers.lockstep import BatchEngine
+    from workers.lockstep import BatchEngine, admit_from
     from workers.shard import load_shard
 
     shard = load_shard(tiny_model)
@@ -324,7 +325,7 @@ def test_requests_waiting_together_join_as_one_group(tiny_model):
     runner = Canceller(prompts[0], 10)
     engine = BatchEngine(shard, prefix_cache_bytes=0, prefill_chunk=8)
     waiting = [runner]
-    engine.run(lambda fits: waiting.pop(0) if fits and waiting and fits(waiting[0]) else None)
+    engine.run(admit_from(waiting))
     assert left == ["cancelled", "cancelled"] and all(r.tokens == [] for r in doomed)
     assert runner.tokens == alone[0] and engine.prefilling is None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from workers.lockstep import BatchEngine, broadcast
+from workers.lockstep import BatchEngine, admit_from, broadcast
 from workers.shard import Shard, load_shard
 from workers.rank import RankArgs, add_rank_arguments, barrier, join_group
 
@@ -92,9 +92,8 @@ def generate_once(engine: BatchEngine, text: str, max_tokens: int, raw: bool) ->
     prompt = (tokenizer.encode(text) if raw else
               tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
     once = _Once(list(prompt), max_tokens)
-    pending = [once]
     start = time.perf_counter()
-    engine.run(lambda fits: pending.pop() if pending and fits and fits(pending[-1]) else None)
+    engine.run(admit_from([once]))
     times = once.times
     return {
         "prompt_tokens": len(prompt), "tokens": once.tokens, "text": tokenizer.decode(once.tokens),

@@ -85,6 +85,16 @@ class Row(Protocol):
 Admit = Callable[[Callable[[Row], bool] | None], Row | None]
 
 
+def admit_from(waiting: list) -> Admit:
+    """An `Admit` over a plain list, first come first (it takes from the list): for callers without a queue of their
+    own (workers/generate.py, tests). The worker's queue is workers/scheduler.py's `admit`."""
+
+    def admit(fits: Callable[[Row], bool] | None) -> Row | None:
+        return waiting.pop(0) if fits is not None and waiting and fits(waiting[0]) else None
+
+    return admit
+
+
 class FollowerRow:
     """A follower's view of a request: only its tokens, for the prefix cache."""
 
