@@ -24,7 +24,6 @@ from pipeline.catalogue import delete_entry, put_entry, read_entries, read_entry
 from pipeline.connection import sleep_unless
 from schemas.catalogue import ModelFile
 from schemas.cluster import CatalogueEntry
-from workers.shard import refused_layouts
 from workers.split import layer_files, weight_map
 from workers.store import DEFAULT_MODEL, ModelStore, StoredModel, StoreError, model_context_length, model_revision
 
@@ -40,6 +39,8 @@ def catalogue_entry(model: StoredModel, node: str, files: list[ModelFile]) -> Ca
     weights = weight_map(model.path)
     if weights and (missing := set(weights.values()) - {p.name for p in model.path.glob("*.safetensors")}):
         raise StoreError(f"its weight files {', '.join(sorted(missing))} are not there (yet)")
+    from workers.shard import refused_layouts  # mlx-lm: seconds to import, not for every process that reads entries
+
     per_layer, shared = layer_files(weights) if weights and len(set(weights.values())) > 1 else ([], [])
     return CatalogueEntry(id=model.id, node=node, revision=model_revision(model.path), created=model.created,
                           context_length=model_context_length(model.path), facts=model_facts(model.id, model.path),

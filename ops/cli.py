@@ -393,7 +393,7 @@ def main(argv=None) -> None:
     from ops.join import JoinError
     from pipeline.access import AccessError
     from pipeline.connection import NatsUnreachable
-    from workers.shard import ShardError
+    from workers.split import ShardError
     from workers.store import StoreError
 
     try:

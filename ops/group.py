@@ -40,8 +40,8 @@ from ops.config import free_port
 from pipeline.nats_server import child_preexec, stop_process
 from workers.cpu_path import RANKS_HERE, rank_command
 from workers.rank import BACKENDS, format_split
-from workers.shard import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel, pipeline_split,
-                           refused_layouts, tensor_parallel_sizes)
+from workers.split import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel, pipeline_split,
+                           tensor_parallel_sizes)
 
 LOCAL = ("localhost", "127.0.0.1", "")
 
@@ -239,6 +239,10 @@ def plan_group(spec: GroupSpec, model_dir: Path) -> GroupSpec:
     """Check that the model in `model_dir` splits the way `spec` asks, and fix the pipeline split, before any rank
     starts. Refusing here gives the operator one clear message instead of N ranks failing the same way."""
     config = json.loads((model_dir / "config.json").read_text())
+    if spec.layout == "whole":  # nothing to check, and serve's start need not wait for mlx-lm's import (seconds)
+        return spec
+    from workers.shard import refused_layouts
+
     if spec.layout == "tensor":
         check_tensor_parallel(config, spec.size)  # the detailed message: heads, key/value heads, MLP
     return fit_group(spec, config["num_hidden_layers"], tensor_parallel_sizes(config),

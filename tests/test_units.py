@@ -99,7 +99,7 @@ SMOLLM = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576
 
 
 def test_tensor_parallel_sizes_follow_heads_and_quantization_groups():
-    from workers.shard import ShardError, check_tensor_parallel, tensor_parallel_sizes
+    from workers.split import ShardError, check_tensor_parallel, tensor_parallel_sizes
 
     assert tensor_parallel_sizes(SMOLLM, limit=9) == [1, 3]
     llama8b = {"num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "intermediate_size": 14336}
@@ -109,7 +109,7 @@ def test_tensor_parallel_sizes_follow_heads_and_quantization_groups():
 
 
 def test_pipeline_split_even_proportional_and_checked():
-    from workers.shard import ShardError, check_pipeline_split, pipeline_split
+    from workers.split import ShardError, check_pipeline_split, pipeline_split
 
     assert pipeline_split(30, 2) == [15, 15]
     assert pipeline_split(31, 2) == [16, 15]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from workers.shard import LAYOUTS
+from workers.split import LAYOUTS
 
 BACKENDS = ("ring", "jaccl", "mpi")
 

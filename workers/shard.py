@@ -27,8 +27,8 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
 from workers.cpu_path import column_major_weights, compile_small_ops, dense_weights, loaded_blas
-from workers.split import (LAYOUTS, ShardError, check_pipeline_split, check_tensor_parallel,  # noqa: F401 (re-exported)
-                           layer_files, pipeline_split, stage_files, tensor_parallel_sizes, weight_map)
+from workers.split import (ShardError, check_pipeline_split, check_tensor_parallel, layer_files, pipeline_split,
+                           stage_files, weight_map)
 
 
 @dataclass
@@ -184,9 +184,12 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
         if loaded_blas() is not None:  # (after the cast and the tensor sharding: both would copy it back)
             output_head = layout != "pipeline" or rank == size - 1  # (earlier stages pass a hidden state on)
             cpu_path += f"; {column_major_weights(model, output_head)} weight matrices held column-major"
-    mx.eval(model.parameters())  # reads only the weights this rank kept
-    model.eval()
+    # Reads only the weights this rank kept; the tokenizer loads meanwhile (on the CPU backend the weights' dequantizing
+    # and copies run on MLX's stream thread, about as long as the tokenizer's second of Python).
+    mx.async_eval(model.parameters())
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    mx.eval(model.parameters())
+    model.eval()
     dtype = next(v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight"))
     return Shard(model=model, tokenizer=tokenizer, layout=layout, group=group, layers=layers,
                  hidden_size=config["hidden_size"], vocab_size=config["vocab_size"], dtype=dtype,

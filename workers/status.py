@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import msgspec
 import nats
@@ -24,7 +24,9 @@ from pipeline.connection import sleep_unless
 from pipeline.subjects import status_subject
 from schemas.cluster import RankCounters
 from schemas.jobs import WorkerStatus
-from workers.generation import Generation
+
+if TYPE_CHECKING:  # (mlx-lm, seconds to import: not for the supervisor and the agent, which read alive files)
+    from workers.generation import Generation
 
 log = logging.getLogger("conclave.worker")
 encode = msgspec.json.Encoder().encode
