@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import msgspec
 import pytest
 
@@ -166,3 +169,12 @@ def test_committed_json_schemas_match_the_message_types():
 
     folder = Path(__file__).resolve().parent.parent / "schemas" / "json"
     assert {name: (folder / name).read_text() for name in schema_texts()} == schema_texts()
+
+
+def test_commands_serve_and_nodes_start_without_importing_mlx_lm():
+    """mlx-lm (with transformers) takes seconds to import: every `conclave` command, serve without a group, a node's
+    agent and the supervisor would wait for it before doing anything. Only ranks and model checks need it."""
+    probe = "import sys, ops.cli, ops.serve, ops.node, ops.controller; print(sorted(m for m in sys.modules if " \
+            "m.split('.')[0] in ('mlx_lm', 'transformers')))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
