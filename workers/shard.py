@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,11 +185,12 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
         if loaded_blas() is not None:  # (after the cast and the tensor sharding: both would copy it back)
             output_head = layout != "pipeline" or rank == size - 1  # (earlier stages pass a hidden state on)
             cpu_path += f"; {column_major_weights(model, output_head)} weight matrices held column-major"
-    # Reads only the weights this rank kept; the tokenizer loads meanwhile (on the CPU backend the weights' dequantizing
-    # and copies run on MLX's stream thread, about as long as the tokenizer's second of Python).
-    mx.async_eval(model.parameters())
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
-    mx.eval(model.parameters())
+    # Reads only the weights this rank kept. The tokenizer loads meanwhile, on a thread of its own (its second of Python
+    # and Rust; `mx.eval` lets go of the GIL): on the CPU backend the weights' dequantizing and copies take as long.
+    with ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(load_tokenizer, model_dir, eos_token_ids=config.get("eos_token_id"))
+        mx.eval(model.parameters())
+        tokenizer = tokenizer.result()
     model.eval()
     dtype = next(v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight"))
     return Shard(model=model, tokenizer=tokenizer, layout=layout, group=group, layers=layers,
