@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from ops.cli_cluster import DEFAULTS, add_cluster_commands, add_node_flags, add_placement_flags, placement_request
+from ops.cli_cluster import (DEFAULTS, add_cluster_commands, add_node_flags, add_placement_flags, placement_request,
+                             run_service)
 from ops.config import ROUTE_PORT, default_home, env_float
 from workers.store import DEFAULT_MODEL, ModelStore
 
@@ -76,7 +77,7 @@ def cmd_serve(args) -> None:
         args.split = None
     elif args.pin or args.layout:
         raise SystemExit("--pin and --layout place a model on a cluster's nodes: they need --cluster")
-    asyncio.run(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, api_keys,
+    run_service(serve(args.home, args.model, args.host, args.port, args.nats_url, args.nats_port, api_keys,
                       args.worker_timeout, args.max_queue_wait, group_from_args(args), settings,
                       args.checkpoint_interval, cluster, args.replicas))
 

@@ -281,7 +281,7 @@ def test_a_server_stopping_ends_the_live_stream_and_the_page_says_so(page, deplo
     first, _ = deployment
     expect(page.page.locator(".live")).to_have_text("live")
     # The open stream does not hold the shutdown (uvicorn waits for every connection to end).
-    assert first.stop(timeout_s=30) == 0
+    assert first.stop(timeout_s=30) == 0, "".join(first.output[-60:])
     expect(page.page.get_by_role("alert").filter(has_text="live connection")).to_be_visible(timeout=10_000)
     expect(page.page.locator(".live")).not_to_have_text("live")
     page.screenshot("dashboard-connection-lost")

