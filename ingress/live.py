@@ -23,6 +23,7 @@ import contextlib
 import time
 from collections import deque
 
+import anyio
 import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
@@ -40,6 +41,7 @@ HISTORY = 240  # throughput samples kept per model for a page that connects: two
 PAGE_QUEUE = 512  # events a page may fall behind by before it is dropped
 PING_S = 15.0  # a comment line on an idle stream, so that proxies keep it open
 SEND_TIMEOUT_S = 30.0
+STOP_GRACE_S = 2.0  # a stopping server's wait for each open stream to end (it ends at once: `end_when_stopping`)
 decode_status = msgspec.json.Decoder(NodeStatus).decode
 encode = msgspec.json.Encoder().encode
 
@@ -102,10 +104,14 @@ class Live:
             try:
                 page.put_nowait(message)
             except asyncio.QueueFull:  # too far behind: dropped; it reconnects and starts from a snapshot
-                self.pages.discard(page)
-                while not page.empty():
-                    page.get_nowait()
-                page.put_nowait(None)  # its stream ends
+                self.end(page)
+
+    def end(self, page: asyncio.Queue) -> None:
+        """End a page's stream: what it had not read yet is dropped, and its stream's next message is the end."""
+        self.pages.discard(page)
+        while not page.empty():
+            page.get_nowait()
+        page.put_nowait(None)
 
     async def run(self) -> None:
         """Every TICK_S: lost nodes, and a throughput sample (kept for pages that connect later); while pages are
@@ -218,5 +224,16 @@ async def events(request: Request):
         finally:
             live.pages.discard(page)
 
+    # When the server stops, sse-starlette sets `stopping` and waits up to the grace period before it cancels the
+    # stream: ended here, the response completes as a stream should (cancelled, uvicorn logs "ASGI callable returned
+    # without completing response" for every open page).
+    stopping = anyio.Event()
+
+    async def end_when_stopping():
+        await stopping.wait()
+        live.end(page)
+
     # A page that stops reading (its machine asleep) is let go after SEND_TIMEOUT_S, not kept until TCP gives up.
-    return EventSourceResponse(stream(), ping=PING_S, send_timeout=SEND_TIMEOUT_S, headers={"Cache-Control": "no-store"})
+    return EventSourceResponse(stream(), ping=PING_S, send_timeout=SEND_TIMEOUT_S, headers={"Cache-Control": "no-store"},
+                               shutdown_event=stopping, shutdown_grace_period=STOP_GRACE_S,
+                               data_sender_callable=end_when_stopping)

@@ -282,6 +282,8 @@ def test_a_server_stopping_ends_the_live_stream_and_the_page_says_so(page, deplo
     expect(page.page.locator(".live")).to_have_text("live")
     # The open stream does not hold the shutdown (uvicorn waits for every connection to end).
     assert first.stop(timeout_s=30) == 0, "".join(first.output[-60:])
+    # The stream ended as a response should, not cut off.
+    assert "ASGI callable returned without completing response" not in "".join(first.output)
     expect(page.page.get_by_role("alert").filter(has_text="live connection")).to_be_visible(timeout=10_000)
     expect(page.page.locator(".live")).not_to_have_text("live")
     page.screenshot("dashboard-connection-lost")
