@@ -407,7 +407,7 @@ class Controller:
                 continue
             lost = [n for n in nodes if n not in statuses or state_of(statuses[n]) == "lost"
                     or statuses[n].facts.session != sessions[n]]
-            if lost:
+            if lost and not stopping.is_set():  # (a node seen gone as this group stops: its stop, not a loss)
                 return lost
         return []
 
@@ -481,9 +481,12 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
                     running[model] = start(entry)
             for model in unwanted - running.keys() - retiring.keys():  # in the bucket, no plan names it
                 retiring[model] = asyncio.create_task(retire(link, model, None, True, lost))
-            if settled:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(written.wait(), PLAN_POLL_S)
+            if settled:  # until the plan is written, PLAN_POLL_S, or the lease is lost (as this machine stops: at once,
+                # so that its instances end before they hear that this machine's own agent, which stops too, is gone)
+                wakes = [asyncio.ensure_future(written.wait()), asyncio.ensure_future(lost.wait())]
+                await asyncio.wait(wakes, timeout=PLAN_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                for wake in wakes:
+                    wake.cancel()
                 written.clear()
             await sleep_unless(lost, 0.0 if settled else PLAN_CONFIRM_S)
     finally:
