@@ -484,9 +484,11 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
             if settled:  # until the plan is written, PLAN_POLL_S, or the lease is lost (as this machine stops: at once,
                 # so that its instances end before they hear that this machine's own agent, which stops too, is gone)
                 wakes = [asyncio.ensure_future(written.wait()), asyncio.ensure_future(lost.wait())]
-                await asyncio.wait(wakes, timeout=PLAN_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-                for wake in wakes:
-                    wake.cancel()
+                try:
+                    await asyncio.wait(wakes, timeout=PLAN_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wake in wakes:
+                        wake.cancel()
                 written.clear()
             await sleep_unless(lost, 0.0 if settled else PLAN_CONFIRM_S)
     finally:
