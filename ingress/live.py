@@ -225,8 +225,9 @@ async def events(request: Request):
             live.pages.discard(page)
 
     # When the server stops, sse-starlette sets `stopping` and waits up to the grace period before it cancels the
-    # stream: ended here, the response completes as a stream should (cancelled, uvicorn logs "ASGI callable returned
-    # without completing response" for every open page).
+    # stream: ended here, by a task of the response's own (sse-starlette runs `data_sender_callable` beside the stream
+    # and cancels it with it), the response completes as a stream should (cancelled, uvicorn logs "ASGI callable
+    # returned without completing response" for every open page).
     stopping = anyio.Event()
 
     async def end_when_stopping():

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import Coroutine, NoReturn
 
-from ops.cli_cluster import (DEFAULTS, add_cluster_commands, add_node_flags, add_placement_flags, placement_request,
-                             run_service)
+from ops.cli_cluster import DEFAULTS, add_cluster_commands, add_node_flags, add_placement_flags, placement_request
 from ops.config import ROUTE_PORT, default_home, env_float
 from workers.store import DEFAULT_MODEL, ModelStore
 
@@ -378,15 +380,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    from pipeline.connection import quiet_tls_eof_warning
-
-    quiet_tls_eof_warning()
-    p = parser()
-    args = p.parse_args(argv)
+def failure(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and one-line message of an error a command reports without a traceback (a bad flag or file, a
+    broker out of reach), or None: a traceback for anything else."""
     from ingress.keys import APIKeyError
     from ops.deployment import DeploymentError
     from ops.discovery import DiscoveryError
@@ -397,12 +393,60 @@ def main(argv=None) -> None:
     from workers.split import ShardError
     from workers.store import StoreError
 
+    if isinstance(exc, (GroupSpecError, ShardError, StoreError, DeploymentError, APIKeyError, AccessError)):
+        return 2, f"conclave: error: {exc}\n"
+    if isinstance(exc, (NatsUnreachable, JoinError, DiscoveryError)):
+        return 1, f"conclave: error: {exc}\n"
+    return None
+
+
+def run_service(service: Coroutine) -> NoReturn:
+    """Run `conclave serve` or `conclave join` until it ends, then end the process at once (`os._exit`, as the workers
+    do), without the interpreter's teardown, whichever way it ended: its message or traceback is written first, with
+    the exit code `main` gives it.
+
+    Why: a thread of asyncio's executor that touched MLX (checking a model's layouts builds it lazily: mlx-lm's
+    import reads `mx.random.state`, which MLX keeps per thread) runs MLX's thread-local destructors as it exits,
+    after asyncio has joined it. One that runs once the interpreter has begun finalizing must take the GIL; Python
+    3.11 ends the thread there (pthread_exit inside a C++ destructor), and the process aborts: SIGABRT right after
+    "Conclave stopped." (a core dump read on the dashboard's test, about one stop in four). By the time the service
+    ends, what it started is stopped (ranks, nats-server) and its record removed."""
+    code = 0
+    try:
+        asyncio.run(service)
+    except SystemExit as exc:  # as the interpreter takes it: a number (or None) is the code; anything else is said
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            code = 1
+            sys.stderr.write(f"{exc.code}\n")
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as exc:
+        code, message = failure(exc) or (1, "".join(traceback.format_exception(exc)))
+        sys.stderr.write(message)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # (a reader that went away)
+            stream.flush()
+    os._exit(code)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from pipeline.connection import quiet_tls_eof_warning
+
+    quiet_tls_eof_warning()
+    p = parser()
+    args = p.parse_args(argv)
     try:
         args.func(args)
-    except (GroupSpecError, ShardError, StoreError, DeploymentError, APIKeyError, AccessError) as exc:
-        p.exit(2, f"conclave: error: {exc}\n")
-    except (NatsUnreachable, JoinError, DiscoveryError) as exc:
-        p.exit(1, f"conclave: error: {exc}\n")
+    except Exception as exc:
+        if (known := failure(exc)) is None:
+            raise
+        p.exit(*known)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
-from typing import Coroutine, NoReturn
 
 from ops.config import ROUTE_PORT
 from workers.store import DEFAULT_MODEL, ModelStore, StoreError
@@ -183,26 +181,9 @@ async def watch_load(js, model: str) -> None:
             bar.close()
 
 
-def run_service(service: Coroutine) -> NoReturn:
-    """Run `conclave serve` or `conclave join` until it has stopped, then end the process at once (`os._exit`, as the
-    workers do), without the interpreter's teardown.
-
-    Why: a thread of asyncio's executor that touched MLX (checking a model's layouts builds it lazily: mlx-lm's
-    import reads `mx.random.state`, which MLX keeps per thread) runs MLX's thread-local destructors as it exits,
-    after asyncio has joined it. One that runs once the interpreter has begun finalizing must take the GIL, Python
-    3.11 ends the thread there (pthread_exit inside a C++ destructor) and the process aborts: SIGABRT right after
-    "Conclave stopped." (core dump read on the dashboard's test, about one stop in four). By the time the service
-    returns, what it started is stopped (ranks, nats-server) and its record removed; the logs are flushed here.
-    An exception still takes the usual way out (its message or traceback, and a non-zero code)."""
-    asyncio.run(service)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def cmd_join(args) -> None:
     from ingress.keys import ENV_KEYS, load_api_keys
+    from ops.cli import run_service
     from ops.node import run_node
 
     api_keys = load_api_keys(args.api_key_file, os.environ.get(ENV_KEYS))

@@ -492,11 +492,11 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
                 written.clear()
             await sleep_unless(lost, 0.0 if settled else PLAN_CONFIRM_S)
     finally:
+        for run in running.values():  # first: nothing awaited before its instances hear it
+            run.ending.set()
         if watching is not None:
             with contextlib.suppress(Exception):
                 await watching[1].unsubscribe()
-        for run in running.values():
-            run.ending.set()
         await asyncio.gather(*(run.task for run in running.values()), *retiring.values(), return_exceptions=True)
         await orders.close()
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from ops.spawn import spawn_cluster, stop_all
+from ops.spawn import spawn_cluster, stop_all, wait_for_line
 from tests.browser import ARTEFACTS, launch, open_page
 from tests.conftest import FRANCE, MODEL, STORY
 from tests.tiny import tiny_llama
@@ -285,6 +285,7 @@ def test_a_server_stopping_ends_the_live_stream_and_the_page_says_so(page, deplo
     assert first.stop(timeout_s=30) == 0, "".join(first.output[-60:])
     # The stream ended as a response should, not cut off; and the controller, stopping with this machine, did not take
     # this machine's own agent, which stopped too, for a lost node.
+    wait_for_line(first.output, "Conclave stopped.", 10)  # (its last lines may still be on their way to `output`)
     log = "".join(first.output[before:])
     assert "ASGI callable returned without completing response" not in log and "lost: stopping" not in log, log
     expect(page.page.get_by_role("alert").filter(has_text="live connection")).to_be_visible(timeout=10_000)

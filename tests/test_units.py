@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -186,3 +187,26 @@ def test_commands_serve_and_nodes_start_without_importing_mlx_lm(tmp_path):
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'llama_cpp')))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_a_service_ends_with_its_output_and_exit_code_whichever_way_it_ends():
+    """`conclave serve` and `join` end with os._exit (ops/cli.py: run_service): what they printed or logged is still
+    written (a pipe's buffer would otherwise be lost), and an error gives its message and the code `main` gives it."""
+    cases = {"return": 0, "raise DeploymentError('a part of this node stopped')": 2, "raise RuntimeError('a bug')": 1,
+             "raise SystemExit('stopping: no NATS')": 1}
+    for ending, code in cases.items():
+        probe = ("import asyncio, logging, sys\n"
+                 "from ops.cli import run_service\n"
+                 "from ops.deployment import DeploymentError\n"
+                 "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+                 "async def service():\n"
+                 "    print('printed, not flushed')\n"
+                 "    logging.getLogger('probe').info('logged')\n"
+                 f"    {ending}\n"
+                 "run_service(service())\n")
+        buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a service's output is
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=buffered)
+        assert done.returncode == code, (ending, done.stdout, done.stderr)
+        assert done.stdout == "printed, not flushed\n" and "logged" in done.stderr, (ending, done.stdout, done.stderr)
+        said = {0: "", 2: "conclave: error: a part of this node stopped", 1: "a bug" if "bug" in ending else "no NATS"}
+        assert said[code] in done.stderr
