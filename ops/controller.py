@@ -47,7 +47,7 @@ from ops.placement import offers, place
 from ops.supervise import GroupSupervisor
 from pipeline.access import AGENTS_PREFIX
 from pipeline.catalogue import read_entry
-from pipeline.connection import sleep_unless
+from pipeline.connection import sleep_unless, sleep_until_any
 from pipeline.lease import PLAN_SUBJECT, read_plan
 from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import jobs_in_hand, retire_consumer
@@ -483,12 +483,7 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
                 retiring[model] = asyncio.create_task(retire(link, model, None, True, lost))
             if settled:  # until the plan is written, PLAN_POLL_S, or the lease is lost (as this machine stops: at once,
                 # so that its instances end before they hear that this machine's own agent, which stops too, is gone)
-                wakes = [asyncio.ensure_future(written.wait()), asyncio.ensure_future(lost.wait())]
-                try:
-                    await asyncio.wait(wakes, timeout=PLAN_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for wake in wakes:
-                        wake.cancel()
+                await sleep_until_any(PLAN_POLL_S, written, lost)
                 written.clear()
             await sleep_unless(lost, 0.0 if settled else PLAN_CONFIRM_S)
     finally:

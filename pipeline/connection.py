@@ -63,6 +63,17 @@ async def sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stopping.wait(), seconds)
 
 
+async def sleep_until_any(seconds: float, *events: asyncio.Event, task: asyncio.Task | None = None) -> None:
+    """A pause of `seconds`, or less once one of `events` is set or `task` has ended (it is not cancelled here)."""
+    wakes = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait([*wakes, *([task] if task is not None else [])], timeout=seconds,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wake in wakes:
+            wake.cancel()
+
+
 def quiet_tls_eof_warning() -> None:
     """asyncio warns at every TLS connection's end that nats-py's transport asks to stay half-open (TLS cannot):
     harmless, and one line per connection on a cluster's broker would drown the real ones. Only that is muted."""

@@ -26,7 +26,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError, NotFoundError
 
 from pipeline.audit import WRONG_LAST_SEQUENCE
-from pipeline.connection import sleep_unless
+from pipeline.connection import sleep_unless, sleep_until_any
 from pipeline.subjects import CONTROL_BUCKET, CONTROL_PREFIX, CONTROL_STREAM
 from schemas.membership import ControllerPlan, Lease
 
@@ -169,9 +169,7 @@ async def _hold(link, lease: Lease, revision: int, sent: float, stopping: asynci
     sent: this holder has stopped by then, whatever its clock and the candidate's say."""
     data = msgspec.json.encode(lease)
     while not stopping.is_set() and not working.done():
-        waiting = asyncio.ensure_future(stopping.wait())
-        await asyncio.wait([working, waiting], timeout=RENEW_S, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
+        await sleep_until_any(RENEW_S, stopping, task=working)
         if stopping.is_set() or working.done():
             break
         deadline, now = sent + LEASE_S - RENEW_S, time.monotonic()
