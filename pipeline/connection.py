@@ -64,7 +64,8 @@ async def sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
 
 
 async def sleep_until_any(seconds: float, *events: asyncio.Event, task: asyncio.Task | None = None) -> None:
-    """A pause of `seconds`, or less once one of `events` is set or `task` has ended (it is not cancelled here)."""
+    """A pause of `seconds`, or less once one of `events` is set or `task` has ended (it is not cancelled here). At
+    least one event or a task: `sleep_unless` is the pause for one event."""
     wakes = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         await asyncio.wait([*wakes, *([task] if task is not None else [])], timeout=seconds,

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from pipeline.audit import decode_record, read_records
+from ops.spawn import wait_for_line
 from pipeline.access import OPERATOR
 from tests.conftest import FRANCE, MODEL, start_server, stream_until_broken, wait_for_audit_record
 
@@ -40,7 +41,7 @@ def test_sigterm_stops_every_process(tmp_path):
     worker = srv.worker_pid()
     nats_port = int(srv.nats_url.rsplit(":", 1)[1])
     assert srv.stop() == 0
-    assert "Conclave stopped." in "".join(srv.output)
+    wait_for_line(srv.output, "Conclave stopped.", 10)  # (its last lines may still be on their way to `output`)
     with pytest.raises(ProcessLookupError):
         os.kill(worker, 0)
     with pytest.raises(ConnectionRefusedError):

@@ -1,7 +1,8 @@
 // A measurement, not part of Conclave: README, "Re-measured later on 2026-12-01" (part 10). Build and run:
-//   gcc -O3 -march=native -fopenmp -shared -fPIC q_matmul.c -o /tmp/libq.so
+//   gcc -O3 -march=native -fopenmp -shared -fPIC docs/prototypes/q_matmul.c -o /tmp/libq.so
 //   OMP_NUM_THREADS=2 python -m workers.cpu_path docs.prototypes.q_matmul /tmp/libq.so   (MKL preloaded)
 #include <stdint.h>
+#include <stdlib.h>
 #include <immintrin.h>
 #include <omp.h>
 static inline float hsum(__m256 v) {
@@ -11,6 +12,7 @@ static inline float hsum(__m256 v) {
 void q_matmul(const float* x, int rows, const uint32_t* w, const float* scales, const float* biases,
               float* y, int out, int in, int G, int bits) {
   int ng = in / G, wpr = in * bits / 32;
+  if (G != 32 || rows > 16 || ng > 64 || (bits != 4 && bits != 8)) abort();  // what this prototype handles
   float xsum[16 * 64];
   for (int r = 0; r < rows; r++)
     for (int g = 0; g < ng; g++) { float s = 0; for (int i = 0; i < G; i++) s += x[r*in + g*G + i]; xsum[r*ng + g] = s; }
