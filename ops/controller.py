@@ -448,6 +448,14 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
     async def on_plan(msg) -> None:
         written.set()
 
+    async def end_instances_when_lost() -> None:
+        # At once, not when the loop below next looks: as this machine stops, its own agent's status goes too, and an
+        # instance that read the nodes before hearing it should end would take this machine for a lost node.
+        await lost.wait()
+        for run in running.values():
+            run.ending.set()
+
+    ending_all = asyncio.create_task(end_instances_when_lost())
     try:
         while not lost.is_set():
             try:
@@ -481,13 +489,13 @@ async def control(link, store: ModelStore, workdir: Path, lost: asyncio.Event) -
                     running[model] = start(entry)
             for model in unwanted - running.keys() - retiring.keys():  # in the bucket, no plan names it
                 retiring[model] = asyncio.create_task(retire(link, model, None, True, lost))
-            if settled:  # until the plan is written, PLAN_POLL_S, or the lease is lost (as this machine stops: at once,
-                # so that its instances end before they hear that this machine's own agent, which stops too, is gone)
+            if settled:  # until the plan is written, PLAN_POLL_S, or the lease is lost
                 await sleep_until_any(PLAN_POLL_S, written, lost)
                 written.clear()
             await sleep_unless(lost, 0.0 if settled else PLAN_CONFIRM_S)
     finally:
-        for run in running.values():  # first: nothing awaited before its instances hear it
+        ending_all.cancel()
+        for run in running.values():
             run.ending.set()
         if watching is not None:
             with contextlib.suppress(Exception):
