@@ -41,15 +41,27 @@ async def admit(ingress, job: Job) -> None:
                        code="rate_limit_exceeded", type="requests", headers={"Retry-After": str(retry)})
 
 
-async def first_answer(events: AsyncIterator, stream: bool) -> Accepted | Waiting:
-    """Wait until a worker accepts the job (or refuses it: raised), or for a streamed request, until it
-    has waited long enough in the queue that its response should start."""
+async def first_answer(events: AsyncIterator) -> Event | Waiting:
+    """A streamed request's wait until a worker has taken the job (or refused it: raised), or until it has waited
+    long enough in the queue that its response should start. Taken: its `Accepted`, or whatever of the job
+    comes first where that was lost (published while this ingress's connection to NATS was being re-established:
+    a reply subject keeps nothing), a chunk, a heartbeat or its result; the caller must not drop that event."""
     async for event in events:
-        if isinstance(event, Accepted) or (stream and isinstance(event, Waiting)):
+        if isinstance(event, (Accepted, Chunk, Heartbeat, Done, Waiting)):
             return event
         if isinstance(event, Failed):
             raise APIError.from_detail(event.status, event.error)
     raise APIError(502, "The worker ended the job without a result.", code="worker_error")
+
+
+async def replayed(event, events: AsyncIterator) -> AsyncIterator:
+    """`event`, then the rest of `events` (closed with this)."""
+    try:
+        yield event
+        async for later in events:
+            yield later
+    finally:
+        await events.aclose()
 
 
 async def final_result(events: AsyncIterator) -> Done:
@@ -191,10 +203,12 @@ async def answer(request: Request, ingress, job: Job, stream: bool, include_usag
         events = submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s, observe,
                         functools.partial(ingress.placed_at, job.model))
         try:
-            first = await first_answer(events, stream=True)
+            first = await first_answer(events)
         except BaseException:
             await events.aclose()
             raise
+        if not isinstance(first, (Accepted, Waiting)):  # taken, its Accepted lost: the stream starts with this event
+            events, first = replayed(first, events), Waiting()
         # A client that goes away ends the stream, which closes `events`: the relay cancels the job. The
         # background task also runs when the stream never started.
         return StreamingResponse(sse(job, events, first, shape, include_usage, release),
@@ -204,8 +218,7 @@ async def answer(request: Request, ingress, job: Job, stream: bool, include_usag
     async def whole() -> Done:
         async with contextlib.aclosing(submit(nc, job, INGRESS, config.queue_timeout_s, config.worker_timeout_s,
                                               observe, functools.partial(ingress.placed_at, job.model))) as events:
-            await first_answer(events, stream=False)
-            return await final_result(events)
+            return await final_result(events)  # (its Accepted may have been lost: the result is what counts)
 
     done = await unless_disconnected(request, whole)
     release()

@@ -212,3 +212,27 @@ def test_a_service_ends_with_its_output_and_exit_code_whichever_way_it_ends():
         assert done.stdout == "printed, not flushed\n" and "logged" in done.stderr, (ending, done.stdout, done.stderr)
         said = {2: "conclave: error: a part of this node stopped", 1: "a bug" if "bug" in ending else "no NATS"}
         assert said.get(code, "") in done.stderr
+
+
+async def test_a_job_whose_accepted_event_was_lost_is_answered_by_what_came_next():
+    """While an ingress reconnects to NATS, a job's events published meanwhile are lost (a reply subject keeps
+    nothing): its `Accepted` may never arrive, and the first event heard is a chunk or the result itself. That event
+    answers the request (ingress/respond.py); the non-streamed path once waited for `Accepted` past it and answered
+    502 "The worker ended the job without a result." (CI, a nats-server killed under a queued job)."""
+    from ingress.respond import final_result, first_answer, replayed
+    from schemas.jobs import Chunk, Done, Usage
+
+    done = Done(id="j", text="Paris", finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=1,
+                total_tokens=4), ttft_ms=1.0, duration_ms=2.0, worker="w")
+    chunk = Chunk(id="j", index=0, text="Par", tokens=1)
+
+    async def events(*sent):
+        for event in sent:
+            yield event
+
+    assert await final_result(events(done)) == done  # not streamed
+    for sent in ((done,), (chunk, done)):  # streamed: the first event heard is not dropped
+        stream = events(*sent)
+        first = await first_answer(stream)
+        assert first == sent[0]
+        assert [e async for e in replayed(first, stream)] == list(sent)
