@@ -10,6 +10,8 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import _merge_caches
+from mlx_lm.models import llama
+from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.utils import load_model
@@ -30,7 +32,7 @@ def test_the_served_worker_says_which_path_it_took(server):
     if mx.default_device() != mx.cpu:  # Metal or CUDA: as they were
         assert "weights as stored" in line and "compiled" not in line
         return
-    assert "RoPE and RMSNorm modules compiled" in line
+    assert "RoPE, RMSNorm and MLP modules compiled" in line
     if library is None:
         assert why in line and "weights as stored" in line
     else:
@@ -95,13 +97,40 @@ def test_compiled_small_ops_change_no_token(tiny, batch_cache):
     prompt = list(range(5, 40))
     tokens, logits = greedy(model, [prompt], 24, batch_cache)
     layers = len(model.model.layers)
-    assert compile_small_ops(model) == 3 * layers + 1  # a RoPE and two norms per layer, and the final norm
+    # a RoPE, two norms and a SwiGLU MLP per layer, and the final norm
+    assert compile_small_ops(model) == 4 * layers + 1
     assert isinstance(model.model.layers[0].self_attn.rope, cpu_path.CompiledRoPE)
+    assert type(model.model.layers[0].mlp).__call__ is not llama.MLP.__call__
+    assert isinstance(model.model.layers[0].mlp, llama.MLP)
     assert "model.norm.weight" in dict(tree_flatten(model.parameters()))  # names and weights as they were
     compiled_tokens, compiled_logits = greedy(model, [prompt], 24, batch_cache)
     assert compiled_tokens == tokens
     # every step's logits, each at its own position (offset)
     assert mx.allclose(compiled_logits, logits, atol=1e-4).item()
+
+
+def test_fast_swiglu_is_swiglu_to_float32_rounding():
+    gate = mx.concatenate([mx.linspace(-40, 40, 400_001), mx.array([0.0, 1e-30, -1e-30, 3e-4, -3e-4])])
+    x = mx.random.normal(gate.shape, key=mx.random.key(0))
+    error = mx.abs(cpu_path.fast_swiglu(gate, x) - swiglu(gate, x))
+    # a few float32 ulps of |gate x| (measured: at most 3.2e-7 of it); relative to SiLU itself more where it
+    # is near 0 (large negative gates: 1 - tanh cancels), which no later sum can tell from rounding
+    assert (error <= 5e-7 * mx.maximum(mx.abs(gate), 1) * mx.abs(x)).all().item()
+    assert cpu_path.fast_swiglu(mx.array([0.0]), mx.array([1.0])).item() == 0.0
+
+
+def test_only_mlps_that_are_mlx_lms_swiglu_take_the_fast_one():
+    class GeluMLP(llama.MLP):
+        def __call__(self, x):
+            return self.down_proj(nn.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+    class CopiedMLP(nn.Module):  # the same words as llama's, another class: as good
+        def __call__(self, x) -> mx.array:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    assert cpu_path._fast_mlp_class(GeluMLP) is None
+    assert cpu_path._fast_mlp_class(nn.Linear) is None
+    assert issubclass(cpu_path._fast_mlp_class(CopiedMLP), CopiedMLP)
 
 
 def test_column_major_weights_are_the_same_arrays_and_change_no_token(tiny):

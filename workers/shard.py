@@ -181,7 +181,7 @@ def load_shard(model_dir: Path, layout: str = "whole", group: mx.distributed.Gro
     # fp16 activations against quantized weights); Metal and CUDA keep the checkpoint's dtype.
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)
-        cpu_path += f"; {compile_small_ops(model)} RoPE and RMSNorm modules compiled"
+        cpu_path += f"; {compile_small_ops(model)} RoPE, RMSNorm and MLP modules compiled"
         if loaded_blas() is not None:  # (after the cast and the tensor sharding: both would copy it back)
             output_head = layout != "pipeline" or rank == size - 1  # (earlier stages pass a hidden state on)
             cpu_path += f"; {column_major_weights(model, output_head)} weight matrices held column-major"
