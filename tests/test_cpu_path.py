@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -128,9 +129,35 @@ def test_only_mlps_that_are_mlx_lms_swiglu_take_the_fast_one():
         def __call__(self, x) -> mx.array:
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
-    assert cpu_path._fast_mlp_class(GeluMLP) is None
-    assert cpu_path._fast_mlp_class(nn.Linear) is None
+    class MoreArgumentsMLP(nn.Module):  # the same words, another signature
+        def __call__(self, x, mask=None) -> mx.array:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    # the same code object calling another function by that name
+    OtherSwigluMLP = type("OtherSwigluMLP", (llama.MLP,), {
+        "__call__": types.FunctionType(llama.MLP.__call__.__code__, {"swiglu": lambda gate, x: nn.gelu(gate) * x})})
+
+    for other in (GeluMLP, MoreArgumentsMLP, OtherSwigluMLP, nn.Linear):
+        assert cpu_path._fast_mlp_class(other) is None, other
     assert issubclass(cpu_path._fast_mlp_class(CopiedMLP), CopiedMLP)
+
+
+def test_the_fast_swiglu_runs_where_it_is_faster(monkeypatch):
+    """On float32 gates of FAST_SWIGLU_MIN_ELEMENTS or more; mlx-lm's swiglu on smaller ones (one decode row of a small
+    model) and on other dtypes."""
+    calls = []
+    monkeypatch.setattr(cpu_path, "fast_swiglu", lambda gate, x: calls.append(gate.shape) or swiglu(gate, x))
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=1024,
+                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=32)
+    mlp = llama.MLP(args)
+    mlp.__class__ = cpu_path._fast_mlp_class(llama.MLP)
+    mlp(mx.zeros((1, 1, 64)))  # 1,024 elements
+    assert calls == []
+    mlp(mx.zeros((1, 2, 64)))
+    assert calls == [(1, 2, 1024)]
+    mlp.set_dtype(mx.float16)
+    mlp(mx.zeros((1, 8, 64), dtype=mx.float16))
+    assert calls == [(1, 2, 1024)]
 
 
 def test_column_major_weights_are_the_same_arrays_and_change_no_token(tiny):

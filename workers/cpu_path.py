@@ -32,6 +32,7 @@ Where: Linux without a GPU backend. Metal (Accelerate) and CUDA are left exactly
 from __future__ import annotations
 
 import ctypes.util
+import inspect
 import os
 import sys
 from functools import cache, partial
@@ -238,8 +239,9 @@ class CompiledRMSNorm(nn.RMSNorm):
         return _rms_norm(x, self["weight"], self.eps) if x.ndim > 1 and x.shape[-2] == 1 else super().__call__(x)
 
 
-# tanh(h) = h P(h²) / Q(h²) on [-C, C], where float32's tanh is ±1 (Eigen's `generic_fast_tanh_float`, a few
-# ulp from tanh). sigmoid(g) = (1 + tanh(g / 2)) / 2, so SiLU(g) x is within about 3e-7 |g x| of mlx-lm's (a few
+# tanh(h) = h P(h²) / Q(h²) for |h| <= C, the point where this approximation reaches exactly ±1 in float32 (Eigen's
+# `generic_fast_tanh_float`, a few ulp from tanh; its clamp for builds without FMA, as MLX's run-time kernels are;
+# Eigen's `tanh(h) = h` for tiny h is left out: P/Q is that to an ulp there). sigmoid(g) = (1 + tanh(g / 2)) / 2, so SiLU(g) x is within about 3e-7 |g x| of mlx-lm's (a few
 # float32 ulps of |g x|; more than that relative to SiLU where it is near 0, at large negative g, where 1 + tanh
 # cancels).
 _TANH_CLAMP = 7.90531110763549805
@@ -250,7 +252,9 @@ _TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.8
 
 @partial(mx.compile, shapeless=True)
 def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """silu(gate) * x, as mlx-lm's `swiglu`, with no `exp` (see the module docstring): one fused kernel."""
+    """silu(gate) * x, as mlx-lm's `swiglu`, with no `exp` (see the module docstring): one fused kernel. Float32
+    only: in float16 the smallest coefficients underflow and 1 + tanh cancels to nothing (the CPU path casts the
+    model to float32 first)."""
     h = mx.clip(gate * 0.5, -_TANH_CLAMP, _TANH_CLAMP)
     h2 = h * h
     p, q = h2 * _TANH_P[0] + _TANH_P[1], h2 * _TANH_Q[0] + _TANH_Q[1]
@@ -261,29 +265,32 @@ def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return gate * (0.5 + 0.5 * (h * p / q)) * x
 
 
-# Below this many elements mlx-lm's swiglu is faster: a shapeless compiled kernel of fast_swiglu's ~25 ops costs
+# Below this many elements of the gate mlx-lm's swiglu is faster: a shapeless compiled kernel of fast_swiglu's ~25 ops costs
 # about 75 us a call however small (measured, 30 calls: 1 row of SmolLM2, 1,536 elements, 2.4 ms against 1.35; 2
 # rows 2.8 against 3.4; 16 rows 4.7 against 18.8).
-FAST_SWIGLU_MIN = 2048
+FAST_SWIGLU_MIN_ELEMENTS = 2048
 
 
 @cache
 def _fast_mlp_class(cls: type) -> type | None:
     """A subclass of `cls` that calls `fast_swiglu`, when `cls.__call__` is, word for word, the SwiGLU MLP of
     mlx-lm's llama (`down_proj(swiglu(gate_proj(x), up_proj(x)))`, as in qwen2, qwen3, mistral ...); else None.
-    Compared by bytecode and by the `swiglu` it calls, so a model whose MLP does anything else keeps it."""
+    Compared by bytecode, signature and the `swiglu` it calls, so a model whose MLP does anything else keeps it."""
     from mlx_lm.models import activations, llama  # here: the launcher (`main`) must not pay for mlx-lm's import
 
     call, reference = getattr(cls, "__call__", None), llama.MLP.__call__
     code = getattr(call, "__code__", None)
-    if (code is None or code.co_code != reference.__code__.co_code or code.co_names != reference.__code__.co_names
-            or code.co_consts != reference.__code__.co_consts
+    fields = ("co_code", "co_names", "co_consts", "co_argcount", "co_posonlyargcount", "co_kwonlyargcount")
+    kind = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS | inspect.CO_GENERATOR | inspect.CO_COROUTINE  # not __future__'s
+    if (code is None or any(getattr(code, f) != getattr(reference.__code__, f) for f in fields)
+            or code.co_flags & kind != reference.__code__.co_flags & kind
             or call.__globals__.get("swiglu") is not activations.swiglu):
         return None
 
     def __call__(self, x):
         gate = self.gate_proj(x)
-        swiglu = fast_swiglu if gate.size >= FAST_SWIGLU_MIN else activations.swiglu
+        fast = gate.dtype == mx.float32 and gate.size >= FAST_SWIGLU_MIN_ELEMENTS
+        swiglu = fast_swiglu if fast else activations.swiglu
         return self.down_proj(swiglu(gate, self.up_proj(x)))
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__})
