@@ -241,9 +241,9 @@ class CompiledRMSNorm(nn.RMSNorm):
 
 # tanh(h) = h P(h²) / Q(h²) for |h| <= C, the point where this approximation reaches exactly ±1 in float32 (Eigen's
 # `generic_fast_tanh_float`, a few ulp from tanh; its clamp for builds without FMA, as MLX's run-time kernels are;
-# Eigen's `tanh(h) = h` for tiny h is left out: P/Q is that to an ulp there). sigmoid(g) = (1 + tanh(g / 2)) / 2, so SiLU(g) x is within about 3e-7 |g x| of mlx-lm's (a few
-# float32 ulps of |g x|; more than that relative to SiLU where it is near 0, at large negative g, where 1 + tanh
-# cancels).
+# Eigen's `tanh(h) = h` for tiny h is left out: P/Q is that to an ulp there). sigmoid(g) = (1 + tanh(g / 2)) / 2, so
+# SiLU(g) x is within about 3e-7 |g x| of mlx-lm's (a few float32 ulps of |g x|; more than that relative to SiLU where
+# it is near 0, at large negative g, where 1 + tanh cancels).
 _TANH_CLAMP = 7.90531110763549805
 _TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
            1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
@@ -265,9 +265,9 @@ def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return gate * (0.5 + 0.5 * (h * p / q)) * x
 
 
-# Below this many elements of the gate mlx-lm's swiglu is faster: a shapeless compiled kernel of fast_swiglu's ~25 ops costs
-# about 75 us a call however small (measured, 30 calls: 1 row of SmolLM2, 1,536 elements, 2.4 ms against 1.35; 2
-# rows 2.8 against 3.4; 16 rows 4.7 against 18.8).
+# Below this many elements of the gate mlx-lm's swiglu is faster: a shapeless compiled kernel of fast_swiglu's ~25
+# ops costs about 75 us a call however small (measured, 30 calls: 1 row of SmolLM2, 1,536 elements, 2.4 ms against
+# 1.35; 2 rows 2.8 against 3.4; 16 rows 4.7 against 18.8).
 FAST_SWIGLU_MIN_ELEMENTS = 2048
 
 
