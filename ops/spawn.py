@@ -25,11 +25,18 @@ class ChildProcess:
         return self.process.wait(timeout_s)
 
     def kill(self) -> None:
-        """SIGKILL it and every process it started (nats-server, ranks), as a power cut would."""
+        """SIGKILL it and every process it started (nats-server, ranks), as a power cut would. One that has ended
+        already (killed by an earlier test) is left as it is."""
         import psutil
 
-        parent = psutil.Process(self.process.pid)
-        for process in [*parent.children(recursive=True), parent]:
+        if self.process.poll() is not None:  # (reaped: its pid may be another process's now)
+            return
+        try:
+            parent = psutil.Process(self.process.pid)
+            family = [*parent.children(recursive=True), parent]
+        except psutil.NoSuchProcess:  # ended between the two looks
+            family = []
+        for process in family:
             try:
                 process.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
