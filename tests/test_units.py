@@ -236,3 +236,33 @@ async def test_a_job_whose_accepted_event_was_lost_is_answered_by_what_came_next
         first = await first_answer(stream)
         assert first == sent[0]
         assert [e async for e in replayed(first, stream)] == list(sent)
+
+
+def test_a_ranks_counters_are_never_read_half_written(tmp_path):
+    """The agent reads a rank's liveness file whenever it reports; a file rewritten in place was now and then read
+    empty, and the node reported its rank without counters (CI)."""
+    import threading
+
+    from schemas.cluster import RankCounters
+    from workers.status import alive_file, read_counters, write_counters
+
+    path = alive_file(tmp_path, 0)
+    write_counters(path, RankCounters(pid=1, active=1, peak=1, tokens=0))
+    done, misses = threading.Event(), []
+
+    def read_all_the_time():
+        while not done.is_set():
+            if read_counters(path) is None:
+                misses.append(1)
+
+    reader = threading.Thread(target=read_all_the_time)
+    reader.start()
+    try:
+        for tokens in range(3000):
+            write_counters(path, RankCounters(pid=1, active=1 << 30, peak=1 << 30, tokens=tokens))
+    finally:
+        done.set()
+        reader.join()
+    assert misses == []
+    assert read_counters(path).tokens == 2999
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left beside it

@@ -87,8 +87,16 @@ async def report_status(nc, status: Callable[[], WorkerStatus], heartbeat_s: flo
         await sleep_unless(stopping, heartbeat_s)
 
 
+def write_counters(path: Path, counters: RankCounters) -> None:
+    """Replace `path` whole (a temporary file renamed over it): its node's agent reads it at any moment, and a file
+    rewritten in place can be read empty or half-written, which reported the rank's node without its counters."""
+    fresh = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fresh.write_bytes(encode(counters))
+    os.replace(fresh, path)
+
+
 def read_counters(path: Path) -> RankCounters | None:
-    """What a rank last wrote to its liveness file; None while it has written nothing (or mid-write)."""
+    """What a rank last wrote to its liveness file; None while it has written nothing."""
     try:
         return decode_counters(path.read_bytes())
     except (OSError, msgspec.MsgspecError):
@@ -105,8 +113,8 @@ async def keep_alive(path: Path | None, heartbeat_s: float, stopping: asyncio.Ev
     while not stopping.is_set():
         if path is not None:
             try:
-                path.write_bytes(encode(RankCounters(pid=os.getpid(), active=mx.get_active_memory(),
-                                                     peak=mx.get_peak_memory(), tokens=progress.tokens)))
+                write_counters(path, RankCounters(pid=os.getpid(), active=mx.get_active_memory(),
+                                                  peak=mx.get_peak_memory(), tokens=progress.tokens))
             except OSError as exc:
                 log.warning("could not write %s: %s", path, exc)
         if os.getppid() != parent:
