@@ -15,6 +15,8 @@ from pathlib import Path
 
 import msgspec
 
+from workers.files import replace_whole
+
 RUN_FILE = "serve.json"
 
 
@@ -57,12 +59,8 @@ def claim_home(home: Path) -> None:
 
 
 def record_deployment(home: Path, deployment: Deployment) -> None:
-    path = Path(home) / RUN_FILE
-    temporary = path.with_suffix(".tmp")
-    temporary.unlink(missing_ok=True)
-    temporary.touch(mode=0o600)  # its NATS URL may carry a password
-    temporary.write_bytes(msgspec.json.encode(deployment))
-    temporary.replace(path)
+    # owner-only: its NATS URL may carry a password
+    replace_whole(Path(home) / RUN_FILE, msgspec.json.encode(deployment), mode=0o600)
 
 
 def forget_deployment(home: Path) -> None:

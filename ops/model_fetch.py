@@ -25,6 +25,7 @@ from typing import Callable
 import msgspec
 
 from schemas.catalogue import FileProgress, ModelFile, ModelManifest, Ticket
+from workers.files import replace_whole
 from workers.store import MANIFEST_CACHE, REVISION_FILE, ModelStore, StoredModel, is_model_dir
 
 log = logging.getLogger("conclave.files")
@@ -66,9 +67,7 @@ def keep_manifest(folder: Path, entries: dict) -> None:
     """The hashes of a model's files beside them (name -> size, mtime_ns, sha256), for `manifest` to trust while
     the files are unchanged; written by the node that hashed them, or that received and checked them."""
     try:
-        temporary = folder / f"{MANIFEST_CACHE}.{os.getpid()}"
-        temporary.write_text(json.dumps(entries))
-        temporary.replace(folder / MANIFEST_CACHE)
+        replace_whole(folder / MANIFEST_CACHE, json.dumps(entries).encode())
     except OSError as exc:  # a read-only store: hashed again next time
         log.warning("could not keep the manifest of %s: %s", folder.name, exc)
 

@@ -266,3 +266,19 @@ def test_a_ranks_counters_are_never_read_half_written(tmp_path):
     assert misses == []
     assert read_counters(path).tokens == 2999
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left beside it
+
+
+def test_the_deployment_file_is_owner_only_and_replaced_whole(tmp_path):
+    """serve.json carries the NATS URL (a password, where one is set): only its owner reads it, however often it is
+    written, and no temporary file stays beside it."""
+    import stat
+
+    from ops.deployment import RUN_FILE, Deployment, record_deployment
+
+    for port in (4222, 4333):
+        record_deployment(tmp_path, Deployment(pid=os.getpid(), http_url="http://127.0.0.1:8000",
+                                               nats_url=f"nats://u:secret@127.0.0.1:{port}"))
+    path = tmp_path / RUN_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert msgspec.json.decode(path.read_bytes())["nats_url"].endswith(":4333")
+    assert [p.name for p in tmp_path.iterdir()] == [RUN_FILE]

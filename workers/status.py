@@ -24,6 +24,7 @@ from pipeline.connection import sleep_unless
 from pipeline.subjects import status_subject
 from schemas.cluster import RankCounters
 from schemas.jobs import WorkerStatus
+from workers.files import replace_whole
 
 if TYPE_CHECKING:  # (mlx-lm, seconds to import: not for the supervisor and the agent, which read alive files)
     from workers.generation import Generation
@@ -88,11 +89,9 @@ async def report_status(nc, status: Callable[[], WorkerStatus], heartbeat_s: flo
 
 
 def write_counters(path: Path, counters: RankCounters) -> None:
-    """Replace `path` whole (a temporary file renamed over it): its node's agent reads it at any moment, and a file
-    rewritten in place can be read empty or half-written, which reported the rank's node without its counters."""
-    fresh = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fresh.write_bytes(encode(counters))
-    os.replace(fresh, path)
+    """Replaced whole: its node's agent reads it at any moment (read half-written, the node was reported without
+    the rank's counters)."""
+    replace_whole(path, encode(counters))
 
 
 def read_counters(path: Path) -> RankCounters | None:
