@@ -31,7 +31,7 @@ from ops.catalogue import entry_for
 from ops.placement import offers, place
 from pipeline.access import INSTANCES_SUBJECT, PLACE_SUBJECT, worker_role
 from pipeline.catalogue import read_entry
-from pipeline.connection import sleep_unless
+from pipeline.connection import answer, sleep_unless
 from pipeline.lease import change_plan, read_plan
 from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import ensure_consumer, model_use
@@ -83,7 +83,7 @@ async def answer_previews(nc, store: ModelStore):
         except Exception as exc:  # NATS away a moment, or the model's facts unreadable here
             log.warning("could not preview a placement: %s", exc)
             reply = refusal(Refused(503, "controller_unavailable", f"no preview could be made ({exc})"))
-        await msg.respond(reply)
+        await answer(msg, reply)
 
     return await nc.subscribe(PLACE_SUBJECT, cb=preview)
 
@@ -112,7 +112,7 @@ async def answer_instances(nc, home: Path, store: ModelStore, keep_alive_s: floa
         except Exception as exc:  # NATS away a moment: the client may try again
             log.warning("could not change the instances: %s", exc)
             reply = refusal(Refused(503, "controller_unavailable", f"the plan could not be changed ({exc})"))
-        await msg.respond(reply)
+        await answer(msg, reply)
 
     return await nc.subscribe(INSTANCES_SUBJECT, cb=change)
 

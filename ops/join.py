@@ -33,6 +33,7 @@ from ops.credentials import (admit_node, apply_authorization, cluster_ca, creden
                              public_key_of_seed, public_keys, role_identity, write_private)
 from pipeline.access import (CA_READER, CA_READER_SEED, CA_SUBJECT, INGRESS, JOIN_SUBJECT, JOINER, Identity,
                              inbox_prefix, node_role, tls_context)
+from pipeline.connection import answer
 from schemas.membership import BrokerGrant, BrokerOffer, JoinReply, JoinRequest, Membership
 
 log = logging.getLogger("conclave.join")
@@ -163,7 +164,7 @@ async def answer_joins(nc, home: Path, own_node_id: str, cluster: str, first: Fi
     """The first machine's side: hand out the CA certificate and admit nodes (and brokers, ops/brokers.py).
     Returns the subscriptions."""
     async def certificate(msg):
-        await msg.respond(cluster_ca(home).read_bytes())
+        await answer(msg, cluster_ca(home).read_bytes())
 
     async def admit(msg):
         granted = None
@@ -187,7 +188,7 @@ async def answer_joins(nc, home: Path, own_node_id: str, cluster: str, first: Fi
                      " as a broker" if granted else "")
         else:
             log.warning("refused a join request: %s", reason)
-        await msg.respond(msgspec.json.encode(JoinReply(accepted=reason is None, reason=reason, cluster=cluster,
+        await answer(msg, msgspec.json.encode(JoinReply(accepted=reason is None, reason=reason, cluster=cluster,
                                                         brokers=broker_urls(home, first), grant=granted)))
 
     return [await nc.subscribe(CA_SUBJECT, cb=certificate), await nc.subscribe(JOIN_SUBJECT, cb=admit)]

@@ -22,11 +22,13 @@ progress (each node's status).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -40,11 +42,13 @@ from ops.cluster_tls import self_signed
 from ops.model_fetch import CHUNK, FetchError, Progress, fetch_model, fetch_part, keep_manifest, sha256_of
 from ops.model_relay import arriving_manifest, relayed
 from pipeline.access import AGENTS_PREFIX
+from pipeline.connection import answer
 from schemas.catalogue import FILE_NAME, FetchProgress, FileProgress, ModelFile, ModelManifest, Ticket, TicketAsk
 from workers.store import (MANIFEST_CACHE, ModelStore, StoredModel, StoreError, model_revision)
 
 log = logging.getLogger("conclave.files")
 TICKET_S = 600.0  # a ticket unused this long dies; each request it is used for gives it this long again
+TICKETS_LIVE = 4096  # tickets alive at once on one node: 64 nodes each fetching 64 models from it
 encode = msgspec.json.Encoder().encode
 
 
@@ -82,28 +86,39 @@ def manifest(model: StoredModel) -> ModelManifest:
 
 class Tickets:
     """The bearer tokens this node gave out, each for one model until it expires (this machine's monotonic clock:
-    tickets are judged only where they were issued)."""
+    tickets are judged only where they were issued).
 
-    def __init__(self, ttl_s: float = TICKET_S):
-        self.ttl_s = ttl_s
-        self.issued: dict[str, tuple[str, float]] = {}  # token -> (model, expiry)
+    Bounded: any node's agent may ask, as often as it likes, so at most `limit` tickets live, the least recently
+    used given up first. Kept in order of last use, which with one lifetime for all is the order they expire in:
+    issuing forgets the expired from the front, and finding one is a lookup (by the token's hash, so that how long
+    it takes says nothing of a token's bytes); a flood of asks costs each ask the same."""
+
+    def __init__(self, ttl_s: float = TICKET_S, limit: int = TICKETS_LIVE):
+        self.ttl_s, self.limit = ttl_s, limit
+        self.issued: OrderedDict[bytes, tuple[str, float]] = OrderedDict()  # sha256(token) -> (model, expiry)
 
     def issue(self, model: str) -> str:
         now = time.monotonic()
-        self.issued = {t: held for t, held in self.issued.items() if held[1] > now}  # forget the expired
+        while self.issued and (len(self.issued) >= self.limit or next(iter(self.issued.values()))[1] <= now):
+            self.issued.popitem(last=False)
         token = secrets.token_urlsafe(32)
-        self.issued[token] = (model, now + self.ttl_s)
+        self.issued[_digest(token)] = (model, now + self.ttl_s)
         return token
 
     def allows(self, token: str, model: str) -> bool:
         """Whether `token` is a live ticket for `model`; a ticket in use lives on (each use gives it another
         `ttl_s`), so a transfer of hundreds of gigabytes never outlives its ticket, and an unused one dies."""
-        now = time.monotonic()
-        found = next((t for t in self.issued if secrets.compare_digest(t.encode(), token.encode())), None)
-        if found is None or self.issued[found][0] != model or self.issued[found][1] <= now:
+        now, key = time.monotonic(), _digest(token)
+        held = self.issued.get(key)
+        if held is None or held[0] != model or held[1] <= now:
             return False
-        self.issued[found] = (model, now + self.ttl_s)
+        self.issued[key] = (model, now + self.ttl_s)
+        self.issued.move_to_end(key)
         return True
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
 class WholeChunks(FileResponse):
@@ -171,10 +186,10 @@ async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, 
             asked = msgspec.json.decode(msg.data, type=TicketAsk)
             if store.get(asked.model) is None and not receiving(asked.model):
                 raise StoreError(f"{asked.model} is not on node {node_id}")
-            answer = Ticket(url=url, certificate=certificate, token=tickets.issue(asked.model), ttl_s=tickets.ttl_s)
+            given = Ticket(url=url, certificate=certificate, token=tickets.issue(asked.model), ttl_s=tickets.ttl_s)
         except (msgspec.MsgspecError, StoreError) as exc:
-            answer = Ticket(error=str(exc))
-        await msg.respond(encode(answer))
+            given = Ticket(error=str(exc))
+        await answer(msg, encode(given))
 
     return await nc.subscribe(files_subject(node_id), cb=ticket)
 

@@ -34,7 +34,7 @@ from ops.model_files import NodeFiles
 from ops.group import GroupSpec, HostSpec, LocalLauncher, RankLaunch, rank_arguments
 from ops.supervise import STALE_HEARTBEATS, describe_exit
 from pipeline.access import AGENTS_PREFIX, Identity
-from pipeline.connection import sleep_unless
+from pipeline.connection import answer, sleep_unless
 from pipeline.nats_server import stop_process
 from schemas.membership import (ORDER_ENV, ORDER_FILES, FetchOrder, OrderReply, PortOrder, RankExit, StartOrder,
                                 StopOrder)
@@ -212,7 +212,7 @@ async def obey(link, keeper: RankKeeper, files: NodeFiles, stopping: asyncio.Eve
             log.exception("order %s failed", kind)
             reply = OrderReply(ok=False, error=f"{type(exc).__name__}: {exc}")
         if msg.reply:
-            await msg.respond(encode(reply))
+            await answer(msg, encode(reply))
 
     subscription, tickets = await nc.subscribe(f"{prefix}.orders.*", cb=on_order), await files.answer(nc)
     cut_off_since = None

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pipeline.subjects import (AUDIT_PREFIX, AUDIT_STREAM, CHECKPOINTS_STREAM, CONVERSATIONS_PREFIX, CONVERSATIONS_STREAM, CATALOGUE_PREFIX, CATALOGUE_STREAM, CANCELS_PREFIX, CONTROL_PREFIX, CONTROL_STREAM, INSTANCES_PREFIX, INSTANCES_STREAM, CANCELS_STREAM, DEAD_PREFIX, GROUPS_PREFIX, JOBS_PREFIX,
                                JOBS_STREAM, NODES_PREFIX, NODES_STREAM, RESULTS_PREFIX, RESULTS_STREAM, STATUS_PREFIX,
-                               name_of_token, reply_prefix,
+                               REPLIES_PREFIX, name_of_token, reply_prefix,
                                subject_token, worker_durable)
 
 OPERATOR = "operator"
@@ -81,6 +81,20 @@ def inbox_prefix(role: str) -> str:
     """The role's own NATS inbox (replies to its requests, its pull subscriptions): under its reply prefix,
     so that no other role can subscribe to it (nats-py's default `_INBOX.>` is shared by everyone)."""
     return f"{reply_prefix(role)}._INBOX"
+
+
+_INBOX = re.compile(rf"{re.escape(REPLIES_PREFIX)}\.[^.*>\s]+\._INBOX(\.[^.*>\s]+)+")
+
+
+def is_inbox(subject: str | None) -> bool:
+    """Whether `subject` lies in some role's own inbox (`inbox_prefix`). A request's reply subject is the asker's
+    choice, and NATS checks no permission on it: the answer is published with the responder's rights, which are
+    everything for the operator and any reply subject for an agent (`allow_responses`). So a responder that
+    answered wherever it was told would write for the asker: the CA certificate over the controller lease, a
+    ticket into the audit log. Every responder answers only into an inbox (pipeline/connection.py: `answer`):
+    no stream or bucket stores anything under `conclave.replies.`, and an inbox other than the asker's own
+    reaches no request waiting there (nats-py names each request's reply by a random token)."""
+    return subject is not None and _INBOX.fullmatch(subject) is not None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-from pipeline.access import Identity
+from pipeline.access import Identity, is_inbox
 
 log = logging.getLogger("conclave.nats")
 
@@ -55,6 +55,16 @@ async def persist(operation: Callable[[], Awaitable[T]], deadline_s: float) -> T
                 raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, 2.0)
+
+
+async def answer(msg, data: bytes) -> None:
+    """Answer a request, only into an inbox (pipeline/access.py: `is_inbox` says why); a request that names any
+    other reply subject is dropped, with a line in the log."""
+    if is_inbox(msg.reply):
+        await msg.respond(data)
+    else:
+        log.warning("a request on %s named %r as its reply subject, not an inbox: not answered", msg.subject,
+                    (msg.reply or "")[:200])
 
 
 async def sleep_unless(stopping: asyncio.Event, seconds: float) -> None:

@@ -26,6 +26,8 @@ from ops import model_fetch
 from ops.cluster_tls import self_signed
 from ops.model_fetch import FetchError, check_room, fetch_model, fetch_part, pinned, sha256_of
 from ops.model_files import Tickets, answer_tickets, ask_ticket, files_app, manifest
+from pipeline.access import AGENTS_PREFIX, inbox_prefix, is_inbox
+from pipeline.subjects import CONTROL_PREFIX
 from schemas.catalogue import ModelManifest, Ticket
 from workers.split import layer_files, stage_files
 from workers.store import ModelStore, model_revision
@@ -311,3 +313,54 @@ async def test_tickets_are_asked_for_over_nats(bare_nats, source):
             await ask_ticket(nc, "0123456789ab", "not-here")
     finally:
         await subscription.unsubscribe()
+
+
+def test_live_tickets_are_bounded_and_the_least_recently_used_is_given_up_first():
+    # Any node may ask for tickets as often as it likes: what a node holds for them must not grow with the asking.
+    tickets = Tickets(limit=3)
+    first, second, third = (tickets.issue(MODEL_ID) for _ in range(3))
+    assert tickets.allows(first, MODEL_ID)  # used: now the most recent
+    fourth = tickets.issue(MODEL_ID)
+    assert not tickets.allows(second, MODEL_ID)
+    assert all(tickets.allows(t, MODEL_ID) for t in (first, third, fourth))
+    for _ in range(10_000):
+        tickets.issue("another-model")
+    assert len(tickets.issued) == 3
+
+
+async def test_a_request_is_answered_only_into_an_inbox_not_wherever_its_reply_subject_points(bare_nats, source):
+    # NATS checks no permission on a request's reply subject, and the first machine answers with the operator's
+    # rights: a ticket (or the CA certificate) sent "in reply" to the controller lease's key would overwrite it.
+    from pipeline.lease import read_lease
+
+    server, nc = bare_nats
+    store, _ = source
+    spied = []
+
+    async def spy_on(msg):
+        spied.append(msg.data)
+
+    spy = await nc.subscribe(f"{CONTROL_PREFIX}.lease", cb=spy_on)
+    subscription = await answer_tickets(nc, "0123456789ab", store, Tickets(), "https://10.0.0.2:8471", "PEM")
+    try:
+        await nc.publish(f"{AGENTS_PREFIX}.0123456789ab.files", msgspec.json.encode({"model": MODEL_ID}),
+                         reply=f"{CONTROL_PREFIX}.lease")
+        # Answered in order: once this one is, the one before was handled (and anything it sent is flushed below).
+        assert (await ask_ticket(nc, "0123456789ab", MODEL_ID)).token
+        await nc.flush()
+        assert spied == [] and await read_lease(nc.jetstream()) is None
+    finally:
+        await subscription.unsubscribe()
+        await spy.unsubscribe()
+
+
+def test_every_responder_answers_through_the_inbox_check():
+    # `answer` is the one way a responder replies (pipeline/connection.py); a `msg.respond` elsewhere would skip it.
+    root = Path(__file__).parent.parent
+    direct = [str(p.relative_to(root)) for folder in ("ops", "pipeline", "ingress", "workers")
+              for p in (root / folder).glob("*.py") if "msg.respond(" in p.read_text() and p.name != "connection.py"]
+    assert direct == []
+    assert is_inbox(f"{inbox_prefix('ca-reader')}.Ab12.3") and is_inbox(f"{inbox_prefix('node-0123456789ab')}.x")
+    for subject in (f"{CONTROL_PREFIX}.lease", "$KV.CONCLAVE_NODES.0123456789ab", "conclave.audit.m.x",
+                    "conclave.replies.billing.job-1", f"{inbox_prefix('x')}", f"{inbox_prefix('x')}.>", None, ""):
+        assert not is_inbox(subject), subject
