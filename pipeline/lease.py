@@ -74,8 +74,8 @@ async def change_plan(js, change: Callable[[ControllerPlan | None], ControllerPl
 def decode_plan(data: bytes | None) -> ControllerPlan | None:
     try:
         return msgspec.json.decode(data, type=ControllerPlan) if data else None
-    except msgspec.ValidationError:  # an earlier version's: the first machine's `serve` replaces it as it starts
-        return None
+    except msgspec.MsgspecError:  # an earlier version's, or not JSON: the first machine's `serve` replaces it as it
+        return None  # starts (and a change of the plan writes over it), where raising here would stop both
 
 
 async def read_plan(js) -> ControllerPlan | None:

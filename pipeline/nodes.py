@@ -30,8 +30,15 @@ decode_instance = msgspec.json.Decoder(Instance).decode
 encode = msgspec.json.Encoder().encode
 
 
+# Every node writes its status here every second, and the controller and every ingress decode all of them, on their
+# event loops: bounded, so that no node can stall them (a status of 32 MiB, NATS's payload limit here, took seconds
+# to decode). A real one is a few kB (tens of interfaces and ranks would not reach 64 kB).
+NODE_STATUS_MAX = 64 << 10
+
+
 def nodes_bucket_config() -> KeyValueConfig:
-    return KeyValueConfig(bucket=NODES_BUCKET, history=1, ttl=NODES_TTL_S, storage=StorageType.MEMORY, direct=True)
+    return KeyValueConfig(bucket=NODES_BUCKET, history=1, ttl=NODES_TTL_S, storage=StorageType.MEMORY, direct=True,
+                          max_value_size=NODE_STATUS_MAX)
 
 
 def node_subject(node_id: str) -> str:

@@ -128,10 +128,12 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             await js.create_key_value(bucket)
         except BadRequestError:  # made by another version with another TTL: it still works as it is
             log.warning("the key-value bucket %s exists with another configuration; left as it is", bucket.bucket)
-        # No rollups: a node may write its own key, and a `Nats-Rollup: all` there would wipe every other node's.
+        # No rollups: a node may write its own key, and a `Nats-Rollup: all` there would wipe every other node's. A
+        # value size limit added since the bucket was made applies to it too.
         config = (await js.stream_info(f"KV_{bucket.bucket}")).config
-        if config.allow_rollup_hdrs or config.num_replicas != replicas:
-            config.allow_rollup_hdrs, config.num_replicas = False, replicas
+        limit = bucket.max_value_size or config.max_msg_size
+        if config.allow_rollup_hdrs or config.num_replicas != replicas or config.max_msg_size != limit:
+            config.allow_rollup_hdrs, config.num_replicas, config.max_msg_size = False, replicas, limit
             await js.update_stream(config)
     for config in (audit_stream_config(), checkpoints_stream_config()):
         config.num_replicas = replicas
