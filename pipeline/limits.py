@@ -32,8 +32,10 @@ MAX_JSON_DEPTH = 64
 LARGE_MESSAGE = 2**20  # scanning a message this large for its nesting takes long enough to leave the event loop
 
 _encode = msgspec.json.Encoder().encode
-# A JSON string, escapes included (the unrolled form: linear, no backtracking).
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+# A JSON string, escapes included, or an unterminated one to the end (the unrolled form: no backtracking). It must
+# match an unterminated string too: else every quote after the first starts one more scan to the end, which fails,
+# and a body of `"` and 400,000 `\"` took an hour, holding the GIL all along.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 

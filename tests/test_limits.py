@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -145,3 +148,14 @@ def test_a_record_of_the_largest_job_and_output_fits_the_payload(max_payload):
     record = record_for(job.id, job, done, submitter="s" * 63, model=MODEL, revision="r", worker="w" * 300)
     headers = 1024  # Nats-Expected-Last-Subject-Sequence and its framing
     assert len(stored_bytes(record)) + headers < max_payload
+
+
+
+def test_an_unterminated_string_of_escaped_quotes_is_scanned_in_one_pass():
+    # Every quote after the first would start a scan to the end that fails: quadratic, an hour for this body, with
+    # the GIL held (the ingress or a worker frozen). Run apart, so that a regression fails instead of hanging.
+    probe = r"""from pipeline.limits import too_deep; print(too_deep(b"[" * 65 + b'"' + b'\\"' * 400_000 + TAIL))"""
+    for tail in (r"b''", r"b'\\'"):  # and one lone backslash at the very end
+        done = subprocess.run([sys.executable, "-c", probe.replace("TAIL", tail)], capture_output=True, text=True,
+                              timeout=60, cwd=Path(__file__).parent.parent)
+        assert done.stdout.strip() == "True", done.stderr
