@@ -146,9 +146,10 @@ def test_openai_responses_plain_streamed_tools_and_format(client):
         *ASK, {"role": "assistant", "content": response.output_text}, {"role": "user", "content": "And Germany?"}])
     assert follow.output_text == again.choices[0].message.content
     assert follow.usage.input_tokens == again.usage.prompt_tokens
-    # One asked not to be stored, or one that never was, cannot be continued.
+    # One asked not to be stored, or one that never was, cannot be continued; nor one of an id no response has, long
+    # enough to overrun NATS's limit on a command, which would close the connection every request shares.
     unstored = client.responses.create(model=MODEL, input="Hi", store=False, max_output_tokens=2)
-    for response_id in (unstored.id, "resp_nothing"):
+    for response_id in (unstored.id, "resp_nothing", "resp_" + "0" * 5000):
         with pytest.raises(openai.BadRequestError) as refused:
             client.responses.create(model=MODEL, input="And Germany?", previous_response_id=response_id)
         assert refused.value.param == "previous_response_id"

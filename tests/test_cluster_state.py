@@ -44,3 +44,4 @@ async def test_a_node_status_is_bounded_in_size_in_a_bucket_made_before_the_boun
     with pytest.raises(APIError, match="maximum"):
         await js.publish(node_subject("0123456789ab"), b"x" * (NODE_STATUS_MAX + 1), stream=NODES_STREAM)
     await js.publish(node_subject("0123456789ab"), b"x" * 4096, stream=NODES_STREAM)
+
