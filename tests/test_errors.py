@@ -34,6 +34,8 @@ def still_serves(client):
         ({"model": MODEL, "messages": FRANCE, "max_tokens": 0}, "max_tokens", "integer_below_min_value"),
         ({"model": MODEL, "messages": FRANCE, "frobnicate": True}, "frobnicate", "unknown_parameter"),
         ({"model": MODEL, "messages": []}, "messages", "empty_array"),
+        ({"model": MODEL, "messages": FRANCE, "stop": [f"stop {i}" for i in range(17)]}, "stop", "invalid_value"),
+        ({"model": MODEL, "messages": FRANCE, "stop": ["x" * 257]}, "stop", "invalid_value"),
     ],
 )
 def test_invalid_request_names_the_param(http, client, body, param, code):
@@ -71,6 +73,10 @@ def test_context_length_exceeded(client, stream):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=1)
     assert caught.value.code == "context_length_exceeded" and caught.value.param == "prompt"
+    # More messages than the context has tokens: refused before the template renders them (it took seconds).
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ""}] * 9000, max_tokens=1)
+    assert caught.value.code == "context_length_exceeded" and "at least 9000 tokens" in caught.value.message
     still_serves(client)
 
 

@@ -203,3 +203,27 @@ def test_a_template_that_knows_tools_renders_them_and_its_markers_read_the_calls
     assert text == "" and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
         ("get_weather", {"city": "Oslo"})]
     assert call_format(msgspec.structs.replace(job, tool_choice="required"), tokenizer) is FORCED
+
+
+def test_a_conversation_the_template_refuses_is_a_400_naming_the_messages(server, tmp_path):
+    # Templates refuse what their model cannot take (`raise_exception`: Mistral's strict alternation of turns, Llama
+    # 3.1's one call per turn): the request's fault, a 400, never a 500 that SDKs retry.
+    from mlx_lm.utils import load_tokenizer
+
+    from workers.prepare import JobError, prompt_tokens
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(server.home / "models" / MODEL / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    alternating = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": alternating}))
+    tokenizer = load_tokenizer(tmp_path)
+    job = Job(id="t", model=MODEL, reply_subject="r", kind="chat", messages=[
+        ChatMessage(role="user", content="Weather in Oslo?"), ChatMessage(role="user", content="And in Bergen?")])
+    with pytest.raises(JobError) as refused:
+        prompt_tokens(job, tokenizer)
+    assert (refused.value.status, refused.value.detail.param) == (400, "messages")
+    assert "must alternate" in refused.value.detail.message
+    assert prompt_tokens(msgspec.structs.replace(job, messages=job.messages[:1]), tokenizer)

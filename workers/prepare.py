@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import msgspec
+from jinja2 import TemplateError
 
 from schemas.jobs import MAX_CHOICES, MAX_TOP_LOGPROBS, Job, SamplingParams
 from schemas.openai import ErrorDetail
@@ -68,7 +69,11 @@ def prompt_tokens(job: Job, tokenizer) -> list[int]:
         # Templates know system/user/assistant; OpenAI's newer "developer" role is a system message (and tools and
         # their calls are shown as the template can: workers/tools.py).
         messages, extra = template_inputs(job, tokenizer)
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
+        try:
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
+        except TemplateError as exc:  # the template refuses the conversation (`raise_exception`): the request's fault
+            raise JobError(400, f"This model's chat template cannot render these messages: {exc}", "messages",
+                           "invalid_value") from None
     if isinstance(job.prompt, list):
         vocab = tokenizer.vocab_size
         if any(t < 0 or t >= vocab for t in job.prompt):
@@ -87,9 +92,19 @@ RANGES = {
 }
 
 
+# Stop sequences are matched against every token of every answer, in the batch's step (workers/stops.py): bounded, so
+# that no request slows the batch it shares (800,000 of them took 2 s a token). OpenAI takes up to 4; 16 leave room for
+# the clients and agent frameworks that send more.
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+
+
 def check_params(params: SamplingParams, vocab_size: int) -> None:
     """Every job's sampling parameters, whoever submitted it (HTTP or NATS): the ranges the API promises,
     and everything MLX would reject in the middle of a batch's sampling step."""
+    if len(params.stop) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in params.stop):
+        raise JobError(400, f"Invalid 'stop': expected at most {MAX_STOPS} sequences of at most {MAX_STOP_CHARS} "
+                       f"characters each, but got {len(params.stop)} (the longest {max(map(len, params.stop))} "
+                       f"characters).", "stop", "invalid_value")
     for name, (low, high, open_low) in RANGES.items():
         value = getattr(params, name)
         if not (low < value if open_low else low <= value) or not value <= high:
@@ -145,16 +160,18 @@ def prepare(loaded: LoadedModel, job: Job, default_max_tokens: int) -> tuple[lis
     """The job's prompt ids, how many tokens it may generate, and the grammar each of its `n` answers must follow
     (None: free); JobError if it cannot run.
 
-    A prompt whose text is longer than the context could hold even in the longest tokens is refused
-    before it is tokenised: tokenising megabytes takes seconds on the one tokenizing thread, which every
-    other job waits for.
+    A prompt whose text is longer than the context could hold even in the longest tokens, or with more messages than
+    the context has tokens, is refused before it is tokenised: tokenising megabytes takes seconds on the one
+    tokenizing thread, which every other job waits for.
     """
     param = "messages" if job.kind == "chat" else "prompt"
     try:  # before the tools are rendered into the prompt
         check_tools(job)
     except ToolsError as exc:
         raise JobError(400, str(exc), exc.param, exc.code) from None
-    least = text_bytes(job) // loaded.max_token_bytes
+    # And at least a token a message (its role's markers), even an empty one: 500,000 empty messages took 14 s to
+    # template and tokenize before they were refused.
+    least = max(text_bytes(job) // loaded.max_token_bytes, len(job.messages or []))
     if least > loaded.context_length:
         raise JobError(400, f"This model's maximum context length is {loaded.context_length} tokens. However, your "
                        f"{param} are at least {least} tokens. Please reduce the length of the {param}.", param,
