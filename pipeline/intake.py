@@ -64,10 +64,7 @@ def open_delivery(subject: str, data: bytes, attempt: int,
     `id` when those are readable and usable. (Large messages take a while to scan: call it off the event
     loop.)"""
     model, submitter = sender(subject)
-    if too_deep(data):
-        return (Delivery("", None, None, attempt, model=model, submitter=submitter),
-                invalid_job("Invalid job message: JSON nested too deeply."), 400)
-    try:
+    try:  # (its fields only: what it skips, however deep, does not recurse)
         address = decode_address(data)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         address = ReplyAddress()
@@ -75,6 +72,8 @@ def open_delivery(subject: str, data: bytes, attempt: int,
                                                                                     submitter) else None
     job_id = address.id if address.id and _JOB_ID.fullmatch(address.id) else ""
     unreadable = Delivery(job_id, None, reply, attempt, model=model, submitter=submitter)
+    if too_deep(data):  # answered on its reply subject like any job that cannot run
+        return unreadable, invalid_job("Invalid job message: JSON nested too deeply."), 400
     if len(data) > limits.job_bytes:
         return unreadable, invalid_job(f"The job is {len(data)} bytes; this deployment takes jobs of at most "
                                        f"{limits.job_bytes} bytes.", code="job_too_large"), 413

@@ -80,11 +80,22 @@ async def test_nats_jobs_too_large_or_too_deep_are_refused_recorded_and_the_work
         record = await wait_for_audit_record(server, lambda r: r.job_id == huge.id)
         assert record.outcome == "failed" and record.job is None and record.error.code == "job_too_large"
 
-        # 100,000 levels deep: once a RecursionError that left the job unsettled, redelivered again and again.
-        deep = '{"id": "job-deep", "reply_subject": "conclave.replies.tests.deep", "x": %s}' % nested(100_000)
+        # 100 levels deep (a JSON Schema of that depth, say): answered on its reply subject, recorded under its id;
+        # refused once without a word to its submitter, who waited out its own timeout.
+        deep_replies = await nc.subscribe("conclave.replies.tests.deep")
+        deep = '{"id": "job-deep", "reply_subject": "conclave.replies.tests.deep", "x": %s}' % nested(100)
         await js.publish(job_subject(MODEL, SUBMITTER), deep.encode(), headers={"Nats-Msg-Id": "job-deep"})
+        failed = await final_event(deep_replies)
+        assert isinstance(failed, Failed) and (failed.status, failed.error.code) == (400, "invalid_job")
+        record = await wait_for_audit_record(server, lambda r: r.job_id == "job-deep")
+        assert (record.outcome, record.error.code) == ("failed", "invalid_job")
+        assert "nested too deeply" in record.error.message
+        # 100,000 levels deep: once a RecursionError that left the job unsettled, redelivered again and again. Too
+        # deep for even its id to be read: recorded as failed.
+        deeper = '{"id": "job-deeper", "reply_subject": "conclave.replies.tests.deep", "x": %s}' % nested(100_000)
+        await js.publish(job_subject(MODEL, SUBMITTER), deeper.encode(), headers={"Nats-Msg-Id": "job-deeper"})
         record = await wait_for_audit_record(
-            server, lambda r: r.error is not None and "nested too deeply" in r.error.message)
+            server, lambda r: r.error is not None and "nested too deeply" in r.error.message and r.job_id != "job-deep")
         assert (record.outcome, record.error.code) == ("failed", "invalid_job")
     finally:
         await nc.close()
