@@ -49,7 +49,8 @@ from pipeline.access import AGENTS_PREFIX
 from pipeline.catalogue import read_entry
 from pipeline.connection import sleep_unless, sleep_until_any
 from pipeline.lease import PLAN_SUBJECT, read_plan
-from pipeline.nodes import delete_instance, links_between, put_instance, read_instances, read_nodes, state_of
+from pipeline.nodes import (NEWEST_AGE_S, delete_instance, links_between, put_instance, read_instances, read_nodes,
+                            state_of)
 from pipeline.streams import jobs_in_hand, retire_consumer
 from pipeline.subjects import subject_token
 from schemas.cluster import CatalogueEntry, NodeStatus, Plan
@@ -251,7 +252,9 @@ class Controller:
         while not stopping.is_set():
             async with self.placing:
                 js = self.link.nc.jetstream()
-                statuses = {s.facts.id: s for s in await read_nodes(js) if state_of(s) == "up" and s.time > after}
+                # (read_nodes' times may be NEWEST_AGE_S later than true: a status stored before `after` must not pass)
+                statuses = {s.facts.id: s for s in await read_nodes(js)
+                            if state_of(s) == "up" and s.time > after + NEWEST_AGE_S}
                 up = list(statuses.values())
                 nodes = offers(self.model.id, up, await read_instances(js), everywhere=self.model.id == DEFAULT_MODEL)
                 result = place(self.facts, nodes, links_between(up), self.request) if nodes else None

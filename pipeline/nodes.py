@@ -53,8 +53,9 @@ async def read_nodes(js) -> list[NodeStatus]:
     """Every node's latest status, by node id; empty when none reported (or the bucket does not exist).
 
     A status counts only under its own node's key (an agent may write only there, pipeline/access.py, so one
-    claiming another node's id is a forgery), and its time is when the broker stored it: lost or not is judged on
-    the broker's clock, never on a node's, which may be off by any amount."""
+    claiming another node's id is a forgery), and its time is when the broker stored it, brought onto this
+    machine's clock (`on_this_clock`): lost or not is judged on the broker's clock alone, never on a node's or this
+    reader's, either of which may be off by any amount (an air-gapped building may have no time server)."""
     statuses = []
     for msg in await read_bucket(js, NODES_STREAM, f"{NODES_PREFIX}.>"):
         try:
@@ -63,7 +64,21 @@ async def read_nodes(js) -> list[NodeStatus]:
             continue
         if msg.subject == node_subject(status.facts.id):
             statuses.append(msgspec.structs.replace(status, time=msg.time.timestamp() if msg.time else status.time))
-    return statuses
+    return on_this_clock(statuses, time.time())
+
+
+# Every agent reports each second, so the newest of the statuses was stored at most this long before it is read.
+NEWEST_AGE_S = 1.5
+
+
+def on_this_clock(statuses: list[NodeStatus], now: float) -> list[NodeStatus]:
+    """Statuses stamped with the broker's clock (when it stored them), moved onto this machine's: the newest taken as
+    stored `now`, each other as much older as the broker says. A reader whose clock is minutes off the broker's
+    (which may be another machine: a joined node's ingress, a controller on a broker node) would otherwise see every
+    node lost, or a dead one up. The cost: while no node at all reports, the last reports look fresh (until they
+    expire, NODES_TTL_S), and a time read here may be up to NEWEST_AGE_S later than the truth."""
+    newest = max((s.time for s in statuses), default=now)
+    return [msgspec.structs.replace(s, time=now - (newest - s.time)) for s in statuses]
 
 
 def instances_bucket_config() -> KeyValueConfig:

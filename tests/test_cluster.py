@@ -12,7 +12,7 @@ import msgspec
 import psutil
 
 from ops.agent import nodes_table
-from pipeline.nodes import LOST_AFTER_S, state_of
+from pipeline.nodes import LOST_AFTER_S, on_this_clock, state_of
 from schemas.catalogue import FetchProgress, FileProgress
 from schemas.cluster import NodeFacts, NodeStatus
 from tests.conftest import FRANCE, MODEL
@@ -53,6 +53,17 @@ def test_conclave_nodes_prints_the_table(server, http):
     node_id = (server.home / "node-id").read_text().strip()
     assert row.split()[:3] == [node_id, socket.gethostname(), "cpu"] and MODEL in row and "ago" in row
     assert "LOST" not in row
+
+
+def test_lost_or_up_is_judged_on_the_brokers_clock_whatever_the_readers_says():
+    # Times as the broker stored them; this reader's clock an hour ahead of the broker's (or a minute behind): the
+    # node that reported last is up, the one silent 10 s before it lost, either way.
+    facts = NodeFacts(id="n1", host="h", memory_total=8 * 10**9, memory_available=4 * 10**9)
+    stored = [NodeStatus(facts=facts, memory_used=0, time=1000.0),
+              NodeStatus(facts=msgspec.structs.replace(facts, id="n2"), memory_used=0, time=990.0)]
+    for now in (1000.0 + 3600, 1000.0 - 60):
+        assert [state_of(s, now) for s in on_this_clock(stored, now)] == ["up", "lost"]
+    assert on_this_clock([], 5.0) == []
 
 
 def test_a_node_that_stopped_reporting_is_shown_lost_not_dropped():

@@ -45,3 +45,21 @@ async def test_a_node_status_is_bounded_in_size_in_a_bucket_made_before_the_boun
         await js.publish(node_subject("0123456789ab"), b"x" * (NODE_STATUS_MAX + 1), stream=NODES_STREAM)
     await js.publish(node_subject("0123456789ab"), b"x" * 4096, stream=NODES_STREAM)
 
+
+
+async def test_a_reader_whose_clock_is_an_hour_off_the_brokers_sees_a_reporting_node_up(bare_nats, monkeypatch):
+    # The nodes bucket is stamped by the broker's clock; a reader on another machine (a joined node's ingress, a
+    # controller on a broker node) must not judge those stamps by its own clock.
+    import time
+    from types import SimpleNamespace
+
+    from pipeline import nodes
+    from schemas.cluster import NodeFacts, NodeStatus
+
+    _, nc = bare_nats
+    facts = NodeFacts(id="0123456789ab", host="h", memory_total=8 * 10**9, memory_available=4 * 10**9)
+    await nodes.put_status(nc.jetstream(), NodeStatus(facts=facts, memory_used=0, time=time.time()))
+    ahead = time.time() + 3600
+    monkeypatch.setattr(nodes, "time", SimpleNamespace(time=lambda: ahead))
+    (status,) = await nodes.read_nodes(nc.jetstream())
+    assert nodes.state_of(status, ahead) == "up"
