@@ -90,7 +90,6 @@ async def cluster(request: Request) -> Response:
     """The nodes as their agents last reported them (a lost one is listed as lost, not dropped), the instances
     (each served model's live workers), and where the controller runs (null: none holds the lease)."""
     ingress = request.app.state.ingress
-    now = time.time()
     try:
         statuses = await read_nodes(ingress.link.nc.jetstream())
         placed = {i.model: i for i in await read_instances(ingress.link.nc.jetstream())}
@@ -98,6 +97,7 @@ async def cluster(request: Request) -> Response:
     except Exception as exc:  # NATS away (or reconnecting)
         raise APIError(503, f"The cluster's state cannot be read right now ({type(exc).__name__}).",
                        type="server_error", code="nats_unavailable") from None
+    now = time.time()  # after read_nodes, which puts its times on this clock as it reads (never in the future)
     nodes = [{**msgspec.to_builtins(status), "state": state_of(status, now), "last_seen_s": round(now - status.time, 3)}
              for status in statuses]
     instances = [{**(msgspec.to_builtins(placed[model]) if model in placed else {"model": model}),

@@ -32,6 +32,7 @@ from ingress.errors import APIError
 from pipeline.lease import read_lease
 from pipeline.nodes import LOST_AFTER_S, NODES_TTL_S, cluster_models, links_between, node_subject, read_nodes, state_of
 from pipeline.subjects import NODES_PREFIX
+from pipeline.limits import UNDECODABLE
 from schemas.cluster import NodeStatus
 from schemas.jobs import WorkerStatus
 from schemas.membership import Instance
@@ -89,7 +90,7 @@ class Live:
     async def on_node(self, msg) -> None:
         try:
             status = decode_status(msg.data or b"")  # a deleted or expired key's marker has no data
-        except msgspec.MsgspecError:
+        except UNDECODABLE:
             return
         if msg.subject != node_subject(status.facts.id):  # not under its own key: forged (pipeline/nodes.py)
             return

@@ -33,7 +33,7 @@ import nats.js.errors
 
 from ingress.errors import APIError
 from pipeline.connection import persist, transient
-from pipeline.limits import PayloadLimits
+from pipeline.limits import PayloadLimits, UNDECODABLE
 from pipeline.settle import stored_result
 from pipeline.streams import max_queued
 from pipeline.subjects import CANCELS_STREAM, JOBS_STREAM, cancel_subject, job_subject
@@ -133,7 +133,7 @@ async def submit(nc, job: Job, submitter: str, queue_timeout_s: float, worker_ti
                                f"{worker_timeout_s:.0f}s; the request was abandoned.", code="worker_lost")
             try:
                 event = decode_event(msg.data)
-            except msgspec.MsgspecError:
+            except UNDECODABLE:
                 continue  # not one of ours
             if isinstance(event, (Accepted, Chunk, Heartbeat, Requeued)):
                 if event.attempt < attempt:

@@ -102,9 +102,15 @@ def completion_logprobs(req: CompletionRequest) -> int | None:
     return req.logprobs
 
 
+def made_here(job_id: str, prefix: str) -> bool:
+    """Whether `job_id` is one `new_job` makes with `prefix`: the prefix and a UUID's 32 hex digits."""
+    rest = job_id.removeprefix(prefix)
+    return job_id.startswith(prefix) and len(rest) == 32 and all(c in "0123456789abcdef" for c in rest)
+
+
 def new_job(kind: str, model: str, params: SamplingParams, stream: bool, prefix: str | None = None, **fields) -> Job:
     """A job with a fresh id: OpenAI's `chatcmpl-`/`cmpl-` ids, or another API's `prefix` (Anthropic's `msg_`)."""
-    job_id = (prefix or ("chatcmpl-" if kind == "chat" else "cmpl-")) + uuid.uuid4().hex
+    job_id = (prefix or ("chatcmpl-" if kind == "chat" else "cmpl-")) + uuid.uuid4().hex  # (see `made_here`)
     return Job(id=job_id, model=model, reply_subject=reply_subject(INGRESS, job_id), kind=kind, params=params,
                stream=stream, created=time.time(), source="http", **fields)
 

@@ -13,7 +13,6 @@ are (CONCLAVE_RESULTS_TTL_HOURS, default 24).
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 import msgspec
@@ -25,7 +24,7 @@ from starlette.responses import Response
 from ingress.errors import APIError, validation_error
 from ingress.handlers import model_for, request_limit
 from ingress.reading import read_request
-from ingress.requests import json_schema_of, new_job, sampling_params_of
+from ingress.requests import json_schema_of, made_here, new_job, sampling_params_of
 from ingress.respond import respond
 from ingress.shapes import Shape
 from pipeline.access import INGRESS
@@ -40,7 +39,7 @@ log = logging.getLogger("conclave.ingress")
 encode = msgspec.json.Encoder().encode
 decode_conversation = msgspec.json.Decoder(Conversation).decode
 TEXT_PARTS = ("input_text", "output_text", "text")
-RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")  # as new_job makes them (ingress/requests.py)
+RESPONSE_PREFIX = "resp_"
 ITEMS = {"message": MessageItem, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem}
 
 
@@ -109,14 +108,14 @@ def responses_job(req: ResponsesRequest, caller: str, before: list[ChatMessage])
     schema = json_schema_of(ResponseFormat(type=fmt.type, json_schema=fmt.json_schema()) if fmt else None)
     params = sampling_params_of(temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
                                 json_schema=schema)
-    return new_job("chat", req.model, params, req.stream, prefix="resp_", messages=chat_messages(req, before),
+    return new_job("chat", req.model, params, req.stream, prefix=RESPONSE_PREFIX, messages=chat_messages(req, before),
                    caller=caller, tools=tools or None, tool_choice=choice,
                    parallel_tool_calls=req.parallel_tool_calls is not False)
 
 
 def message_item(job: Job, text: str, status: str, index: int = 0) -> dict:
     """A message output item; its id names its place in the output (text may come again after a call)."""
-    return {"type": "message", "id": f"msg_{job.id.removeprefix('resp_')}_{index}", "status": status,
+    return {"type": "message", "id": f"msg_{job.id.removeprefix(RESPONSE_PREFIX)}_{index}", "status": status,
             "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text else []}
 
@@ -237,7 +236,7 @@ async def previous(js, response_id: str, caller: str) -> list[ChatMessage]:
                        "previous_response_not_found")
     # Not asked of NATS unless it is an id this ingress makes: the id goes into a subject, and one of some kilobytes
     # would overrun NATS's limit on a command's length, which closes the connection every request shares.
-    if not RESPONSE_ID.fullmatch(response_id):
+    if not made_here(response_id, RESPONSE_PREFIX):
         raise missing
     try:
         msg = await js.get_last_msg(CONVERSATIONS_STREAM, conversation_subject(response_id), direct=True)

@@ -37,6 +37,7 @@ from ops.credentials import joined_nodes, public_keys, reload_embedded, write_au
 from pipeline.access import USERS_SUBJECT
 from pipeline.connection import sleep_unless
 from pipeline.streams import ensure_streams
+from pipeline.limits import UNDECODABLE
 from schemas.membership import BrokerGrant, BrokerOffer, JoinRequest
 
 log = logging.getLogger("conclave.brokers")
@@ -130,7 +131,7 @@ async def follow_users(nc, nats_dir: Path) -> list:
         nonlocal current
         try:
             users = msgspec.json.decode(msg.data, type=dict[str, str])
-        except msgspec.MsgspecError as exc:
+        except UNDECODABLE as exc:
             log.warning("ignored an announcement of the users that is not one: %s", exc)
             return
         if users == current:

@@ -53,6 +53,7 @@ from pipeline.nodes import (NEWEST_AGE_S, delete_instance, links_between, put_in
                             state_of)
 from pipeline.streams import jobs_in_hand, retire_consumer
 from pipeline.subjects import subject_token
+from pipeline.limits import UNDECODABLE
 from schemas.cluster import CatalogueEntry, NodeStatus, Plan
 from schemas.membership import (FetchOrder, Instance, InstancePlan, OrderReply, PortOrder, RankExit, StartOrder,
                                 StopOrder, WorkerSettings)
@@ -125,7 +126,7 @@ class Orders:
     async def on_event(self, msg) -> None:
         try:
             event = msgspec.json.decode(msg.data, type=RankExit)
-        except msgspec.MsgspecError:
+        except UNDECODABLE:
             return
         if msg.subject != f"{AGENTS_PREFIX}.{event.node_id}.events":  # an agent speaks for itself only
             return

@@ -35,6 +35,7 @@ from pipeline.connection import answer, sleep_unless
 from pipeline.lease import change_plan, read_plan
 from pipeline.nodes import links_between, put_instance, read_instances, read_nodes, state_of
 from pipeline.streams import ensure_consumer, model_use
+from pipeline.limits import UNDECODABLE
 from schemas.cluster import CatalogueEntry, PlacementRequest
 from schemas.membership import ControllerPlan, Instance, InstanceChange, InstancePlan, ModelPlacement
 from workers.store import DEFAULT_MODEL, ModelStore, StoreError
@@ -78,7 +79,7 @@ async def answer_previews(nc, store: ModelStore):
             reply = encode(place(model.facts, nodes, links_between(statuses), asked.request()))
         except Refused as exc:
             reply = refusal(exc)
-        except (msgspec.MsgspecError, ValueError) as exc:
+        except (*UNDECODABLE, ValueError) as exc:
             reply = refusal(Refused(400, "invalid_request", str(exc)))
         except Exception as exc:  # NATS away a moment, or the model's facts unreadable here
             log.warning("could not preview a placement: %s", exc)
@@ -107,7 +108,7 @@ async def answer_instances(nc, home: Path, store: ModelStore, keep_alive_s: floa
                     raise Refused(400, "invalid_request", "say which instance to add, load or remove")
         except Refused as exc:
             reply = refusal(exc)
-        except (msgspec.MsgspecError, StoreError) as exc:
+        except (*UNDECODABLE, StoreError) as exc:
             reply = refusal(Refused(400, "invalid_request", str(exc)))
         except Exception as exc:  # NATS away a moment: the client may try again
             log.warning("could not change the instances: %s", exc)

@@ -34,6 +34,7 @@ from ops.credentials import (admit_node, apply_authorization, cluster_ca, creden
 from pipeline.access import (CA_READER, CA_READER_SEED, CA_SUBJECT, INGRESS, JOIN_SUBJECT, JOINER, Identity,
                              inbox_prefix, node_role, tls_context)
 from pipeline.connection import answer
+from pipeline.limits import UNDECODABLE
 from schemas.membership import BrokerGrant, BrokerOffer, JoinReply, JoinRequest, Membership
 
 log = logging.getLogger("conclave.join")
@@ -175,7 +176,7 @@ async def answer_joins(nc, home: Path, own_node_id: str, cluster: str, first: Fi
             certified = (certify_broker(home, request.broker.public_key, request.host, request.broker.names)
                          if request.broker and reason is None else None)
             reason = reason or admit_node(home, request, own_node_id)
-        except msgspec.MsgspecError as exc:
+        except UNDECODABLE as exc:
             reason = f"not a join request: {exc}"
         except ValueError as exc:
             reason = f"cannot certify the broker's key: {exc}"

@@ -24,6 +24,7 @@ from typing import Callable
 
 import msgspec
 
+from pipeline.limits import UNDECODABLE
 from schemas.catalogue import FileProgress, ModelFile, ModelManifest, Ticket
 from workers.files import replace_whole
 from workers.store import MANIFEST_CACHE, REVISION_FILE, ModelStore, StoredModel, is_model_dir
@@ -234,7 +235,7 @@ async def read_manifest(ticket: Ticket, model_id: str) -> ModelManifest:
                     raise FetchError(f"{base_url} sent a manifest of {model_id} over {MAX_MANIFEST_BYTES} bytes")
     try:
         listed = msgspec.json.decode(bytes(body), type=ModelManifest)
-    except msgspec.MsgspecError as exc:
+    except UNDECODABLE as exc:
         raise FetchError(f"{base_url} sent a manifest of {model_id} that is not one: {exc}") from None
     if listed.model != model_id:
         raise FetchError(f"{base_url} sent the manifest of {listed.model} for {model_id}")

@@ -43,6 +43,7 @@ from ops.model_fetch import CHUNK, FetchError, Progress, fetch_model, fetch_part
 from ops.model_relay import arriving_manifest, relayed
 from pipeline.access import AGENTS_PREFIX
 from pipeline.connection import answer
+from pipeline.limits import UNDECODABLE
 from schemas.catalogue import FILE_NAME, FetchProgress, FileProgress, ModelFile, ModelManifest, Ticket, TicketAsk
 from workers.store import (MANIFEST_CACHE, ModelStore, StoredModel, StoreError, model_revision)
 
@@ -187,7 +188,7 @@ async def answer_tickets(nc, node_id: str, store: ModelStore, tickets: Tickets, 
             if store.get(asked.model) is None and not receiving(asked.model):
                 raise StoreError(f"{asked.model} is not on node {node_id}")
             given = Ticket(url=url, certificate=certificate, token=tickets.issue(asked.model), ttl_s=tickets.ttl_s)
-        except (msgspec.MsgspecError, StoreError) as exc:
+        except (*UNDECODABLE, StoreError) as exc:
             given = Ticket(error=str(exc))
         await answer(msg, encode(given))
 

@@ -36,6 +36,7 @@ from ops.supervise import STALE_HEARTBEATS, describe_exit
 from pipeline.access import AGENTS_PREFIX, Identity
 from pipeline.connection import answer, sleep_unless
 from pipeline.nats_server import stop_process
+from pipeline.limits import UNDECODABLE
 from schemas.membership import (ORDER_ENV, ORDER_FILES, FetchOrder, OrderReply, PortOrder, RankExit, StartOrder,
                                 StopOrder)
 from workers.cpu_path import rank_command
@@ -206,7 +207,7 @@ async def obey(link, keeper: RankKeeper, files: NodeFiles, stopping: asyncio.Eve
                 reply = OrderReply(ok=True)
             else:
                 reply = OrderReply(ok=False, error=f"no order {kind!r}")
-        except msgspec.MsgspecError as exc:
+        except UNDECODABLE as exc:
             reply = OrderReply(ok=False, error=f"not a valid order: {exc}")
         except Exception as exc:  # answered, so that the controller does not wait its timeout out
             log.exception("order %s failed", kind)

@@ -15,6 +15,7 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from pipeline.nodes import read_bucket, read_nodes, state_of
 from pipeline.subjects import CATALOGUE_BUCKET, CATALOGUE_PREFIX, CATALOGUE_STREAM, subject_token
+from pipeline.limits import UNDECODABLE
 from schemas.cluster import CatalogueEntry, NodeStatus
 from workers.store import StoreError, check_model_id
 
@@ -50,7 +51,7 @@ async def read_entries(js, model: str | None = None, node: str = "*") -> list[Ca
     for msg in await read_bucket(js, CATALOGUE_STREAM, subjects):
         try:
             entry = decode_entry(msg.data or b"")  # a deleted key's marker has no data
-        except msgspec.MsgspecError:
+        except UNDECODABLE:
             continue
         try:
             check_model_id(entry.id)

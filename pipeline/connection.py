@@ -59,12 +59,18 @@ async def persist(operation: Callable[[], Awaitable[T]], deadline_s: float) -> T
 
 async def answer(msg, data: bytes) -> None:
     """Answer a request, only into an inbox (pipeline/access.py: `is_inbox` says why); a request that names any
-    other reply subject is dropped, with a line in the log."""
+    other reply subject is dropped, with a line in the log at most once a minute (the CA reader's key is public, so
+    anyone on the network may send such requests as fast as it likes)."""
+    global _unanswered_said
     if is_inbox(msg.reply):
         await msg.respond(data)
-    else:
-        log.warning("a request on %s named %r as its reply subject, not an inbox: not answered", msg.subject,
-                    (msg.reply or "")[:200])
+    elif time.monotonic() >= _unanswered_said + 60.0:
+        _unanswered_said = time.monotonic()
+        log.warning("a request on %s named %r as its reply subject, not an inbox: not answered (such requests are "
+                    "said at most once a minute)", msg.subject, (msg.reply or "")[:200])
+
+
+_unanswered_said = -60.0  # when `answer` last said it refused one (monotonic): its log's pace, the process's alone
 
 
 async def sleep_unless(stopping: asyncio.Event, seconds: float) -> None:

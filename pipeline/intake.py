@@ -64,7 +64,7 @@ def open_delivery(subject: str, data: bytes, attempt: int,
     `id` when those are readable and usable. (Large messages take a while to scan: call it off the event
     loop.)"""
     model, submitter = sender(subject)
-    try:  # (its fields only: what it skips, however deep, does not recurse)
+    try:  # (past about 1,000 levels msgspec cannot skip what it does not read either: then no address)
         address = decode_address(data)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         address = ReplyAddress()

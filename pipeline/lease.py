@@ -28,6 +28,7 @@ from nats.js.errors import APIError, NotFoundError
 from pipeline.audit import WRONG_LAST_SEQUENCE
 from pipeline.connection import sleep_unless, sleep_until_any
 from pipeline.subjects import CONTROL_BUCKET, CONTROL_PREFIX, CONTROL_STREAM
+from pipeline.limits import UNDECODABLE
 from schemas.membership import ControllerPlan, Lease
 
 log = logging.getLogger("conclave.lease")
@@ -74,7 +75,7 @@ async def change_plan(js, change: Callable[[ControllerPlan | None], ControllerPl
 def decode_plan(data: bytes | None) -> ControllerPlan | None:
     try:
         return msgspec.json.decode(data, type=ControllerPlan) if data else None
-    except msgspec.MsgspecError:  # an earlier version's, or not JSON: the first machine's `serve` replaces it as it
+    except UNDECODABLE:  # an earlier version's, or not JSON: the first machine's `serve` replaces it as it
         return None  # starts (and a change of the plan writes over it), where raising here would stop both
 
 
@@ -89,7 +90,7 @@ async def read_lease(js) -> Lease | None:
     msg = await _last(js, LEASE_SUBJECT)
     try:
         return msgspec.json.decode(msg.data, type=Lease) if msg is not None and msg.data else None
-    except msgspec.MsgspecError:
+    except UNDECODABLE:
         return None
 
 

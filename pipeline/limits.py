@@ -31,6 +31,10 @@ EMBEDDED_MAX_PAYLOAD = 32 * 2**20
 MAX_JSON_DEPTH = 64
 LARGE_MESSAGE = 2**20  # scanning a message this large for its nesting takes long enough to leave the event loop
 
+# What decoding untrusted JSON raises: msgspec's errors, and RecursionError past about 1,000 levels of nesting (msgspec
+# recurses, into the fields it skips too). Every reader of what another process wrote catches both: one value nested
+# that deep under a node's key would otherwise stop every reader of the bucket.
+UNDECODABLE = (msgspec.MsgspecError, RecursionError)
 _encode = msgspec.json.Encoder().encode
 # A JSON string, escapes included, or an unterminated one to the end (the unrolled form: no backtracking). It must
 # match an unterminated string too: else every quote after the first starts one more scan to the end, which fails,

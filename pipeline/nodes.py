@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from pipeline.subjects import (INSTANCES_BUCKET, INSTANCES_PREFIX, INSTANCES_STREAM, NODES_BUCKET, NODES_PREFIX,
                                NODES_STREAM, subject_token)
+from pipeline.limits import UNDECODABLE
 from schemas.catalogue import ClusterModel
 from schemas.cluster import Link, NodeStatus
 from schemas.membership import Instance
@@ -32,8 +33,9 @@ encode = msgspec.json.Encoder().encode
 
 # Every node writes its status here every second, and the controller and every ingress decode all of them, on their
 # event loops: bounded, so that no node can stall them (a status of 32 MiB, NATS's payload limit here, took seconds
-# to decode). A real one is a few kB (tens of interfaces and ranks would not reach 64 kB).
-NODE_STATUS_MAX = 64 << 10
+# to decode; one of 1 MiB takes about 0.1 s). A real one is a few kB, and about 6 kB more for each large model it
+# holds in part (`shards`: the names of the weight files it has): 1 MiB is some 150 of those.
+NODE_STATUS_MAX = 1 << 20
 
 
 def nodes_bucket_config() -> KeyValueConfig:
@@ -56,29 +58,36 @@ async def read_nodes(js) -> list[NodeStatus]:
     claiming another node's id is a forgery), and its time is when the broker stored it, brought onto this
     machine's clock (`on_this_clock`): lost or not is judged on the broker's clock alone, never on a node's or this
     reader's, either of which may be off by any amount (an air-gapped building may have no time server)."""
-    statuses = []
+    statuses, latest = [], None  # latest: the broker's stamp on the report it stored last
     for msg in await read_bucket(js, NODES_STREAM, f"{NODES_PREFIX}.>"):
         try:
             status = decode_status(msg.data or b"")  # a deleted key's marker has no data
-        except msgspec.MsgspecError:
+        except UNDECODABLE:
             continue
         if msg.subject == node_subject(status.facts.id):
-            statuses.append(msgspec.structs.replace(status, time=msg.time.timestamp() if msg.time else status.time))
-    return on_this_clock(statuses, time.time())
+            stamped = msgspec.structs.replace(status, time=msg.time.timestamp() if msg.time else status.time)
+            statuses.append(stamped)
+            latest = max(latest or (0, 0.0), (msg.seq, stamped.time))
+    return on_this_clock(statuses, latest[1] if latest else 0.0, time.time())
 
 
-# Every agent reports each second, so the newest of the statuses was stored at most this long before it is read.
+# Every agent reports each second, so the report the broker stored last was stored at most this long before it is read.
 NEWEST_AGE_S = 1.5
 
 
-def on_this_clock(statuses: list[NodeStatus], now: float) -> list[NodeStatus]:
-    """Statuses stamped with the broker's clock (when it stored them), moved onto this machine's: the newest taken as
-    stored `now`, each other as much older as the broker says. A reader whose clock is minutes off the broker's
-    (which may be another machine: a joined node's ingress, a controller on a broker node) would otherwise see every
-    node lost, or a dead one up. The cost: while no node at all reports, the last reports look fresh (until they
-    expire, NODES_TTL_S), and a time read here may be up to NEWEST_AGE_S later than the truth."""
-    newest = max((s.time for s in statuses), default=now)
-    return [msgspec.structs.replace(s, time=now - (newest - s.time)) for s in statuses]
+def on_this_clock(statuses: list[NodeStatus], latest: float, now: float) -> list[NodeStatus]:
+    """Statuses stamped with the broker's clock (when it stored them), moved onto this machine's: the report the broker
+    stored last (stamped `latest`) taken as stored `now`, each other as much older as the broker says. A reader whose
+    clock is minutes off the broker's (a joined node's ingress; a controller on a broker node, where the bucket's
+    leader is another) would otherwise see every node lost, or a dead one up.
+
+    Anchored on the last report stored, not the latest stamp: after the bucket's leader changed (three brokers), a
+    dead node's last report may carry the old leader's clock, ahead of the new one's, and taken as "now" it would
+    make every live node look lost. A stamp ahead of `latest` (another clock's) reads as new: such a node looks up
+    until it reports again or its report expires (NODES_TTL_S), the failure that stops no group. The costs: while
+    no node at all reports, the last reports look fresh until they expire, and a time read here may be up to
+    NEWEST_AGE_S later than the truth."""
+    return [msgspec.structs.replace(s, time=now - max(0.0, latest - s.time)) for s in statuses]
 
 
 def instances_bucket_config() -> KeyValueConfig:
@@ -96,7 +105,7 @@ async def read_instances(js) -> list[Instance]:
     for msg in await read_bucket(js, INSTANCES_STREAM, f"{INSTANCES_PREFIX}.>"):
         try:
             instances.append(decode_instance(msg.data or b""))  # a removed model's marker has no data
-        except msgspec.MsgspecError:
+        except UNDECODABLE:
             continue
     return instances
 

@@ -127,7 +127,8 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
         try:
             await js.create_key_value(bucket)
         except BadRequestError:  # made by another version with another TTL: it still works as it is
-            log.warning("the key-value bucket %s exists with another configuration; left as it is", bucket.bucket)
+            log.warning("the key-value bucket %s exists with another configuration; left as it is but for its "
+                        "rollups, copies and value size (below)", bucket.bucket)
         # No rollups: a node may write its own key, and a `Nats-Rollup: all` there would wipe every other node's. A
         # value size limit added since the bucket was made applies to it too.
         config = (await js.stream_info(f"KV_{bucket.bucket}")).config

@@ -62,8 +62,12 @@ def test_lost_or_up_is_judged_on_the_brokers_clock_whatever_the_readers_says():
     stored = [NodeStatus(facts=facts, memory_used=0, time=1000.0),
               NodeStatus(facts=msgspec.structs.replace(facts, id="n2"), memory_used=0, time=990.0)]
     for now in (1000.0 + 3600, 1000.0 - 60):
-        assert [state_of(s, now) for s in on_this_clock(stored, now)] == ["up", "lost"]
-    assert on_this_clock([], 5.0) == []
+        assert [state_of(s, now) for s in on_this_clock(stored, 1000.0, now)] == ["up", "lost"]
+    # After the bucket's leader changed: a dead node's last report stamped by the old leader's clock, 100 s ahead of
+    # the new leader's, which stored the last report (at 1000): the live node is not judged lost for it.
+    dead = msgspec.structs.replace(stored[1], time=1100.0)
+    assert state_of(on_this_clock([stored[0], dead], 1000.0, 5000.0)[0], 5000.0) == "up"
+    assert on_this_clock([], 0.0, 5.0) == []
 
 
 def test_a_node_that_stopped_reporting_is_shown_lost_not_dropped():

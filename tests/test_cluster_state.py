@@ -63,3 +63,21 @@ async def test_a_reader_whose_clock_is_an_hour_off_the_brokers_sees_a_reporting_
     monkeypatch.setattr(nodes, "time", SimpleNamespace(time=lambda: ahead))
     (status,) = await nodes.read_nodes(nc.jetstream())
     assert nodes.state_of(status, ahead) == "up"
+
+
+async def test_a_status_nested_thousands_deep_is_skipped_and_the_other_nodes_still_read(bare_nats):
+    # Well within the size bound, and too deep for msgspec (a RecursionError, not one of its own errors): skipped
+    # like any value that is not a status, not raised into the controller's and every ingress's reads.
+    import time
+
+    from pipeline import nodes
+    from pipeline.subjects import NODES_STREAM
+    from schemas.cluster import NodeFacts, NodeStatus
+
+    _, nc = bare_nats
+    js = nc.jetstream()
+    facts = NodeFacts(id="0123456789ab", host="h", memory_total=8 * 10**9, memory_available=4 * 10**9)
+    await nodes.put_status(js, NodeStatus(facts=facts, memory_used=0, time=time.time()))
+    await js.publish(nodes.node_subject("ba9876543210"), b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                     stream=NODES_STREAM)
+    assert [s.facts.id for s in await nodes.read_nodes(js)] == ["0123456789ab"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import msgspec
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from schemas.jobs import MAX_CHOICES, MAX_TOP_LOGPROBS, Job, SamplingParams
 from schemas.openai import ErrorDetail
@@ -71,6 +71,8 @@ def prompt_tokens(job: Job, tokenizer) -> list[int]:
         messages, extra = template_inputs(job, tokenizer)
         try:
             return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
+        except TemplateSyntaxError:  # the model's template itself is broken: the server's fault, a 500
+            raise
         except TemplateError as exc:  # the template refuses the conversation (`raise_exception`): the request's fault
             raise JobError(400, f"This model's chat template cannot render these messages: {exc}", "messages",
                            "invalid_value") from None
