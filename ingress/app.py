@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import urllib.parse
 from dataclasses import dataclass, field
 
 import msgspec
@@ -57,6 +59,9 @@ class IngressConfig:
     # view (ingress/audit.py). `conclave serve` alone has them; without, the view says where the audit log is read.
     auditor: Identity | None = None
     audit_key: str | None = None
+    # The Host names the API answers to; None: any. `serve` and `join` set the loopback names when they listen on
+    # loopback without keys: a web page that rebinds its own name to 127.0.0.1 would otherwise read the API.
+    hosts: frozenset[str] | None = None
 
 
 class Ingress:
@@ -165,6 +170,7 @@ def guarded(handler, api_keys: dict[str, str], open_to_all: bool = False, render
 
     async def endpoint(request: Request) -> Response:
         try:
+            from_this_site(request, request.app.state.ingress.config.hosts)
             try:
                 request.state.caller = authenticate(request, keys)
             except APIError:
@@ -181,6 +187,46 @@ def guarded(handler, api_keys: dict[str, str], open_to_all: bool = False, render
 
 
 CHALLENGE = {"WWW-Authenticate": "Bearer"}  # RFC 6750: a 401 names the scheme it wants
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
+def answering_hosts(bind: str, api_keys: dict[str, str]) -> frozenset[str] | None:
+    """IngressConfig.hosts for a server that listens on `bind`: the loopback names when that is loopback and no key
+    is asked for (the only case where a page that rebinds its name to this machine gains anything); else None."""
+    try:
+        loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+    except ValueError:  # a host name to listen on: whatever it resolves to, the operator named it
+        loopback = False
+    return LOOPBACK_HOSTS if loopback and not api_keys else None
+
+
+def host_name(host: str) -> str:
+    """A Host header's name without its port: "[::1]:8000" is "[::1]", "localhost:8000" "localhost"."""
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def from_this_site(request: Request, hosts: frozenset[str] | None) -> None:
+    """Refuse what a web page on another site makes a browser send here, before anything runs.
+
+    A page anywhere may POST to this port from the operator's browser (a form or a `no-cors` fetch with a text/plain
+    body needs no preflight): without keys, or with them where a key is not needed, that would load models or burn
+    the machines. Browsers name the page's site in `Origin` (on every cross-site request, and on a same-site POST);
+    SDKs and curl send none. So a request whose Origin is not this server (its Host, or the name a proxy in front
+    was asked by, `X-Forwarded-Host`, which such a page cannot set without a preflight this server never grants) is
+    a 403. And where `hosts` is set (loopback without keys), a Host outside it is a 421: a page whose own name was
+    rebound to 127.0.0.1 would be same-origin with this server, and read it."""
+    host = request.headers.get("host", "")
+    if hosts is not None and (name := host_name(host)).lower() not in hosts:
+        raise APIError(421, f"This server answers to {', '.join(sorted(hosts))} only (it listens on loopback without "
+                       f"API keys), not {name[:100]!r}.", None, "host_not_allowed")
+    origin = request.headers.get("origin")
+    if origin is not None:
+        site = urllib.parse.urlsplit(origin).netloc
+        if site not in {host, request.headers.get("x-forwarded-host")}:
+            raise APIError(403, f"A request from a web page on {origin[:100]!r} is not accepted: browsers may call "
+                           "this API only from its own pages (the dashboard).", None, "cross_origin_refused")
 
 
 def authenticate(request: Request, keys: KeyRing) -> str:

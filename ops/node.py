@@ -258,9 +258,10 @@ def broker_server(home: Path, own: str, membership):
 def ingress_server(broker: str, identity, http: tuple[str, int], api_keys: dict[str, str]):
     import uvicorn
 
-    from ingress.app import IngressConfig, create_app
+    from ingress.app import IngressConfig, answering_hosts, create_app
     from ops.serve import SignalFreeServer
 
     # Its models are the cluster's (the instances bucket): it starts with none and follows the controller.
-    app = create_app(IngressConfig(nats_url=broker, identity=identity, models=[], api_keys=api_keys, cluster=True))
+    app = create_app(IngressConfig(nats_url=broker, identity=identity, models=[], api_keys=api_keys, cluster=True,
+                                   hosts=answering_hosts(http[0], api_keys)))
     return SignalFreeServer(uvicorn.Config(app, host=http[0], port=http[1], log_level="warning", lifespan="on"))

@@ -22,7 +22,7 @@ from typing import Callable
 
 import uvicorn
 
-from ingress.app import IngressConfig, create_app
+from ingress.app import IngressConfig, answering_hosts, create_app
 from ops.catalogue import keep_catalogue
 from ops.agent import Offer, keep_reporting, node_id
 from ops.controller import control as control_model
@@ -286,7 +286,8 @@ async def serve(home: Path, model_spec: str, host: str, port: int, nats_url: str
                                    queue_timeout_s=settings.queue_ttl_s,
                                    worker_timeout_s=worker_timeout_s, api_keys=api_keys,
                                    status_ttl_s=4 * settings.heartbeat_s, max_queue_wait_s=max_queue_wait_s,
-                                   auditor=auditor, audit_key=public_key_text(signing_key)))
+                                   auditor=auditor, audit_key=public_key_text(signing_key),
+                                   hosts=answering_hosts(host, api_keys)))
     server = SignalFreeServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
 
     loop = asyncio.get_running_loop()

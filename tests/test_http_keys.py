@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from ingress import handlers
-from ingress.app import guarded
+from ingress.app import answering_hosts, guarded
 from ingress.keys import APIKeyError, caller_of, load_api_keys
 from schemas.jobs import WorkerStatus
 from schemas.openai import ChatCompletionRequest
@@ -140,7 +140,8 @@ WORKER = WorkerStatus(worker="w1", model="m", pid=4242, host="gpu-7", state="rea
 class StandIn:
     """What `health` and `complete` read from the Ingress, without NATS."""
 
-    def __init__(self, connected: bool = True, workers: list | None = None):
+    def __init__(self, connected: bool = True, workers: list | None = None, hosts: frozenset[str] | None = None):
+        self.config = SimpleNamespace(hosts=hosts)
         self.models = {"m": SimpleNamespace(id="m")}
         self.link = SimpleNamespace(is_connected=connected, nc=SimpleNamespace(max_payload=1 << 20))
         self.live = [WORKER] if workers is None else workers
@@ -158,7 +159,7 @@ async def chat(request):
     return await handlers.complete(request, ChatCompletionRequest, lambda req, caller: caller, None)
 
 
-def client(keys: dict[str, str], monkeypatch=None, **stand_in) -> TestClient:
+def client(keys: dict[str, str], monkeypatch=None, base_url: str = "http://testserver", **stand_in) -> TestClient:
     if monkeypatch is not None:  # the job goes nowhere: respond answers with its caller
         async def respond(request, ingress, job, stream, include_usage, shape):
             return JSONResponse({"job_caller": job})
@@ -169,7 +170,7 @@ def client(keys: dict[str, str], monkeypatch=None, **stand_in) -> TestClient:
         Route("/health", guarded(handlers.health, keys, open_to_all=True), methods=["GET"]),
     ])
     app.state.ingress = StandIn(**stand_in)
-    return TestClient(app)
+    return TestClient(app, base_url=base_url)
 
 
 @pytest.mark.parametrize("header", [f"Bearer {ALICE}", f"bearer {ALICE}", f"BEARER {ALICE}", f"Bearer   {ALICE} "])
@@ -217,6 +218,36 @@ def test_without_keys_everyone_is_anonymous(monkeypatch):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert http.post("/v1/chat/completions", json=body).json() == {"job_caller": "anonymous"}
     assert http.get("/v1/whoami", headers={"Authorization": "Bearer whatever"}).json() == {"caller": "anonymous"}
+
+
+def test_a_page_on_another_site_cannot_make_a_browser_call_the_api(monkeypatch):
+    # A form or a no-cors fetch from any site reaches this port from the operator's browser without a preflight: it
+    # must not run (here: load a model, burn the machines), key or no key. SDKs and curl send no Origin.
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for keys, headers in (({}, {}), (KEYS, {"Authorization": f"Bearer {ALICE}"})):
+        http = client(keys, monkeypatch)
+        for origin in ("http://attacker.example", "http://testserver.attacker.example", "null"):
+            answer = http.post("/v1/chat/completions", json=body, headers={**headers, "Origin": origin})
+            assert answer.status_code == 403 and answer.json()["error"]["code"] == "cross_origin_refused"
+            assert "job_caller" not in answer.text
+        # The dashboard's own page, directly or behind a proxy that was asked by another name.
+        assert http.post("/v1/chat/completions", json=body, headers={**headers, "Origin": "http://testserver"}).json()
+        proxied = {**headers, "Origin": "https://conclave.corp", "X-Forwarded-Host": "conclave.corp"}
+        assert http.post("/v1/chat/completions", json=body, headers=proxied).status_code == 200
+        assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
+
+
+def test_on_loopback_without_keys_only_loopback_names_are_answered():
+    # A page whose own name was rebound to 127.0.0.1 is same-origin with this server: only the Host it sends tells.
+    assert answering_hosts("127.0.0.1", {}) == answering_hosts("::1", {}) == answering_hosts("localhost", {})
+    assert answering_hosts("127.0.0.1", KEYS) is None and answering_hosts("0.0.0.0", {}) is None
+    assert answering_hosts("gpu-7.corp", {}) is None
+    hosts = answering_hosts("127.0.0.1", {})
+    for url in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000", "http://LOCALHOST"):
+        assert client({}, base_url=url, hosts=hosts).get("/v1/whoami").json() == {"caller": "anonymous"}, url
+    answer = client({}, base_url="http://attacker.example:8000", hosts=hosts).get(
+        "/v1/whoami", headers={"Origin": "http://attacker.example:8000"})
+    assert answer.status_code == 421 and answer.json()["error"]["code"] == "host_not_allowed"
 
 
 # --- /health ------------------------------------------------------------------------------------------------
