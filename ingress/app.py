@@ -260,7 +260,8 @@ async def not_found(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 404)
     return error_response(status, ErrorDetail(message=f"{request.method} {request.url.path}: "
                                               f"{getattr(exc, 'detail', 'Not Found')}",
-                                              type="invalid_request_error", code="not_found" if status == 404 else None))
+                                              type="invalid_request_error", code="not_found" if status == 404 else None),
+                          getattr(exc, "headers", None))  # a 405's `Allow` (RFC 9110 requires it)
 
 
 def create_app(config: IngressConfig) -> Starlette:

@@ -185,6 +185,8 @@ async def run_agent(home: Path, own: str, membership, identities, offered: Offer
              asyncio.create_task(keep_catalogue(link, ModelStore(home / "models"), own, stopping)),
              asyncio.create_task(agent)]
     if http is not None:
+        log.info("API keys: %s", ", ".join(api_keys) if api_keys else
+                 "none configured, /v1 routes are open to anyone who reaches the port")  # as `serve` says it
         server = ingress_server(urls, identities["ingress"], http, api_keys)
         tasks.append(asyncio.create_task(server.serve()))
     where = f", OpenAI API at http://{http[0]}:{http[1]}/v1" if http else ""

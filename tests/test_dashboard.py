@@ -82,6 +82,11 @@ def test_without_the_key_nothing_of_the_cluster_is_shown(deployment, browser):
         page.get_by_role("button", name="Unlock").click()
         expect(page.get_by_role("alert").filter(has_text="Incorrect API key provided.")).to_be_visible()
         assert page.locator("article.node").count() == 0
+        # Pasted with an invisible character (a zero-width space): said at once, not "the server cannot answer"
+        # forever (fetch cannot send it at all).
+        page.get_by_role("textbox", name="API key").fill(KEY + "\u200b")
+        page.get_by_role("button", name="Unlock").click()
+        expect(page.get_by_role("alert").filter(has_text="That is not an API key")).to_be_visible()
         page.get_by_role("textbox", name="API key").fill(KEY)
         page.get_by_role("button", name="Unlock").click()
         expect(page.locator("article.node")).to_have_count(2, timeout=30_000)

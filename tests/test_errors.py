@@ -92,3 +92,7 @@ def test_unknown_route_is_openai_shaped(http):
     response = http.get("/embeddings")
     assert response.status_code in (404, 405)
     error_of(response)
+    # A known route asked with another method: 405 with the methods it takes (RFC 9110), in the same shape.
+    response = http.get("/chat/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    error_of(response)

@@ -5,6 +5,7 @@
 "use strict";
 
 const KEY_ITEM = "conclave-api-key";
+const KEY_CHARACTERS = /^(?=.{16,}$)[A-Za-z0-9\-._~+\/]+=*$/;
 const CONVERSATIONS_ITEM = "conclave-conversations";
 const VIEWS = [
   { id: "cluster", label: "Cluster" }, { id: "models", label: "Models" },
@@ -103,14 +104,28 @@ function dashboard() {
       this.authorised = false;
       this.keyNeeded = true;
       this.keyError = message;
+      // Nothing a key showed stays behind it (an opened record holds a whole prompt and answer).
       this.nodes = {};
       this.models = [];
       this.records = [];
+      this.record = null;
+      this.verdict = null;
+      this.placement = null;
+      this.links = [];
+      this.controller = null;
+      this.throughput = {};
     },
 
     async unlock() {
-      this.key = this.keyDraft.trim();
+      const key = this.keyDraft.trim();
       this.keyDraft = "";
+      // A key is a bearer token's characters (README, API keys): one pasted with an invisible or typographic
+      // character could not even be sent (fetch throws), and the page would wait for a server that is there.
+      if (!KEY_CHARACTERS.test(key)) {
+        this.lock("That is not an API key: a key is 16 or more of A-Z a-z 0-9 - . _ ~ + / (check for a stray character).");
+        return;
+      }
+      this.key = key;
       sessionStorage.setItem(KEY_ITEM, this.key);
       await this.enter();
     },
