@@ -29,6 +29,7 @@ from schemas.openai import ErrorDetail
 
 decode_job = msgspec.json.Decoder(Job).decode
 decode_address = msgspec.json.Decoder(ReplyAddress).decode
+encode_job = msgspec.json.Encoder().encode
 # A job id is also a message header (Nats-Msg-Id) and a subject token: printable ASCII, no spaces.
 _JOB_ID = re.compile(r"[!-~]{1,200}")
 
@@ -81,6 +82,13 @@ def open_delivery(subject: str, data: bytes, attempt: int,
         job = decode_job(data)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         return unreadable, invalid_job(f"Invalid job message: {exc}"), 400
+    # Its record holds the job as decoded, every field written out: `{"role":"user"}` becomes five times longer. The
+    # budget is the record's, so it is checked on that: a job within it as sent, not as stored, made a record over
+    # the server's payload limit, whose append failed for good, and the job was held unanswered.
+    if (stored := len(encode_job(job))) > limits.job_bytes:
+        return unreadable, invalid_job(f"The job takes {stored} bytes as its audit record keeps it (every field "
+                                       f"written out); this deployment takes jobs of at most {limits.job_bytes} "
+                                       f"bytes.", code="job_too_large"), 413
     if (problem := job_problem(job, submitter)) is not None:
         return unreadable, invalid_job(f"Invalid job message: {problem}."), 400
     return Delivery(job.id, job, job.reply_subject, attempt, model=model, submitter=submitter), None, 0

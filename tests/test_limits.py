@@ -80,6 +80,18 @@ async def test_nats_jobs_too_large_or_too_deep_are_refused_recorded_and_the_work
         record = await wait_for_audit_record(server, lambda r: r.job_id == huge.id)
         assert record.outcome == "failed" and record.job is None and record.error.code == "job_too_large"
 
+        # Within the job limit as sent (1.9 MB), over it as its record keeps it (every field of 120,000 messages
+        # written out: 9.7 MB): once its record could not be stored at all, and the job was held, unanswered.
+        wide_replies = await nc.subscribe("conclave.replies.tests.wide")
+        wide = msgspec.json.encode({"id": "job-wide", "model": MODEL, "reply_subject": "conclave.replies.tests.wide",
+                                    "kind": "chat", "messages": [{"role": "user"}] * 120_000})
+        assert len(wide) < LIMITS.job_bytes
+        await js.publish(job_subject(MODEL, SUBMITTER), wide, headers={"Nats-Msg-Id": "job-wide"})
+        failed = await final_event(wide_replies)
+        assert isinstance(failed, Failed) and (failed.status, failed.error.code) == (413, "job_too_large")
+        record = await wait_for_audit_record(server, lambda r: r.job_id == "job-wide")
+        assert record.outcome == "failed" and record.job is None
+
         # 100 levels deep (a JSON Schema of that depth, say): answered on its reply subject, recorded under its id;
         # refused once without a word to its submitter, who waited out its own timeout.
         deep_replies = await nc.subscribe("conclave.replies.tests.deep")

@@ -243,89 +243,96 @@ class JobConsumer:
         """Validate the job, put it in the batch, and move its events to the requester until it settles."""
         job, start = delivery.job, time.perf_counter()
         loop = asyncio.get_running_loop()
-        try:
-            prompt, max_tokens, constraints = await loop.run_in_executor(
-                self.tokenizing, prepare, self.loaded, job, self.default_max_tokens)
-        except JobError as exc:
-            await self.fail(delivery, exc.status, exc.detail)
-            return
-        except Exception as exc:  # a bug, not the requester's fault
-            log.exception("job %s could not start", job.id)
-            await self.fail(delivery, 500, ErrorDetail(
-                message=f"The worker could not start the job: {type(exc).__name__}: {exc}", type="server_error",
-                code="worker_error"))
-            return
-        log.info("job %s started: %d prompt tokens, up to %d new, attempt %d, caller %s", job.id, len(prompt),
-                 max_tokens, delivery.attempt, job.caller or "-")
-        await self.nc.publish(delivery.reply_subject, encode(
-            Accepted(id=job.id, prompt_tokens=len(prompt), worker=self.name, attempt=delivery.attempt)))
-        events: asyncio.Queue = asyncio.Queue()
-        shard = self.loaded.shard
-        # One row per answer asked for (`n`), in choice order: the others start from the prompt cache the first one
-        # leaves (workers/lockstep.py: share_prefill).
-        def emitter(choice: int):
-            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (choice, event))
-
-        share = self.limits.output_bytes // len(constraints)  # of the one Done that carries every answer
-        generations = [Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name,
-                                  emitter(choice), cancelled, start, delivery.attempt, share, constraint, choice)
-                       for choice, constraint in enumerate(constraints)]
-        self.extra_rows += len(generations) - 1
-        for generation in generations:
-            self.scheduler.submit(generation)
+        # Kept alive from the moment it is taken: a job waiting its turn on the one tokenizing thread behind others'
+        # long prompts would otherwise pass its ack wait (5 heartbeats) and be redelivered to another worker.
+        generations: list[Generation] = []
         alive = asyncio.create_task(self.keep_alive(delivery, generations))
-        answers: dict[int, Done] = {}
         try:
-            while True:
-                choice, event = await events.get()
-                if isinstance(event, Chunk):
-                    if job.stream:
-                        await self.nc.publish(delivery.reply_subject, encode(event))
-                elif isinstance(event, Halted):
-                    # Stopped by shutdown: hand the job back for another worker rather than ending it short.
-                    with contextlib.suppress(nats.errors.Error):
-                        await delivery.msg.nak()
-                    log.info("job %s handed back to the queue (the worker is stopping)", job.id)
-                    return
-                elif isinstance(event, Failed):
-                    cancelled.set()  # the job's other answers, if any, stop too
-                    await self.fail(delivery, event.status, event.error)
-                    self.log_end(delivery, "failed", generations)
-                    return
-                else:
-                    answers[choice] = event
-                    if len(answers) < len(generations):
-                        continue
-                    finished = time.perf_counter()
-                    done = joined([answers[i] for i in range(len(generations))])
-                    if cancelled.is_set():
-                        await self.withdraw(delivery, refused, partial=done)
+            try:
+                prompt, max_tokens, constraints = await loop.run_in_executor(
+                    self.tokenizing, prepare, self.loaded, job, self.default_max_tokens)
+            except JobError as exc:
+                await self.fail(delivery, exc.status, exc.detail)
+                return
+            except Exception as exc:  # a bug, not the requester's fault
+                log.exception("job %s could not start", job.id)
+                await self.fail(delivery, 500, ErrorDetail(
+                    message=f"The worker could not start the job: {type(exc).__name__}: {exc}", type="server_error",
+                    code="worker_error"))
+                return
+            log.info("job %s started: %d prompt tokens, up to %d new, attempt %d, caller %s", job.id, len(prompt),
+                     max_tokens, delivery.attempt, job.caller or "-")
+            await self.nc.publish(delivery.reply_subject, encode(
+                Accepted(id=job.id, prompt_tokens=len(prompt), worker=self.name, attempt=delivery.attempt)))
+            events: asyncio.Queue = asyncio.Queue()
+            shard = self.loaded.shard
+            # One row per answer asked for (`n`), in choice order: the others start from the prompt cache the first
+            # one leaves (workers/lockstep.py: share_prefill).
+            def emitter(choice: int):
+                return lambda event: loop.call_soon_threadsafe(events.put_nowait, (choice, event))
+
+            share = self.limits.output_bytes // len(constraints)  # of the one Done that carries every answer
+            generations.extend(Generation(job, prompt, max_tokens, shard.tokenizer, shard.vocab_size, self.name,
+                                          emitter(choice), cancelled, start, delivery.attempt, share, constraint, choice)
+                               for choice, constraint in enumerate(constraints))
+            self.extra_rows += len(generations) - 1
+            for generation in generations:
+                self.scheduler.submit(generation)
+            answers: dict[int, Done] = {}
+            try:
+                while True:
+                    choice, event = await events.get()
+                    if isinstance(event, Chunk):
+                        if job.stream:
+                            await self.nc.publish(delivery.reply_subject, encode(event))
+                    elif isinstance(event, Halted):
+                        # Stopped by shutdown: hand the job back for another worker rather than ending it short.
+                        with contextlib.suppress(nats.errors.Error):
+                            await delivery.msg.nak()
+                        log.info("job %s handed back to the queue (the worker is stopping)", job.id)
+                        return
+                    elif isinstance(event, Failed):
+                        cancelled.set()  # the job's other answers, if any, stop too
+                        await self.fail(delivery, event.status, event.error)
+                        self.log_end(delivery, "failed", generations)
+                        return
                     else:
-                        await self.settler.settle(delivery, done)
-                    self.times.observe(generations[0], finished)
-                    self.jobs_done += 1
-                    self.log_end(delivery, "cancelled" if cancelled.is_set() else done.finish_reason, generations)
-                    return
+                        answers[choice] = event
+                        if len(answers) < len(generations):
+                            continue
+                        finished = time.perf_counter()
+                        done = joined([answers[i] for i in range(len(generations))])
+                        if cancelled.is_set():
+                            await self.withdraw(delivery, refused, partial=done)
+                        else:
+                            await self.settler.settle(delivery, done)
+                        self.times.observe(generations[0], finished)
+                        self.jobs_done += 1
+                        self.log_end(delivery, "cancelled" if cancelled.is_set() else done.finish_reason, generations)
+                        return
+            finally:
+                self.extra_rows -= len(generations) - 1  # (its task's end wakes the fetch loop)
+                if delivery.final is None:
+                    cancelled.set()  # not settled (an error above): the row leaves the batch at its next step
         finally:
-            self.extra_rows -= len(generations) - 1  # (its task's end wakes the fetch loop)
             alive.cancel()
-            if delivery.final is None:
-                cancelled.set()  # not settled (an error above): the row leaves the batch at its next step
 
     def log_end(self, delivery: Delivery, how: str, generations: list[Generation]) -> None:
         log.info("job %s ended (%s): %d tokens in %.1fs", delivery.job_id, how, sum(g.generated for g in generations),
                  time.perf_counter() - generations[0].start)
 
     async def keep_alive(self, delivery: Delivery, generations: list[Generation]) -> None:
-        """Every heartbeat: `in_progress` (so only a dead worker's job is redelivered) and a heartbeat event
-        (so the requester can tell a long prefill from a dead worker)."""
+        """Every heartbeat: `in_progress` (so only a dead worker's job is redelivered) and, once it is in the batch
+        (`generations`), a heartbeat event (so the requester can tell a long prefill from a dead worker). Not before:
+        until its Accepted the requester waits as for a queued job, and a refusal (a 400) is still its answer."""
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await delivery.msg.in_progress()
-                await self.nc.publish(delivery.reply_subject, encode(
-                    Heartbeat(id=delivery.job_id, tokens=sum(g.generated for g in generations),
-                              attempt=delivery.attempt)))
+                if generations:
+                    await self.nc.publish(delivery.reply_subject, encode(
+                        Heartbeat(id=delivery.job_id, tokens=sum(g.generated for g in generations),
+                                  attempt=delivery.attempt)))
             except nats.errors.Error:  # NATS reconnecting: try again at the next beat
                 pass
 
