@@ -222,6 +222,12 @@ def test_records_written_by_an_older_schema_still_verify_and_decode():
     edited = replace_data(entries, 2, entries[1].data.replace(b"Paris.", b"Lyon."))
     assert [seq for seq, _ in legacy_problems(edited)] == [2]
     assert [seq for seq, _ in legacy_problems([entries[0], entries[2]])] == [3]
+    # After the first record of today's kind nothing is legacy any more: a worker may publish anything on its model's
+    # subjects, and a message shaped like a legacy record there must not call the log edited for good.
+    today = Entry(4, "conclave.audit.m.ingress.job-4.4", stored_bytes(a_record("job-4")))
+    forged = Entry(5, "conclave.audit.m.x", b'{"hash": "x", "prev_hash": "y", "n": 9}')
+    assert legacy_problems([*entries, today, forged]) == []
+    assert {seq for seq, _ in legacy_problems([*entries, forged])} == {5}  # before it: judged as legacy
     _, message = sign(entries, None, T0)
     verdict = verify_export(b"".join(export_lines(facts(entries, T0), entries, [message])), pinned=PUBLIC)
     assert (verdict.exit_code, verdict.vouched) == (0, 3), verdict.lines()
