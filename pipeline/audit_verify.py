@@ -18,6 +18,7 @@ import msgspec
 
 from pipeline.audit import Entry, chain, decode_record, describe_age, legacy_problems
 from pipeline.checkpoints import config_digest, read_signed, signature_ok
+from pipeline.subjects import audit_subject
 from schemas.audit import GENESIS, Checkpoint, StreamFacts
 
 BROKEN, UNVOUCHED, NOTE = "BROKEN", "NOT VOUCHED FOR", "NOTE"
@@ -283,19 +284,24 @@ class _Check:
         failed = sorted(self.failed)
         failed_starts = [lo for lo, _, _ in failed]
         last_signed = max((cp.to_seq for _, cp in self.trusted), default=0)
+        messages: set[tuple[str, int]] = set()  # (model, job_seq): the job messages that have their record
         for entry in self.entries:
             try:
                 record = decode_record(entry.data)
-            except (msgspec.MsgspecError, ValueError, TypeError):
+            except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):
                 record = None
             v.records += record is not None
             at = bisect.bisect_right(starts, entry.seq) - 1
             covered = at >= 0 and vouched[at][1] >= entry.seq
-            if covered and record is not None:
+            misplaced = record is not None and misplaced_record(entry, record, messages)
+            if covered and record is not None and not misplaced:
                 v.vouched += 1
                 continue
             if record is None:
                 why = f"not an audit record (a foreign message on {entry.subject or 'an unknown subject'})"
+                v.add(UNVOUCHED, f"seq {entry.seq}: {why}", entry.seq)
+            elif misplaced:
+                why = misplaced
                 v.add(UNVOUCHED, f"seq {entry.seq}: {why}", entry.seq)
             elif (reason := self.failure_of(entry.seq, failed, failed_starts)) is not None:
                 why = reason
@@ -328,3 +334,22 @@ def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
             merged.append((lo, hi))
     return merged
 
+
+
+def misplaced_record(entry: Entry, record, messages: set[tuple[str, int]]) -> str | None:
+    """Why a record is not where a worker writes it, or None. A worker writes a job message's one record on the
+    subject that names its model, submitter, job and message (pipeline/subjects.py: audit_subject), and its
+    permission covers every subject of its model: a checkpoint signs whatever is there, so a record that names
+    another model, submitter or job than its subject, or a second one for a message, is another hand's, and not
+    vouched for. Legacy records (before 0.5) and entries of an unknown subject are not judged by it."""
+    if record.hash is not None or not entry.subject:
+        return None
+    expected = audit_subject(record.model, record.submitter, record.job_id, record.job_seq)
+    if entry.subject != expected:
+        return (f"a record on {entry.subject} that names {expected} (model {record.model!r}, submitter "
+                f"{record.submitter!r}, job {record.job_id!r}): not where its worker writes it")
+    if record.job_seq:
+        if (record.model, record.job_seq) in messages:
+            return f"a second record for job message {record.job_seq} of {record.model!r}"
+        messages.add((record.model, record.job_seq))
+    return None

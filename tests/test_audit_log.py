@@ -286,3 +286,22 @@ async def test_a_job_gets_at_most_one_record_and_a_foreign_message_stops_nothing
     assert [e.data for e in stored] == [stored_bytes(first), b"\x00 not a record", stored_bytes(second),
                                         *map(stored_bytes, queued)]
 
+
+
+def test_a_record_not_where_its_worker_writes_it_is_not_vouched_for_though_a_checkpoint_covers_it():
+    # A worker may publish anything on its model's audit subjects, and a checkpoint signs whatever is there: a record
+    # naming another model or job than its subject, or a second record for one job message, is another hand's.
+    genuine = [msgspec.structs.replace(a_record(f"job-{i}"), job_seq=i) for i in (1, 2)]
+    entries = [Entry(i + 1, audit_subject(r.model, r.submitter, r.job_id, r.job_seq), stored_bytes(r))
+               for i, r in enumerate(genuine)]
+    other_model = msgspec.structs.replace(a_record("job-3"), model="another-model", job_seq=3)
+    second = msgspec.structs.replace(a_record("job-2", text="Something else"), job_seq=2)
+    forged = [Entry(3, audit_subject("m", "ingress", "job-3", 3), stored_bytes(other_model)),
+              Entry(4, audit_subject("m", "ingress", "job-2", 2), stored_bytes(second))]
+    for log, vouched in ((entries, 2), ([*entries, *forged], 2)):
+        _, message = sign(log, None, T0)
+        verdict = verify_export(b"".join(export_lines(facts(log, T0), log, [message])), pinned=PUBLIC)
+        assert (verdict.exit_code, verdict.vouched) == ((0 if log is entries else 3), vouched), verdict.lines()
+    text = "\n".join(verdict.lines())
+    assert "seq 3: a record on conclave.audit.m.ingress.job-3.3 that names conclave.audit.another-model" in text
+    assert "seq 4: a second record for job message 2 of 'm'" in text
