@@ -180,9 +180,9 @@ def guarded(handler, api_keys: dict[str, str], open_to_all: bool = False, render
             return await handler(request)
         except APIError as exc:
             return render(exc.status, exc.detail, exc.headers)
-        except Exception:
+        except Exception:  # a bug, or NATS closing the connection under a request: a 500 in the route's own shape
             log.exception("unhandled error in %s", request.url.path)
-            raise
+            return render(500, SERVER_ERROR)
     return endpoint
 
 
@@ -251,9 +251,11 @@ def authenticate(request: Request, keys: KeyRing) -> str:
     return caller
 
 
+SERVER_ERROR = ErrorDetail(message="The server had an error while processing your request.", type="server_error")
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, ErrorDetail(message="The server had an error while processing your request.",
-                                           type="server_error"))
+    return error_response(500, SERVER_ERROR)
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

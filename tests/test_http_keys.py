@@ -250,6 +250,24 @@ def test_on_loopback_without_keys_only_loopback_names_are_answered():
     assert answer.status_code == 421 and answer.json()["error"]["code"] == "host_not_allowed"
 
 
+def test_an_unhandled_error_is_a_500_in_the_routes_own_shape():
+    # A bug, or NATS closing the connection under a request: Anthropic's SDK reads Anthropic's error object.
+    from ingress import anthropic
+
+    async def boom(request):
+        raise RuntimeError("connection closed")
+
+    app = Starlette(routes=[Route("/v1/messages", guarded(boom, {}, render=anthropic.error_response), methods=["POST"]),
+                            Route("/v1/chat/completions", guarded(boom, {}), methods=["POST"])])
+    app.state.ingress = StandIn()
+    http = TestClient(app, raise_server_exceptions=False)
+    answer = http.post("/v1/messages", json={})
+    assert answer.status_code == 500 and answer.json()["type"] == "error"
+    assert answer.json()["error"]["type"] == "api_error" and "connection closed" not in answer.text
+    answer = http.post("/v1/chat/completions", json={})
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
+
+
 # --- /health ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": ALICE}])
