@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from ingress.errors import APIError
 from pipeline.access import Identity
-from pipeline.audit import decode_record, stored_messages
+from pipeline.audit import NOT_A_RECORD, decode_record, stored_messages
 from pipeline.audit_read import read_audit_log
 from pipeline.audit_verify import verify_log
 from pipeline.connection import Link
@@ -58,7 +58,7 @@ class AuditReader:
         async def stored(msg):
             try:
                 self.on_record(summary(0, decode_record(msg.data)))  # its sequence is not known yet: 0
-            except (msgspec.MsgspecError, ValueError, TypeError):
+            except NOT_A_RECORD:
                 pass  # not a record: verify reports it
         await nc.subscribe(f"{AUDIT_PREFIX}.>", cb=stored)
 
@@ -67,7 +67,7 @@ class AuditReader:
         async for msg in stored_messages(self.link.nc.jetstream(), AUDIT_STREAM, newest_first=True):
             try:
                 found.append(summary(msg.seq or 0, decode_record(msg.data or b"")))
-            except (msgspec.MsgspecError, ValueError, TypeError):
+            except NOT_A_RECORD:
                 continue
             if len(found) == limit:
                 break

@@ -29,6 +29,7 @@ from nats.js.api import RawStreamMsg, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from pipeline.access import ATTESTING_SUBMITTERS
+from pipeline.limits import UNDECODABLE
 from pipeline.subjects import AUDIT_PREFIX, AUDIT_STREAM, audit_subject
 from schemas.audit import GENESIS, AuditRecord, StreamFacts, sorted_json, stored_bytes
 from schemas.jobs import Done, Failed, Job
@@ -108,10 +109,15 @@ async def append_record(js: JetStreamContext, record: AuditRecord) -> bool:
     return True
 
 
+# What `decode_record` raises for bytes that are not an audit record: msgspec's errors (RecursionError past about 1,000
+# levels, pipeline/limits.py), and those of a conversion a record's fields refuse. Every reader of the log skips them.
+NOT_A_RECORD = (*UNDECODABLE, ValueError, TypeError)
+
+
 def decode_record(raw: bytes) -> AuditRecord:
     """A stored record, whichever version wrote it. A job of a newer schema (a field this version does not
-    know) is left out (`job` None): the stored bytes still hold it. Raises msgspec.MsgspecError for bytes
-    that are not an audit record."""
+    know) is left out (`job` None): the stored bytes still hold it. Raises one of NOT_A_RECORD for bytes that
+    are not an audit record."""
     try:
         return _decode(raw)
     except msgspec.ValidationError:
@@ -146,7 +152,7 @@ def _is_record(raw: bytes) -> bool:
     try:
         decode_record(raw)
         return True
-    except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):
+    except NOT_A_RECORD:
         return False
 
 

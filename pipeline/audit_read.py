@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 from nats.js.errors import NotFoundError
 
-from pipeline.audit import Entry, decode_record, read_entries, stream_facts
+from pipeline.audit import NOT_A_RECORD, Entry, decode_record, read_entries, stream_facts
 from pipeline.checkpoints import read_checkpoint_messages
 from schemas.audit import AuditRecord, StreamFacts
 
@@ -46,6 +46,6 @@ def records_of(entries: list[Entry]) -> list[tuple[Entry, AuditRecord]]:
     for entry in entries:
         try:
             found.append((entry, decode_record(entry.data)))
-        except (msgspec.MsgspecError, ValueError, TypeError):
+        except NOT_A_RECORD:
             continue
     return found

@@ -14,9 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import msgspec
-
-from pipeline.audit import Entry, chain, decode_record, describe_age, legacy_problems
+from pipeline.audit import NOT_A_RECORD, Entry, chain, decode_record, describe_age, legacy_problems
 from pipeline.checkpoints import config_digest, read_signed, signature_ok
 from pipeline.subjects import audit_subject
 from schemas.audit import GENESIS, Checkpoint, StreamFacts
@@ -288,7 +286,7 @@ class _Check:
         for entry in self.entries:
             try:
                 record = decode_record(entry.data)
-            except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):
+            except NOT_A_RECORD:
                 record = None
             v.records += record is not None
             at = bisect.bisect_right(starts, entry.seq) - 1

@@ -305,3 +305,15 @@ def test_a_record_not_where_its_worker_writes_it_is_not_vouched_for_though_a_che
     text = "\n".join(verdict.lines())
     assert "seq 3: a record on conclave.audit.m.ingress.job-3.3 that names conclave.audit.another-model" in text
     assert "seq 4: a second record for job message 2 of 'm'" in text
+
+
+def test_a_message_nested_too_deep_to_decode_is_skipped_by_the_logs_readers_as_not_a_record():
+    # A worker may publish anything on its model's audit subjects; msgspec raises RecursionError (not one of its own
+    # errors) past about 1,000 levels, which `conclave audit list` and the dashboard's view must skip, as verify does.
+    from pipeline.audit_read import records_of
+
+    entries = [*log_of(a_record("job-1")), Entry(2, "conclave.audit.m.x", b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}")]
+    assert [record.job_id for _, record in records_of(entries)] == ["job-1"]
+    _, message = sign(entries, None, T0)
+    verdict = verify_export(b"".join(export_lines(facts(entries, T0), entries, [message])), pinned=PUBLIC)
+    assert (verdict.exit_code, verdict.vouched) == (3, 1), verdict.lines()
