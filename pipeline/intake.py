@@ -20,7 +20,7 @@ import re
 
 import msgspec
 
-from pipeline.limits import PayloadLimits, too_deep
+from pipeline.limits import UNDECODABLE, PayloadLimits, too_deep
 from pipeline.settle import Delivery
 from pipeline.access import UNAUTHENTICATED
 from pipeline.subjects import is_reply_subject_of, name_of_token, parse_job_subject, reply_prefix
@@ -67,7 +67,7 @@ def open_delivery(subject: str, data: bytes, attempt: int,
     model, submitter = sender(subject)
     try:  # (past about 1,000 levels msgspec cannot skip what it does not read either: then no address)
         address = decode_address(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+    except UNDECODABLE:
         address = ReplyAddress()
     reply = address.reply_subject if address.reply_subject and is_reply_subject_of(address.reply_subject,
                                                                                     submitter) else None
@@ -80,7 +80,7 @@ def open_delivery(subject: str, data: bytes, attempt: int,
                                        f"{limits.job_bytes} bytes.", code="job_too_large"), 413
     try:
         job = decode_job(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+    except UNDECODABLE as exc:
         return unreadable, invalid_job(f"Invalid job message: {exc}"), 400
     # Its record holds the job as decoded, every field written out: `{"role":"user"}` becomes five times longer. The
     # budget is the record's, so it is checked on that: a job within it as sent, not as stored, made a record over
